@@ -1,0 +1,46 @@
+"""Pure tensor math for aggregating LoRA adapters: no files, no Flower, no peft."""
+
+from florist.aggregation.base import Aggregator
+from florist.aggregation.fedit import FedIT
+from florist.aggregation.ffa import FFALoRA
+from florist.aggregation.flexlora import FlexLoRA
+from florist.aggregation.flora import FLoRA
+from florist.aggregation.florist import FLoRIST
+from florist.aggregation.spectral import ROUTES, energy_rank
+from florist.aggregation.types import (
+    Aggregate,
+    AggregationError,
+    ClientAdapter,
+    GlobalModule,
+    LoraFactors,
+    lora_scale,
+)
+
+METHODS: dict[str, type[Aggregator]] = {cls.name: cls for cls in (FLoRIST, FLoRA, FedIT, FlexLoRA, FFALoRA)}
+
+
+def make_aggregator(method: str, **options) -> Aggregator:
+    """The aggregator for a method name, with its options (tau, max_rank, route, ranks)."""
+    if method not in METHODS:
+        raise AggregationError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return METHODS[method](**options)
+
+
+__all__ = [
+    "METHODS",
+    "ROUTES",
+    "Aggregate",
+    "AggregationError",
+    "Aggregator",
+    "ClientAdapter",
+    "FFALoRA",
+    "FLoRA",
+    "FLoRIST",
+    "FedIT",
+    "FlexLoRA",
+    "GlobalModule",
+    "LoraFactors",
+    "energy_rank",
+    "lora_scale",
+    "make_aggregator",
+]

@@ -1,0 +1,40 @@
+"""FLoRIST: SVD of the stacked adapters in the R x R intermediate space, energy-thresholded rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+from florist.aggregation.base import Aggregator, ModuleBatch
+from florist.aggregation.spectral import ROUTES, energy_rank
+from florist.aggregation.types import AggregationError
+
+
+@dataclass(frozen=True)
+class FLoRIST(Aggregator):
+    """tau in (0, 1]: share of spectral energy kept per module; max_rank caps any module's rank."""
+
+    tau: float = 0.9
+    max_rank: int | None = None
+    route: str = "gram"
+
+    name = "florist"
+    continues_from_global = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.tau <= 1:
+            raise AggregationError(f"tau must be in (0, 1], got {self.tau}")
+        if self.max_rank is not None and self.max_rank < 1:
+            raise AggregationError(f"max_rank must be >= 1, got {self.max_rank}")
+        if self.route not in ROUTES:
+            raise AggregationError(f"unknown decomposition route {self.route!r}; choose from {sorted(ROUTES)}")
+
+    def combine(self, batch: ModuleBatch):
+        b_stack, a_stack = batch.stacked()
+        rule = partial(energy_rank, tau=self.tau, max_rank=self.max_rank)
+        b_global, a_global, s, ranks = ROUTES[self.route](b_stack, a_stack, rule)
+        modules = {
+            name: batch.module(g, b_global[g, :, :p], a_global[g, :p], singular_values=s[g])
+            for g, (name, p) in enumerate(zip(batch.names, ranks.tolist()))
+        }
+        return modules, None

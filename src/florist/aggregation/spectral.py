@@ -1,0 +1,112 @@
+"""Spectral decomposition of stacked LoRA factors, batched over modules.
+
+Every route factors the product `B @ A` of a stack B (G x m x R) and A (G x R x n) without
+forming it, and returns the rank-`p` truncation of its SVD as a pair (U_p S_p, V_p^T) for the
+per-module rank that `choose_rank` picks from the singular values. The routes are exact and
+differ only in speed and rounding (see BENCHMARKS.md); `gram` is the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+RankRule = Callable[[Tensor], Tensor]
+"""Maps singular values (G x R, descending) to the rank to keep per module (G,)."""
+
+
+def energy_rank(singular_values: Tensor, tau: float, max_rank: int | None = None) -> Tensor:
+    """Smallest p per module whose leading singular values hold a share >= tau of the energy.
+
+    Components below the numerical floor (as in `torch.linalg.matrix_rank`) never count, so
+    tau = 1 keeps the numerical rank rather than rounding noise. At least one is always kept.
+    """
+    s = singular_values.double()
+    power = s.square()
+    cumulative = power.cumsum(-1)
+    total = cumulative[..., -1:]
+    # The relative slack absorbs float64 rounding in the cumulative sum, nothing more.
+    rank = (cumulative < tau * total * (1 - 1e-12)).sum(-1) + 1
+    floor = s[..., :1] * s.shape[-1] * torch.finfo(singular_values.dtype).eps
+    rank = torch.minimum(rank, (s > floor).sum(-1))
+    if max_rank is not None:
+        rank = rank.clamp(max=max_rank)
+    return rank.clamp(min=1)
+
+
+def _truncate(left: Tensor, s: Tensor, right: Tensor, ranks: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero everything past each module's rank, so one batched tensor holds ragged ranks."""
+    p = int(ranks.max())
+    keep = torch.arange(p, device=s.device) < ranks[:, None].to(s.device)
+    s_kept = torch.where(keep, s[:, :p], torch.zeros((), dtype=s.dtype, device=s.device))
+    return left[:, :, :p] * s_kept[:, None, :], right[:, :p, :] * keep[:, :, None].to(right.dtype)
+
+
+def _whiten(gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Eigen-decompose a PSD Gram matrix; returns (V, sqrt(eigvals), 1/sqrt(eigvals) or 0).
+
+    Directions whose eigenvalue is below the rounding floor of the Gram matrix carry no
+    information: their inverse is set to zero instead of amplifying noise (the guard).
+    """
+    eigvals, eigvecs = torch.linalg.eigh(gram)
+    eigvals = eigvals.clamp(min=0)
+    floor = eigvals[..., -1:] * gram.shape[-1] * torch.finfo(gram.dtype).eps
+    root = eigvals.sqrt()
+    inverse_root = torch.where(eigvals > floor, root.reciprocal(), torch.zeros_like(root))
+    return eigvecs, root, inverse_root
+
+
+def gram_route(B: Tensor, A: Tensor, choose_rank: RankRule) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Two R x R eigendecompositions and three large matrix products.
+
+    With B^T B = V L V^T, the columns of B V L^{-1/2} are orthonormal and
+    B A = (B V L^{-1/2}) (L^{1/2} V^T A). The singular values of B A are those of the R x n
+    factor, whose left vectors U_P come from the R x R matrix M = L^{1/2} V^T (A A^T) V L^{1/2}.
+    """
+    v, root, inverse_root = _whiten(B.mT @ B)
+    half = v * root[:, None, :]  # V L^{1/2}
+    core = half.mT @ (A @ A.mT) @ half
+    eigvals, u = torch.linalg.eigh(core)
+    s = eigvals.flip(-1).clamp(min=0).sqrt()
+    u = u.flip(-1)
+    ranks = choose_rank(s)
+    p = int(ranks.max())
+    to_left = (v * inverse_root[:, None, :]) @ u[:, :, :p]  # R x p: B @ to_left = U_p
+    # A_g = S^-1 U_p^T (B A) = S^-1 U_P^T L^{1/2} V^T A; zero singular values stay zero.
+    s_p = s[:, :p]
+    inverse_s = torch.where(s_p > 0, s_p.reciprocal(), torch.zeros_like(s_p))
+    to_right = (u[:, :, :p].mT @ half.mT) * inverse_s[:, :, None]
+    b_global, a_global = _truncate(B @ to_left, s, to_right @ A, ranks)
+    return b_global, a_global, s, ranks
+
+
+def qr_route(B: Tensor, A: Tensor, choose_rank: RankRule) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """B = Q_B R_B and A^T = Q_A R_A; the SVD of the R x R core R_B R_A^T gives that of B A."""
+    q_b, r_b = torch.linalg.qr(B)
+    q_a, r_a = torch.linalg.qr(A.mT)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.mT)
+    ranks = choose_rank(s)
+    p = int(ranks.max())
+    b_global, a_global = _truncate(q_b @ u[:, :, :p], s, vh[:, :p, :] @ q_a.mT, ranks)
+    return b_global, a_global, s, ranks
+
+
+def svd_route(B: Tensor, A: Tensor, choose_rank: RankRule) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The paper's pipeline: thin SVD of each stack, then of P = S_B (V_B^T U_A) S_A."""
+    u_b, s_b, vh_b = torch.linalg.svd(B, full_matrices=False)
+    u_a, s_a, vh_a = torch.linalg.svd(A, full_matrices=False)
+    u, s, vh = torch.linalg.svd(s_b[:, :, None] * (vh_b @ u_a) * s_a[:, None, :])
+    ranks = choose_rank(s)
+    p = int(ranks.max())
+    b_global, a_global = _truncate(u_b @ u[:, :, :p], s, vh[:, :p, :] @ vh_a, ranks)
+    return b_global, a_global, s, ranks
+
+
+ROUTES = {"gram": gram_route, "qr": qr_route, "svd": svd_route}
+
+
+def dense_svd(delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of dense updates (G x m x n), for FlexLoRA."""
+    return torch.linalg.svd(delta, full_matrices=False)

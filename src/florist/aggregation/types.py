@@ -1,0 +1,114 @@
+"""The data the aggregation engine consumes and produces: plain tensors, no files, no peft."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class AggregationError(ValueError):
+    """An input the engine refuses; `module` and `client` say where, when known."""
+
+    def __init__(self, message: str, *, module: str | None = None, client: int | None = None):
+        where = []
+        if client is not None:
+            where.append(f"client {client}")
+        if module is not None:
+            where.append(f"module {module}")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+        self.module = module
+        self.client = client
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """peft's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One module of one client: the update it means is `scale * B @ A`."""
+
+    A: Tensor  # r x n
+    B: Tensor  # m x r
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(m, n): the shape of the adapted weight."""
+        return self.B.shape[0], self.A.shape[1]
+
+
+@dataclass(frozen=True)
+class ClientAdapter:
+    """Everything one client sends: its factors per module and its weight (number of examples)."""
+
+    modules: Mapping[str, LoraFactors]
+    weight: float
+
+
+@dataclass(frozen=True)
+class GlobalModule:
+    """One aggregated module: the update is `scale * B @ A`, of rank `rank`.
+
+    `singular_values` is the whole spectrum of the aggregated update when the method
+    computed it (FLoRIST, FlexLoRA), else None; `energy` is the share of its squared
+    singular values that the kept rank holds.
+    """
+
+    A: Tensor
+    B: Tensor
+    scale: float = 1.0
+    singular_values: Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def energy(self) -> float | None:
+        if self.singular_values is None:
+            return None
+        power = self.singular_values.double().square()
+        total = power.sum().item()
+        return 1.0 if total == 0 else power[: self.rank].sum().item() / total
+
+    def delta(self) -> Tensor:
+        return self.scale * (self.B @ self.A)
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """The server's answer for one round.
+
+    `modules` is what every client downloads. `per_client`, when set (FlexLoRA), gives
+    client k its own modules instead.
+    """
+
+    modules: dict[str, GlobalModule]
+    per_client: list[dict[str, GlobalModule]] | None = None
+
+    def for_client(self, k: int) -> dict[str, GlobalModule]:
+        return self.modules if self.per_client is None else self.per_client[k]
+
+
+def client_weights(clients: Sequence[ClientAdapter]) -> Tensor:
+    """p_k = n_k / sum(n), in float64; refuses negative, non-finite or zero-sum weights."""
+    if not clients:
+        raise AggregationError("no client adapters to aggregate")
+    weights = torch.tensor([c.weight for c in clients], dtype=torch.float64)
+    for k, w in enumerate(weights.tolist()):
+        if not math.isfinite(w) or w < 0:
+            raise AggregationError(f"weight must be a finite number >= 0, got {w}", client=k)
+    total = weights.sum().item()
+    if total <= 0:
+        raise AggregationError(f"client weights sum to {total}; at least one must be positive")
+    return weights / total
