@@ -1,0 +1,125 @@
+"""`florist aggregate`: combine K PEFT LoRA adapters into one with any aggregation method."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from florist.aggregation import METHODS, Aggregate, AggregationError, Aggregator, ClientAdapter, GlobalModule, make_aggregator
+from florist.lora.adapters import adapter_bytes, read_adapters, read_config, write_adapter
+
+DEFAULT_TAU = 0.9
+
+EPILOG = """\
+Each DIR is a directory written by PeftModel.save_pretrained (adapter_config.json and
+adapter_model.safetensors), all LoRA on the same base model and the same modules; ranks,
+alphas and rsLoRA may differ. The output is one standard PEFT LoRA adapter whose update is
+the method's aggregate (per-module ranks through rank_pattern/alpha_pattern).
+
+flexlora gives every client a truncation at its own rank; with one output directory that is
+only well defined when all adapters share their ranks, so adapters of different ranks need
+--rank R, which writes the rank-R truncation of the exact aggregate."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "aggregate",
+        help="aggregate PEFT LoRA adapters into one",
+        description="Aggregate K PEFT LoRA adapters into one adapter.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--method", required=True, choices=list(METHODS), help="aggregation method")
+    parser.add_argument("--tau", type=float, help=f"florist: share of spectral energy kept per module, in (0, 1] (default {DEFAULT_TAU})")
+    parser.add_argument("--max-rank", type=int, help="florist: cap on any module's rank")
+    parser.add_argument("--rank", type=int, help="flexlora: the single output rank (required when the adapters' ranks differ)")
+    parser.add_argument("--weights", help="comma-separated client weights, e.g. example counts 1579,685,... (default: equal)")
+    parser.add_argument("--out", required=True, type=Path, metavar="OUT_DIR", help="output adapter directory (must not exist)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("adapters", nargs="+", type=Path, metavar="DIR", help="client adapter directories")
+    parser.set_defaults(func=run)
+
+
+def parse_weights(text: str | None, count: int) -> list[float]:
+    """`--weights` as numbers >= 0 with a positive sum, one per adapter; equal when not given."""
+    if text is None:
+        return [1.0] * count
+    weights = []
+    for item in text.split(","):
+        try:
+            weight = float(item)
+        except ValueError:
+            raise ValueError(f"--weights: {item.strip()!r} is not a number") from None
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"--weights: {item.strip()} is not a finite number >= 0")
+        weights.append(weight)
+    if len(weights) != count:
+        raise ValueError(f"--weights has {len(weights)} values for {count} adapters")
+    if sum(weights) <= 0:
+        raise ValueError(f"--weights sum to {sum(weights)}; at least one must be positive")
+    return weights
+
+
+def _aggregator(args: argparse.Namespace) -> Aggregator:
+    """The method with its options; options of other methods are refused rather than ignored."""
+    given = {"--tau": args.tau, "--max-rank": args.max_rank, "--rank": args.rank}
+    applies = {"florist": {"--tau", "--max-rank"}, "flexlora": {"--rank"}}.get(args.method, set())
+    for flag, value in given.items():
+        if value is not None and flag not in applies:
+            raise ValueError(f"{flag} does not apply to --method {args.method}")
+    if args.method == "florist":
+        return make_aggregator("florist", tau=DEFAULT_TAU if args.tau is None else args.tau, max_rank=args.max_rank)
+    if args.method == "flexlora" and args.rank is not None:
+        if args.rank < 1:
+            raise ValueError(f"--rank must be >= 1, got {args.rank}")
+        return make_aggregator("flexlora", ranks=[args.rank] * len(args.adapters))
+    return make_aggregator(args.method)
+
+
+def _require_common_ranks(clients: Sequence[ClientAdapter]) -> None:
+    for module in clients[0].modules:
+        ranks = [client.modules[module].rank for client in clients]
+        if len(set(ranks)) > 1:
+            raise ValueError(
+                f"flexlora: module {module} has ranks {ranks} across adapters, so there is no one client rank "
+                "to write; pass --rank R"
+            )
+
+
+def _aggregate(aggregator: Aggregator, clients: Sequence[ClientAdapter], paths: Sequence[Path]) -> Aggregate:
+    try:
+        return aggregator.aggregate(clients)
+    except AggregationError as error:
+        if error.client is None:
+            raise
+        raise ValueError(f"{paths[error.client]}: {error}") from None
+
+
+def _report(modules: Mapping[str, GlobalModule], clients: Sequence[ClientAdapter], bytes_read: int, bytes_written: int, out: Path) -> None:
+    table = Table("module", "client ranks", "rank kept", "energy kept")
+    for name, module in modules.items():
+        ranks = ", ".join(str(client.modules[name].rank) for client in clients)
+        energy = "-" if module.energy is None else f"{100 * module.energy:.2f}%"
+        table.add_row(name, ranks, str(module.rank), energy)
+    console = Console()
+    console.print(table)
+    console.print(f"read {len(clients)} adapters: {bytes_read:,} bytes; wrote {out}: {bytes_written:,} bytes")
+
+
+def run(args: argparse.Namespace) -> int:
+    aggregator = _aggregator(args)
+    weights = parse_weights(args.weights, len(args.adapters))
+    if args.out.exists() and not args.overwrite:
+        raise ValueError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    clients = read_adapters(args.adapters, weights)
+    if args.method == "flexlora" and args.rank is None:
+        _require_common_ranks(clients)
+    modules = _aggregate(aggregator, clients, args.adapters).modules
+    written = write_adapter(args.out, modules, read_config(args.adapters[0]), overwrite=args.overwrite)
+    _report(modules, clients, sum(adapter_bytes(path) for path in args.adapters), written, args.out)
+    return 0

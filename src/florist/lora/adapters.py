@@ -1,0 +1,249 @@
+"""PEFT LoRA adapter directories <-> the aggregation engine's tensors.
+
+A directory is what `PeftModel.save_pretrained` writes: `adapter_config.json` and
+`adapter_model.safetensors`. Module names are peft's module paths inside the base model,
+e.g. `model.layers.0.self_attn.q_proj`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from peft.utils.other import get_pattern_key
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from florist.aggregation import ClientAdapter, GlobalModule, LoraFactors, lora_scale
+
+# peft prefixes every saved key with the PeftModel's path to the base model.
+_PREFIX = "base_model.model."
+_FACTOR_KEY = re.compile(rf"^{re.escape(_PREFIX)}(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
+
+# Saved tensors that are not a pair of LoRA factors, and why they cannot be aggregated as one.
+_UNSUPPORTED = (
+    ("lora_magnitude_vector", "is a DoRA magnitude vector, which has no low-rank form to aggregate"),
+    ("lora_embedding_", "is an embedding LoRA, which this aggregator does not support"),
+    ("modules_to_save", "is a fully trained module copy (modules_to_save), which is not low-rank"),
+    ("lora_B.bias", "is a LoRA bias (lora_bias=True), which has no low-rank form to aggregate"),
+)
+
+
+def adapter_files(path: str | os.PathLike) -> tuple[Path, Path]:
+    """The config and weights file of a PEFT adapter directory."""
+    return Path(path) / CONFIG_NAME, Path(path) / SAFETENSORS_WEIGHTS_NAME
+
+
+def adapter_bytes(path: str | os.PathLike) -> int:
+    """Size on disk of an adapter's config and weights."""
+    return sum(f.stat().st_size for f in adapter_files(path))
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The adapter_config.json of a PEFT LoRA directory, refused unless it is one this project can aggregate."""
+    path = Path(path)
+    config_file, weights_file = adapter_files(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such adapter directory")
+    if not config_file.is_file():
+        raise ValueError(f"{path}: missing {CONFIG_NAME}; expected a directory written by PeftModel.save_pretrained")
+    if not weights_file.is_file():
+        hint = f" (only safetensors is read: re-save its {WEIGHTS_NAME} with safe_serialization=True)" if (path / WEIGHTS_NAME).is_file() else ""
+        raise ValueError(f"{path}: missing {SAFETENSORS_WEIGHTS_NAME}{hint}")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_file}: invalid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{config_file}: not a LoRA adapter (peft_type is {config.get('peft_type')!r}, expected 'LORA')")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
+            raise ValueError(f"{config_file}: '{key}' must be a number, got {config.get(key)!r}")
+    if config.get("use_dora"):
+        raise ValueError(f"{config_file}: use_dora is set; DoRA magnitude vectors have no low-rank form to aggregate")
+    if config.get("modules_to_save"):
+        raise ValueError(
+            f"{config_file}: modules_to_save {config['modules_to_save']} are fully trained copies, not low-rank; "
+            "aggregate adapters trained without them"
+        )
+    return config
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    weights_file = adapter_files(path)[1]
+    try:
+        return load_file(weights_file)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{weights_file}: unreadable safetensors file ({error})") from None
+
+
+def _pair_factors(tensors: Mapping[str, Tensor], weights_file: Path) -> dict[str, dict[str, Tensor]]:
+    """{module: {"A": tensor, "B": tensor}}, refusing every tensor that is not a LoRA factor."""
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _FACTOR_KEY.match(key)
+        if match is None:
+            reason = next((why for marker, why in _UNSUPPORTED if marker in key), "is not a LoRA factor (lora_A/lora_B)")
+            raise ValueError(f"{weights_file}: tensor {key} {reason}")
+        pairs.setdefault(match["module"], {})[match["factor"]] = tensor
+    if not pairs:
+        raise ValueError(f"{weights_file}: holds no LoRA factors")
+    for module, pair in pairs.items():
+        if len(pair) != 2:
+            have, lacks = ("lora_A", "lora_B") if "A" in pair else ("lora_B", "lora_A")
+            raise ValueError(f"{weights_file}: module {module} has {have} but no {lacks}")
+    return pairs
+
+
+def _module_factors(module: str, pair: Mapping[str, Tensor], config: Mapping, weights_file: Path) -> LoraFactors:
+    A, B = pair["A"], pair["B"]
+    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+        raise ValueError(f"{weights_file}: module {module}: rank mismatch, lora_A is {tuple(A.shape)} but lora_B is {tuple(B.shape)}")
+    if not (A.is_floating_point() and B.is_floating_point()):
+        raise ValueError(f"{weights_file}: module {module}: LoRA factors must be floating point, got {A.dtype} and {B.dtype}")
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    # peft's own lookup, so a pattern means here exactly what it meant when the adapter was built.
+    configured_rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"])
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["lora_alpha"])
+    rank = A.shape[0]
+    if rank != configured_rank:
+        raise ValueError(f"{weights_file}: module {module}: tensors have rank {rank} but adapter_config.json says {configured_rank}")
+    for label, tensor in (("lora_A", A), ("lora_B", B)):
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{weights_file}: module {module}: {label} holds NaN or Inf values")
+    return LoraFactors(A=A, B=B, scale=lora_scale(alpha, rank, bool(config.get("use_rslora"))))
+
+
+def read_adapter(path: str | os.PathLike, weight: float = 1.0) -> tuple[dict, ClientAdapter]:
+    """A PEFT LoRA directory as (its adapter_config.json, the engine's ClientAdapter with `weight`)."""
+    path = Path(path)
+    config = read_config(path)
+    weights_file = adapter_files(path)[1]
+    pairs = _pair_factors(_read_tensors(path), weights_file)
+    modules = {module: _module_factors(module, pair, config, weights_file) for module, pair in sorted(pairs.items())}
+    return config, ClientAdapter(modules=modules, weight=weight)
+
+
+def _check_compatible(paths: Sequence[Path], configs: Sequence[Mapping], clients: Sequence[ClientAdapter]) -> None:
+    """Every adapter against the first: same base model, same modules, same adapted shapes."""
+    first, reference = paths[0], clients[0].modules
+    for path, config, client in zip(paths[1:], configs[1:], clients[1:]):
+        base, expected = config.get("base_model_name_or_path"), configs[0].get("base_model_name_or_path")
+        if base != expected:
+            raise ValueError(f"{path} was trained on base model {base!r} but {first} on {expected!r}")
+        extra, missing = set(client.modules) - set(reference), set(reference) - set(client.modules)
+        if extra or missing:
+            module = sorted(extra or missing)[0]
+            holder, lacker = (path, first) if extra else (first, path)
+            raise ValueError(f"{holder} adapts module {module} but {lacker} does not; adapters must target the same modules")
+        for module, factors in client.modules.items():
+            if factors.shape != reference[module].shape:
+                (m, n), (m0, n0) = factors.shape, reference[module].shape
+                raise ValueError(f"module {module} adapts a {m}x{n} weight in {path} but {m0}x{n0} in {first}")
+
+
+def read_adapters(paths: Sequence[str | os.PathLike], weights: Sequence[float] | None = None) -> list[ClientAdapter]:
+    """Several adapters to aggregate (weights default to equal), checked against each other."""
+    if not paths:
+        raise ValueError("no adapter directories given")
+    weights = [1.0] * len(paths) if weights is None else list(weights)
+    if len(weights) != len(paths):
+        raise ValueError(f"got {len(weights)} weights for {len(paths)} adapters")
+    paths = [Path(p) for p in paths]
+    configs, clients = zip(*(read_adapter(path, weight) for path, weight in zip(paths, weights)))
+    _check_compatible(paths, configs, clients)
+    return list(clients)
+
+
+def _most_common(values: Sequence) -> object:
+    return Counter(values).most_common(1)[0][0]
+
+
+def _lora_config(modules: Mapping[str, GlobalModule], base_config: Mapping) -> dict:
+    """base_config with ranks and alphas so peft's scale (alpha / r) times B @ A is each module's delta."""
+    ranks = {name: module.rank for name, module in modules.items()}
+    alphas = {name: module.rank * module.scale for name, module in modules.items()}
+    r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
+    # peft matches a pattern key as the regex `(.*\.)?(key)$`: an escaped full module path
+    # matches that module only (layers.1 never matches layers.11, nor '.' any character).
+    return {
+        **base_config,
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": {re.escape(name): rank for name, rank in ranks.items() if rank != r},
+        "alpha_pattern": {re.escape(name): a for name, a in alphas.items() if a != alpha},
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+
+
+def _write_contents(directory: Path, modules: Mapping[str, GlobalModule], config: Mapping) -> None:
+    # Clones: the engine's outputs may be views of one batched tensor, which safetensors refuses to share.
+    tensors = {}
+    for name, module in modules.items():
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = module.A.clone(memory_format=torch.contiguous_format)
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = module.B.clone(memory_format=torch.contiguous_format)
+    config_file, weights_file = adapter_files(directory)
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_adapter(
+    out_dir: str | os.PathLike,
+    modules: Mapping[str, GlobalModule],
+    base_config: Mapping,
+    overwrite: bool = False,
+) -> int:
+    """Write `modules` as a PEFT LoRA adapter at `out_dir`, all at once; returns the bytes written.
+
+    The directory appears complete or not at all. An existing `out_dir` is refused unless
+    `overwrite`, which swaps the new directory in and then removes the old one.
+    """
+    out_dir = Path(out_dir)
+    if not modules:
+        raise ValueError(f"{out_dir}: no modules to write")
+    for name, module in modules.items():
+        if module.rank < 1 or not math.isfinite(module.scale) or module.scale == 0:
+            raise ValueError(f"module {name}: cannot write rank {module.rank} with scale {module.scale} as a LoRA adapter")
+    if out_dir.exists() and not overwrite:
+        raise ValueError(f"{out_dir} already exists; choose another output directory or overwrite it explicitly")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkdtemp: its mode 0700 would outlive the rename; mkdir honours the umask.
+    staging = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex}.tmp"
+    staging.mkdir()
+    try:
+        _write_contents(staging, modules, _lora_config(modules, base_config))
+        written = adapter_bytes(staging)
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return written
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename `staging` to `out_dir`; an existing `out_dir` is set aside first and restored if that fails."""
+    if not out_dir.exists():
+        staging.rename(out_dir)
+        return
+    retired = staging.with_suffix(".old")
+    out_dir.rename(retired)
+    try:
+        staging.rename(out_dir)
+    except BaseException:
+        retired.rename(out_dir)
+        raise
+    shutil.rmtree(retired)
