@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from florist.aggregation import METHODS, Aggregate, AggregationError, Aggregator, ClientAdapter, GlobalModule, make_aggregator
 from florist.lora.adapters import adapter_bytes, read_adapters, read_config, write_adapter
@@ -105,10 +106,12 @@ def _report(modules: Mapping[str, GlobalModule], clients: Sequence[ClientAdapter
     for name, module in modules.items():
         ranks = ", ".join(str(client.modules[name].rank) for client in clients)
         energy = "-" if module.energy is None else f"{100 * module.energy:.2f}%"
-        table.add_row(name, ranks, str(module.rank), energy)
+        table.add_row(Text(name), ranks, str(module.rank), energy)
     console = Console()
     console.print(table)
-    console.print(f"read {len(clients)} adapters: {bytes_read:,} bytes; wrote {out}: {bytes_written:,} bytes")
+    # Paths are data, not rich markup; one unwrapped line keeps the summary greppable.
+    summary = f"read {len(clients)} adapters: {bytes_read:,} bytes; wrote {out}: {bytes_written:,} bytes"
+    console.print(Text(summary), soft_wrap=True)
 
 
 def run(args: argparse.Namespace) -> int:
