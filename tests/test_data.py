@@ -278,7 +278,8 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     """A whitespace word-level tokenizer over the words the tests use, with an eos and a bos token."""
     words = "Below is an instruction that describes a task Write response appropriately completes the request ###"
     words += " Instruction: Response: Input: paired with input provides further context. . Name colour Blue one two"
-    vocab = {token: index for index, token in enumerate(["<unk>", "<pad>", "<s>", "</s>", *dict.fromkeys(words.split())])}
+    tokens = ["<unk>", "<pad>", "<s>", "</s>", *dict.fromkeys(words.split())]
+    vocab = {token: index for index, token in enumerate(tokens)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(

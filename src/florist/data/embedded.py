@@ -220,17 +220,16 @@ def _category_examples(name: str, split: str, count: int, rng: random.Random) ->
     available = len(subjects) * len(category.phrasings)
     if count > available:
         raise ValueError(
-            f"embedded category {name!r} has {available} distinct {split} prompts; ask for at most that many per category"
+            f"embedded category {name!r} has {available} distinct {split} prompts; "
+            f"ask for at most {available} per category"
         )
     # Sampling (subject, phrasing) indices without replacement keeps every prompt distinct.
     picks = rng.sample(range(available), count)
     examples = []
     for pick in picks:
         subject = subjects[pick // len(category.phrasings)]
-        phrasing = category.phrasings[pick % len(category.phrasings)]
-        examples.append(
-            Example(instruction=phrasing.format(**category.show(subject)), response=category.answer(subject), category=name)
-        )
+        instruction = category.phrasings[pick % len(category.phrasings)].format(**category.show(subject))
+        examples.append(Example(instruction=instruction, response=category.answer(subject), category=name))
     return examples
 
 

@@ -69,7 +69,8 @@ def _read_directory_split(directory: Path, split: str) -> list[Example]:
     if split == "train" and any(CLIENT_FILE.fullmatch(path.name) for path in directory.iterdir()):
         return [example for client in load_clients(directory) for example in client]
     present = sorted(path.stem for path in directory.iterdir() if path.suffix in FILE_SUFFIXES)
-    raise ValueError(f"{directory} has no split {split!r} ({split}.json); it has: {', '.join(present) or 'no data files'}")
+    listing = ", ".join(present) or "no data files"
+    raise ValueError(f"{directory} has no split {split!r} ({split}.json); it has: {listing}")
 
 
 def _read_file(path: Path) -> list[Example]:

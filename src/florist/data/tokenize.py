@@ -14,7 +14,9 @@ IGNORE_INDEX = -100
 """The label the causal-LM loss skips (transformers' convention)."""
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, example: Example, template: str, max_length: int) -> dict[str, list[int]]:
+def encode(
+    tokenizer: PreTrainedTokenizerBase, example: Example, template: str, max_length: int
+) -> dict[str, list[int]]:
     """input_ids = prompt + response + end marker; labels = the same with every prompt position set to -100.
 
     Over `max_length`, the response is cut from the right; if the prompt alone is too long, it is cut from the left
