@@ -19,10 +19,9 @@ from florist.aggregation import (
     make_aggregator,
 )
 
-settings.register_profile("aggregation", max_examples=25, deadline=None)
-settings.load_profile("aggregation")
+PROPERTY = settings(max_examples=15, deadline=None)
 
-FEW = settings(max_examples=10, deadline=None)
+FEW = settings(max_examples=6, deadline=None)
 
 
 # ---------------------------------------------------------------- generators
@@ -80,6 +79,7 @@ def kept_energy(singular_values: torch.Tensor, p: int) -> float:
 
 
 @pytest.mark.parametrize("route", sorted(ROUTES))
+@PROPERTY
 @given(clients=federations())
 def test_florist_at_tau_one_reproduces_dense_update_and_flora(route, clients):
     florist = make_aggregator("florist", tau=1.0, route=route).aggregate(clients)
@@ -92,6 +92,7 @@ def test_florist_at_tau_one_reproduces_dense_update_and_flora(route, clients):
 
 
 @pytest.mark.parametrize("route", sorted(ROUTES))
+@PROPERTY
 @given(clients=federations(), tau=st.floats(0.05, 0.99))
 def test_florist_spectrum_and_rank_rule(route, clients, tau):
     result = make_aggregator("florist", tau=tau, route=route).aggregate(clients)
@@ -110,6 +111,7 @@ def test_florist_spectrum_and_rank_rule(route, clients, tau):
         assert module.energy == pytest.approx(kept_energy(dense, p), abs=1e-9)
 
 
+@PROPERTY
 @given(clients=federations(), tau=st.floats(0.05, 1.0), max_rank=st.integers(1, 4))
 def test_florist_max_rank_caps_the_rank(clients, tau, max_rank):
     uncapped = make_aggregator("florist", tau=tau).aggregate(clients)
@@ -119,6 +121,7 @@ def test_florist_max_rank_caps_the_rank(clients, tau, max_rank):
 
 
 @pytest.mark.parametrize("route", sorted(ROUTES))
+@PROPERTY
 @given(clients=federations(), tau=st.floats(0.05, 0.99))
 def test_florist_truncation_error_is_the_discarded_energy(route, clients, tau):
     """Eckart-Young: the rank-p truncation leaves exactly the squared singular values past p."""
@@ -140,6 +143,7 @@ def zero_padded(tensor: torch.Tensor, rank: int, factor: str) -> torch.Tensor:
     return torch.nn.functional.pad(tensor.double(), (0, 0, 0, rank - tensor.shape[0]))
 
 
+@PROPERTY
 @given(clients=federations())
 def test_fedit_is_the_zero_padded_weighted_average(clients):
     result = make_aggregator("fedit").aggregate(clients)
@@ -154,6 +158,7 @@ def test_fedit_is_the_zero_padded_weighted_average(clients):
         assert module.scale == pytest.approx(sum((c.weight / total) * c.modules[name].scale for c in clients))
 
 
+@PROPERTY
 @given(clients=federations())
 def test_flexlora_gives_each_client_its_best_rank_approximation(clients):
     calls = []
@@ -177,6 +182,7 @@ def test_flexlora_gives_each_client_its_best_rank_approximation(clients):
             assert residual == pytest.approx(s[r:].square().sum().item(), abs=1e-10 * s.square().sum().item())
 
 
+@PROPERTY
 @given(clients=federations(), ranks=st.lists(st.integers(1, 8), min_size=1, max_size=5))
 def test_flexlora_honours_explicit_ranks(clients, ranks):
     ranks = (ranks * len(clients))[: len(clients)]
@@ -204,6 +210,7 @@ def with_shared_frozen_a(clients: list[ClientAdapter], seed: int, equal_scales: 
     ]
 
 
+@PROPERTY
 @given(clients=federations(), seed=st.integers(0, 2**16), equal_scales=st.booleans())
 def test_ffa_keeps_frozen_a_and_averages_b(clients, seed, equal_scales):
     clients = with_shared_frozen_a(clients, seed, equal_scales)
@@ -221,6 +228,7 @@ def test_ffa_keeps_frozen_a_and_averages_b(clients, seed, equal_scales):
             assert relative_error(module.delta(), dense_update(clients, name)) < 1e-12
 
 
+@PROPERTY
 @given(clients=federations(), seed=st.integers(0, 2**16))
 def test_ffa_refuses_different_frozen_a(clients, seed):
     clients = with_shared_frozen_a(clients, seed, equal_scales=True)
@@ -296,10 +304,17 @@ def only(clients: list[ClientAdapter], name: str) -> list[ClientAdapter]:
 
 
 def assert_same_modules(left: dict, right: dict) -> None:
+    """Same names in the same order, same ranks, same updates up to rounding.
+
+    Not bitwise: a batch of G matrices goes through batched BLAS kernels whose rounding
+    differs from one matrix's by an ulp, and factors are only defined up to sign.
+    """
     assert list(left) == list(right)
     for name in left:
-        assert torch.equal(left[name].A, right[name].A) and torch.equal(left[name].B, right[name].B), name
-        assert left[name].scale == right[name].scale
+        assert left[name].rank == right[name].rank, name
+        assert left[name].scale == pytest.approx(right[name].scale, rel=1e-12)
+        expected = right[name].delta()
+        assert torch.allclose(left[name].delta(), expected, rtol=0, atol=1e-10 * expected.abs().max().item()), name
 
 
 @pytest.mark.parametrize("method", ["florist", "flora", "fedit", "flexlora"])
