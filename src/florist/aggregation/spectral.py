@@ -37,9 +37,13 @@ def energy_rank(singular_values: Tensor, tau: float, max_rank: int | None = None
 
 
 def _truncate(left: Tensor, s: Tensor, right: Tensor, ranks: Tensor) -> tuple[Tensor, Tensor]:
-    """Zero everything past each module's rank, so one batched tensor holds ragged ranks."""
+    """Zero everything past each module's rank, so one batched tensor holds ragged ranks.
+
+    A component with a zero singular value is zeroed on both sides too: its singular vectors
+    are arbitrary (an all-zero update still keeps rank 1), and every route must send zeros.
+    """
     p = int(ranks.max())
-    keep = torch.arange(p, device=s.device) < ranks[:, None].to(s.device)
+    keep = (torch.arange(p, device=s.device) < ranks[:, None].to(s.device)) & (s[:, :p] > 0)
     s_kept = torch.where(keep, s[:, :p], torch.zeros((), dtype=s.dtype, device=s.device))
     return left[:, :, :p] * s_kept[:, None, :], right[:, :p, :] * keep[:, :, None].to(right.dtype)
 
