@@ -1,0 +1,81 @@
+"""The base model on the server: put into any global state, evaluated, and saved at the end."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from florist.aggregation import GlobalModule
+from florist.config import RunConfig
+from florist.data import Example
+from florist.evaluation import evaluate
+from florist.evaluation.mmlu import Question
+from florist.lora.adapters import write_adapter
+from florist.lora.model import merge_into_base
+from florist.models import best_device, load_model, resolve_model
+
+
+def adapted_modules(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Linear]:
+    """The linear layers a LoRA on `target_modules` adapts, matched as peft matches a list of names."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
+    }
+
+
+class ServerModel:
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.model, self.tokenizer = load_model(config.model.name, best_device())
+        self.model.requires_grad_(False)
+        self.targets = adapted_modules(self.model, config.model.target_modules)
+        if not self.targets:
+            raise ValueError(f"model {config.model.name} has no linear layers named {config.model.target_modules}")
+        self.pristine = {name: module.weight.detach().clone() for name, module in self.targets.items()}
+
+    @property
+    def in_features(self) -> dict[str, int]:
+        return {name: module.in_features for name, module in self.targets.items()}
+
+    @torch.no_grad()
+    def set_state(self, merged: Sequence[Mapping[str, GlobalModule]], adapter: Mapping[str, GlobalModule] | None) -> None:
+        """Weights = base + every merged update + the current adapter's update."""
+        for name, module in self.targets.items():
+            module.weight.copy_(self.pristine[name])
+        for modules in [*merged, *([adapter] if adapter else [])]:
+            merge_into_base(self.model, modules)
+
+    def evaluate(self, examples: Sequence[Example], mmlu: Sequence[Question] | None) -> dict:
+        evaluation = self.config.evaluation
+        return evaluate(
+            self.model,
+            self.tokenizer,
+            examples=examples or None,
+            mmlu=mmlu or None,
+            template=self.config.data.template,
+            max_new_tokens=evaluation.max_new_tokens,
+            max_length=self.config.data.max_length,
+            batch_size=evaluation.batch_size,
+            mmlu_limit=evaluation.mmlu_limit or None,
+        )
+
+    def save(self, target: Path, merged: Sequence[Mapping[str, GlobalModule]], adapter: Mapping[str, GlobalModule]) -> None:
+        """`target/model`: base + merged updates, loadable by transformers; `target/adapter`: the
+        last global adapter as a PEFT LoRA on top of it. Together they are the final global model."""
+        self.set_state(merged, None)
+        staging = target.with_name(f".{target.name}-partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        self.model.save_pretrained(staging / "model")
+        self.tokenizer.save_pretrained(staging / "model")
+        base_config = {
+            "base_model_name_or_path": resolve_model(self.config.model.name),
+            "target_modules": list(self.config.model.target_modules),
+            "task_type": "CAUSAL_LM",
+        }
+        write_adapter(staging / "adapter", dict(adapter), base_config)
+        staging.rename(target)

@@ -1,0 +1,60 @@
+"""`florist run` on one machine: Flower's simulation engine, in-process, no SuperLink left behind."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+from florist.config import RunConfig
+from florist.federation.client_app import build_client_app
+from florist.federation.datasets import federated_data
+from florist.federation.server_app import build_server_app
+from florist.models import resolve_model
+
+
+def prepare(config: RunConfig) -> RunConfig:
+    """Check everything that can be checked before training starts, and fix the run directory's name.
+
+    Resolving the model also makes the de-quantised copy of the embedded one, so that every
+    worker then loads it in seconds.
+    """
+    if config.data.partition == "given" and not Path(config.data.source).is_dir():
+        raise ValueError(f"data.partition 'given' needs a directory of client files, got data.source {config.data.source!r}")
+    resolve_model(config.model.name)
+    data = federated_data(config)
+    if not data.test:
+        raise ValueError(f"data source {config.data.source!r} has no test split; set data.test_source")
+    run_dir = config.output.run_dir.format(time=time.strftime("%Y%m%d-%H%M%S"), method=config.aggregation.method)
+    if Path(run_dir).exists() and any(Path(run_dir).iterdir()):
+        raise ValueError(f"run directory {run_dir} exists and is not empty; choose another output.run_dir")
+    return config.model_copy(update={"output": config.output.model_copy(update={"run_dir": run_dir})})
+
+
+def run_federation(config: RunConfig) -> Path:
+    """Run the whole federation in simulation; returns the run directory."""
+    config = prepare(config)
+    # Imported here: flwr.simulation pulls in Ray, which a plain `florist aggregate` does not need.
+    from flwr.simulation import run_simulation
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    workers = min(config.federation.workers, config.federation.num_clients)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        run_simulation(
+            server_app=build_server_app(config),
+            client_app=build_client_app(config),
+            num_supernodes=config.federation.num_clients,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": workers, "include_dashboard": False, "logging_level": "ERROR"},
+            },
+        )
+    run_dir = Path(config.output.run_dir)
+    if not (run_dir / "summary.json").exists():
+        raise RuntimeError(f"the federation stopped before finishing; see the log above and {run_dir}")
+    return run_dir

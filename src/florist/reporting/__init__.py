@@ -1,0 +1,1 @@
+"""The run directory and what a person reads from it: metrics, plots, summaries."""

@@ -1,0 +1,68 @@
+"""Local training of a LoRA-wrapped causal LM: the whole step fits on one screen."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from florist.data.tokenize import pad_batch
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    """Mean training loss over the steps."""
+    steps: int
+    tokens: int
+    seconds: float
+
+
+def shuffled_batches(features: Sequence[dict], batch_size: int, steps: int, seed: int) -> Iterator[list[dict]]:
+    """`steps` batches, reshuffling at each pass over the data (a client may hold fewer than a batch)."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        while len(order) < batch_size:
+            epoch = list(range(len(features)))
+            rng.shuffle(epoch)
+            order += epoch
+        yield [features[i] for i in order[:batch_size]]
+        order = order[batch_size:]
+
+
+def train_lora(
+    model: nn.Module,
+    features: Sequence[dict],
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float,
+    grad_clip: float,
+    seed: int,
+    pad_token_id: int,
+    autocast: bool,
+) -> TrainResult:
+    """AdamW on the model's trainable parameters (the LoRA factors), loss on response tokens."""
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    model.train()
+    losses, tokens, start = [], 0, time.perf_counter()
+    for batch in shuffled_batches(features, batch_size, steps, seed):
+        inputs = {key: value.to(device) for key, value in pad_batch(batch, pad_token_id).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        tokens += int(inputs["attention_mask"].sum())
+    model.eval()
+    return TrainResult(sum(losses) / len(losses), len(losses), tokens, time.perf_counter() - start)
