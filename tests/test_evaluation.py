@@ -36,6 +36,7 @@ MMLU_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu" /
 # Each marker word names the gold letter, so a model that reads it can answer every question.
 MARKERS = {"north": "A", "east": "B", "south": "C", "west": "D"}
 WORDS = ["A", "B", "C", "D", ":", "Answer", *MARKERS, "go", "stay", "turn", "q", "x", "y", "z", "which", "way"]
+# <|im_end|> is an ordinary token here, as in base models' vocabularies: decoding keeps it unless cut.
 SPECIALS = ["[PAD]", "[UNK]", "[EOS]", "<|im_end|>"]
 
 
@@ -49,7 +50,6 @@ def tokenizer() -> PreTrainedTokenizerFast:
         unk_token="[UNK]",
         pad_token="[PAD]",
         eos_token="[EOS]",
-        additional_special_tokens=["<|im_end|>"],
     )
 
 
