@@ -40,6 +40,8 @@ class DataConfig(Section):
     max_length: int = Field(128, ge=8)
     max_client_examples: int = Field(0, ge=0)
     """Cap per client (0: no cap), to scale real datasets down."""
+    validation_fraction: float = Field(0.0, ge=0, lt=1)
+    """Share of each client's examples held out for validation (choosing tau, say), never trained on."""
 
 
 class FederationConfig(Section):

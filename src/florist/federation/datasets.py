@@ -11,13 +11,14 @@ from functools import lru_cache
 from pathlib import Path
 
 from florist.config import RunConfig
-from florist.data import Example, generate_embedded, load_clients, load_examples, partition
+from florist.data import Example, carve_validation, generate_embedded, load_clients, load_examples, partition
 
 
 @dataclass(frozen=True)
 class FederatedData:
     clients: list[list[Example]]
     test: list[Example]
+    validation: list[Example] = ()
 
 
 def held_out(source: str) -> list[Example]:
@@ -54,9 +55,13 @@ def federated_data(config: RunConfig) -> FederatedData:
 def _cached_split(config_json: str) -> FederatedData:
     config = RunConfig.model_validate_json(config_json)
     split = _split(config)
-    cap = config.data.max_client_examples
+    cap, fraction = config.data.max_client_examples, config.data.validation_fraction
     if cap:
         split = FederatedData([examples[:cap] for examples in split.clients], split.test)
+    if fraction:
+        # Carved from every client, so the validation set follows the clients' mixture.
+        carved = [carve_validation(examples, fraction, config.training.seed + k) for k, examples in enumerate(split.clients)]
+        split = FederatedData([train for train, _ in carved], split.test, [e for _, val in carved for e in val])
     for k, examples in enumerate(split.clients):
         if not examples:
             raise ValueError(f"client {k} has no training examples in {config.data.source}")

@@ -77,7 +77,7 @@ def serve(config: RunConfig, grid: Grid) -> Path:
         if server_round in (0, rounds) or config.evaluation.every_round:
             adapter = None if strategy.merges or strategy.current is None else strategy.current.modules
             server.set_state(strategy.updates, adapter)
-            evaluation = server.evaluate(data.test, mmlu)
+            evaluation = server.evaluate(data.test, mmlu, data.validation)
         report = strategy.reports[-1] if server_round else None
         record = round_record(report, server_round, evaluation)
         run.record_round(record)

@@ -12,7 +12,7 @@ from torch import nn
 from florist.aggregation import GlobalModule
 from florist.config import RunConfig
 from florist.data import Example
-from florist.evaluation import evaluate
+from florist.evaluation import evaluate, instruction_loss
 from florist.evaluation.mmlu import Question
 from florist.lora.adapters import write_adapter
 from florist.lora.model import merge_into_base
@@ -50,9 +50,17 @@ class ServerModel:
         for modules in [*merged, *([adapter] if adapter else [])]:
             merge_into_base(self.model, modules)
 
-    def evaluate(self, examples: Sequence[Example], mmlu: Sequence[Question] | None) -> dict:
+    def evaluate(self, examples: Sequence[Example], mmlu: Sequence[Question] | None, validation: Sequence[Example] = ()) -> dict:
+        """Test metrics, MMLU when given, and the validation loss (`val_` keys) when there is a validation set."""
         evaluation = self.config.evaluation
-        return evaluate(
+        results = {}
+        if validation:
+            loss = instruction_loss(
+                self.model, self.tokenizer, validation, template=self.config.data.template,
+                max_length=self.config.data.max_length, batch_size=evaluation.batch_size,
+            )
+            results.update(val_loss=loss.mean_nll, val_perplexity=loss.perplexity)
+        return results | evaluate(
             self.model,
             self.tokenizer,
             examples=examples or None,
