@@ -25,9 +25,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from florist.aggregation import ClientAdapter, GlobalModule, LoraFactors, lora_scale
+from florist.lora.model import PEFT_PREFIX as _PREFIX
 
 # peft prefixes every saved key with the PeftModel's path to the base model.
-_PREFIX = "base_model.model."
 _FACTOR_KEY = re.compile(rf"^{re.escape(_PREFIX)}(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 
 # Saved tensors that are not a pair of LoRA factors, and why they cannot be aggregated as one.

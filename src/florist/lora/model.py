@@ -47,26 +47,25 @@ def read_factors(model: PeftModel) -> dict[str, LoraFactors]:
 
 
 @torch.no_grad()
-def load_global(model: PeftModel, modules: Mapping[str, GlobalModule], *, factors: str = "AB") -> None:
-    """Start from the global adapter at this client's own rank and scale.
+def load_global(model: PeftModel, modules: Mapping[str, Mapping]) -> None:
+    """Start from the global adapter ({module: {"B", "scale", optional "A"}}) at this client's own rank.
 
     The first r components are taken (zero-padded when the global rank is smaller): for FedIT
     that is HetLoRA's truncation, for FlexLoRA's U S / V^T pairs the best rank-r part. B is
-    rescaled so that this client's scale times B @ A equals the global update's part.
-    `factors="B"` loads B only (FFA-LoRA keeps its frozen A).
+    rescaled so that this client's scale times B @ A equals the global update's part. Without
+    "A" (FFA-LoRA), the client's frozen A stays.
     """
     for name, layer in lora_layers(model).items():
         if name not in modules:
             raise ValueError(f"the global adapter has no module {name}")
         source = modules[name]
         a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-        rank = min(a.shape[0], source.rank)
-        ratio = source.scale / float(layer.scaling[ADAPTER])
-        if "A" in factors:
+        rank = min(a.shape[0], source["B"].shape[1])
+        if "A" in source:
             a.zero_()
-            a[:rank].copy_(source.A[:rank])
+            a[:rank].copy_(source["A"][:rank])
         b.zero_()
-        b[:, :rank].copy_(source.B[:, :rank] * ratio)
+        b[:, :rank].copy_(source["B"][:, :rank] * (source["scale"] / float(layer.scaling[ADAPTER])))
 
 
 @torch.no_grad()
