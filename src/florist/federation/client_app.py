@@ -12,6 +12,7 @@ from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.settings import config_from_run_config
 from florist.federation.workspace import Update, workspace_for
+from florist.federation.resources import peak_rss_mib
 from florist.lora.model import attach_lora, freeze_shared_A, load_global, read_factors
 from florist.training import train_lora
 
@@ -72,6 +73,7 @@ def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
             "train-steps": result.steps,
             "train-tokens": result.tokens,
             "train-seconds": result.seconds,
+            "peak-rss-mib": peak_rss_mib(),
         }
     )
     print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, MetricRecord
@@ -12,6 +13,7 @@ from rich.table import Table
 from florist.config import RunConfig
 from florist.evaluation.mmlu import load_mmlu_file, load_mmlu_hub
 from florist.federation.datasets import federated_data
+from florist.federation.resources import peak_rss_mib
 from florist.federation.server_model import ServerModel
 from florist.federation.settings import config_from_run_config
 from florist.federation.strategy import LoraStrategy, RoundReport
@@ -28,9 +30,9 @@ def _mmlu(config: RunConfig):
     return load_mmlu_file(source) if Path(source).exists() else load_mmlu_hub()
 
 
-def round_record(report: RoundReport | None, server_round: int, evaluation: dict) -> dict:
+def round_record(report: RoundReport | None, server_round: int, evaluation: dict, timing: dict) -> dict:
     """One line of metrics.jsonl."""
-    record: dict = {"round": server_round}
+    record: dict = {"round": server_round, **timing}
     if report is not None:
         clients = report.clients
         record.update(
@@ -64,6 +66,7 @@ def show_round(record: dict) -> None:
 
 def serve(config: RunConfig, grid: Grid) -> Path:
     """Run every round, evaluate, and write the run directory; returns its path."""
+    start = time.perf_counter()
     run = RunDirectory.create(config)
     console.print(f"run directory: {run.path}")
     data = federated_data(config)
@@ -73,13 +76,18 @@ def serve(config: RunConfig, grid: Grid) -> Path:
     rounds = config.federation.rounds
 
     def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        evaluation = {}
+        evaluation, evaluation_start = {}, time.perf_counter()
         if server_round in (0, rounds) or config.evaluation.every_round:
             adapter = None if strategy.merges or strategy.current is None else strategy.current.modules
             server.set_state(strategy.updates, adapter)
             evaluation = server.evaluate(data.test, mmlu, data.validation)
         report = strategy.reports[-1] if server_round else None
-        record = round_record(report, server_round, evaluation)
+        timing = {
+            "evaluation_seconds": time.perf_counter() - evaluation_start,
+            "wall_seconds": time.perf_counter() - start,
+            "server_peak_rss_mib": peak_rss_mib(),
+        }
+        record = round_record(report, server_round, evaluation, timing)
         run.record_round(record)
         show_round(record)
         return MetricRecord({k: v for k, v in evaluation.items() if isinstance(v, (int, float))})

@@ -31,6 +31,7 @@ class ClientReport:
     train_tokens: int
     bytes_down: int
     bytes_up: int
+    peak_rss_mib: float
 
 
 @dataclass
@@ -119,6 +120,7 @@ class LoraStrategy(Strategy):
                     train_tokens=int(metrics["train-tokens"]),
                     bytes_down=self.bytes_down.get(node, 0),
                     bytes_up=reply.content["adapter"].count_bytes(),
+                    peak_rss_mib=float(metrics["peak-rss-mib"]),
                 )
             )
         start = time.perf_counter()
