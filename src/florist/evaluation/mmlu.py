@@ -110,10 +110,10 @@ def mmlu_prompt(question: Question, style: str = "harness") -> str:
         subject = question.subject.replace("_", " ")
         return (
             f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-            f"{question.question}\n{options}\nAnswer:"
+            f"{question.question.strip()}\n{options}\nAnswer:"
         )
     if style in TEMPLATES:
-        example = Example(instruction=INSTRUCTION, response="", context=f"{question.question}\n{options}")
+        example = Example(instruction=INSTRUCTION, response="", context=f"{question.question.strip()}\n{options}")
         return render_prompt(example, style) + INSTRUCTION_ANSWER_CUE
     raise ValueError(f"unknown MMLU prompt style {style!r}; choose from {', '.join(PROMPT_STYLES)}")
 
