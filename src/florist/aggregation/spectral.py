@@ -73,8 +73,13 @@ def gram_route(B: Tensor, A: Tensor, choose_rank: RankRule) -> tuple[Tensor, Ten
     half = v * root[:, None, :]  # V L^{1/2}
     core = half.mT @ (A @ A.mT) @ half
     eigvals, u = torch.linalg.eigh(core)
-    s = eigvals.flip(-1).clamp(min=0).sqrt()
-    u = u.flip(-1)
+    eigvals, u = eigvals.flip(-1), u.flip(-1)
+    # The core holds squared singular values, so rounding leaves eigenvalues near eps * s_max^2
+    # whose roots (~sqrt(eps) * s_max) would pass for real components: below the core's own
+    # rounding floor they are zero. This is the gram route's resolution; the qr route resolves
+    # down to eps * s_max (BENCHMARKS.md compares them).
+    floor = eigvals[..., :1] * core.shape[-1] * torch.finfo(core.dtype).eps
+    s = torch.where(eigvals > floor, eigvals, torch.zeros_like(eigvals)).sqrt()
     ranks = choose_rank(s)
     p = int(ranks.max())
     to_left = (v * inverse_root[:, None, :]) @ u[:, :, :p]  # R x p: B @ to_left = U_p
