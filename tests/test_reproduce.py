@@ -1,0 +1,158 @@
+"""The pure parts of benchmarks/reproduce.py: tau selection, download accounting, tables from fake run dirs, resuming."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomli_w
+from transformers import LlamaConfig
+
+from florist.config import load_config
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
+spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
+reproduce = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = reproduce  # dataclasses look their module up there
+spec.loader.exec_module(reproduce)
+
+# A 2-layer Llama: q_proj is 32 x 32, v_proj 16 x 32 (2 key-value heads of 8).
+LAYERS, Q_SHAPE, V_SHAPE = 2, (32, 32), (16, 32)
+
+
+def stats(mean: float, std: float = 0.0, n: int = 3) -> dict:
+    return {"mean": mean, "std": std, "n": n}
+
+
+def rows_with(val_losses: dict[str, tuple[float, float]]) -> dict[str, dict]:
+    rows = {}
+    for key, (mean, std) in val_losses.items():
+        tau = float(key.removeprefix("florist-tau")) if key.startswith("florist") else None
+        rows[key] = {"val_loss": stats(mean, std), "tau": tau}
+    return rows
+
+
+def test_optimal_tau_has_lowest_validation_loss_and_ties_go_to_the_lower_tau():
+    rows = rows_with({"florist-tau0.80": (2.0, 0), "florist-tau0.90": (1.5, 0), "florist-tau0.95": (1.5, 0), "fedit": (1.0, 0)})
+    assert reproduce.select_taus(rows)["optimal"] == 0.90
+
+
+def test_efficient_tau_is_the_lowest_within_one_std_of_the_best_baseline():
+    rows = rows_with(
+        {
+            "fedit": (2.10, 0.05),
+            "flora": (2.00, 0.10),  # best baseline: matching means <= 2.10
+            "florist-tau0.80": (2.30, 0.0),
+            "florist-tau0.85": (2.08, 0.0),
+            "florist-tau0.90": (2.11, 0.0),
+            "florist-tau0.99": (1.95, 0.0),
+        }
+    )
+    selection = reproduce.select_taus(rows)
+    assert selection == {"optimal": 0.99, "efficient": 0.85, "best_baseline": "flora"}
+
+
+def test_no_efficient_tau_when_none_matches_the_best_baseline():
+    rows = rows_with({"flexlora": (1.0, 0.01), "florist-tau0.80": (1.5, 0), "florist-tau1.00": (1.2, 0)})
+    assert reproduce.select_taus(rows) == {"optimal": 1.0, "efficient": None, "best_baseline": "flexlora"}
+
+
+def test_flexlora_clients_download_their_own_rank_the_others_the_global_modules():
+    ranks = {"q": 5, "v": 3}
+    assert reproduce.downloaded_ranks("flexlora", ranks, [2, 4]) == [{"q": 2, "v": 2}, {"q": 4, "v": 4}]
+    assert reproduce.downloaded_ranks("florist", ranks, [2, 4]) == [ranks, ranks]
+
+
+def test_download_bytes_counts_both_factors_but_only_b_for_ffa():
+    shapes = {"q": (32, 32), "v": (16, 32)}
+    per_client = [{"q": 4, "v": 2}]
+    assert reproduce.download_bytes("florist", per_client, shapes, 2) == 2 * (64 * 4 + 48 * 2)
+    assert reproduce.download_bytes("ffa", per_client, shapes, 2) == 2 * (32 * 4 + 16 * 2)
+
+
+@pytest.fixture
+def tiny_model(tmp_path: Path) -> str:
+    directory = tmp_path / "tiny-llama"
+    LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2,
+    ).save_pretrained(directory)
+    return str(directory)
+
+
+def module_names() -> list[str]:
+    return [f"model.layers.{layer}.self_attn.{kind}" for layer in range(LAYERS) for kind in ("q_proj", "v_proj")]
+
+
+def fake_cell(out: Path, model: str, cell, test_loss: float, val_loss: float, rank: int) -> None:
+    """A finished run directory as florist run writes it, with made-up metrics."""
+    run_dir = cell.path(out)
+    overrides = [item for item in cell.overrides(out) if not item.startswith("output.")] + [f'model.name="{model}"']
+    config = load_config(reproduce.CONFIG, overrides)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.toml").write_text(tomli_w.dumps(config.model_dump(exclude_none=True)))
+    evaluation = {"test_loss": test_loss, "rouge_l": 0.2, "val_loss": val_loss, "mmlu_accuracy": 0.25,
+                  "mmlu_pred_dist": {"A": 3, "B": 1, "C": 0, "D": 0}, "mmlu_always_A": 0.5}
+    client_ranks = reproduce.SETTINGS[cell.setting] * (8 // len(reproduce.SETTINGS[cell.setting]))
+    clients = [{"partition": k, "rank": r, "bytes_up": 1000 * (k + 1)} for k, r in enumerate(client_ranks)]
+    rounds = [
+        {"round": 0, "evaluation": evaluation},
+        {"round": 1, "clients": clients, "ranks": {name: rank for name in module_names()}, "aggregation_seconds": 0.5,
+         "evaluation": evaluation},
+    ]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    (run_dir / "summary.json").write_text(json.dumps({"base": evaluation, "final": evaluation}))
+
+
+def test_report_from_fake_run_dirs_gives_mean_and_std_over_seeds(tmp_path: Path, tiny_model: str):
+    out = tmp_path / "out"
+    Cell = reproduce.Cell
+    losses = [2.0, 2.2, 2.4]
+    for seed, loss in enumerate(losses):
+        fake_cell(out, tiny_model, Cell("heterogeneous", "flora", None, seed), loss, loss, rank=3)
+    fake_cell(out, tiny_model, Cell("heterogeneous", "florist", 0.9, 0), 2.1, 2.0, rank=2)
+
+    results_md = reproduce.write_report(out, expected=8)
+
+    text = results_md.read_text()
+    assert "4 of 8 cells finished (a partial grid)." in text
+    assert f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f}" in text
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]["heterogeneous"]
+    assert rows["flora"]["test_loss"]["n"] == 3
+    assert rows["florist-tau0.90"]["test_loss"] == {"mean": 2.1, "std": 0.0, "n": 1}
+    wire = reproduce.WIRE_BYTES[load_config(reproduce.CONFIG).federation.wire_dtype]
+    per_layer = sum(out_ + in_ for out_, in_ in (Q_SHAPE, V_SHAPE))
+    assert rows["florist-tau0.90"]["download_mb"]["mean"] == pytest.approx(wire * LAYERS * per_layer * 2 / reproduce.MB)
+    assert rows["florist-tau0.90"]["rank_sent"]["mean"] == 2 * 2 * LAYERS
+    assert rows["flora"]["upload_mb"]["mean"] == pytest.approx(4500 / reproduce.MB)
+    assert results["selection"]["heterogeneous"] == {"optimal": 0.9, "efficient": 0.9, "best_baseline": "flora"}
+    assert (out / "pareto.png").stat().st_size > 0
+    assert (out / "ranks_per_layer.png").stat().st_size > 0
+
+
+def test_grid_skips_finished_cells_and_redoes_half_finished_ones(tmp_path: Path, monkeypatch):
+    out = tmp_path / "out"
+    done, half, fresh = reproduce.GRIDS["quick"].cells([0])
+    done.path(out).mkdir(parents=True)
+    (done.path(out) / "summary.json").write_text("{}")
+    half.path(out).mkdir(parents=True)
+    (half.path(out) / "leftover").write_text("from an interrupted run")
+    launched = []
+
+    def fake_run(command, **kwargs):
+        run_dir = Path(json.loads(next(item for item in command if item.startswith("output.run_dir=")).partition("=")[2]))
+        assert not run_dir.exists(), "a half-finished run directory must be removed before its cell runs again"
+        launched.append(run_dir)
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text("{}")
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
+    assert reproduce.run_grid([done, half, fresh], out, reproduce.QUICK_SCALE) == []
+    assert launched == [half.path(out), fresh.path(out)]
