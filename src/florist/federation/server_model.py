@@ -81,6 +81,7 @@ class ServerModel:
         self.model.save_pretrained(staging / "model")
         self.tokenizer.save_pretrained(staging / "model")
         base_config = {
+            "peft_type": "LORA",
             "base_model_name_or_path": resolve_model(self.config.model.name),
             "target_modules": list(self.config.model.target_modules),
             "task_type": "CAUSAL_LM",
