@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny random Llama saved as a model directory that `model.name` can point to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from florist.models import EMBEDDED_MODEL, resolve_model
+
+TINY_LLAMA = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": True,
+}
+"""Small enough to train in milliseconds; q_proj is 32 x 32 and v_proj 16 x 32 (2 KV heads of 8)."""
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init Llama with SmolLM2's real tokenizer (chatml, <|im_end|> as eos and pad), saved as
+    transformers saves any model, so it goes through `florist.models.load_model` like a user's path.
+
+    The tokenizer comes from the embedded model's de-quantised cache, the copy users get: made once
+    (~20 s), then read in well under a second.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(EMBEDDED_MODEL))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_LLAMA,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
