@@ -373,3 +373,153 @@ def test_flexlora_sends_each_node_its_own_truncation(task_identity):
             got = module["scale"] * module["B"] @ module["A"]
             assert torch.allclose(got, expected.delta(), atol=1e-5), (node, name)
         assert strategy.bytes_down[node] == messages[node].content["global"].count_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# The ClientApp's train_round on the tiny model: what each client starts its round from.
+
+
+@dataclass
+class Observed:
+    """A client's LoRA and the weights under it when training began, and its LoRA when it ended."""
+
+    start: dict[str, LoraFactors]
+    base: dict[str, torch.Tensor]
+    a_trainable: dict[str, bool]
+    end: dict[str, LoraFactors]
+
+
+@pytest.fixture
+def observed(monkeypatch) -> list[Observed]:
+    """Every train_lora call train_round makes, observed around the real training."""
+    calls: list[Observed] = []
+    train_lora = client_app.train_lora
+
+    def spy(model, features, **options):
+        layers = lora_layers(model)
+        start = read_factors(model)
+        base = {name: layer.get_base_layer().weight.detach().clone() for name, layer in layers.items()}
+        trainable = {name: layer.lora_A["default"].weight.requires_grad for name, layer in layers.items()}
+        result = train_lora(model, features, **options)
+        calls.append(Observed(start, base, trainable, read_factors(model)))
+        return result
+
+    monkeypatch.setattr(client_app, "train_lora", spy)
+    threads = torch.get_num_threads()
+    yield calls
+    torch.set_num_threads(threads)  # train_round sets one thread per simulation worker
+
+
+@pytest.fixture(scope="module")
+def pristine(tiny_model_dir) -> dict[str, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return {
+        name: module.weight.detach().clone()
+        for name, module in model.named_modules()
+        if name.endswith(("q_proj", "v_proj"))
+    }
+
+
+def random_update(pristine: dict[str, torch.Tensor], rank: int, scale: float, seed: int) -> dict[str, GlobalModule]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: GlobalModule(
+            A=torch.randn(rank, w.shape[1], generator=generator),
+            B=0.1 * torch.randn(w.shape[0], rank, generator=generator),
+            scale=scale,
+        )
+        for name, w in pristine.items()
+    }
+
+
+def train_message(server_round: int, node: int, payloads: dict[str, dict[str, GlobalModule]], factors: str = "AB") -> Message:
+    content = RecordDict({"config": ConfigRecord({"round": server_round})})
+    for key, modules in payloads.items():
+        payload.put(content, key, modules, "float32", factors=factors)
+    return Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
+
+
+def client_context(node: int, partition: int) -> Context:
+    return Context(run_id=7, node_id=node, node_config={"partition-id": partition}, state=RecordDict(), run_config={})
+
+
+def merged(pristine: dict[str, torch.Tensor], *updates: dict[str, GlobalModule]) -> dict[str, torch.Tensor]:
+    return {name: w + sum(update[name].delta() for update in updates) for name, w in pristine.items()}
+
+
+def assert_weights_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for name in got:
+        assert torch.allclose(got[name], expected[name], atol=1e-6), name
+
+
+def test_florist_client_merges_every_update_once_and_starts_a_fresh_lora(
+    tiny_model_dir, tmp_path, pristine, observed, task_identity
+):
+    config = federation_config(tiny_model_dir, tmp_path / "run", "florist")
+    first, second = random_update(pristine, 3, 1.5, seed=1), random_update(pristine, 5, 0.7, seed=2)
+    node = client_context(node=21, partition=1)
+
+    train_round(config, train_message(1, 21, {}), node)
+    answer = train_round(config, train_message(2, 21, {"update:1": first}), node)
+    train_round(config, train_message(3, 21, {"update:2": second}), node)  # update:1 is in the node's state
+    assert_weights_close(observed[0].base, pristine)
+    assert_weights_close(observed[1].base, merged(pristine, first))
+    assert_weights_close(observed[2].base, merged(pristine, first, second))
+    for call in observed:
+        for name, factors in call.start.items():
+            assert factors.rank == CLIENT_RANKS[1] and factors.scale == pytest.approx(2.0)  # alpha = 2 r
+            assert not factors.B.any() and factors.A.any(), name  # peft's init: a fresh LoRA every round
+        assert any(not torch.equal(call.end[n].B, call.start[n].B) for n in call.end)
+
+    # Another node whose chain is shorter than the process's cached base: rebuilt from pristine weights.
+    train_round(config, train_message(2, 22, {"update:1": first}), client_context(node=22, partition=0))
+    assert_weights_close(observed[3].base, merged(pristine, first))
+
+    sent = payload.take(answer.content, "adapter")
+    assert answer.metadata.dst_node_id == 0 and answer.metadata.src_node_id == 21
+    assert answer.content["metrics"]["partition-id"] == 1 and answer.content["metrics"]["rank"] == CLIENT_RANKS[1]
+    for name, factors in observed[1].end.items():
+        assert torch.equal(sent[name]["A"], factors.A) and torch.equal(sent[name]["B"], factors.B)
+        assert sent[name]["scale"] == factors.scale
+
+
+@pytest.mark.parametrize("partition", [0, 2], ids=["rank-below-global", "rank-above-global"])
+def test_fedit_client_starts_from_the_global_adapter_at_its_rank(tiny_model_dir, tmp_path, pristine, observed, task_identity, partition):
+    config = federation_config(tiny_model_dir, tmp_path / "run", "fedit")
+    global_rank, global_scale = 5, 0.5
+    update = random_update(pristine, global_rank, global_scale, seed=3)
+    train_round(config, train_message(2, 31, {"global": update}), client_context(node=31, partition=partition))
+    (call,) = observed
+    rank, scale = CLIENT_RANKS[partition], 2.0
+    kept = min(rank, global_rank)
+    assert_weights_close(call.base, pristine)  # nothing merged: the adapter carries the update
+    for name, factors in call.start.items():
+        source = update[name]
+        assert factors.rank == rank
+        assert torch.equal(factors.A[:kept], source.A[:kept]) and not factors.A[kept:].any()
+        assert torch.allclose(factors.B[:, :kept], source.B[:, :kept] * global_scale / scale) and not factors.B[:, kept:].any()
+        expected = global_scale * source.B[:, :kept] @ source.A[:kept]
+        assert torch.allclose(scale * factors.B @ factors.A, expected, atol=1e-6)
+        assert call.a_trainable[name]
+        assert not torch.equal(call.end[name].A, factors.A)
+
+
+def test_ffa_client_keeps_the_shared_seeded_A_frozen_and_sends_B_only(tiny_model_dir, tmp_path, pristine, observed, task_identity):
+    config = federation_config(tiny_model_dir, tmp_path / "run", "ffa")
+    update = {
+        name: GlobalModule(A=frozen_lora_A(name, 8, w.shape[1], config.federation.ffa_seed), B=module.B, scale=3.0)
+        for (name, w), module in zip(pristine.items(), random_update(pristine, 8, 3.0, seed=4).values())
+    }
+    answer = train_round(config, train_message(2, 41, {"global": update}, factors="B"), client_context(node=41, partition=1))
+    (call,) = observed
+    rank, scale = CLIENT_RANKS[1], 2.0
+    for name, factors in call.start.items():
+        shared = frozen_lora_A(name, rank, pristine[name].shape[1], config.federation.ffa_seed)
+        assert torch.equal(factors.A, shared) and torch.equal(call.end[name].A, shared)
+        assert not call.a_trainable[name]
+        assert torch.allclose(factors.B, update[name].B[:, :rank] * 3.0 / scale)
+        assert not torch.equal(call.end[name].B, factors.B)
+    assert all(key.endswith(".B") for key in answer.content["adapter"])
+    sent = payload.take(answer.content, "adapter")
+    assert all(torch.equal(sent[name]["B"], call.end[name].B) for name in sent)
