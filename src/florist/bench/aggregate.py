@@ -1,0 +1,360 @@
+"""`florist bench aggregate`: every aggregation method on synthetic adapters at real model shapes.
+
+Each (case, method) runs in a fresh Python process, so its peak memory is its own: the
+process builds the clients, resets the kernel's resident-set high-water mark, aggregates,
+and reports the high-water mark minus the resident set it started from. That sees every
+allocation (torch's included), which tracemalloc does not. See BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from florist.aggregation import ClientAdapter, LoraFactors, lora_scale, make_aggregator
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The q_proj/v_proj weights LoRA adapts in one model: (m, n) = (out, in) features."""
+
+    layers: int
+    shapes: dict[str, tuple[int, int]]
+
+    def modules(self) -> dict[str, tuple[int, int]]:
+        return {
+            f"model.layers.{layer}.self_attn.{projection}": shape
+            for layer in range(self.layers)
+            for projection, shape in self.shapes.items()
+        }
+
+
+PRESETS = {
+    "llama-7b": Preset(32, {"q_proj": (4096, 4096), "v_proj": (4096, 4096)}),
+    "tinyllama": Preset(22, {"q_proj": (2048, 2048), "v_proj": (256, 2048)}),
+    "smollm2-135m": Preset(30, {"q_proj": (576, 576), "v_proj": (192, 576)}),
+}
+
+# The paper's two settings: heterogeneous ranks with alpha = 2r, homogeneous rank 16 with alpha 32.
+RANK_SETTINGS = {
+    "hetero": [(r, 2 * r) for r in (4, 4, 8, 8, 16, 16, 32, 64)],
+    "homo": [(16, 32)] * 8,
+}
+
+# Examples per client in the Dolly-15k 8-client non-IID split (shared/data/dolly-8clients).
+DOLLY_CLIENT_SIZES = (1579, 685, 3775, 1830, 2152, 1776, 2531, 607)
+
+# Synthetic spectra: component i of every client's update has singular value DECAY**i, and
+# the first SHARED_DIRECTIONS directions are common to all clients up to CLIENT_NOISE. The
+# aggregate then has 8 strong components and a tail below 8% of the first, as trained
+# adapters' spectra become negligible after 8-10 components (tau 0.9 keeps 5-6, 0.99 12-20).
+DECAY = 0.8
+SHARED_DIRECTIONS = 8
+CLIENT_NOISE = 0.5
+
+
+@dataclass(frozen=True)
+class Case:
+    preset: str
+    ranks: str
+    tau: float
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One row: a method with its options, on all modules or on a subset of them."""
+
+    label: str
+    method: str
+    options: dict = field(default_factory=dict)
+    repeats: int = 5
+    modules: int | None = None  # None: every module of the preset
+
+
+@dataclass(frozen=True)
+class Measurement:
+    label: str
+    method: str
+    seconds: list[float]
+    seconds_median: float
+    extrapolated_from_modules: int | None
+    peak_extra_bytes: int | None
+    flops: float
+    download_bytes_per_client: list[float]
+    rank_sent_per_client: list[float]
+    speedup_vs_flexlora: float | None = None
+
+
+# ---------------------------------------------------------------- synthetic adapters
+
+
+def _directions(generator: torch.Generator, size: int, count: int, shared: torch.Tensor) -> torch.Tensor:
+    """`count` unit-ish columns in R^size: the shared ones perturbed by client noise, then the client's own."""
+    own = torch.randn(size, count, generator=generator) / math.sqrt(size)
+    common = min(count, shared.shape[1])
+    mixed = own.clone()
+    mixed[:, :common] = math.sqrt(1 - CLIENT_NOISE**2) * shared[:, :common] + CLIENT_NOISE * own[:, :common]
+    return mixed
+
+
+def synthetic_clients(preset: str, ranks: str, seed: int = 0, ffa: bool = False, names: list[str] | None = None) -> list[ClientAdapter]:
+    """Eight clients whose update of each module is L_k diag(DECAY**i) R_k^T, split evenly into B and A.
+
+    With `ffa`, A is instead a prefix of one seeded initialisation per module (FFA-LoRA freezes it).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    modules = PRESETS[preset].modules()
+    settings = RANK_SETTINGS[ranks]
+    factors: list[dict[str, LoraFactors]] = [{} for _ in settings]
+    for name in names or list(modules):
+        m, n = modules[name]
+        left = torch.randn(m, SHARED_DIRECTIONS, generator=generator) / math.sqrt(m)
+        right = torch.randn(n, SHARED_DIRECTIONS, generator=generator) / math.sqrt(n)
+        frozen = torch.randn(max(r for r, _ in settings), n, generator=generator) / math.sqrt(n)
+        for mine, (r, alpha) in zip(factors, settings):
+            scale = lora_scale(alpha, r)
+            root = DECAY ** (torch.arange(r) / 2)
+            B = _directions(generator, m, r, left) * root / scale
+            A = frozen[:r].clone() if ffa else (_directions(generator, n, r, right) * root).T.contiguous()
+            mine[name] = LoraFactors(A=A, B=B, scale=scale)
+    return [ClientAdapter(modules=m, weight=float(w)) for m, w in zip(factors, DOLLY_CLIENT_SIZES)]
+
+
+# ---------------------------------------------------------------- analytic costs
+
+
+def _thin_svd_flops(rows: int, cols: int) -> float:
+    """Golub-Reinsch thin SVD with both singular-vector sets (Golub & Van Loan, 4th ed., fig. 8.6.1)."""
+    a, b = max(rows, cols), min(rows, cols)
+    return 14 * a * b**2 + 8 * b**3
+
+
+def module_flops(method: str, route: str, m: int, n: int, ranks: list[int], kept: int) -> float:
+    """Floating-point operations to aggregate one m x n module; `kept` is FLoRIST's rank p."""
+    R = sum(ranks)
+    fold = n * R  # p_k s_k folded into each client's A
+    outputs = 2 * (m + n) * R * kept
+    if method == "fedit":
+        return 2 * (m + n) * R
+    if method == "ffa":
+        return 2 * m * R
+    if method == "flora":
+        return fold
+    if method == "flexlora":
+        return fold + 2 * m * n * R + _thin_svd_flops(m, n)
+    if route == "gram":  # two Gram products, two R x R eigh (9 R^3 each), the core's two products
+        return fold + 2 * (m + n) * R**2 + 2 * 9 * R**3 + 4 * R**3 + outputs
+    if route == "qr":  # Householder QR with thin Q per stack, the core product, an R x R SVD
+        qr = sum(4 * side * R**2 - 4 * R**3 / 3 for side in (m, n))
+        return fold + qr + 2 * R**3 + _thin_svd_flops(R, R) + outputs
+    return fold + _thin_svd_flops(m, R) + _thin_svd_flops(n, R) + 2 * R**3 + _thin_svd_flops(R, R) + outputs
+
+
+# ---------------------------------------------------------------- one measurement, in a fresh process
+
+
+def _proc_status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {key}")
+
+
+def _reset_peak_rss() -> bool:
+    """Linux >= 4.0: writing 5 to clear_refs resets VmHWM to the current resident set."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def measured_modules(preset: str, count: int | None) -> dict[str, float]:
+    """The first `count` modules (all when None), each with how many of the preset's modules it stands for."""
+    shapes = PRESETS[preset].modules()
+    names = list(shapes)[:count] if count else list(shapes)
+    total = Counter(shapes.values())
+    measured = Counter(shapes[name] for name in names)
+    missing = set(total) - set(measured)
+    if missing:
+        raise ValueError(
+            f"{len(names)} module(s) cover {len(measured)} of the {len(total)} module shapes of {preset}; "
+            f"measure at least {len(total)} (--flexlora-modules)"
+        )
+    return {name: total[shapes[name]] / measured[shapes[name]] for name in names}
+
+
+def measure(case: Case, run: MethodRun) -> Measurement:
+    """Aggregate `run.repeats` times in this process; the first run also measures peak memory."""
+    modules = PRESETS[case.preset].modules()
+    weights = measured_modules(case.preset, run.modules)
+    names = list(weights)
+    clients = synthetic_clients(case.preset, case.ranks, case.seed, ffa=run.method == "ffa", names=names)
+    aggregator = make_aggregator(run.method, **run.options)
+    gc.collect()
+    tracked = _reset_peak_rss()
+    start_kib = _proc_status_kib("VmRSS")
+    seconds = []
+    for _ in range(run.repeats):
+        began = time.perf_counter()
+        result = aggregator.aggregate(clients)
+        seconds.append(time.perf_counter() - began)
+        if len(seconds) == 1:
+            peak = (_proc_status_kib("VmHWM") - start_kib) * 1024 if tracked else None
+    client_ranks = [f.rank for f in (c.modules[names[0]] for c in clients)]
+    route = run.options.get("route", "gram")
+    flops = {name: module_flops(run.method, route, *modules[name], client_ranks, result.modules[name].rank) for name in names}
+    scale = sum(flops[name] * weights[name] for name in names) / sum(flops.values())
+    downloads, ranks_sent = [], []
+    for k in range(len(clients)):
+        received = result.for_client(k)
+        downloads.append(sum(weights[n] * sum(modules[n]) * received[n].rank * received[n].A.element_size() for n in names))
+        ranks_sent.append(sum(weights[n] * received[n].rank for n in names))
+    return Measurement(
+        label=run.label,
+        method=run.method,
+        seconds=[s * scale for s in seconds],
+        seconds_median=statistics.median(seconds) * scale,
+        extrapolated_from_modules=len(names) if len(names) < len(modules) else None,
+        peak_extra_bytes=peak,
+        flops=sum(flops[name] * weights[name] for name in names),
+        download_bytes_per_client=downloads,
+        rank_sent_per_client=ranks_sent,
+    )
+
+
+def _worker_main() -> None:
+    request = json.loads(sys.argv[1])
+    result = measure(Case(**request["case"]), MethodRun(**request["run"]))
+    print(json.dumps(asdict(result)))
+
+
+_WORKER = "from florist.bench.aggregate import _worker_main; _worker_main()"
+
+
+def measure_in_subprocess(case: Case, run: MethodRun, threads: int) -> Measurement:
+    # A fixed mmap threshold makes glibc return every large freed block to the kernel, so memory
+    # freed while building the clients cannot hide the aggregation's own peak.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
+    request = json.dumps({"case": asdict(case), "run": asdict(run)})
+    done = subprocess.run([sys.executable, "-c", _WORKER, request], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark of {run.label} on {case.preset}/{case.ranks} failed:\n{done.stderr}")
+    return Measurement(**json.loads(done.stdout.splitlines()[-1]))
+
+
+# ---------------------------------------------------------------- a whole case
+
+
+def method_runs(tau: float, repeats: int, flexlora_modules: int, flexlora_repeats: int) -> list[MethodRun]:
+    return [
+        MethodRun(f"florist {tau:g}", "florist", {"tau": tau}, repeats),
+        MethodRun(f"florist {tau:g} qr", "florist", {"tau": tau, "route": "qr"}, repeats),
+        MethodRun(f"florist {tau:g} svd", "florist", {"tau": tau, "route": "svd"}, repeats),
+        MethodRun("flora", "flora", {}, repeats),
+        MethodRun("fedit", "fedit", {}, repeats),
+        MethodRun("ffa", "ffa", {}, repeats),
+        MethodRun("flexlora", "flexlora", {}, flexlora_repeats, flexlora_modules),
+    ]
+
+
+def adapter_bytes(case: Case) -> int:
+    """Bytes of every client's A and B for every module (fp32), computed from the shapes."""
+    ranks = sum(r for r, _ in RANK_SETTINGS[case.ranks])
+    return sum((m + n) * ranks * 4 for m, n in PRESETS[case.preset].modules().values())
+
+
+def run_case(case: Case, runs: list[MethodRun], threads: int, progress=None) -> dict:
+    for run in runs:
+        measured_modules(case.preset, run.modules)  # refuse a bad subset before any process starts
+    rows = []
+    for run in runs:
+        if progress:
+            progress(f"{case.preset} {case.ranks}: {run.label}")
+        rows.append(measure_in_subprocess(case, run, threads))
+    flexlora = next((row for row in rows if row.method == "flexlora"), None)
+    rows = [
+        Measurement(**{**asdict(row), "speedup_vs_flexlora": flexlora.seconds_median / row.seconds_median if flexlora else None})
+        for row in rows
+    ]
+    return {
+        **asdict(case),
+        "modules": len(PRESETS[case.preset].modules()),
+        "clients": len(RANK_SETTINGS[case.ranks]),
+        "client_ranks": [r for r, _ in RANK_SETTINGS[case.ranks]],
+        "client_adapter_bytes": adapter_bytes(case),
+        "rows": [asdict(row) for row in rows],
+    }
+
+
+def machine(threads: int) -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": threads,
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+# ---------------------------------------------------------------- output
+
+
+def _mib(value: float) -> str:
+    return f"{value / 2**20:,.1f}"
+
+
+def _spread(values: list[float], fmt) -> str:
+    low, high = min(values), max(values)
+    return fmt(low) if math.isclose(low, high) else f"{fmt(low)}-{fmt(high)}"
+
+
+def render(case: dict) -> Table:
+    adapters = case["client_adapter_bytes"]
+    extrapolated = {row["extrapolated_from_modules"] for row in case["rows"]} - {None}
+    table = Table(
+        title=f"{case['preset']}, {case['ranks']} ranks {case['client_ranks']}, {case['modules']} modules, "
+        f"client adapters {_mib(adapters)} MiB (fp32)",
+        caption=f"* timed on the first {', '.join(map(str, extrapolated))} modules and extrapolated by FLOP share; "
+        "peak memory is for those modules" if extrapolated else None,
+    )
+    for column in ("method", "median s", "vs flexlora", "peak extra MiB", "x adapters", "GFLOP", "download/client MiB", "rank sent"):
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column == "method")
+    for row in case["rows"]:
+        peak = row["peak_extra_bytes"]
+        table.add_row(
+            row["label"] + ("*" if row["extrapolated_from_modules"] else ""),
+            f"{row['seconds_median']:.3g}",
+            f"{row['speedup_vs_flexlora']:,.0f}x" if row["speedup_vs_flexlora"] else "-",
+            "n/a" if peak is None else _mib(peak),
+            "n/a" if peak is None else f"{peak / adapters:.2f}",
+            f"{row['flops'] / 1e9:,.2f}",
+            _spread(row["download_bytes_per_client"], _mib),
+            _spread(row["rank_sent_per_client"], lambda r: f"{r:,.0f}"),
+        )
+    return table
+
+
+def write_json(path: Path, report: dict) -> None:
+    """Atomic: a temp file next to the target, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as handle:
+        json.dump(report, handle, indent=2)
+        temporary = Path(handle.name)
+    os.replace(temporary, path)

@@ -1,0 +1,87 @@
+"""Smoke tests of `florist bench aggregate`: what it reports, never how fast."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from florist.aggregation import make_aggregator
+from florist.bench.aggregate import (
+    PRESETS,
+    RANK_SETTINGS,
+    Case,
+    MethodRun,
+    adapter_bytes,
+    measure,
+    measured_modules,
+    synthetic_clients,
+)
+from florist.cli import main
+
+SMALL = Case("smollm2-135m", "hetero", 0.9)
+
+
+def test_synthetic_clients_have_the_preset_shapes_ranks_and_a_decaying_shared_spectrum():
+    names = list(PRESETS["tinyllama"].modules())[:2]
+    clients = synthetic_clients("tinyllama", "hetero", names=names)
+    assert [c.modules[names[1]].rank for c in clients] == [r for r, _ in RANK_SETTINGS["hetero"]]
+    assert [c.modules[names[1]].shape for c in clients] == [(256, 2048)] * len(clients)
+    for module in make_aggregator("florist", tau=0.9).aggregate(clients).modules.values():
+        s = module.singular_values
+        assert s[8] < 0.1 * s[0]  # negligible after the shared components
+        assert 2 <= module.rank <= 10
+
+
+def test_ffa_clients_share_a_prefixes():
+    names = list(PRESETS["smollm2-135m"].modules())[:2]
+    clients = synthetic_clients("smollm2-135m", "hetero", ffa=True, names=names)
+    longest = clients[-1].modules[names[0]].A
+    assert all(torch.equal(c.modules[names[0]].A, longest[: c.modules[names[0]].rank]) for c in clients)
+    make_aggregator("ffa").aggregate(clients)  # refuses clients whose A differ
+
+
+def test_a_subset_must_cover_every_module_shape():
+    with pytest.raises(ValueError, match="1 module.s. cover 1 of the 2 module shapes of tinyllama; measure at least 2"):
+        measured_modules("tinyllama", 1)
+    assert set(measured_modules("tinyllama", 2).values()) == {22.0}
+
+
+def test_downloads_and_ranks_are_extrapolated_from_a_subset():
+    preset = PRESETS[SMALL.preset]
+    client_ranks = [r for r, _ in RANK_SETTINGS[SMALL.ranks]]
+    flora = measure(SMALL, MethodRun("flora", "flora", repeats=1, modules=2))
+    # FLoRA sends every client the whole stack: all clients' adapters.
+    assert flora.download_bytes_per_client == [adapter_bytes(SMALL)] * len(client_ranks)
+    assert flora.rank_sent_per_client == [len(preset.modules()) * sum(client_ranks)] * len(client_ranks)
+    assert flora.extrapolated_from_modules == 2
+    flexlora = measure(SMALL, MethodRun("flexlora", "flexlora", repeats=1, modules=2))
+    assert flexlora.download_bytes_per_client == [
+        sum((m + n) * r * 4 for m, n in preset.modules().values()) for r in client_ranks
+    ]
+
+
+def test_cli_writes_every_method_to_json(tmp_path):
+    target = tmp_path / "out" / "bench.json"
+    arguments = ["bench", "aggregate", "--preset", "smollm2-135m", "--repeats", "1", "--threads", "1", "--json", str(target)]
+    assert main(arguments) == 0
+    report = json.loads(target.read_text())
+    assert list(target.parent.iterdir()) == [target]  # no temporary file left behind
+    assert report["machine"]["torch_threads"] == 1
+    (case,) = report["cases"]
+    labels = [row["label"] for row in case["rows"]]
+    assert labels == ["florist 0.9", "florist 0.9 qr", "florist 0.9 svd", "flora", "fedit", "ffa", "flexlora"]
+    rows = {row["label"]: row for row in case["rows"]}
+    assert rows["flexlora"]["speedup_vs_flexlora"] == 1.0
+    assert rows["flexlora"]["extrapolated_from_modules"] == 2
+    for row in case["rows"]:
+        assert row["seconds_median"] > 0 and row["peak_extra_bytes"] is not None and row["flops"] > 0
+    # Every FLoRIST route keeps the same ranks: they compute the same spectrum.
+    assert len({tuple(rows[label]["rank_sent_per_client"]) for label in labels[:3]}) == 1
+
+
+def test_cli_refuses_a_bad_tau(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "aggregate", "--tau", "1.5"])
+    assert "tau must be in (0, 1], got 1.5" in capsys.readouterr().err
