@@ -1,0 +1,182 @@
+"""Run configuration: TOML plus overrides, and every bad input refused in one line before training starts."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import flwr.simulation
+import pytest
+
+from florist.cli import main
+from florist.config import DEFAULT_CONFIG, RunConfig, load_config
+from florist.federation.settings import config_from_run_config
+from florist.federation.simulation import prepare, run_federation
+
+
+def one_line_error(call, *args) -> str:
+    with pytest.raises(ValueError) as caught:
+        call(*args)
+    message = str(caught.value)
+    assert message and "\n" not in message, message
+    return message
+
+
+def test_default_config_is_the_packaged_toml():
+    config = load_config()
+    for section, values in tomllib.loads(DEFAULT_CONFIG.read_text()).items():
+        for key, value in values.items():
+            assert getattr(getattr(config, section), key) == value, f"{section}.{key}"
+
+
+def test_file_then_overrides_of_every_value_type(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[aggregation]\nmethod = "flora"\ntau = 0.5\n\n[federation]\nnum_clients = 2\nranks = [2, 4]\n')
+    config = load_config(
+        path,
+        [
+            "aggregation.tau=0.75",  # a number, over the file's
+            "aggregation.method=fedit",  # a bare word is a string
+            'model.name="some/model"',  # a quoted string
+            "federation.ranks=[8]",  # a list
+            "evaluation.every_round=true",
+            "data.max_length = 64",  # spaces around '='
+        ],
+    )
+    assert config.aggregation.tau == 0.75 and config.aggregation.method == "fedit"
+    assert config.model.name == "some/model" and config.federation.ranks == [8] and config.federation.num_clients == 2
+    assert config.evaluation.every_round is True and config.data.max_length == 64
+    assert config.training == RunConfig().training  # untouched sections keep their defaults
+    assert config.federation.rank_of(1) == 8 and config.federation.alpha_of(1) == 16.0
+
+
+def test_flwr_run_config_reads_the_file_and_its_dotted_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[aggregation]\nmethod = "flora"\n')
+    run_config = {"config-file": str(path), "aggregation.tau": 0.6, "model.name": "a b", "evaluation.every_round": True, "other": 1}
+    config = config_from_run_config(run_config)
+    assert config.aggregation.method == "flora" and config.aggregation.tau == 0.6
+    assert config.model.name == "a b" and config.evaluation.every_round is True
+    assert config_from_run_config({}) == load_config()
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("federation.ranks=[0, 4, 4, 4, 4, 4, 4, 4]", ["federation.ranks", "0"]),
+        ("federation.ranks=[4, 4]", ["federation.ranks", "2 values", "8 clients"]),
+        ("aggregation.tau=0", ["aggregation.tau", "0"]),
+        ("aggregation.tau=1.5", ["aggregation.tau", "1.5"]),
+        ("aggregation.tau=high", ["aggregation.tau", "high"]),
+        ("aggregation.method=fedavg", ["aggregation.method", "fedavg"]),
+        ("aggregation.route=lanczos", ["aggregation.route", "lanczos"]),
+        ("aggregation.taus=0.5", ["aggregation.taus", "no such configuration key"]),
+        ("nosuch.key=1", ["nosuch", "no such configuration key"]),
+        ("data.template=llama", ["data.template", "llama"]),
+        ("training.local_steps=0", ["training.local_steps", "0"]),
+        ("tau=0.5", ["tau=0.5", "section.key=value"]),
+        ("aggregation.tau", ["aggregation.tau", "section.key=value"]),
+        ("a.b.c=1", ["a.b.c=1"]),
+    ],
+)
+def test_bad_values_and_keys_are_named_in_one_line(override, named):
+    message = one_line_error(load_config, None, [override])
+    for part in named:
+        assert part in message, (part, message)
+
+
+def test_bad_configuration_files_are_named(tmp_path):
+    assert str(tmp_path / "missing.toml") in one_line_error(load_config, tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[aggregation\ntau = 0.5\n")
+    assert str(broken) in one_line_error(load_config, broken)
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[aggregation]\ntua = 0.5\n")
+    message = one_line_error(load_config, unknown)
+    assert str(unknown) in message and "aggregation.tua" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs only the run can check (model, data, run directory): refused by prepare, before Ray starts.
+
+
+@pytest.fixture
+def no_simulation(monkeypatch):
+    """Fails the test if the simulation engine is reached."""
+
+    def refuse(**_):
+        raise AssertionError("the simulation started despite a bad input")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", refuse)
+
+
+def small_run(tiny_model_dir: Path, tmp_path: Path, *overrides: str) -> RunConfig:
+    return load_config(
+        None,
+        [
+            f"model.name={json.dumps(str(tiny_model_dir))}",
+            "data.examples_per_category=2",
+            "data.min_client_examples=1",
+            "federation.num_clients=2",
+            "federation.ranks=[2]",
+            f"output.run_dir={json.dumps(str(tmp_path / 'run'))}",
+            *overrides,
+        ],
+    )
+
+
+def write_json(path: Path, records: list[dict]) -> Path:
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_a_good_configuration_prepares(tiny_model_dir, tmp_path):
+    config = small_run(tiny_model_dir, tmp_path, 'output.run_dir="' + str(tmp_path) + '/{method}-run"')
+    assert prepare(config).output.run_dir == str(tmp_path / "florist-run")
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing model path", "not a model directory", "missing field", "more clients than examples",
+     "no test split", "given without a directory", "non-empty run directory"],
+)
+def test_bad_run_inputs_are_refused_before_training(case, tiny_model_dir, tmp_path, no_simulation):
+    examples = [{"instruction": f"q{k}", "response": f"a{k}"} for k in range(3)]
+    three = write_json(tmp_path / "three.json", examples)
+    (tmp_path / "run").mkdir()
+    overrides, named = {
+        "missing model path": (['model.name="/nonexistent/model"'], "/nonexistent/model"),
+        "not a model directory": ([f"model.name={json.dumps(str(tmp_path))}"], str(tmp_path)),
+        "missing field": (
+            [f"data.source={json.dumps(str(write_json(tmp_path / 'partial.json', [*examples, {'instruction': 'q'}])))}"],
+            "'response'",
+        ),
+        "more clients than examples": (
+            [f'data.source="{three}"', f'data.test_source="{three}"', "federation.num_clients=4"],
+            "4 clients",
+        ),
+        "no test split": ([f'data.source="{three}"'], str(three)),
+        "given without a directory": ([f'data.source="{three}"', 'data.partition="given"'], str(three)),
+        "non-empty run directory": ([], str(tmp_path / "run")),
+    }[case]
+    if case == "non-empty run directory":
+        (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    config = small_run(tiny_model_dir, tmp_path, *overrides)
+    assert named in one_line_error(run_federation, config)
+
+
+def test_cli_reports_a_bad_value_in_one_line_and_exits_2(capsys, no_simulation):
+    assert main(["run", "--set", "aggregation.tau=2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("florist: error: ")
+    assert "aggregation.tau" in err and "(got 2)" in err
+
+
+def test_cli_reports_a_bad_model_before_training(capsys, no_simulation, tmp_path):
+    run_dir = json.dumps(str(tmp_path / "run"))
+    assert main(["run", "--set", 'model.name="/nonexistent/model"', "--set", f"output.run_dir={run_dir}"]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith("florist: error: ") and "/nonexistent/model" in err
+    assert not (tmp_path / "run").exists()
