@@ -153,9 +153,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return merged
 
 
-def _describe(error: ValidationError, source: str) -> str:
+def _describe(error: ValidationError, source: str, overrides: list[str]) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    # Blame the --set override that supplied the value (or, for a section-wide check, one of its keys).
+    for item in reversed(overrides):
+        key = item.partition("=")[0].strip()
+        if key == where or key.startswith(f"{where}."):
+            source = f"--set {item}"
+            break
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "no such configuration key"
@@ -179,4 +185,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return RunConfig.model_validate(data)
     except ValidationError as error:
-        raise ValueError(_describe(error, str(source))) from None
+        raise ValueError(_describe(error, str(source), overrides or [])) from None
