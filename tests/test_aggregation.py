@@ -257,34 +257,42 @@ def test_half_precision_returns_input_dtype_and_is_accurate(dtype, method, data)
         assert relative_error(module.delta(), exact.modules[name].delta()) < 4 * eps
 
 
+def rounding_scale(clients: list[ClientAdapter], name: str) -> float:
+    """sum_k p_k |s_k| ||B_k|| ||A_k||: the size of the terms dW sums, which sets its rounding error
+    (dW itself can be far smaller when the terms cancel)."""
+    total = sum(c.weight for c in clients)
+    return sum(
+        (c.weight / total) * abs(c.modules[name].scale) * (c.modules[name].B.double().norm() * c.modules[name].A.double().norm()).item()
+        for c in clients
+    )
+
+
 @FEW
 @given(clients=federations(dtype=torch.float32))
 def test_fp32_routes_agree(clients):
     results = {route: make_aggregator("florist", tau=1.0, route=route).aggregate(clients) for route in ROUTES}
+    eps = torch.finfo(torch.float32).eps
     for name in clients[0].modules:
         dw = dense_update(clients, name)
         dense = torch.linalg.svdvals(dw)
+        stacked_rank = sum(c.modules[name].rank for c in clients)
+        scale = rounding_scale(clients, name)
+        # The Gram route squares the spectrum: it resolves singular values down to sqrt(R eps) s_max
+        # and zeroes those below, so its update may lack their energy.
+        resolution = 2 * (stacked_rank * eps) ** 0.5 * dense[0].item()
+        unresolved = dense[dense < resolution].square().sum().sqrt().item()
         for route, result in results.items():
             module = result.modules[name]
             assert module.A.dtype == torch.float32
-            assert relative_error(module.delta(), dw) < 1e-4, route
+            allowed = 1e-4 * scale + (unresolved if route == "gram" else 0.0)
+            assert (module.delta().double() - dw).norm().item() <= allowed, route
             shared = min(len(dense), len(module.singular_values))
-            # The Gram route squares the spectrum, so it resolves singular values to sqrt(eps) of the largest.
-            assert torch.allclose(module.singular_values[:shared].double(), dense[:shared], rtol=0, atol=1e-3 * dense[0].item())
+            atol = resolution + 1e-4 * scale
+            assert torch.allclose(module.singular_values[:shared].double(), dense[:shared], rtol=0, atol=atol), route
 
 
-GRAM_FP32_NOISE = pytest.mark.xfail(
-    strict=True,
-    reason="gram route, fp32: rank-deficient stacks leave core eigenvalues of eps * s_max^2 whose square roots "
-    "(~1e-3 s_max) pass energy_rank's eps-scaled floor, so tau=1 keeps rounding noise (see report)",
-)
-
-
-@pytest.mark.parametrize(
-    ("route", "dtype"),
-    [(route, torch.float64) for route in sorted(ROUTES)]
-    + [pytest.param("gram", torch.float32, marks=GRAM_FP32_NOISE), ("qr", torch.float32), ("svd", torch.float32)],
-)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("route", sorted(ROUTES))
 @FEW
 @given(data=st.data())
 def test_tau_one_keeps_the_numerical_rank(route, dtype, data):
@@ -293,7 +301,15 @@ def test_tau_one_keeps_the_numerical_rank(route, dtype, data):
     result = make_aggregator("florist", tau=1.0, route=route).aggregate(clients)
     for name, module in result.modules.items():
         dw = dense_update(clients, name)
-        assert module.rank == torch.linalg.matrix_rank(dw).item()
+        numerical_rank = torch.linalg.matrix_rank(dw).item()
+        if route == "gram" and dtype == torch.float32:
+            # It resolves only sqrt(R eps) s_max (see test_fp32_routes_agree): components below may go.
+            dense = torch.linalg.svdvals(dw)
+            stacked_rank = sum(c.modules[name].rank for c in clients)
+            resolved = (dense > 2 * (stacked_rank * torch.finfo(dtype).eps) ** 0.5 * dense[0]).sum().item()
+            assert max(resolved, 1) <= module.rank <= numerical_rank
+        else:
+            assert module.rank == numerical_rank
 
 
 # ---------------------------------------------------------------- batching
@@ -485,3 +501,13 @@ def test_all_zero_update_has_no_nan_in_any_method():
         for module in result.modules.values():
             assert torch.isfinite(module.A).all() and torch.isfinite(module.B).all()
             assert torch.equal(module.delta(), torch.zeros_like(module.delta()))
+
+
+def test_gram_fp32_keeps_noise_of_a_rank_deficient_b_stack_out_of_the_spectrum():
+    """m = 1 < R: B^T B has rank 1 and fp32 noise eigenvalues, whose roots must not reach the core."""
+    generator = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 3, generator=generator, dtype=torch.float64).float()
+    B = torch.randn(1, 5, generator=generator, dtype=torch.float64).float()
+    module = make_aggregator("florist", tau=1.0).aggregate([ClientAdapter({"x": LoraFactors(A, B, 0.2)}, 1.0)]).modules["x"]
+    assert module.rank == 1
+    assert torch.equal(module.singular_values[1:], torch.zeros(4))
