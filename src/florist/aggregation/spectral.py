@@ -49,16 +49,18 @@ def _truncate(left: Tensor, s: Tensor, right: Tensor, ranks: Tensor) -> tuple[Te
 
 
 def _whiten(gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Eigen-decompose a PSD Gram matrix; returns (V, sqrt(eigvals), 1/sqrt(eigvals) or 0).
+    """Eigen-decompose a PSD Gram matrix; returns (V, sqrt(eigvals) or 0, 1/sqrt(eigvals) or 0).
 
     Directions whose eigenvalue is below the rounding floor of the Gram matrix carry no
-    information: their inverse is set to zero instead of amplifying noise (the guard).
+    information: both their root and its inverse are zero. A zero inverse avoids amplifying
+    noise (the guard); a zero root keeps the noise direction out of the core, where in fp32
+    its ~sqrt(eps) weight would otherwise surface as a spurious singular value at tau = 1.
     """
     eigvals, eigvecs = torch.linalg.eigh(gram)
-    eigvals = eigvals.clamp(min=0)
-    floor = eigvals[..., -1:] * gram.shape[-1] * torch.finfo(gram.dtype).eps
-    root = eigvals.sqrt()
-    inverse_root = torch.where(eigvals > floor, root.reciprocal(), torch.zeros_like(root))
+    floor = eigvals[..., -1:].clamp(min=0) * gram.shape[-1] * torch.finfo(gram.dtype).eps
+    resolved = eigvals > floor
+    root = torch.where(resolved, eigvals, torch.zeros_like(eigvals)).sqrt()
+    inverse_root = torch.where(resolved, root.reciprocal(), torch.zeros_like(root))
     return eigvecs, root, inverse_root
 
 
