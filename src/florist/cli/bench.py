@@ -13,6 +13,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="benchmarks")
     benchmarks = parser.add_subparsers(dest="benchmark", required=True)
     _register_aggregate(benchmarks)
+    _register_run(benchmarks)
 
 
 def _positive(value: str) -> int:
@@ -87,4 +88,33 @@ def _aggregate(args: argparse.Namespace) -> int:
             console.print(render(case))
     if args.json:
         write_json(args.json, report)
+    return 0
+
+
+def _register_run(benchmarks) -> None:
+    parser = benchmarks.add_parser(
+        "run",
+        help="run a federation and report where its wall-clock time goes",
+        description="Runs `florist run` (default: the default federation) and reports seconds per round, client "
+        "training tokens per second, peak memory per process and the share of wall time outside client training.",
+    )
+    parser.add_argument("--config", help="TOML configuration file (default: the packaged default.toml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import json
+
+    from florist.bench.federation import bench_federation
+    from florist.config import load_config
+    from florist.reporting.run_directory import write_atomically
+
+    run_dir, figures = bench_federation(load_config(args.config, args.overrides))
+    figures = {"run_dir": str(run_dir), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **figures}
+    text = json.dumps(figures, indent=2)
+    print(text)
+    if args.json:
+        write_atomically(args.json, text + "\n")
     return 0
