@@ -139,9 +139,10 @@ GRIDS = {
 
 # ---------------------------------------------------------------- running
 
-# Ray hides the GPU from workers that ask for none (as `florist run` asks); this keeps it visible, so
-# that --paper-scale clients train on CUDA.
-CELL_ENV = {**os.environ, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+# Ray hides the GPU from workers that ask for none (as `florist run` asks): keep it visible, so that
+# --paper-scale clients train on CUDA. Ray also starts its workers at niceness 15, where on a shared
+# machine the clients (the bulk of a cell's work) starve: keep them at the server's priority.
+CELL_ENV = {**os.environ, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "RAY_worker_niceness": "0"}
 
 
 def child_cpu_seconds() -> float:
