@@ -21,8 +21,12 @@ class ModelConfig(Section):
     name: str = "smollm2-135m-instruct"
     """The embedded model's alias, a Hugging Face model id, or a local directory."""
     target_modules: list[str] = ["q_proj", "v_proj"]
-    autocast: Literal["none", "bf16"] = "bf16"
-    """bf16 autocast trains 1.4x faster on this CPU with the same accuracy (EMBEDDED.md)."""
+    autocast: Literal["auto", "none", "bf16"] = "auto"
+    """Mixed precision for training. "auto": bf16 on a GPU, none on a CPU, where bf16 autocast
+    without native bf16 instructions measured 20x slower than fp32 (BENCHMARKS.md)."""
+
+    def uses_bf16(self, device_type: str) -> bool:
+        return self.autocast == "bf16" or (self.autocast == "auto" and device_type == "cuda")
 
 
 class DataConfig(Section):

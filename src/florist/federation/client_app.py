@@ -59,7 +59,7 @@ def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
         grad_clip=training.grad_clip,
         seed=hash((training.seed, server_round, partition)) % 2**31,
         pad_token_id=workspace.tokenizer.pad_token_id,
-        autocast=config.model.autocast == "bf16",
+        autocast=config.model.uses_bf16(workspace.model.device.type),
     )
     reply = RecordDict()
     # FFA-LoRA's A is frozen and derivable from the shared seed: only B travels.
