@@ -110,6 +110,8 @@ class TrainingConfig(Section):
 
 
 class EvaluationConfig(Section):
+    base: bool = True
+    """Evaluate the base model before round 1 (a grid of runs on one base needs it once)."""
     every_round: bool = False
     """Evaluate after every round, not only the base model and the final one."""
     max_new_tokens: int = Field(8, ge=1)

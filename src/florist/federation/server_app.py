@@ -77,7 +77,8 @@ def serve(config: RunConfig, grid: Grid) -> Path:
 
     def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         evaluation, evaluation_start = {}, time.perf_counter()
-        if server_round in (0, rounds) or config.evaluation.every_round:
+        wanted = config.evaluation.base if server_round == 0 else config.evaluation.every_round
+        if wanted or server_round == rounds:
             adapter = None if strategy.merges or strategy.current is None else strategy.current.modules
             server.set_state(strategy.updates, adapter)
             evaluation = server.evaluate(data.test, mmlu, data.validation)

@@ -8,6 +8,8 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+
 from florist.config import RunConfig
 from florist.federation.client_app import build_client_app
 from florist.federation.datasets import federated_data
@@ -42,7 +44,11 @@ def run_federation(config: RunConfig) -> Path:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ray starts workers at niceness 15; the clients' training is the work here, not background.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     workers = min(config.federation.workers, config.federation.num_clients)
+    # Ray hides the GPU from actors that ask for none: share it between the workers instead.
+    gpus = 1.0 / workers if torch.cuda.is_available() else 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
@@ -50,8 +56,13 @@ def run_federation(config: RunConfig) -> Path:
             client_app=build_client_app(config),
             num_supernodes=config.federation.num_clients,
             backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"num_cpus": workers, "include_dashboard": False, "logging_level": "ERROR"},
+                "client_resources": {"num_cpus": 1, "num_gpus": gpus},
+                "init_args": {
+                    "num_cpus": workers,
+                    "num_gpus": 1 if gpus else 0,
+                    "include_dashboard": False,
+                    "logging_level": "ERROR",
+                },
             },
         )
     run_dir = Path(config.output.run_dir)
