@@ -8,6 +8,7 @@ allocation (torch's included), which tracemalloc does not. See BENCHMARKS.md.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import math
@@ -184,6 +185,14 @@ def _reset_peak_rss() -> bool:
     return True
 
 
+def _set_mmap_threshold(size: int) -> None:
+    """glibc's mallopt(M_MMAP_THRESHOLD, size); a no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, size)  # -3 is M_MMAP_THRESHOLD in malloc.h
+    except OSError:
+        pass
+
+
 def measured_modules(preset: str, count: int | None) -> dict[str, float]:
     """The first `count` modules (all when None), each with how many of the preset's modules it stands for."""
     shapes = PRESETS[preset].modules()
@@ -207,15 +216,20 @@ def measure(case: Case, run: MethodRun) -> Measurement:
     clients = synthetic_clients(case.preset, case.ranks, case.seed, ffa=run.method == "ffa", names=names)
     aggregator = make_aggregator(run.method, **run.options)
     gc.collect()
+    # The first run measures memory: with a small mmap threshold glibc returns every large freed
+    # block to the kernel, so memory freed while building the clients cannot hide the peak. The
+    # timed runs after it use glibc's usual reuse of freed blocks, as a long-lived server does.
+    _set_mmap_threshold(64 * 2**10)
     tracked = _reset_peak_rss()
     start_kib = _proc_status_kib("VmRSS")
+    result = aggregator.aggregate(clients)
+    peak = (_proc_status_kib("VmHWM") - start_kib) * 1024 if tracked else None
+    _set_mmap_threshold(32 * 2**20)
     seconds = []
     for _ in range(run.repeats):
         began = time.perf_counter()
         result = aggregator.aggregate(clients)
         seconds.append(time.perf_counter() - began)
-        if len(seconds) == 1:
-            peak = (_proc_status_kib("VmHWM") - start_kib) * 1024 if tracked else None
     client_ranks = [f.rank for f in (c.modules[names[0]] for c in clients)]
     route = run.options.get("route", "gram")
     flops = {name: module_flops(run.method, route, *modules[name], client_ranks, result.modules[name].rank) for name in names}
@@ -248,9 +262,7 @@ _WORKER = "from florist.bench.aggregate import _worker_main; _worker_main()"
 
 
 def measure_in_subprocess(case: Case, run: MethodRun, threads: int) -> Measurement:
-    # A fixed mmap threshold makes glibc return every large freed block to the kernel, so memory
-    # freed while building the clients cannot hide the aggregation's own peak.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     request = json.dumps({"case": asdict(case), "run": asdict(run)})
     done = subprocess.run([sys.executable, "-c", _WORKER, request], env=env, capture_output=True, text=True)
     if done.returncode != 0:
