@@ -8,6 +8,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from florist.cli.run import add_config_arguments
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="benchmarks")
@@ -98,8 +100,7 @@ def _register_run(benchmarks) -> None:
         description="Runs `florist run` (default: the default federation) and reports seconds per round, client "
         "training tokens per second, peak memory per process and the share of wall time outside client training.",
     )
-    parser.add_argument("--config", help="TOML configuration file (default: the packaged default.toml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_config_arguments(parser)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.set_defaults(func=_run)
 

@@ -12,6 +12,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run a federated fine-tuning (default: the embedded model and task, FLoRIST at tau 0.9)",
         description="Federate LoRA fine-tuning on Flower's simulation engine and write a run directory.",
     )
+    add_config_arguments(parser)
+    parser.set_defaults(func=_run)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config FILE and repeatable --set SECTION.KEY=VALUE, for every command that runs a federation."""
     parser.add_argument("--config", help="TOML configuration file (default: the packaged default.toml)")
     parser.add_argument(
         "--set",
@@ -21,7 +27,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override one configuration value, e.g. --set aggregation.tau=0.8 (repeatable)",
     )
-    parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
