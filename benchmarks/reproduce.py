@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache

@@ -25,7 +25,6 @@ from florist.federation.client_app import UPDATE_PREFIX, train_round
 from florist.federation.datasets import federated_data
 from florist.federation.simulation import run_federation
 from florist.federation.strategy import LoraStrategy
-from florist.federation.workspace import Workspace
 from florist.lora.adapters import read_adapter
 from florist.lora.model import frozen_lora_A, lora_layers, read_factors
 from florist.reporting.run_directory import read_rounds

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from florist.config import RunConfig
