@@ -320,6 +320,20 @@ def test_generation_is_greedy_and_stops_at_eos_or_im_end(tokenizer):
     assert texts == ["x y", "x y", "q", "z z z z"]
 
 
+def test_generation_keeps_only_the_last_prompt_tokens(tokenizer):
+    model = bigram_llama(tokenizer, {"go": "x", "x": "[EOS]"}, default="z")
+    widths, original = [], model.generate
+
+    def recording(**kwargs):
+        widths.append(kwargs["input_ids"].shape[1])
+        return original(**kwargs)
+
+    model.generate = recording
+    texts = generate(model, tokenizer, ["stay stay stay stay go"], max_new_tokens=3, max_prompt_tokens=2)
+    assert texts == ["x"]  # the kept end still carries the prompt's last token
+    assert widths == [2]
+
+
 # ---------------------------------------------------------------- the convenience entry
 
 

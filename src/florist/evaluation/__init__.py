@@ -66,6 +66,7 @@ def evaluate(
             tokenizer,
             [render_prompt(example, template) for example in examples],
             max_new_tokens=max_new_tokens,
+            max_prompt_tokens=max(1, max_length - max_new_tokens),
             batch_size=batch_size,
             progress=progress,
         )

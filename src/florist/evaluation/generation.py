@@ -33,16 +33,23 @@ def generate(
     prompts: Sequence[str],
     *,
     max_new_tokens: int = 128,
+    max_prompt_tokens: int | None = None,
     batch_size: int = 8,
     progress: bool = False,
 ) -> list[str]:
-    """Greedy continuation of each prompt, up to `max_new_tokens`, cut at the first stop token."""
+    """Greedy continuation of each prompt, up to `max_new_tokens`, cut at the first stop token.
+
+    Prompts longer than `max_prompt_tokens` keep their last tokens, as training truncates them,
+    so the response marker at the end survives.
+    """
     stops = stop_token_ids(tokenizer)
     pad = pad_id(tokenizer)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad
     )
     prompt_ids = [tokenizer(prompt).input_ids for prompt in prompts]
+    if max_prompt_tokens:
+        prompt_ids = [ids[-max_prompt_tokens:] for ids in prompt_ids]
     texts = [""] * len(prompts)
     with evaluating(model) as device:
         for batch in length_sorted_batches(
