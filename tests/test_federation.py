@@ -494,6 +494,17 @@ def test_florist_client_merges_every_update_once_and_starts_a_fresh_lora(
         assert sent[name]["scale"] == factors.scale
 
 
+def test_a_client_round_does_not_depend_on_what_the_process_ran_before(tiny_model_dir, tmp_path, observed, task_identity):
+    config = federation_config(tiny_model_dir, tmp_path / "run", "florist")
+    train_round(config, train_message(1, 21, {}), client_context(node=21, partition=1))
+    torch.rand(1000)  # another client, or anything else, moves the global generator on
+    train_round(config, train_message(1, 21, {}), client_context(node=21, partition=1))
+    first, second = observed
+    for name in first.start:
+        assert torch.equal(first.start[name].A, second.start[name].A), name
+        assert torch.equal(first.end[name].B, second.end[name].B), name
+
+
 @pytest.mark.parametrize("partition", [0, 2], ids=["rank-below-global", "rank-above-global"])
 def test_fedit_client_starts_from_the_global_adapter_at_its_rank(tiny_model_dir, tmp_path, pristine, observed, task_identity, partition):
     config = federation_config(tiny_model_dir, tmp_path / "run", "fedit")

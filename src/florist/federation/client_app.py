@@ -40,6 +40,10 @@ def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
     workspace = workspace_for(config, msg.metadata.run_id)
 
     model = workspace.base_after(remember_updates(context.state, msg.content))
+    seed = hash((training.seed, server_round, partition)) % 2**31
+    # peft draws the fresh A from torch's global generator, whose state would otherwise depend on
+    # which clients this worker process happened to run before: seeding it makes runs repeatable.
+    torch.manual_seed(seed)
     rank = federation.rank_of(partition)
     model = attach_lora(model, rank, federation.alpha_of(partition), config.model.target_modules, federation.use_rslora)
     frozen_a = config.aggregation.method == "ffa"
@@ -57,7 +61,7 @@ def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
         learning_rate=training.learning_rate,
         weight_decay=training.weight_decay,
         grad_clip=training.grad_clip,
-        seed=hash((training.seed, server_round, partition)) % 2**31,
+        seed=seed,
         pad_token_id=workspace.tokenizer.pad_token_id,
         autocast=config.model.uses_bf16(workspace.model.device.type),
     )
