@@ -1,10 +1,17 @@
 """Reproduction benchmark (issue 4): the FLoRIST paper's Dolly grid, scaled down to run on a 2-core CPU.
 
-Every cell is one `florist run` (benchmarks/reproduce.toml plus the cell's overrides) in its own process,
-under OUT/<setting>/<method or florist-tauX>/seed<k>. A cell whose run directory holds summary.json is
-done and skipped; a half-finished one is removed and run again, so an interrupted grid resumes where it
-stopped. `--report` only rebuilds results.md, results.json, pareto.png and ranks_per_layer.png from the
-cells that exist.
+Every cell has its run directory under OUT/<setting>/<method or florist-tauX>/seed<k>. The paper's Dolly
+setting is one round, in which every client trains from the base model, seeded by (seed, round, client):
+the clients' training is then the same whatever the server does afterwards, except under FFA-LoRA, whose
+clients freeze A. So per setting and seed, two cells run a whole federation (`florist run`, in its own
+process): FLoRA, whose server saves the adapters it received, and FFA-LoRA. FedIT, FlexLoRA and FLoRIST at
+every tau re-aggregate FLoRA's saved round-1 adapters with their own aggregator and are evaluated in this
+process by the same server model code. Every method thus sees exactly the same client updates (a paired
+comparison), and the grid costs 2 trainings instead of 10 per setting and seed.
+
+A cell whose run directory holds summary.json is done and skipped; a half-finished one is removed and run
+again, so an interrupted grid resumes where it stopped. `--report` only rebuilds results.md, results.json,
+pareto.png and ranks_per_layer.png from the cells that exist.
 
 Tau for FLoRIST-O and FLoRIST-E is chosen on the validation loss (examples carved from the training
 clients, never trained on), never on a test metric; see `select_taus`.
@@ -25,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -44,6 +52,9 @@ CONFIG = REPO / "benchmarks" / "reproduce.toml"
 
 SETTINGS = {"homogeneous": [16], "heterogeneous": [4, 4, 8, 8, 16, 16, 32, 64]}
 BASELINES = ("fedit", "flora", "flexlora", "ffa")
+# FLoRA's run is the source whose saved client adapters the other shared-training methods re-aggregate.
+SOURCE = "flora"
+FEDERATED = (SOURCE, "ffa")
 TAUS = (0.80, 0.85, 0.90, 0.95, 0.99, 1.0)
 NAMES = {"fedit": "FedIT", "flora": "FLoRA", "flexlora": "FlexLoRA", "ffa": "FFA-LoRA", "florist": "FLoRIST"}
 WIRE_BYTES = {"float32": 4, "float16": 2}
@@ -103,13 +114,25 @@ class Cell:
     def path(self, out: Path) -> Path:
         return out / self.setting / self.label / f"seed{self.seed}"
 
-    def overrides(self, out: Path) -> list[str]:
+    @property
+    def replayed(self) -> bool:
+        """Re-aggregates the source run's client adapters instead of running a federation of its own."""
+        return self.method not in FEDERATED
+
+    @property
+    def source(self) -> Cell:
+        return Cell(self.setting, SOURCE, None, self.seed)
+
+    def overrides(self, out: Path, evaluate_base: bool = False) -> list[str]:
         chosen = [
             f"aggregation.method={json.dumps(self.method)}",
             f"federation.ranks={SETTINGS[self.setting]}",
             f"training.seed={self.seed}",
             f"output.run_dir={json.dumps(str(self.path(out)))}",
+            f"evaluation.base={str(evaluate_base).lower()}",
         ]
+        if self.method == SOURCE:
+            chosen.append("output.save_client_adapters=true")
         return chosen + ([f"aggregation.tau={self.tau}"] if self.tau is not None else [])
 
 
@@ -121,18 +144,19 @@ class Grid:
     scale: tuple[str, ...] = ()
 
     def cells(self, seeds: Sequence[int]) -> list[Cell]:
-        """Seed by seed, so that a partial grid holds whole seeds first."""
+        """Seed by seed, so that a partial grid holds whole seeds first; the source run before its replays."""
+        methods = [*(b for b in self.baselines if b in FEDERATED), *(b for b in self.baselines if b not in FEDERATED)]
         return [
             Cell(setting, method, tau, seed)
             for seed in seeds
             for setting in self.settings
-            for method, tau in [*((b, None) for b in self.baselines), *(("florist", t) for t in self.taus)]
+            for method, tau in [*((b, None) for b in methods), *(("florist", t) for t in self.taus)]
         ]
 
 
 GRIDS = {
     "full": Grid(tuple(SETTINGS), BASELINES, TAUS),
-    "quick": Grid(("heterogeneous",), ("fedit",), (0.90,), QUICK_SCALE),
+    "quick": Grid(("heterogeneous",), ("flora", "fedit"), (0.90,), QUICK_SCALE),
 }
 
 
@@ -151,27 +175,36 @@ def child_cpu_seconds() -> float:
 
 
 def run_grid(cells: Sequence[Cell], out: Path, scale: Sequence[str]) -> list[Cell]:
-    """Run every unfinished cell in turn; returns the cells that failed (their logs say why)."""
+    """Run every unfinished cell in turn; returns the cells that failed (their logs say why).
+
+    Only the grid's first cell evaluates the base model: it is the same for every cell.
+    """
     failed = []
+    replay = Replayer()
     for index, cell in enumerate(cells, 1):
         target = cell.path(out)
         if (target / "summary.json").exists():
             continue
         shutil.rmtree(target, ignore_errors=True)  # a half-finished run directory is redone from scratch
-        overrides = [*scale, *cell.overrides(out)]
+        overrides = [*scale, *cell.overrides(out, evaluate_base=index == 1)]
         config = load_config(CONFIG, overrides)  # a bad override fails here, in one line, before any cell runs
         log = out / "logs" / cell.setting / cell.label / f"seed{cell.seed}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        print(f"[{index}/{len(cells)}] {cell.setting} {cell.label} seed {cell.seed} ({config.model.name}) ...", flush=True)
+        kind = f"replaying {cell.source.label}'s clients" if cell.replayed else "federated run"
+        print(f"[{index}/{len(cells)}] {cell.setting} {cell.label} seed {cell.seed} ({config.model.name}, {kind}) ...", flush=True)
         start, cpu_start = time.perf_counter(), child_cpu_seconds()
-        command = [sys.executable, "-m", "florist.cli", "run", "--config", str(CONFIG)]
         with open(log, "w") as stream:
-            returncode = subprocess.run(
-                [*command, *(part for item in overrides for part in ("--set", item))],
-                cwd=REPO, stdout=stream, stderr=subprocess.STDOUT, check=False, env=CELL_ENV,
-            ).returncode
-        seconds, cpu = time.perf_counter() - start, child_cpu_seconds() - cpu_start
-        status = "done" if returncode == 0 and (target / "summary.json").exists() else f"FAILED, see {log}"
+            if cell.replayed:
+                ok = replay(config, cell.source.path(out), stream)
+            else:
+                command = [sys.executable, "-m", "florist.cli", "run", "--config", str(CONFIG)]
+                ok = subprocess.run(
+                    [*command, *(part for item in overrides for part in ("--set", item))],
+                    cwd=REPO, stdout=stream, stderr=subprocess.STDOUT, check=False, env=CELL_ENV,
+                ).returncode == 0
+        seconds = time.perf_counter() - start
+        cpu = (time.process_time() - replay.cpu_start) if cell.replayed else child_cpu_seconds() - cpu_start
+        status = "done" if ok and (target / "summary.json").exists() else f"FAILED, see {log}"
         print(f"    {status} in {seconds:.0f} s wall, {cpu:.0f} s CPU", flush=True)
         timing = {"cell": str(target.relative_to(out)), "seconds": seconds, "cpu_seconds": cpu, "ok": status == "done"}
         with open(out / "timings.jsonl", "a") as stream:
@@ -179,6 +212,68 @@ def run_grid(cells: Sequence[Cell], out: Path, scale: Sequence[str]) -> list[Cel
         if status != "done":
             failed.append(cell)
     return failed
+
+
+class Replayer:
+    """Aggregates a finished run's round-1 client adapters with another method and evaluates the result.
+
+    The server model (and MMLU) is loaded once for every replayed cell; its evaluation is the server's own.
+    """
+
+    def __init__(self):
+        self.server = None
+        self.mmlu = None
+        self.key = None
+        self.cpu_start = 0.0
+
+    def __call__(self, config, source: Path, log) -> bool:
+        self.cpu_start = time.process_time()
+        try:
+            self._replay(config, source, log)
+            return True
+        except Exception:  # the cell fails, with its traceback in its log; the grid goes on
+            traceback.print_exc(file=log)
+            return False
+
+    def _replay(self, config, source: Path, log) -> None:
+        from florist.aggregation import make_aggregator
+        from florist.federation.datasets import federated_data
+        from florist.federation.server_app import mmlu_questions, round_record
+        from florist.federation.server_model import ServerModel
+        from florist.federation.strategy import ClientReport, RoundReport
+        from florist.lora.adapters import read_adapters
+        from florist.reporting.run_directory import RunDirectory
+
+        if not (source / "summary.json").exists():
+            raise RuntimeError(f"source run {source} has not finished; its cell must run first")
+        key = config.model_dump_json(include={"model", "data", "evaluation"})
+        if key != self.key:  # every cell of a grid shares them, so the model loads once
+            self.server, self.mmlu, self.key = ServerModel(config), mmlu_questions(config), key
+        clients_dir = source / "clients" / "round1"
+        index = json.loads((clients_dir / "clients.json").read_text())
+        adapters = read_adapters([clients_dir / c["adapter"] for c in index], [c["weight"] for c in index])
+        start = time.perf_counter()
+        aggregate = make_aggregator(config.aggregation.method, **config.aggregation.options()).aggregate(adapters)
+        seconds = time.perf_counter() - start
+        run = RunDirectory.create(config)
+        run.record_round(round_record(None, 0, {}, {}))
+        evaluation_start = time.perf_counter()
+        self.server.set_state([aggregate.modules], None)
+        data = federated_data(config)
+        evaluation = self.server.evaluate(data.test, self.mmlu, data.validation)
+        source_round = next(r for r in read_rounds(source) if r["round"] == 1)
+        report = RoundReport(
+            1,
+            [ClientReport(**c) for c in source_round["clients"]],
+            seconds,
+            {name: module.rank for name, module in aggregate.modules.items()},
+            {name: module.energy for name, module in aggregate.modules.items()},
+        )
+        timing = {"evaluation_seconds": time.perf_counter() - evaluation_start}
+        run.record_round(round_record(report, 1, evaluation, timing))
+        summary = {"base": {}, "final": evaluation, "rounds": 1, "method": config.aggregation.method, "replayed_from": str(source)}
+        run.write_json("summary.json", summary)
+        print(f"replayed {source}: aggregation {seconds:.4f} s, evaluation {json.dumps(evaluation)}", file=log, flush=True)
 
 
 # ---------------------------------------------------------------- reading cells
@@ -398,6 +493,33 @@ def table_lines(rows: dict[str, dict], selection: dict) -> list[str]:
     return lines
 
 
+def paired_differences(records: Sequence[dict], reference: str, metric: str) -> dict[str, dict]:
+    """Per row: mean ± std over seeds of (row - reference) on `metric`, seed by seed.
+
+    All rows of a seed saw the same client updates (FFA-LoRA aside: its own clients, same data and seed),
+    so the seed-to-seed spread of the data carve and initialisation cancels in the difference.
+    """
+    by_seed = {r["seed"]: r[metric] for r in records if row_key(r) == reference and r[metric] is not None}
+    keys = sorted({row_key(r) for r in records}, key=row_order)
+    return {
+        key: mean_std(r[metric] - by_seed[r["seed"]] for r in records if row_key(r) == key and r["seed"] in by_seed and r[metric] is not None)
+        for key in keys
+        if key != reference
+    }
+
+
+def paired_lines(records: Sequence[dict], rows: dict[str, dict], reference: str) -> list[str]:
+    """Each row against `reference`, paired by seed: a difference of zero within its std is a tie."""
+    metrics = [m for m in METRICS if m[0] in (*QUALITY, "val_loss")]
+    differences = {metric: paired_differences(records, reference, metric) for metric, *_ in metrics}
+    lines = ["| method | tau | " + " | ".join(f"Δ {heading}" for _, heading, *_ in metrics) + " | n |", "|---|---|" + "---|" * len(metrics) + "---|"]
+    for key in (k for k in rows if k != reference):
+        tau = f"{rows[key]['tau']:.2f}" if rows[key]["tau"] is not None else ""
+        values = [cell_text(differences[metric][key], digits) for metric, _, digits, _ in metrics]
+        lines.append(f"| {row_name(key)} | {tau} | " + " | ".join(values) + f" | {differences[metrics[0][0]][key]['n']} |")
+    return lines
+
+
 def mmlu_lines(records: Sequence[dict], rows: dict[str, dict]) -> list[str]:
     """Predicted-letter shares beside MMLU: a model that only spreads its letters is not one that learned."""
     lines = ["| method | tau | MMLU acc. | predicted A / B / C / D (share) |", "|---|---|---|---|"]
@@ -423,8 +545,9 @@ def write_report(out: Path, expected: int) -> Path:
     lines.append(f"{len(records)} of {expected} cells finished" + (" (a partial grid)." if len(records) < expected else "."))
     if records:
         lines += ["", "Scale of these cells:", ""] + [f"- {k}: {v}" for k, v in records[0]["scale"].items()]
-        base = records[0]["base"]
-        lines += ["", "Base model (before federation): " + ", ".join(f"{k} {v:.4f}" for k, v in base.items() if v is not None) + "."]
+        base = next((r["base"] for r in records if any(v is not None for v in r["base"].values())), None)
+        if base:
+            lines += ["", "Base model (before federation): " + ", ".join(f"{k} {v:.4f}" for k, v in base.items() if v is not None) + "."]
     lines += ["", "Mean ± sample std over seeds; n = seeds. Download: the aggregate's factors one client receives",
               "after a round (FLoRA: the whole stack; FlexLoRA: the client's own truncation; FFA-LoRA: B only).",
               "Tau rule: FLoRIST-O = lowest mean validation loss; FLoRIST-E = lowest tau whose mean validation loss",
@@ -435,6 +558,10 @@ def write_report(out: Path, expected: int) -> Path:
         best = NAMES[selection["best_baseline"]] if selection["best_baseline"] else "none"
         lines += [f"Selected on validation loss: FLoRIST-O tau {selection['optimal']}, FLoRIST-E tau {selection['efficient']}, best baseline {best}.", ""]
         lines += ["Targets:", "", *check_targets(rows, selection), ""]
+        if selection["best_baseline"]:
+            mine = [r for r in records if r["setting"] == setting]
+            lines += [f"Paired by seed, each row minus {NAMES[selection['best_baseline']]} (the best baseline on validation loss):", ""]
+            lines += [*paired_lines(mine, rows, selection["best_baseline"]), ""]
         lines += ["MMLU beside its letter baselines:", "", *mmlu_lines([r for r in records if r["setting"] == setting], rows)]
     write_atomically(out / "results.md", "\n".join(lines) + "\n")
     write_atomically(out / "results.json", json.dumps({"cells": records, "rows": table, "selection": selections, "expected_cells": expected}, indent=2) + "\n")

@@ -25,7 +25,7 @@ from florist.federation.client_app import UPDATE_PREFIX, train_round
 from florist.federation.datasets import federated_data
 from florist.federation.simulation import run_federation
 from florist.federation.strategy import LoraStrategy
-from florist.lora.adapters import read_adapter
+from florist.lora.adapters import read_adapter, read_adapters
 from florist.lora.model import frozen_lora_A, lora_layers, read_factors
 from florist.reporting.run_directory import read_rounds
 
@@ -110,7 +110,8 @@ def federation(request, tiny_model_dir, tmp_path_factory) -> Federation:
     # FLoRIST on two simulation workers, FlexLoRA on one (every client in one process, one Ray actor to start).
     workers = 2 if request.param == "florist" else 1
     config = federation_config(
-        tiny_model_dir, run_dir, request.param, "data.validation_fraction=0.25", f"federation.workers={workers}"
+        tiny_model_dir, run_dir, request.param, "data.validation_fraction=0.25", f"federation.workers={workers}",
+        "output.save_client_adapters=true",
     )
     path = run_federation(config)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -221,6 +222,25 @@ def test_final_model_and_adapter_are_the_servers_final_state(federation, tiny_mo
         delta = final_weights[f"{module}.weight"] - base_weights[f"{module}.weight"]
         expected = min(sum(kept), *federation.shapes[module]) if federation.method == "florist" else kept[-1]
         assert numerical_rank(delta) == expected, module
+
+
+def test_saved_client_adapters_aggregate_again_to_each_rounds_global_update(federation):
+    """The adapters under clients/round<t> are what the server aggregated: the same aggregator on them gives
+    the ranks the round recorded, and in the last round the final adapter itself."""
+    _, final = read_adapter(federation.path / "final" / "adapter")
+    for record in federation.rounds[1:]:
+        folder = federation.path / "clients" / f"round{record['round']}"
+        index = json.loads((folder / "clients.json").read_text())
+        assert [c["partition"] for c in index] == [c["partition"] for c in record["clients"]]
+        assert [c["weight"] for c in index] == [c["examples"] for c in record["clients"]]
+        clients = read_adapters([folder / c["adapter"] for c in index], [c["weight"] for c in index])
+        assert [max(f.rank for f in c.modules.values()) for c in clients] == [c["rank"] for c in record["clients"]]
+        config = federation.config.aggregation
+        aggregate = make_aggregator(config.method, **config.options()).aggregate(clients)
+        assert {name: m.rank for name, m in aggregate.modules.items()} == record["ranks"]
+    for name, module in aggregate.modules.items():
+        expected = final.modules[name].scale * final.modules[name].B @ final.modules[name].A
+        torch.testing.assert_close(module.delta(), expected, atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

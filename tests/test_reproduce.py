@@ -14,6 +14,7 @@ import tomli_w
 from transformers import LlamaConfig
 
 from florist.config import load_config
+from florist.reporting.run_directory import read_rounds
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
 spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
@@ -138,7 +139,7 @@ def test_report_from_fake_run_dirs_gives_mean_and_std_over_seeds(tmp_path: Path,
 
 def test_grid_skips_finished_cells_and_redoes_half_finished_ones(tmp_path: Path, monkeypatch):
     out = tmp_path / "out"
-    done, half, fresh = reproduce.GRIDS["full"].cells([0])[:3]
+    done, half, fresh = [cell for cell in reproduce.GRIDS["full"].cells([0]) if not cell.replayed][:3]
     done.path(out).mkdir(parents=True)
     (done.path(out) / "summary.json").write_text("{}")
     half.path(out).mkdir(parents=True)
@@ -156,3 +157,70 @@ def test_grid_skips_finished_cells_and_redoes_half_finished_ones(tmp_path: Path,
     monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
     assert reproduce.run_grid([done, half, fresh], out, reproduce.QUICK_SCALE) == []
     assert launched == [half.path(out), fresh.path(out)]
+
+
+def one_round(model_dir: Path, run_dir: Path, method: str, *extra: str):
+    """One round of three clients of ranks 2, 4, 8 on the tiny model, as the grid runs it."""
+    return load_config(
+        None,
+        [
+            f"model.name={json.dumps(str(model_dir))}",
+            "data.examples_per_category=4",
+            "data.test_per_category=1",
+            "data.min_client_examples=2",
+            "data.validation_fraction=0.25",
+            "federation.num_clients=3",
+            "federation.ranks=[2, 4, 8]",
+            "federation.rounds=1",
+            "federation.workers=1",
+            'federation.wire_dtype="float16"',
+            f"aggregation.method={json.dumps(method)}",
+            "training.local_steps=2",
+            "training.learning_rate=0.05",
+            "evaluation.max_new_tokens=2",
+            "output.save_model=false",
+            f"output.run_dir={json.dumps(str(run_dir))}",
+            *extra,
+        ],
+    )
+
+
+def test_a_replayed_cell_equals_the_same_cell_run_as_a_federation(tmp_path: Path, tiny_model_dir: Path):
+    """The grid's shortcut: in one round, FLoRIST on FLoRA's saved client adapters is FLoRIST's own run."""
+    from florist.federation.simulation import run_federation
+
+    source = run_federation(one_round(tiny_model_dir, tmp_path / "flora", "flora", "output.save_client_adapters=true"))
+    direct = run_federation(one_round(tiny_model_dir, tmp_path / "direct", "florist", "aggregation.tau=0.8"))
+    replayed_config = one_round(tiny_model_dir, tmp_path / "replayed", "florist", "aggregation.tau=0.8", "evaluation.base=false")
+    replay = reproduce.Replayer()
+    with open(tmp_path / "replay.log", "w") as log:
+        assert replay(replayed_config, source, log), (tmp_path / "replay.log").read_text()
+
+    direct_round, replayed_round = read_rounds(direct)[1], read_rounds(tmp_path / "replayed")[1]
+    assert replayed_round["ranks"] == direct_round["ranks"]
+    assert replayed_round["clients"] == read_rounds(source)[1]["clients"]
+    for name in ("val_loss", "test_loss", "rouge_l"):
+        assert replayed_round["evaluation"][name] == pytest.approx(direct_round["evaluation"][name], abs=1e-5), name
+    # Can fail: FLoRIST at tau 0.8 and FLoRA evaluate differently on these clients.
+    flora_loss = read_rounds(source)[1]["evaluation"]["test_loss"]
+    assert abs(replayed_round["evaluation"]["test_loss"] - flora_loss) > 1e-5
+    assert json.loads((tmp_path / "replayed" / "summary.json").read_text())["final"] == replayed_round["evaluation"]
+
+
+def test_a_replay_without_its_finished_source_fails_and_says_so(tmp_path: Path, tiny_model_dir: Path):
+    config = one_round(tiny_model_dir, tmp_path / "replayed", "fedit")
+    with open(tmp_path / "replay.log", "w") as log:
+        assert not reproduce.Replayer()(config, tmp_path / "missing", log)
+    assert "has not finished" in (tmp_path / "replay.log").read_text()
+
+
+def test_paired_differences_subtract_the_reference_seed_by_seed():
+    def record(method: str, seed: int, loss: float) -> dict:
+        return {"method": method, "tau": None, "seed": seed, "test_loss": loss}
+
+    # Seeds move every method together by a lot; FedIT is 0.01 worse than FLoRA in every seed.
+    records = [record("flora", s, 2.0 + s) for s in range(3)] + [record("fedit", s, 2.01 + s) for s in range(3)]
+    differences = reproduce.paired_differences(records, "flora", "test_loss")
+    assert differences["fedit"]["mean"] == pytest.approx(0.01)
+    assert differences["fedit"]["std"] == pytest.approx(0.0, abs=1e-12)
+    assert differences["fedit"]["n"] == 3 and "flora" not in differences

@@ -124,6 +124,9 @@ class EvaluationConfig(Section):
 class OutputConfig(Section):
     run_dir: str = "runs/{time}-{method}"
     save_model: bool = True
+    save_client_adapters: bool = False
+    """Also write the adapters the clients sent, as PEFT adapters under clients/round<t>/<partition>/ with
+    clients/round<t>/clients.json, to audit a round or aggregate it again offline (`florist aggregate`)."""
 
 
 class RunConfig(Section):

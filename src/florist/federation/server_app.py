@@ -23,7 +23,7 @@ from florist.reporting.run_directory import RunDirectory
 console = Console(stderr=True)
 
 
-def _mmlu(config: RunConfig):
+def mmlu_questions(config: RunConfig):
     source = config.evaluation.mmlu
     if not source:
         return None
@@ -70,7 +70,7 @@ def serve(config: RunConfig, grid: Grid) -> Path:
     run = RunDirectory.create(config)
     console.print(f"run directory: {run.path}")
     data = federated_data(config)
-    mmlu = _mmlu(config)
+    mmlu = mmlu_questions(config)
     server = ServerModel(config)
     strategy = LoraStrategy(config, server.in_features)
     rounds = config.federation.rounds
@@ -83,6 +83,9 @@ def serve(config: RunConfig, grid: Grid) -> Path:
             server.set_state(strategy.updates, adapter)
             evaluation = server.evaluate(data.test, mmlu, data.validation)
         report = strategy.reports[-1] if server_round else None
+        if report is not None and config.output.save_client_adapters:
+            partitions = [client.partition for client in report.clients]
+            server.save_clients(run.path / "clients" / f"round{server_round}", strategy.received, partitions)
         timing = {
             "evaluation_seconds": time.perf_counter() - evaluation_start,
             "wall_seconds": time.perf_counter() - start,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from florist.aggregation import GlobalModule
+from florist.aggregation import ClientAdapter, GlobalModule
 from florist.config import RunConfig
 from florist.data import Example
 from florist.evaluation import evaluate, instruction_loss
@@ -17,6 +18,7 @@ from florist.evaluation.mmlu import Question
 from florist.lora.adapters import write_adapter
 from florist.lora.model import merge_into_base
 from florist.models import best_device, load_model, resolve_model
+from florist.reporting.run_directory import write_atomically
 
 
 def adapted_modules(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Linear]:
@@ -80,11 +82,22 @@ class ServerModel:
         shutil.rmtree(staging, ignore_errors=True)
         self.model.save_pretrained(staging / "model")
         self.tokenizer.save_pretrained(staging / "model")
-        base_config = {
+        write_adapter(staging / "adapter", dict(adapter), self.adapter_config)
+        staging.rename(target)
+
+    @property
+    def adapter_config(self) -> dict:
+        """What a PEFT adapter_config.json of this run holds besides the ranks and alphas."""
+        return {
             "peft_type": "LORA",
             "base_model_name_or_path": resolve_model(self.config.model.name),
             "target_modules": list(self.config.model.target_modules),
             "task_type": "CAUSAL_LM",
         }
-        write_adapter(staging / "adapter", dict(adapter), base_config)
-        staging.rename(target)
+
+    def save_clients(self, target: Path, clients: Sequence[ClientAdapter], partitions: Sequence[int]) -> None:
+        """`target/<partition>/`: each client's adapter as received; `target/clients.json`: partitions and weights."""
+        for partition, client in zip(partitions, clients, strict=True):
+            write_adapter(target / str(partition), client.modules, self.adapter_config, overwrite=True)
+        index = [{"partition": p, "weight": c.weight, "adapter": str(p)} for p, c in zip(partitions, clients)]
+        write_atomically(target / "clients.json", json.dumps(index, indent=2) + "\n")

@@ -63,6 +63,8 @@ class LoraStrategy(Strategy):
         self.position: dict[int, int] = {}
         self.bytes_down: dict[int, int] = {}
         self.reports: list[RoundReport] = []
+        self.received: list[ClientAdapter] = []
+        """The last round's client adapters as the server decoded them, in partition order."""
 
     @property
     def merges(self) -> bool:
@@ -129,6 +131,7 @@ class LoraStrategy(Strategy):
         report.ranks = {name: module.rank for name, module in aggregate.modules.items()}
         report.energy = {name: module.energy for name, module in aggregate.modules.items()}
         self.current = aggregate
+        self.received = adapters
         self.position = {reply.metadata.src_node_id: k for k, reply in enumerate(replies)}
         if self.merges:
             self.updates.append(aggregate.modules)
