@@ -28,6 +28,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -174,7 +175,25 @@ def child_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_grid(cells: Sequence[Cell], out: Path, scale: Sequence[str]) -> list[Cell]:
+def run_federation_cell(command: Sequence[str], log, timeout: float) -> bool:
+    """`florist run` in its own session, killed with every process it started (Ray's) after `timeout` s.
+
+    Ray's raylet can die while starting on a saturated machine (a dashboard agent that does not come up
+    in time), and the simulation then waits forever: the timeout turns that into a failed cell.
+    """
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=CELL_ENV, start_new_session=True)
+    try:
+        return process.wait(timeout=timeout) == 0
+    except subprocess.TimeoutExpired:
+        log.write(f"\nreproduce: cell stopped after {timeout:.0f} s\n")
+        return False
+    finally:
+        if process.poll() is None:  # timed out, or this script was interrupted
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def run_grid(cells: Sequence[Cell], out: Path, scale: Sequence[str], cell_timeout: float = 3600) -> list[Cell]:
     """Run every unfinished cell in turn; returns the cells that failed (their logs say why).
 
     Only the grid's first cell evaluates the base model: it is the same for every cell.
@@ -198,10 +217,7 @@ def run_grid(cells: Sequence[Cell], out: Path, scale: Sequence[str]) -> list[Cel
                 ok = replay(config, cell.source.path(out), stream)
             else:
                 command = [sys.executable, "-m", "florist.cli", "run", "--config", str(CONFIG)]
-                ok = subprocess.run(
-                    [*command, *(part for item in overrides for part in ("--set", item))],
-                    cwd=REPO, stdout=stream, stderr=subprocess.STDOUT, check=False, env=CELL_ENV,
-                ).returncode == 0
+                ok = run_federation_cell([*command, *(part for item in overrides for part in ("--set", item))], stream, cell_timeout)
         seconds = time.perf_counter() - start
         cpu = (time.process_time() - replay.cpu_start) if cell.replayed else child_cpu_seconds() - cpu_start
         status = "done" if ok and (target / "summary.json").exists() else f"FAILED, see {log}"
@@ -631,6 +647,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--paper-scale", action="store_true", help="the paper's scale on a GPU: TinyLlama-1.1B, whole clients, bf16")
     parser.add_argument("--model", default=PAPER_MODEL, help=f"model of --paper-scale (default {PAPER_MODEL})")
     parser.add_argument("--report", action="store_true", help="only rebuild the table and plots from the cells that exist")
+    parser.add_argument("--cell-timeout", type=float, default=3600, help="seconds after which a federated cell is stopped and counted failed")
     return parser.parse_args(argv)
 
 
@@ -643,7 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed: list[Cell] = []
     if not args.report:
         scale = [*grid.scale, *(PAPER_SCALE + (f"model.name={json.dumps(args.model)}",) if args.paper_scale else ())]
-        failed = run_grid(cells, out, scale)
+        failed = run_grid(cells, out, scale, args.cell_timeout)
     print(f"report: {write_report(out, len(cells))}")
     if failed:
         print(f"{len(failed)} cells failed; run the same command again to retry them", file=sys.stderr)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -146,15 +145,15 @@ def test_grid_skips_finished_cells_and_redoes_half_finished_ones(tmp_path: Path,
     (half.path(out) / "leftover").write_text("from an interrupted run")
     launched = []
 
-    def fake_run(command, **kwargs):
+    def fake_run(command, log, timeout):
         run_dir = Path(json.loads(next(item for item in command if item.startswith("output.run_dir=")).partition("=")[2]))
         assert not run_dir.exists(), "a half-finished run directory must be removed before its cell runs again"
         launched.append(run_dir)
         run_dir.mkdir(parents=True)
         (run_dir / "summary.json").write_text("{}")
-        return subprocess.CompletedProcess(command, 0)
+        return True
 
-    monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
+    monkeypatch.setattr(reproduce, "run_federation_cell", fake_run)
     assert reproduce.run_grid([done, half, fresh], out, reproduce.QUICK_SCALE) == []
     assert launched == [half.path(out), fresh.path(out)]
 
@@ -224,3 +223,26 @@ def test_paired_differences_subtract_the_reference_seed_by_seed():
     assert differences["fedit"]["mean"] == pytest.approx(0.01)
     assert differences["fedit"]["std"] == pytest.approx(0.0, abs=1e-12)
     assert differences["fedit"]["n"] == 3 and "flora" not in differences
+
+
+def test_a_hung_federated_cell_is_stopped_with_every_process_it_started(tmp_path: Path):
+    """As when Ray's raylet dies on start and the simulation waits forever: the cell fails, nothing is left running."""
+    child_pid = tmp_path / "child.pid"
+    hang = (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        f"open({str(child_pid)!r}, 'w').write(str(child.pid)); time.sleep(120)"
+    )
+    with open(tmp_path / "cell.log", "w") as log:
+        assert not reproduce.run_federation_cell([sys.executable, "-c", hang], log, timeout=5)
+    assert "stopped after 5 s" in (tmp_path / "cell.log").read_text()
+    status = Path(f"/proc/{child_pid.read_text()}/status")
+    # Gone, or a zombie waiting for init to reap it: either way no longer running.
+    assert not status.exists() or "\tZ" in status.read_text().split("State:")[1].splitlines()[0]
+
+
+def test_a_federated_cell_that_exits_reports_its_status(tmp_path: Path):
+    with open(tmp_path / "cell.log", "w") as log:
+        assert reproduce.run_federation_cell([sys.executable, "-c", "print('ran')"], log, timeout=60)
+        assert not reproduce.run_federation_cell([sys.executable, "-c", "raise SystemExit(3)"], log, timeout=60)
+    assert "ran" in (tmp_path / "cell.log").read_text()
