@@ -17,7 +17,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ import torch
 from rich.table import Table
 
 from florist.aggregation import ClientAdapter, LoraFactors, lora_scale, make_aggregator
+from florist.reporting.run_directory import write_atomically
 
 
 @dataclass(frozen=True)
@@ -364,9 +364,4 @@ def render(case: dict) -> Table:
 
 
 def write_json(path: Path, report: dict) -> None:
-    """Atomic: a temp file next to the target, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as handle:
-        json.dump(report, handle, indent=2)
-        temporary = Path(handle.name)
-    os.replace(temporary, path)
+    write_atomically(path, json.dumps(report, indent=2))
