@@ -561,9 +561,11 @@ def write_report(out: Path, expected: int) -> Path:
     lines.append(f"{len(records)} of {expected} cells finished" + (" (a partial grid)." if len(records) < expected else "."))
     if records:
         lines += ["", "Scale of these cells:", ""] + [f"- {k}: {v}" for k, v in records[0]["scale"].items()]
-        base = next((r["base"] for r in records if any(v is not None for v in r["base"].values())), None)
-        if base:
-            lines += ["", "Base model (before federation): " + ", ".join(f"{k} {v:.4f}" for k, v in base.items() if v is not None) + "."]
+        first = next((r for r in records if any(v is not None for v in r["base"].values())), None)
+        if first:
+            measured = ", ".join(f"{k} {v:.4f}" for k, v in first["base"].items() if v is not None)
+            lines += ["", f"Base model (before federation), evaluated once, in the {first['setting']} seed {first['seed']} cell "
+                      f"(val_loss is on that seed's validation carve): {measured}."]
     lines += ["", "Mean ± sample std over seeds; n = seeds. Download: the aggregate's factors one client receives",
               "after a round (FLoRA: the whole stack; FlexLoRA: the client's own truncation; FFA-LoRA: B only).",
               "Tau rule: FLoRIST-O = lowest mean validation loss; FLoRIST-E = lowest tau whose mean validation loss",
