@@ -360,3 +360,10 @@ def test_evaluate_rejects_unknown_metrics_and_missing_data(tokenizer):
         evaluate(model, tokenizer, examples=[Example("go", "x")], template="alpaca", metrics=("bleu",))
     with pytest.raises(ValueError, match="nothing to evaluate"):
         evaluate(model, tokenizer, template="alpaca")
+
+
+def test_progress_display_changes_nothing_in_the_metrics(tokenizer):
+    model = tiny_llama(len(tokenizer), seed=4)
+    examples = [Example("which way", "x y", category="open_qa"), Example("go", "z", category="brainstorming")]
+    options = dict(examples=examples, mmlu=marked_questions(), template="alpaca", max_new_tokens=3, batch_size=1)
+    assert evaluate(model, tokenizer, progress=True, **options) == evaluate(model, tokenizer, progress=False, **options)

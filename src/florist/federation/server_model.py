@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -55,11 +56,13 @@ class ServerModel:
     def evaluate(self, examples: Sequence[Example], mmlu: Sequence[Question] | None, validation: Sequence[Example] = ()) -> dict:
         """Test metrics, MMLU when given, and the validation loss (`val_` keys) when there is a validation set."""
         evaluation = self.config.evaluation
+        # Progress bars on a terminal only: in a log file they would be noise.
+        progress = sys.stderr.isatty()
         results = {}
         if validation:
             loss = instruction_loss(
                 self.model, self.tokenizer, validation, template=self.config.data.template,
-                max_length=self.config.data.max_length, batch_size=evaluation.batch_size,
+                max_length=self.config.data.max_length, batch_size=evaluation.batch_size, progress=progress,
             )
             results.update(val_loss=loss.mean_nll, val_perplexity=loss.perplexity)
         return results | evaluate(
@@ -72,6 +75,7 @@ class ServerModel:
             max_length=self.config.data.max_length,
             batch_size=evaluation.batch_size,
             mmlu_limit=evaluation.mmlu_limit or None,
+            progress=progress,
         )
 
     def save(self, target: Path, merged: Sequence[Mapping[str, GlobalModule]], adapter: Mapping[str, GlobalModule]) -> None:
