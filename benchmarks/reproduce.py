@@ -211,7 +211,9 @@ def run_grid(cells: Sequence[Cell], out: Path, scale: Sequence[str], cell_timeou
         log.parent.mkdir(parents=True, exist_ok=True)
         kind = f"replaying {cell.source.label}'s clients" if cell.replayed else "federated run"
         print(f"[{index}/{len(cells)}] {cell.setting} {cell.label} seed {cell.seed} ({config.model.name}, {kind}) ...", flush=True)
-        start, cpu_start = time.perf_counter(), child_cpu_seconds()
+        # A replayed cell runs in this process, a federated one in a child.
+        cpu_seconds = time.process_time if cell.replayed else child_cpu_seconds
+        start, cpu_start = time.perf_counter(), cpu_seconds()
         with open(log, "w") as stream:
             if cell.replayed:
                 ok = replay(config, cell.source.path(out), stream)
@@ -219,7 +221,7 @@ def run_grid(cells: Sequence[Cell], out: Path, scale: Sequence[str], cell_timeou
                 command = [sys.executable, "-m", "florist.cli", "run", "--config", str(CONFIG)]
                 ok = run_federation_cell([*command, *(part for item in overrides for part in ("--set", item))], stream, cell_timeout)
         seconds = time.perf_counter() - start
-        cpu = (time.process_time() - replay.cpu_start) if cell.replayed else child_cpu_seconds() - cpu_start
+        cpu = cpu_seconds() - cpu_start
         status = "done" if ok and (target / "summary.json").exists() else f"FAILED, see {log}"
         print(f"    {status} in {seconds:.0f} s wall, {cpu:.0f} s CPU", flush=True)
         timing = {"cell": str(target.relative_to(out)), "seconds": seconds, "cpu_seconds": cpu, "ok": status == "done"}
@@ -240,10 +242,8 @@ class Replayer:
         self.server = None
         self.mmlu = None
         self.key = None
-        self.cpu_start = 0.0
 
     def __call__(self, config, source: Path, log) -> bool:
-        self.cpu_start = time.process_time()
         try:
             self._replay(config, source, log)
             return True
@@ -641,6 +641,13 @@ def plot_ranks_per_layer(records: Sequence[dict], target: Path) -> None:
 # ---------------------------------------------------------------- command line
 
 
+def positive_seconds(text: str) -> float:
+    seconds = float(text)
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return seconds
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", choices=sorted(GRIDS), default="full", help="full: issue 4's grid; quick: a pipeline check")
@@ -649,7 +656,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--paper-scale", action="store_true", help="the paper's scale on a GPU: TinyLlama-1.1B, whole clients, bf16")
     parser.add_argument("--model", default=PAPER_MODEL, help=f"model of --paper-scale (default {PAPER_MODEL})")
     parser.add_argument("--report", action="store_true", help="only rebuild the table and plots from the cells that exist")
-    parser.add_argument("--cell-timeout", type=float, default=3600, help="seconds after which a federated cell is stopped and counted failed")
+    parser.add_argument("--cell-timeout", type=positive_seconds, default=3600, help="seconds after which a federated cell is stopped and counted failed")
     return parser.parse_args(argv)
 
 

@@ -246,3 +246,10 @@ def test_a_federated_cell_that_exits_reports_its_status(tmp_path: Path):
         assert reproduce.run_federation_cell([sys.executable, "-c", "print('ran')"], log, timeout=60)
         assert not reproduce.run_federation_cell([sys.executable, "-c", "raise SystemExit(3)"], log, timeout=60)
     assert "ran" in (tmp_path / "cell.log").read_text()
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan"])
+def test_cell_timeout_must_be_a_positive_number_of_seconds(value: str, capsys):
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--cell-timeout", value])
+    assert "--cell-timeout" in capsys.readouterr().err

@@ -76,16 +76,16 @@ def serve(config: RunConfig, grid: Grid) -> Path:
     rounds = config.federation.rounds
 
     def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        report = strategy.reports[-1] if server_round else None
+        if report is not None and config.output.save_client_adapters:
+            partitions = [client.partition for client in report.clients]
+            server.save_clients(run.path / "clients" / f"round{server_round}", strategy.received, partitions)
         evaluation, evaluation_start = {}, time.perf_counter()
         wanted = config.evaluation.base if server_round == 0 else config.evaluation.every_round
         if wanted or server_round == rounds:
             adapter = None if strategy.merges or strategy.current is None else strategy.current.modules
             server.set_state(strategy.updates, adapter)
             evaluation = server.evaluate(data.test, mmlu, data.validation)
-        report = strategy.reports[-1] if server_round else None
-        if report is not None and config.output.save_client_adapters:
-            partitions = [client.partition for client in report.clients]
-            server.save_clients(run.path / "clients" / f"round{server_round}", strategy.received, partitions)
         timing = {
             "evaluation_seconds": time.perf_counter() - evaluation_start,
             "wall_seconds": time.perf_counter() - start,
