@@ -1,6 +1,6 @@
 """Pure tensor math for aggregating LoRA adapters: no files, no Flower, no peft."""
 
-from florist.aggregation.base import Aggregator
+from florist.aggregation.base import Accumulator, Aggregator
 from florist.aggregation.fedit import FedIT
 from florist.aggregation.ffa import FFALoRA
 from florist.aggregation.flexlora import FlexLoRA
@@ -28,6 +28,7 @@ def make_aggregator(method: str, **options) -> Aggregator:
 
 __all__ = [
     "METHODS",
+    "Accumulator",
     "ROUTES",
     "Aggregate",
     "AggregationError",

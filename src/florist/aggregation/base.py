@@ -152,6 +152,25 @@ def module_batches(clients: Sequence[ClientAdapter]) -> Iterator[ModuleBatch]:
             yield ModuleBatch(group[chunk], factors[chunk], weights, dtype, factors[0][0].A.dtype)
 
 
+class Accumulator:
+    """One round's client adapters, added as their replies arrive; `result()` aggregates them.
+
+    This one keeps every adapter until the end, which the exact batched methods need. A method
+    that can fold clients in as they come (bounded memory whatever the number of clients)
+    returns its own accumulator from `Aggregator.accumulator`.
+    """
+
+    def __init__(self, aggregator: Aggregator):
+        self.aggregator = aggregator
+        self.clients: list[ClientAdapter] = []
+
+    def add(self, client: ClientAdapter) -> None:
+        self.clients.append(client)
+
+    def result(self) -> Aggregate:
+        return self.aggregator.aggregate(self.clients)
+
+
 class Aggregator(ABC):
     """A server-side aggregation method, and how clients start their next round from its output.
 
@@ -162,6 +181,10 @@ class Aggregator(ABC):
 
     name: ClassVar[str]
     continues_from_global: ClassVar[bool]
+
+    def accumulator(self) -> Accumulator:
+        """A fresh accumulator for one round's replies."""
+        return Accumulator(self)
 
     def aggregate(self, clients: Sequence[ClientAdapter]) -> Aggregate:
         shared: dict[str, GlobalModule] = {}
