@@ -1,0 +1,186 @@
+"""Flower's deployment engine on loopback: a SuperLink and three SuperNodes as separate processes,
+TLS and SuperNode authentication on, the job submitted with `flwr run` as an operator would, and
+its run directory checked against the same configuration run in simulation.
+
+The apps are driven only through the run config's `config-file`, so these tests hold while the
+apps' internals change. About 2 minutes on the 2-core reference machine (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import tomli_w
+import torch
+from flwr.cli.build import build_fab_from_disk
+from safetensors.torch import load_file
+
+from deployment import PROJECT, Deployment, still_running
+from florist.config import RunConfig, load_config
+from florist.federation.simulation import run_federation
+from florist.reporting.run_directory import read_rounds
+
+SITES = 3
+ROUNDS = 2
+RUN_TIMEOUT_SECONDS = 600
+
+
+def small_federation(model_dir: Path, run_dir: Path) -> RunConfig:
+    """FLoRIST, three sites of ranks 2, 4, 8 on the tiny model and a slice of the embedded task,
+    whose examples each SuperNode generates from its partition id."""
+    return load_config(
+        None,
+        [
+            f"model.name={json.dumps(str(model_dir))}",
+            'model.autocast="none"',
+            "data.examples_per_category=4",
+            "data.test_per_category=1",
+            "data.min_client_examples=2",
+            f"federation.num_clients={SITES}",
+            "federation.ranks=[2, 4, 8]",
+            f"federation.rounds={ROUNDS}",
+            'aggregation.method="florist"',
+            "training.local_steps=2",
+            "training.batch_size=4",
+            "training.learning_rate=0.05",
+            "evaluation.max_new_tokens=2",
+            f"output.run_dir={json.dumps(str(run_dir))}",
+        ],
+    )
+
+
+def write_config(config: RunConfig, path: Path) -> Path:
+    path.write_text(tomli_w.dumps(config.model_dump(exclude_none=True)))
+    return path
+
+
+@dataclass
+class DeployedRun:
+    deployment: Deployment
+    run_id: int
+    status: str
+    run_dir: Path
+    server_log: str
+
+
+@pytest.fixture(scope="module")
+def deployed(tiny_model_dir, tmp_path_factory) -> DeployedRun:
+    root = tmp_path_factory.mktemp("deployment")
+    config = write_config(small_federation(tiny_model_dir, root / "run"), root / "florist.toml")
+    deployment = Deployment(root)
+    processes = []
+    try:
+        deployment.start_superlink()
+        for site in range(SITES):
+            deployment.add_supernode(f"site{site}", {"partition-id": site, "num-partitions": SITES})
+        deployment.wait_for_nodes()
+        run_id = deployment.submit({"config-file": str(config)})
+        status = deployment.wait(run_id, RUN_TIMEOUT_SECONDS)
+        processes = deployment.processes()
+        yield DeployedRun(deployment, run_id, status, root / "run", deployment.log(run_id))
+    finally:
+        deployment.stop()
+    leftover = still_running(processes)
+    assert not leftover, f"processes outlived the deployment: {leftover}"
+
+
+@pytest.fixture(scope="module")
+def simulated(tiny_model_dir, tmp_path_factory) -> Path:
+    return run_federation(small_federation(tiny_model_dir, tmp_path_factory.mktemp("simulation") / "run"))
+
+
+def test_flwr_run_completes_every_round_on_the_three_supernodes(deployed):
+    assert deployed.status == "finished:completed", deployed.server_log[-4000:]
+    rounds = read_rounds(deployed.run_dir)
+    assert [record["round"] for record in rounds] == list(range(ROUNDS + 1))
+    node_ids = {node.node_id for node in deployed.deployment.supernodes.values()}
+    assert len(node_ids) == SITES and node_ids <= deployed.deployment.online_nodes()
+    for record in rounds[1:]:
+        assert [client["partition"] for client in record["clients"]] == list(range(SITES))
+        assert {client["node"] for client in record["clients"]} == node_ids
+    assert (deployed.run_dir / "summary.json").is_file()
+    assert f"round {ROUNDS}" in deployed.server_log
+
+
+def without_process_readings(value):
+    """A metrics record without what differs between two runs of the same federation on any engine:
+    wall-clock readings, memory peaks, and the node ids the engine assigned."""
+    if isinstance(value, dict):
+        return {
+            key: without_process_readings(item)
+            for key, item in value.items()
+            if not any(word in key for word in ("seconds", "rss", "node"))
+        }
+    if isinstance(value, list):
+        return [without_process_readings(item) for item in value]
+    return value
+
+
+def test_deployment_gives_the_simulations_result(deployed, simulated):
+    assert deployed.status == "finished:completed", deployed.server_log[-4000:]
+    deployed_rounds, simulated_rounds = read_rounds(deployed.run_dir), read_rounds(simulated)
+    assert len(deployed_rounds) == len(simulated_rounds) == ROUNDS + 1
+    for deployed_round, simulated_round in zip(deployed_rounds, simulated_rounds, strict=True):
+        assert without_process_readings(deployed_round) == without_process_readings(simulated_round)
+    # The rounds did train: the check above compares changing numbers, not two copies of the base.
+    assert deployed_rounds[-1]["evaluation"]["test_loss"] != deployed_rounds[0]["evaluation"]["test_loss"]
+
+    summaries = [json.loads((path / "summary.json").read_text()) for path in (deployed.run_dir, simulated)]
+    assert summaries[0] == summaries[1]
+    for weights in ("adapter/adapter_model.safetensors", "model/model.safetensors"):
+        deployed_tensors = load_file(deployed.run_dir / "final" / weights)
+        simulated_tensors = load_file(simulated / "final" / weights)
+        assert deployed_tensors.keys() == simulated_tensors.keys()
+        for name, tensor in deployed_tensors.items():
+            torch.testing.assert_close(tensor, simulated_tensors[name], rtol=1e-5, atol=1e-6, msg=f"{weights}: {name}")
+
+
+def test_unregistered_node_key_is_refused_and_every_process_is_stopped(tmp_path):
+    with pytest.raises(RuntimeError, match="the test fails here"), Deployment(tmp_path) as deployment:
+        deployment.start_superlink()
+        deployment.add_supernode("registered", {"partition-id": 0, "num-partitions": 1})
+        intruder = deployment.add_supernode("intruder", {"partition-id": 0, "num-partitions": 1}, register=False)
+        returncode = intruder.started.popen.wait(timeout=120)
+        deployment.wait_for_nodes()
+        processes = deployment.processes()
+        online = deployment.online_nodes()
+        raise RuntimeError("the test fails here")
+
+    assert returncode != 0
+    assert "Failed to activate SuperNode" in intruder.started.output()
+    assert "No SuperNode found with the given public key" in deployment.superlink.output()
+    assert online == {deployment.supernodes["registered"].node_id}
+    # The SuperLink, the registered SuperNode and the superexec each of them started.
+    assert len(processes) >= 4
+    leftover = still_running(processes)
+    assert not leftover, f"processes outlived a failing test: {leftover}"
+
+
+def fab_files(project: Path) -> list[str]:
+    return zipfile.ZipFile(io.BytesIO(build_fab_from_disk(project))).namelist()
+
+
+def test_fab_sent_to_the_nodes_holds_the_package_and_nothing_else(tmp_path):
+    files = fab_files(PROJECT)
+    package = sorted(str(path.relative_to(PROJECT)) for path in (PROJECT / "src" / "florist").rglob("*.py"))
+    assert sorted(name for name in files if name.endswith(".py")) == package
+    assert "src/florist/configs/default.toml" in files
+
+    # A checkout holding a site's data, run directories and notes: none of them is packed.
+    project = tmp_path / "checkout"
+    shutil.copytree(PROJECT / "src" / "florist", project / "src" / "florist", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PROJECT / "pyproject.toml", project)
+    decoys = ["data/train.jsonl", "runs/20260101-florist/metrics.jsonl", "runs/20260101-florist/config.toml",
+              "notes.md", "benchmarks/results/results.json", "site/client_0.json", ".venv/lib/site.py"]
+    for decoy in decoys:
+        (project / decoy).parent.mkdir(parents=True, exist_ok=True)
+        (project / decoy).write_text("{}\n")
+    packed = fab_files(project)
+    assert not set(decoys) & set(packed)
+    assert sorted(name for name in packed if name.endswith(".py")) == package
