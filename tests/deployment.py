@@ -171,16 +171,21 @@ def still_running(processes: list[psutil.Process], timeout: float = 10.0) -> lis
     return remaining
 
 
-def stop_process_tree(started: Started, signum: int = signal.SIGTERM) -> None:
-    """Stop a started process and every descendant it had, by PID; SIGKILL what outlives the grace."""
-    started.track()
-    root = [psutil.Process(started.popen.pid)] if started.alive else []
-    tree = root + [p for p in started.seen.values() if p.is_running()]
+def stop_process_trees(processes: list[Started], signum: int = signal.SIGTERM) -> None:
+    """Stop started processes and every descendant they had, all at once, by PID; SIGKILL what
+    outlives the grace period."""
+    tree = []
+    for started in processes:
+        started.track()
+        if started.alive:
+            tree.append(psutil.Process(started.popen.pid))
+        tree += [p for p in started.seen.values() if p.is_running()]
     _signal_all(tree, signum)
     _, remaining = psutil.wait_procs(tree, timeout=STOP_GRACE_SECONDS)
     _signal_all(remaining, signal.SIGKILL)
     psutil.wait_procs(remaining, timeout=STOP_GRACE_SECONDS)
-    started.popen.wait(timeout=STOP_GRACE_SECONDS)
+    for started in processes:
+        started.popen.wait(timeout=STOP_GRACE_SECONDS)
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
@@ -251,9 +256,11 @@ class Deployment:
                 started.track()
 
     def stop(self) -> None:
-        """Stop every process this deployment started, SuperNodes first, with all their descendants."""
-        for started in reversed(self.started):
-            stop_process_tree(started)
+        """Stop every process this deployment started, with all their descendants."""
+        # The SuperLink last, so that SuperNodes stopping can still say goodbye to it.
+        stop_process_trees([started for started in self.started if started is not self.superlink])
+        if self.superlink is not None:
+            stop_process_trees([self.superlink])
 
     def processes(self) -> list[psutil.Process]:
         """Every process started so far and every descendant seen, running or not."""
@@ -333,7 +340,7 @@ class Deployment:
 
     def kill_supernode(self, name: str) -> None:
         """SIGKILL a SuperNode and its ClientApp processes, as a crash or a pulled cable would."""
-        stop_process_tree(self.supernodes[name].started, signal.SIGKILL)
+        stop_process_trees([self.supernodes[name].started], signal.SIGKILL)
 
     def online_nodes(self) -> set[int]:
         """The ids of the nodes the SuperLink lists as online."""
@@ -370,14 +377,27 @@ class Deployment:
         return reply["runs"][0]["status"]
 
     def wait(self, run_id: int, timeout: float) -> str:
-        """Poll `flwr ls` until the run is finished; its final status (e.g. finished:completed)."""
+        """Follow the run's log until it ends, then confirm with `flwr ls`; the final status (e.g.
+        finished:completed). `flwr log --stream` returns when the run ends; `flwr ls` is asked
+        every 15 s as well, not every second, since each flwr command costs ~1.5 s of CPU."""
+        follower = self._start(f"run-{run_id}", ["flwr", "log", str(run_id), CONNECTION, "--stream"])
+        asked = time.monotonic()
 
         def finished() -> str | None:
+            nonlocal asked
             self.track()
+            if follower.alive and time.monotonic() - asked < 15.0:
+                return None
+            asked = time.monotonic()
             status = self.status(run_id)
             return status if status.startswith("finished") else None
 
-        return wait_until(finished, timeout, f"run {run_id} to finish", interval=1.0)
+        try:
+            return wait_until(finished, timeout, f"run {run_id} to finish", interval=0.5)
+        except DeploymentError as error:
+            raise DeploymentError(f"{error}; its log so far:\n{follower.output()[-4000:]}") from None
+        finally:
+            stop_process_trees([follower])
 
     def log(self, run_id: int) -> str:
         """The ServerApp's log of a run, as `flwr log` prints it."""
