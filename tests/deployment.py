@@ -153,15 +153,16 @@ def _signal_all(processes: list[psutil.Process], signum: int) -> None:
             pass
 
 
-def still_running(processes: list[psutil.Process], timeout: float = 10.0) -> list[psutil.Process]:
-    """Those of `processes` still running after `timeout` (zombies count as ended: an orphan's
-    reaper may be slow, or absent in a container)."""
+def running(process: psutil.Process) -> bool:
+    """Alive and not a zombie (an orphan's reaper may be slow, or absent in a container)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
-    def running(process: psutil.Process) -> bool:
-        try:
-            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
+
+def still_running(processes: list[psutil.Process], timeout: float = 10.0) -> list[psutil.Process]:
+    """Those of `processes` still running after `timeout`."""
 
     deadline = time.monotonic() + timeout
     remaining = [p for p in processes if running(p)]
@@ -179,11 +180,9 @@ def stop_process_trees(processes: list[Started], signum: int = signal.SIGTERM) -
         started.track()
         if started.alive:
             tree.append(psutil.Process(started.popen.pid))
-        tree += [p for p in started.seen.values() if p.is_running()]
+        tree += [p for p in started.seen.values() if running(p)]
     _signal_all(tree, signum)
-    _, remaining = psutil.wait_procs(tree, timeout=STOP_GRACE_SECONDS)
-    _signal_all(remaining, signal.SIGKILL)
-    psutil.wait_procs(remaining, timeout=STOP_GRACE_SECONDS)
+    _signal_all(still_running(tree, STOP_GRACE_SECONDS), signal.SIGKILL)
     for started in processes:
         started.popen.wait(timeout=STOP_GRACE_SECONDS)
 
@@ -217,7 +216,10 @@ def node_config_argument(node_config: Mapping[str, object]) -> str:
 class Deployment:
     """A SuperLink and its SuperNodes under `root`; use as a context manager, which stops them all."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, database: bool = True):
+        """`database`: the SuperLink keeps its state in a file of its own (registrations survive a
+        restart), as the README's set-up does; False keeps it in memory. Flower 1.42 waits at most
+        5 s for SQLite's lock, which a CPU-starved machine can exceed (BENCHMARKS.md)."""
         self.root = root
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -225,7 +227,7 @@ class Deployment:
         self.env = environment(self.home)
         self.certificates = make_certificates(root / "certificates", self.env)
         self.keys = root / "keys"
-        self.database = root / "superlink.db"
+        self.database = root / "superlink.db" if database else None
         self.port: int | None = None
         self.superlink: Started | None = None
         self.supernodes: dict[str, SuperNode] = {}
@@ -277,7 +279,8 @@ class Deployment:
                 "flower-superlink", "--host", "127.0.0.1", "--port", str(self.port),
                 "--ssl-ca-certfile", str(certificates.ca), "--ssl-certfile", str(certificates.certificate),
                 "--ssl-keyfile", str(certificates.key), "--enable-supernode-auth",
-                "--disable-runtime-dependency-installation", "--database", str(self.database),
+                "--disable-runtime-dependency-installation",
+                *(["--database", str(self.database)] if self.database else []),
             ],
         )
         wait_until(self._superlink_listening, timeout, f"the SuperLink to listen on 127.0.0.1:{self.port}")
@@ -372,9 +375,13 @@ class Deployment:
             raise DeploymentError(f"flwr run failed: {reply}")
         return int(reply["run-id"])
 
-    def status(self, run_id: int) -> str:
+    def run_info(self, run_id: int) -> dict:
+        """`flwr ls` on one run: status, status-details (a failed run's reason), timestamps, traffic."""
         reply = json.loads(self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json"))
-        return reply["runs"][0]["status"]
+        return reply["runs"][0]
+
+    def status(self, run_id: int) -> str:
+        return self.run_info(run_id)["status"]
 
     def wait(self, run_id: int, timeout: float) -> str:
         """Follow the run's log until it ends, then confirm with `flwr ls`; the final status (e.g.
@@ -406,14 +413,19 @@ class Deployment:
     def serverapp_processes(self) -> list[psutil.Process]:
         """The flwr-serverapp processes under the SuperLink we started (never anyone else's)."""
         self.track()
-        return [p for p in self.superlink.seen.values() if p.is_running() and _runs("flwr-serverapp", p)]
+        return [p for p in self.superlink.seen.values() if running(p) and _runs("flwr-serverapp", p)]
+
+    def clientapp_processes(self, name: str) -> list[psutil.Process]:
+        """The flwr-clientapp processes under the named SuperNode: one per message it is handling."""
+        started = self.supernodes[name].started
+        started.track()
+        return [p for p in started.seen.values() if running(p) and _runs("flwr-clientapp", p)]
 
     def kill_serverapp(self) -> int:
         """SIGKILL the running ServerApp, as a server crash would; its PID."""
         processes = wait_until(self.serverapp_processes, 60.0, "a running flwr-serverapp")
-        for process in processes:
-            process.send_signal(signal.SIGKILL)
-        psutil.wait_procs(processes, timeout=STOP_GRACE_SECONDS)
+        _signal_all(processes, signal.SIGKILL)
+        still_running(processes, STOP_GRACE_SECONDS)
         return processes[0].pid
 
 
@@ -422,3 +434,9 @@ def _runs(executable: str, process: psutil.Process) -> bool:
         return any(Path(part).name == executable for part in process.cmdline()[:2])
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
+
+
+def recorded_rounds(run_dir: Path) -> int:
+    """How many round records the run directory's metrics.jsonl holds (round 0, the base model's, included)."""
+    metrics = run_dir / "metrics.jsonl"
+    return sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.exists() else 0

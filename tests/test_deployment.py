@@ -68,6 +68,11 @@ class DeployedRun:
     run_dir: Path
     server_log: str
 
+    def failure(self) -> str:
+        """Why the run did not complete, for an assertion's message."""
+        details = self.deployment.run_info(self.run_id).get("status-details")
+        return f"{self.status}: {details}\n{self.server_log[-4000:]}"
+
 
 @pytest.fixture(scope="module")
 def deployed(tiny_model_dir, tmp_path_factory) -> DeployedRun:
@@ -96,7 +101,7 @@ def simulated(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def test_flwr_run_completes_every_round_on_the_three_supernodes(deployed):
-    assert deployed.status == "finished:completed", deployed.server_log[-4000:]
+    assert deployed.status == "finished:completed", deployed.failure()
     rounds = read_rounds(deployed.run_dir)
     assert [record["round"] for record in rounds] == list(range(ROUNDS + 1))
     node_ids = {node.node_id for node in deployed.deployment.supernodes.values()}
@@ -123,7 +128,7 @@ def without_process_readings(value):
 
 
 def test_deployment_gives_the_simulations_result(deployed, simulated):
-    assert deployed.status == "finished:completed", deployed.server_log[-4000:]
+    assert deployed.status == "finished:completed", deployed.failure()
     deployed_rounds, simulated_rounds = read_rounds(deployed.run_dir), read_rounds(simulated)
     assert len(deployed_rounds) == len(simulated_rounds) == ROUNDS + 1
     for deployed_round, simulated_round in zip(deployed_rounds, simulated_rounds, strict=True):
