@@ -7,7 +7,7 @@ from when each round's record lands in metrics.jsonl (polled every 0.1 s) and fr
 timings; in the deployment, every flwr-clientapp process (one per message) is followed with psutil
 from its start to its exit.
 
-    python benchmarks/deployment.py --out runs/bench-deployment --repeats 2 [--state memory]
+    python benchmarks/deployment_cost.py --out runs/bench-deployment --repeats 2 [--state memory]
 
 The configuration is the embedded SmolLM2-135M with 3 sites and a small training budget, so that
 what the engine adds is not drowned by training; --set overrides any key.
