@@ -6,15 +6,26 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from florist.aggregation import METHODS, ROUTES
+from florist.sources import check_source
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.toml"
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_source(section: str, value: str, info: ValidationInfo) -> str:
+    """A local path that does not exist is refused here, before anything loads; only hub ids go to the hub.
+
+    Only when the configuration is checked for a run (`load_config`): a stored run's configuration is
+    read back without its data."""
+    if info.context and info.context.get("check_sources"):
+        check_source(value, f"{section}.{info.field_name}")
+    return value
 
 
 class ModelConfig(Section):
@@ -24,6 +35,11 @@ class ModelConfig(Section):
     autocast: Literal["auto", "none", "bf16"] = "auto"
     """Mixed precision for training. "auto": bf16 on a GPU, none on a CPU, where bf16 autocast
     without native bf16 instructions measured 20x slower than fp32 (BENCHMARKS.md)."""
+
+    @field_validator("name")
+    @classmethod
+    def _local_model_exists(cls, value: str, info: ValidationInfo) -> str:
+        return _check_source("model", value, info)
 
     def uses_bf16(self, device_type: str) -> bool:
         return self.autocast == "bf16" or (self.autocast == "auto" and device_type == "cuda")
@@ -46,6 +62,11 @@ class DataConfig(Section):
     """Cap per client (0: no cap), to scale real datasets down."""
     validation_fraction: float = Field(0.0, ge=0, lt=1)
     """Share of each client's examples held out for validation (choosing tau, say), never trained on."""
+
+    @field_validator("source", "test_source")
+    @classmethod
+    def _local_sources_exist(cls, value: str, info: ValidationInfo) -> str:
+        return _check_source("data", value, info)
 
 
 class FederationConfig(Section):
@@ -117,8 +138,13 @@ class EvaluationConfig(Section):
     max_new_tokens: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=1)
     mmlu: str = ""
-    """An MMLU file (mmlu_1444.json format) or "cais/mmlu"; empty skips MMLU."""
+    """An MMLU file (mmlu_1444.json format) or a hub dataset with cais/mmlu's columns ("cais/mmlu"); empty skips MMLU."""
     mmlu_limit: int = Field(0, ge=0)
+
+    @field_validator("mmlu")
+    @classmethod
+    def _local_mmlu_exists(cls, value: str, info: ValidationInfo) -> str:
+        return _check_source("evaluation", value, info)
 
 
 class OutputConfig(Section):
@@ -181,8 +207,11 @@ def _describe(error: ValidationError, source: str, overrides: list[str]) -> str:
     return f"{source}: {where}: {message}{shown}"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a TOML file (default: the packaged default.toml), apply overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, check_sources: bool = True) -> RunConfig:
+    """Read a TOML file (default: the packaged default.toml), apply overrides, validate.
+
+    `check_sources`: refuse a model, data or MMLU source that looks like a local path and does not
+    exist (off only to read back a finished run's configuration, whose data may be gone)."""
     source = Path(path) if path else DEFAULT_CONFIG
     try:
         data = tomllib.loads(source.read_text())
@@ -192,6 +221,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ValueError(f"{source}: invalid TOML: {error}") from None
     data = apply_overrides(data, overrides or [])
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(data, context={"check_sources": check_sources})
     except ValidationError as error:
         raise ValueError(_describe(error, str(source), overrides or [])) from None

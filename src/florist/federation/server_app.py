@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from florist.config import RunConfig
-from florist.evaluation.mmlu import load_mmlu_file, load_mmlu_hub
+from florist.evaluation.mmlu import load_mmlu
 from florist.federation.datasets import federated_data
 from florist.federation.resources import peak_rss_mib
 from florist.federation.server_model import ServerModel
@@ -24,10 +24,7 @@ console = Console(stderr=True)
 
 
 def mmlu_questions(config: RunConfig):
-    source = config.evaluation.mmlu
-    if not source:
-        return None
-    return load_mmlu_file(source) if Path(source).exists() else load_mmlu_hub()
+    return load_mmlu(config.evaluation.mmlu) if config.evaluation.mmlu else None
 
 
 def round_record(report: RoundReport | None, server_round: int, evaluation: dict, timing: dict) -> dict:

@@ -16,6 +16,7 @@ from florist.config import RunConfig
 from florist.data import Example
 from florist.evaluation import evaluate, instruction_loss
 from florist.evaluation.mmlu import Question
+from florist.files import follow_umask
 from florist.lora.adapters import write_adapter
 from florist.lora.model import merge_into_base
 from florist.models import best_device, load_model, resolve_model
@@ -87,6 +88,7 @@ class ServerModel:
         self.model.save_pretrained(staging / "model")
         self.tokenizer.save_pretrained(staging / "model")
         write_adapter(staging / "adapter", dict(adapter), self.adapter_config)
+        follow_umask(staging)
         staging.rename(target)
 
     @property

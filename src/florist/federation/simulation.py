@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
 from florist.config import RunConfig
+from florist.evaluation.mmlu import load_mmlu
 from florist.federation.client_app import build_client_app
 from florist.federation.datasets import federated_data
 from florist.federation.server_app import build_server_app
 from florist.models import resolve_model
+from florist.reporting.run_directory import RunDirectory
 
 
 def prepare(config: RunConfig) -> RunConfig:
@@ -29,9 +30,9 @@ def prepare(config: RunConfig) -> RunConfig:
     data = federated_data(config)
     if not data.test:
         raise ValueError(f"data source {config.data.source!r} has no test split; set data.test_source")
-    run_dir = config.output.run_dir.format(time=time.strftime("%Y%m%d-%H%M%S"), method=config.aggregation.method)
-    if Path(run_dir).exists() and any(Path(run_dir).iterdir()):
-        raise ValueError(f"run directory {run_dir} exists and is not empty; choose another output.run_dir")
+    if config.evaluation.mmlu:
+        load_mmlu(config.evaluation.mmlu)
+    run_dir = str(RunDirectory.create(config).path)
     return config.model_copy(update={"output": config.output.model_copy(update={"run_dir": run_dir})})
 
 
@@ -67,5 +68,6 @@ def run_federation(config: RunConfig) -> Path:
         )
     run_dir = Path(config.output.run_dir)
     if not (run_dir / "summary.json").exists():
-        raise RuntimeError(f"the federation stopped before finishing; see the log above and {run_dir}")
+        partial = f" and {run_dir}" if run_dir.exists() else ""
+        raise RuntimeError(f"the federation stopped before finishing; see the log above{partial}")
     return run_dir

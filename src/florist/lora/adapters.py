@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from florist.aggregation import ClientAdapter, GlobalModule, LoraFactors, lora_scale
+from florist.files import follow_umask
 from florist.lora.model import PEFT_PREFIX as _PREFIX
 
 # peft prefixes every saved key with the PeftModel's path to the base model.
@@ -226,6 +227,7 @@ def write_adapter(
     staging.mkdir()
     try:
         _write_contents(staging, modules, _lora_config(modules, base_config))
+        follow_umask(staging)
         written = adapter_bytes(staging)
         _move_into_place(staging, out_dir)
     except BaseException:
