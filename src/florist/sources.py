@@ -1,9 +1,9 @@
 """Local path or Hugging Face hub id: told apart before anything is loaded, so a mistyped path never goes to the hub.
 
-A hub id is `name` or `namespace/name` in the hub's characters. A value is taken as a local path when
-it exists, or when it cannot be a hub id: it starts with `/`, `.` or `~`, holds a backslash, `..`, an
-empty part or more than one `/`, or ends in a data file's suffix. `namespace/name` whose namespace is a
-local directory is taken as a path too: there, a typo in a local path is far likelier than a hub id.
+A value is a local path when it exists, or when it looks like one: it ends in a data file's suffix,
+starts with `.` or `~`, or holds a path separator. The one exception is a hub id's own separator:
+`namespace/name` in the hub's characters is a hub id, unless `namespace` is a local directory
+(there, a typo in a local path is far likelier than a hub id).
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 def looks_like_path(value: str) -> bool:
     """True when `value` is to be read from the local disk rather than the hub (see the module's rules)."""
-    if not _HUB_ID.fullmatch(value) or ".." in value or value.lower().endswith(DATA_SUFFIXES):
+    if value.lower().endswith(DATA_SUFFIXES) or value.startswith((".", "~")):
         return True
-    namespace, slash, _ = value.partition("/")
-    return bool(slash) and Path(namespace).is_dir()
+    if "/" not in value and "\\" not in value:
+        return False
+    if _HUB_ID.fullmatch(value) and ".." not in value:
+        return Path(value.partition("/")[0]).is_dir()
+    return True
 
 
 def check_source(value: str, key: str) -> str:
