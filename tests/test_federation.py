@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from florist.federation.client_app import UPDATE_PREFIX, train_round
 from florist.federation.datasets import federated_data
 from florist.federation.simulation import run_federation
 from florist.federation.strategy import LoraStrategy
+from florist.files import umask
 from florist.lora.adapters import read_adapter, read_adapters
 from florist.lora.model import frozen_lora_A, lora_layers, read_factors
 from florist.reporting.run_directory import read_rounds
@@ -134,6 +136,13 @@ def test_run_directory_holds_config_metrics_plots_summary_and_final_model(federa
     assert summary["base"] == federation.rounds[0]["evaluation"]
     assert summary["final"] == federation.rounds[-1]["evaluation"]
     assert not [*path.glob(".*"), *path.parent.glob(".*"), *path.glob("final/.*")], "staging left behind"
+
+
+def test_every_file_of_the_run_directory_follows_the_umask(federation):
+    # safetensors writes 0600 whatever the umask: the final model and every adapter must not keep it.
+    mask = umask()
+    for path in [federation.path, *federation.path.rglob("*")]:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o777 if path.is_dir() else 0o666) & ~mask, path
 
 
 def test_metrics_have_every_round_with_per_client_reports(federation):

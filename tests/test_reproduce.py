@@ -6,6 +6,7 @@ import importlib.util
 import json
 import statistics
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,23 @@ spec.loader.exec_module(reproduce)
 
 # A 2-layer Llama: q_proj is 32 x 32, v_proj 16 x 32 (2 key-value heads of 8).
 LAYERS, Q_SHAPE, V_SHAPE = 2, (32, 32), (16, 32)
+
+
+@pytest.fixture(autouse=True)
+def grid_data(tmp_path_factory, monkeypatch):
+    """reproduce.toml names its data relative to the working directory (../shared/data/...), and a
+    configuration naming a local path that does not exist is refused: these tests, which read no
+    data, run beside empty stand-ins for it, wherever the checkout is."""
+    work = tmp_path_factory.mktemp("grid") / "checkout"
+    grid = tomllib.loads(reproduce.CONFIG.read_text())
+    for source in (grid["data"]["source"], grid["evaluation"]["mmlu"]):
+        stand_in = work / source
+        if stand_in.suffix == ".json":
+            stand_in.parent.mkdir(parents=True, exist_ok=True)
+            stand_in.write_text("[]")
+        else:
+            stand_in.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(work)
 
 
 def stats(mean: float, std: float = 0.0, n: int = 3) -> dict:
