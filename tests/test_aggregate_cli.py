@@ -146,7 +146,7 @@ def test_ffa_writes_the_average_of_B_over_the_frozen_A(base, ffa_clients, tmp_pa
 
 def test_flexlora_without_rank_keeps_a_common_client_rank(base, ffa_clients, tmp_path):
     same_rank = [ffa_clients[0], ffa_clients[0]]
-    assert run("--method", "flexlora", "--out", tmp_path / "out", *same_rank) == 0
+    assert run("--method", "flexlora", "--allow-duplicates", "--out", tmp_path / "out", *same_rank) == 0
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out")
     assert {layer.r["default"] for layer in lora_layers(loaded).values()} == {4}
     assert_adapter_applies(base, tmp_path / "out", ideal_update(same_rank, [1.0, 1.0]))
