@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from florist.config import RunConfig, load_config
+
+RESUME_KEY = "resume"
+"""Run-config key naming a run directory to continue (`flwr run ... --run-config 'resume="runs/x"'`)."""
 
 
 def config_from_run_config(run_config: dict) -> RunConfig:
@@ -15,3 +19,8 @@ def config_from_run_config(run_config: dict) -> RunConfig:
         if "." in key
     ]
     return load_config(run_config.get("config-file") or None, overrides)
+
+
+def resume_from_run_config(run_config: dict) -> Path | None:
+    value = run_config.get(RESUME_KEY)
+    return Path(str(value)) if value else None

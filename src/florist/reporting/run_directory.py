@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,15 +19,17 @@ def _umask() -> int:
     return mask
 
 
-def write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, data: str | bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
         # mkstemp makes the file private (0600); the renamed file gets the mode a plain open() would give.
         os.fchmod(handle, 0o666 & ~_umask())
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
+        with os.fdopen(handle, "wb" if isinstance(data, bytes) else "w") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
@@ -42,13 +43,22 @@ class RunDirectory:
 
     @classmethod
     def create(cls, config: RunConfig) -> RunDirectory:
-        name = config.output.run_dir.format(time=time.strftime("%Y%m%d-%H%M%S"), method=config.aggregation.method)
-        path = Path(name)
+        path = Path(config.output.resolved_run_dir(config.aggregation.method))
         if path.exists() and any(path.iterdir()):
             raise ValueError(f"run directory {path} exists and is not empty; choose another output.run_dir")
         path.mkdir(parents=True, exist_ok=True)
         directory = cls(path)
         write_atomically(path / "config.toml", tomli_w.dumps(config.model_dump(exclude_none=True)))
+        return directory
+
+    @classmethod
+    def reopen(cls, path: Path, config: RunConfig, rounds: list[dict]) -> RunDirectory:
+        """A run directory being resumed, with the rounds its checkpoint holds (metrics.jsonl is
+        rewritten from them: a round recorded after the checkpoint is run again). config.toml
+        takes the resumed configuration, which may only differ in resumable settings."""
+        directory = cls(path, list(rounds))
+        write_atomically(path / "config.toml", tomli_w.dumps(config.model_dump(exclude_none=True)))
+        write_atomically(directory.metrics_file, "".join(json.dumps(r) + "\n" for r in directory.rounds))
         return directory
 
     @property
