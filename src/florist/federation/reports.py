@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -74,9 +75,18 @@ class EvaluationReport(Stage):
     scores: list[NodeScore] = field(default_factory=list)
 
     def combined(self) -> dict[str, float]:
+        """Every node's scores combined: the loss per token over all nodes' tokens, the rest
+        weighted by examples."""
         scored = [s for s in self.scores if s.examples > 0]
-        total = sum(s.examples for s in scored)
-        if not total:
+        if not scored:
             return {}
         keys = set.intersection(*(set(s.metrics) for s in scored))
-        return {key: sum(s.metrics[key] * s.examples for s in scored) / total for key in sorted(keys)}
+        examples = sum(s.examples for s in scored)
+        combined = {key: sum(s.metrics[key] * s.examples for s in scored) / examples for key in keys}
+        if {"test_loss", "test_tokens"} <= keys:
+            tokens = sum(s.metrics["test_tokens"] for s in scored)
+            combined["test_loss"] = sum(s.metrics["test_loss"] * s.metrics["test_tokens"] for s in scored) / tokens
+            combined["test_tokens"] = tokens
+            combined["test_perplexity"] = math.exp(combined["test_loss"])
+        combined["examples"] = examples
+        return dict(sorted(combined.items()))
