@@ -90,7 +90,14 @@ class ServerModel:
         self.model.save_pretrained(staging / "model")
         self.tokenizer.save_pretrained(staging / "model")
         write_adapter(staging / "adapter", dict(adapter), self.adapter_config)
+        # A resumed run that goes past a finished one replaces its final model; the old one is
+        # removed only once the new one is in place.
+        previous = target.with_name(f".{target.name}-previous")
+        if target.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            target.rename(previous)
         staging.rename(target)
+        shutil.rmtree(previous, ignore_errors=True)
 
     @property
     def adapter_config(self) -> dict:
