@@ -256,7 +256,7 @@ class Replayer:
         from florist.federation.datasets import federated_data
         from florist.federation.server_app import mmlu_questions, round_record
         from florist.federation.server_model import ServerModel
-        from florist.federation.strategy import ClientReport, RoundReport
+        from florist.federation.reports import ClientReport, RoundReport
         from florist.lora.adapters import read_adapters
         from florist.reporting.run_directory import RunDirectory
 
@@ -272,7 +272,7 @@ class Replayer:
         aggregate = make_aggregator(config.aggregation.method, **config.aggregation.options()).aggregate(adapters)
         seconds = time.perf_counter() - start
         run = RunDirectory.create(config)
-        run.record_round(round_record(None, 0, {}, {}))
+        run.record_round(round_record(0, None, {}, None, {}))
         evaluation_start = time.perf_counter()
         self.server.set_state([aggregate.modules], None)
         data = federated_data(config)
@@ -280,13 +280,14 @@ class Replayer:
         source_round = next(r for r in read_rounds(source) if r["round"] == 1)
         report = RoundReport(
             1,
-            [ClientReport(**c) for c in source_round["clients"]],
-            seconds,
-            {name: module.rank for name, module in aggregate.modules.items()},
-            {name: module.energy for name, module in aggregate.modules.items()},
+            sampled=[c["node"] for c in source_round["clients"]],
+            clients=[ClientReport(**c) for c in source_round["clients"]],
+            aggregation_seconds=seconds,
+            ranks={name: module.rank for name, module in aggregate.modules.items()},
+            energy={name: module.energy for name, module in aggregate.modules.items()},
         )
         timing = {"evaluation_seconds": time.perf_counter() - evaluation_start}
-        run.record_round(round_record(report, 1, evaluation, timing))
+        run.record_round(round_record(1, report, evaluation, None, timing))
         summary = {"base": {}, "final": evaluation, "rounds": 1, "method": config.aggregation.method, "replayed_from": str(source)}
         run.write_json("summary.json", summary)
         print(f"replayed {source}: aggregation {seconds:.4f} s, evaluation {json.dumps(evaluation)}", file=log, flush=True)

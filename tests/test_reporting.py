@@ -12,6 +12,7 @@ import pytest
 
 from florist.config import RunConfig, load_config
 from florist.federation.server_app import serve
+from florist.federation.server_model import ServerModel
 from florist.federation.simulation import run_federation
 from florist.reporting.plots import HELD_OUT, loss_figure
 from florist.reporting.run_directory import RunDirectory, read_rounds, write_atomically
@@ -66,13 +67,16 @@ def test_a_run_directory_taken_in_the_meantime_is_not_written_into(tmp_path: Pat
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == "another run's\n"
 
 
-def test_a_server_that_fails_before_its_first_round_leaves_no_run_directory(tmp_path: Path):
-    # The MMLU file exists (so the configuration passes) but is not JSON: the server fails loading it.
-    (tmp_path / "mmlu.json").write_text("{not JSON")
-    config = run_config(tmp_path, f"evaluation.mmlu={json.dumps(str(tmp_path / 'mmlu.json'))}", *SMALL_DATA)
-    with pytest.raises(ValueError, match="mmlu.json"):
+def test_a_server_that_fails_before_its_first_record_leaves_no_run_directory(tmp_path: Path, tiny_model_dir: Path, monkeypatch):
+    # The base model's evaluation, the first thing a run records, runs out of memory.
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(ServerModel, "evaluate", out_of_memory)
+    config = run_config(tmp_path, f"model.name={json.dumps(str(tiny_model_dir))}", *SMALL_DATA)
+    with pytest.raises(RuntimeError, match="out of memory"):
         serve(config, grid=None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mmlu.json"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_run_refused_before_it_starts_leaves_no_run_directory(tmp_path: Path, tiny_model_dir: Path):

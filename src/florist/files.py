@@ -27,15 +27,17 @@ def follow_umask(path: Path) -> None:
             os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
-def write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, data: str | bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
         # mkstemp makes the file private (0600); the renamed file gets the mode a plain open() would give.
         os.fchmod(handle, 0o666 & ~umask())
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
+        with os.fdopen(handle, "wb" if isinstance(data, bytes) else "w") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)

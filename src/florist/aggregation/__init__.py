@@ -6,6 +6,7 @@ from florist.aggregation.ffa import FFALoRA
 from florist.aggregation.flexlora import FlexLoRA
 from florist.aggregation.flora import FLoRA
 from florist.aggregation.florist import FLoRIST
+from florist.aggregation.norms import adapter_norm, update_norm
 from florist.aggregation.spectral import ROUTES, energy_rank
 from florist.aggregation.types import (
     Aggregate,
@@ -33,6 +34,8 @@ __all__ = [
     "Aggregate",
     "AggregationError",
     "Aggregator",
+    "adapter_norm",
+    "update_norm",
     "ClientAdapter",
     "FFALoRA",
     "FLoRA",

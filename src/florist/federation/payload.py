@@ -55,3 +55,17 @@ def take_global(content: RecordDict, key: str) -> dict[str, GlobalModule]:
 def payload_keys(content: RecordDict, prefix: str) -> list[str]:
     """Keys of the LoRA payloads whose name starts with `prefix`, in insertion order."""
     return [key for key in content if key.startswith(prefix) and not key.endswith(":scales")]
+
+
+def round_trip(modules: Mapping[str, GlobalModule], wire_dtype: str) -> dict[str, GlobalModule]:
+    """The modules as a node receives them: cast to the wire dtype and back to float32."""
+    dtype = WIRE_DTYPES[wire_dtype]
+    return {
+        name: GlobalModule(
+            A=module.A.detach().to(dtype).float(),
+            B=module.B.detach().to(dtype).float(),
+            scale=module.scale,
+            singular_values=module.singular_values,
+        )
+        for name, module in modules.items()
+    }

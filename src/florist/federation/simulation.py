@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from florist.config import RunConfig
+from florist.config import RunConfig, load_config
 from florist.evaluation.mmlu import load_mmlu
+from florist.federation.checkpoint import check_resumable
 from florist.federation.client_app import build_client_app
 from florist.federation.datasets import federated_data
 from florist.federation.server_app import build_server_app
@@ -18,7 +19,7 @@ from florist.models import resolve_model
 from florist.reporting.run_directory import RunDirectory
 
 
-def prepare(config: RunConfig) -> RunConfig:
+def prepare(config: RunConfig, resume: Path | None = None) -> RunConfig:
     """Check everything that can be checked before training starts, and fix the run directory's name.
 
     Resolving the model also makes the de-quantised copy of the embedded one, so that every
@@ -28,17 +29,29 @@ def prepare(config: RunConfig) -> RunConfig:
         raise ValueError(f"data.partition 'given' needs a directory of client files, got data.source {config.data.source!r}")
     resolve_model(config.model.name)
     data = federated_data(config)
-    if not data.test:
+    if config.evaluation.server and not data.test:
         raise ValueError(f"data source {config.data.source!r} has no test split; set data.test_source")
-    if config.evaluation.mmlu:
+    if config.evaluation.server and config.evaluation.mmlu:
         load_mmlu(config.evaluation.mmlu)
-    run_dir = str(RunDirectory.create(config).path)
+    if resume is not None:
+        check_resumable(resume, config)
+        run_dir = str(resume)
+    else:
+        run_dir = str(RunDirectory.create(config).path)
     return config.model_copy(update={"output": config.output.model_copy(update={"run_dir": run_dir})})
 
 
-def run_federation(config: RunConfig) -> Path:
-    """Run the whole federation in simulation; returns the run directory."""
-    config = prepare(config)
+def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+    """The configuration a resumed run continues with: the run's own, plus overrides of the
+    settings that may change (more rounds, other timeouts, evaluation)."""
+    if not (run_dir / "config.toml").is_file():
+        raise ValueError(f"cannot resume {run_dir}: it is not a run directory (no config.toml)")
+    return load_config(run_dir / "config.toml", overrides)
+
+
+def run_federation(config: RunConfig, resume: Path | None = None) -> Path:
+    """Run the whole federation in simulation (continuing `resume`, a run directory); returns the run directory."""
+    config = prepare(config, resume)
     # Imported here: flwr.simulation pulls in Ray, which a plain `florist aggregate` does not need.
     from flwr.simulation import run_simulation
 
@@ -53,7 +66,7 @@ def run_federation(config: RunConfig) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
-            server_app=build_server_app(config),
+            server_app=build_server_app(config, resume),
             client_app=build_client_app(config),
             num_supernodes=config.federation.num_clients,
             backend_config={
