@@ -14,6 +14,7 @@ from florist.config import load_config
 from florist.data import load_examples
 from florist.evaluation import mmlu
 from florist.evaluation.mmlu import load_mmlu
+from florist.federation.settings import config_from_run_config
 from florist.sources import looks_like_path
 
 SOURCE_KEYS = ("model.name", "data.source", "data.test_source", "evaluation.mmlu")
@@ -120,3 +121,11 @@ def test_load_mmlu_sends_the_given_hub_id_to_the_hub(monkeypatch):
     [question] = load_mmlu("my-org/mmlu-mirror")
     assert asked == [(("my-org/mmlu-mirror", "all"), {"split": "test"})]
     assert question.subject == "math" and mmlu.LETTERS[question.answer] == "B"
+
+
+def test_a_node_does_not_check_the_servers_sources():
+    """In a deployment every node receives the run config; the MMLU file and test data live on the server."""
+    run_config = {"evaluation.mmlu": "/server/only/mmlu_1444.json", "data.test_source": "/server/only/test.json"}
+    with pytest.raises(ValueError, match="no such file or directory: /server/only/"):
+        config_from_run_config(run_config)
+    assert config_from_run_config(run_config, check_sources=False).evaluation.mmlu == "/server/only/mmlu_1444.json"
