@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from florist.federation.console import show_event
+
 
 @dataclass
 class Event:
@@ -27,6 +29,7 @@ class Stage:
 
     def event(self, node: int, status: str, reason: str = "", partition: int | None = None) -> None:
         self.events.append(Event(node, status, reason, partition))
+        show_event(self.round, node, status, reason)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from florist.aggregation import Aggregate, ClientAdapter, GlobalModule, LoraFact
 from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.checkpoint import ServerState
+from florist.federation.console import show_reply
 from florist.federation.delivery import Chain
 from florist.federation.identity import disagreement
 from florist.federation.messages import (
@@ -155,6 +156,8 @@ class LoraStrategy:
         self._confirm(node, reply)
         state.partitions[update.partition] = node
         state.accepted[node] = update
+        metrics = update.metrics
+        show_reply(state.report.round, node, update.partition, update.rank, update.examples, metrics["train-loss"], metrics["train-seconds"])
         return []
 
     def _resend(self, node: int, reply: Message, stage: Stage, message_type: str) -> list[Message]:
