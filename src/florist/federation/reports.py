@@ -25,6 +25,9 @@ class Stage:
     round: int
     events: list[Event] = field(default_factory=list)
     bytes_down: dict[int, int] = field(default_factory=dict)
+    """Payload bytes sent to each node (resends included)."""
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    """Payload bytes received from each node, its rejected replies included."""
     resends: dict[int, int] = field(default_factory=dict)
 
     def event(self, node: int, status: str, reason: str = "", partition: int | None = None) -> None:
