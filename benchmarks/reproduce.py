@@ -45,6 +45,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from florist.config import load_config  # noqa: E402
+from florist.federation.payload import VALUE_BYTES  # noqa: E402
 from florist.reporting.plots import rank_matrix  # noqa: E402
 from florist.reporting.run_directory import read_rounds, write_atomically  # noqa: E402
 
@@ -58,7 +59,6 @@ SOURCE = "flora"
 FEDERATED = (SOURCE, "ffa")
 TAUS = (0.80, 0.85, 0.90, 0.95, 0.99, 1.0)
 NAMES = {"fedit": "FedIT", "flora": "FLoRA", "flexlora": "FlexLoRA", "ffa": "FFA-LoRA", "florist": "FLoRIST"}
-WIRE_BYTES = {"float32": 4, "float16": 2}
 MB = 1e6
 
 # Metric columns of the table: (key in a cell record, heading, digits, lower is better).
@@ -341,7 +341,7 @@ def read_cell(run_dir: Path) -> dict:
     ranks = SETTINGS_BY_RANKS.get(tuple(config.federation.ranks), "custom")
     method = config.aggregation.method
     shapes = module_shapes(config.model.name, tuple(config.model.target_modules))
-    wire = WIRE_BYTES[config.federation.wire_dtype]
+    wire = VALUE_BYTES[config.wire.download]
     downloads = [
         downloaded_ranks(method, r["ranks"], [c["rank"] for c in sorted(r["clients"], key=lambda c: c["partition"])])
         for r in trained
@@ -381,7 +381,7 @@ def scale_of(config) -> dict:
         "local steps": config.training.local_steps,
         "batch size": config.training.batch_size,
         "learning rate": config.training.learning_rate,
-        "wire dtype": config.federation.wire_dtype,
+        "wire dtype": config.wire.download,
         "ROUGE-L max new tokens": config.evaluation.max_new_tokens,
         "MMLU questions": config.evaluation.mmlu_limit or "all 1,444",
     }

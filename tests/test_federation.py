@@ -226,3 +226,23 @@ def test_saved_client_adapters_aggregate_again_to_each_rounds_global_update(fede
     for name, module in aggregate.modules.items():
         expected = final.modules[name].scale * final.modules[name].B @ final.modules[name].A
         torch.testing.assert_close(module.delta(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_a_hundred_clients_with_a_tenth_sampled_per_round(tiny_model_dir, tmp_path):
+    """Flower's simulation engine with 100 SuperNodes: each round trains and aggregates only the
+    10 sampled, drawn afresh per round, and the server holds only their replies."""
+    config = federation_config(
+        tiny_model_dir, tmp_path / "run", "florist", "federation.num_clients=100", "federation.ranks=[4]",
+        "federation.client_fraction=0.1", "data.partition=\"iid\"", "data.examples_per_category=20",
+        "data.min_client_examples=1", "evaluation.base=false", "training.local_steps=1", "output.save_model=false",
+    )
+    rounds = read_rounds(run_federation(config))
+    samples = []
+    for record in rounds[1:]:
+        assert len(record["sampled"]) == 10 and record["quorum"] == 5
+        assert sorted(c["node"] for c in record["clients"]) == record["sampled"]
+        assert all(e["status"] == "accepted" for e in record["events"])
+        samples.append(set(record["sampled"]))
+    assert samples[0] != samples[1]
+    # The server's memory does not grow with the round: what it holds is the sampled replies only.
+    assert rounds[-1]["server_peak_rss_mib"] - rounds[1]["server_peak_rss_mib"] < 64

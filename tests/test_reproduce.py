@@ -14,6 +14,7 @@ import tomli_w
 from transformers import LlamaConfig
 
 from florist.config import load_config
+from florist.federation.payload import VALUE_BYTES
 from florist.reporting.run_directory import read_rounds
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
@@ -144,7 +145,7 @@ def test_report_from_fake_run_dirs_gives_mean_and_std_over_seeds(tmp_path: Path,
     rows = results["rows"]["heterogeneous"]
     assert rows["flora"]["test_loss"]["n"] == 3
     assert rows["florist-tau0.90"]["test_loss"] == {"mean": 2.1, "std": 0.0, "n": 1}
-    wire = reproduce.WIRE_BYTES[load_config(reproduce.CONFIG).federation.wire_dtype]
+    wire = VALUE_BYTES[load_config(reproduce.CONFIG).wire.download]
     per_layer = sum(out_ + in_ for out_, in_ in (Q_SHAPE, V_SHAPE))
     assert rows["florist-tau0.90"]["download_mb"]["mean"] == pytest.approx(wire * LAYERS * per_layer * 2 / reproduce.MB)
     assert rows["florist-tau0.90"]["rank_sent"]["mean"] == 2 * 2 * LAYERS
@@ -190,7 +191,8 @@ def one_round(model_dir: Path, run_dir: Path, method: str, *extra: str):
             "federation.ranks=[2, 4, 8]",
             "federation.rounds=1",
             "federation.workers=1",
-            'federation.wire_dtype="float16"',
+            'wire.download="float16"',
+            'wire.upload="float16"',
             f"aggregation.method={json.dumps(method)}",
             "training.local_steps=2",
             "training.learning_rate=0.05",

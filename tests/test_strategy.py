@@ -188,7 +188,7 @@ def test_flexlora_sends_each_node_its_own_truncation_and_an_unknown_node_the_sha
 
 def test_the_server_holds_the_aggregate_as_the_wire_delivers_it():
     config = RunConfig.model_validate(
-        {"federation": {"num_clients": 3, "ranks": CLIENT_RANKS, "wire_dtype": "float16"}, "aggregation": {"method": "florist"}}
+        {"federation": {"num_clients": 3, "ranks": CLIENT_RANKS}, "wire": {"download": "float16"}, "aggregation": {"method": "florist"}}
     )
     strategy = LoraStrategy(config, MODULES, identity_for(config))
     play_round(strategy, 1)

@@ -85,7 +85,6 @@ class FederationConfig(Section):
     use_rslora: bool = False
     workers: int = Field(2, ge=1)
     """Clients trained in parallel (one simulation worker per core)."""
-    wire_dtype: Literal["float32", "float16"] = "float32"
     ffa_seed: int = 1234
     """Seed of FFA-LoRA's shared frozen A."""
     clients_per_round: int = Field(0, ge=0)
@@ -134,6 +133,20 @@ class FederationConfig(Section):
     def quorum(self, sampled: int) -> int:
         """Accepted replies a round of `sampled` nodes needs."""
         return min(sampled, self.min_clients or max(1, math.ceil(self.min_fraction * sampled)))
+
+
+WireFormat = Literal["float32", "bfloat16", "float16", "int8"]
+
+
+class WireConfig(Section):
+    """How adapters travel: a format per direction, and optional client-side truncation."""
+
+    download: WireFormat = "float32"
+    """The global update or adapter the server sends; int8 is per-row scaled (see federation/payload.py)."""
+    upload: WireFormat = "float32"
+    client_tau: float = Field(1.0, gt=0, le=1)
+    """Below 1, a client uploads the smallest exact decomposition of its own update s B A that
+    keeps this share of its spectral energy, instead of its full-rank factors."""
 
 
 class AggregationConfig(Section):
@@ -248,7 +261,7 @@ SHARED_SETTINGS = (
     "data.max_length",
     "federation.alpha_per_rank",
     "federation.use_rslora",
-    "federation.wire_dtype",
+    "wire.*",
     "federation.ffa_seed",
     "aggregation.*",
     "training.*",
@@ -283,10 +296,17 @@ class RunConfig(Section):
     data: DataConfig = DataConfig()
     federation: FederationConfig = FederationConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    wire: WireConfig = WireConfig()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     validation: ValidationConfig = ValidationConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _truncation_keeps_ffa_shared_A(self) -> RunConfig:
+        if self.wire.client_tau < 1 and self.aggregation.method == "ffa":
+            raise ValueError("wire.client_tau below 1 would change FFA-LoRA's shared frozen A; use it with another method")
+        return self
 
     @model_validator(mode="after")
     def _rank_cap_holds_every_client(self) -> RunConfig:

@@ -7,6 +7,7 @@ from florist.aggregation.flexlora import FlexLoRA
 from florist.aggregation.flora import FLoRA
 from florist.aggregation.florist import FLoRIST
 from florist.aggregation.norms import adapter_norm, update_norm
+from florist.aggregation.truncation import truncate_update
 from florist.aggregation.spectral import ROUTES, energy_rank
 from florist.aggregation.types import (
     Aggregate,
@@ -47,4 +48,5 @@ __all__ = [
     "energy_rank",
     "lora_scale",
     "make_aggregator",
+    "truncate_update",
 ]

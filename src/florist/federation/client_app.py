@@ -12,7 +12,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from florist.aggregation import GlobalModule
+from florist.aggregation import GlobalModule, truncate_update
 from florist.config import RunConfig
 from florist.evaluation import evaluate
 from florist.federation import payload
@@ -67,7 +67,7 @@ def _reply(msg: Message, workspace: Workspace, status: str, metrics: dict, adapt
     if adapter is not None:
         # FFA-LoRA's A is frozen and derivable from the shared seed: only B travels.
         frozen_a = workspace.config.aggregation.method == "ffa"
-        payload.put(content, ADAPTER, adapter, workspace.config.federation.wire_dtype, factors="B" if frozen_a else "AB")
+        payload.put(content, ADAPTER, adapter, workspace.config.wire.upload, factors="B" if frozen_a else "AB")
     return Message(content, reply_to=msg)
 
 
@@ -138,7 +138,10 @@ def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
         f"loss {result.loss:.3f}, {result.seconds:.1f} s",
         flush=True,
     )
-    return _reply(msg, workspace, TRAINED, metrics, read_factors(model))
+    factors = read_factors(model)
+    if config.wire.client_tau < 1:
+        factors = {name: truncate_update(f, config.wire.client_tau) for name, f in factors.items()}
+    return _reply(msg, workspace, TRAINED, metrics, factors)
 
 
 def evaluate_round(config: RunConfig, msg: Message, context: Context) -> Message:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from florist.federation.console import show_event
+
 
 @dataclass
 class Event:
@@ -23,10 +25,14 @@ class Stage:
     round: int
     events: list[Event] = field(default_factory=list)
     bytes_down: dict[int, int] = field(default_factory=dict)
+    """Payload bytes sent to each node (resends included)."""
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    """Payload bytes received from each node, its rejected replies included."""
     resends: dict[int, int] = field(default_factory=dict)
 
     def event(self, node: int, status: str, reason: str = "", partition: int | None = None) -> None:
         self.events.append(Event(node, status, reason, partition))
+        show_event(self.round, node, status, reason)
 
 
 @dataclass

@@ -36,6 +36,11 @@ def round_record(
 ) -> dict:
     """One line of metrics.jsonl."""
     record: dict = {"round": server_round, **timing}
+    stages = [stage for stage in (report, federated) if stage is not None]
+    record["communication"] = {
+        "down_bytes": sum(sum(stage.bytes_down.values()) for stage in stages),
+        "up_bytes": sum(sum(stage.bytes_up.values()) for stage in stages),
+    }
     if report is not None:
         record.update(
             train_loss=report.train_loss,
@@ -55,7 +60,6 @@ def round_record(
             "combined": federated.combined(),
             "nodes": [vars(score) for score in federated.scores],
             "events": [vars(e) for e in federated.events],
-            "bytes_down": sum(federated.bytes_down.values()),
         }
     return record
 
@@ -130,9 +134,29 @@ class Server:
             self.model.save(self.run.path / "final", merged, adapter)
         plot_run(self.run.rounds, self.run.path / "plots")
         base, final = (_scores(self.run.rounds[index]) for index in (0, -1))
-        summary = {"base": base, "final": final, "rounds": self.config.federation.rounds, "method": self.config.aggregation.method}
+        summary = {
+            "base": base,
+            "final": final,
+            "rounds": self.config.federation.rounds,
+            "method": self.config.aggregation.method,
+            "communication": communication(self.run.rounds, self.strategy.final_download_bytes()),
+        }
         self.run.write_json("summary.json", summary)
         return self.run.path
+
+
+def communication(rounds: list[dict], final_download: int) -> dict:
+    """The run's bytes both ways as FlowerTune's leaderboard counts them (payload bytes sent plus
+    received, MiB), with the download of the final global model that the last round leaves due."""
+    down = sum(r["communication"]["down_bytes"] for r in rounds) + final_download
+    up = sum(r["communication"]["up_bytes"] for r in rounds)
+    mib = 2**20
+    return {
+        "download_mib": down / mib,
+        "upload_mib": up / mib,
+        "total_mib": (down + up) / mib,
+        "final_download_mib": final_download / mib,
+    }
 
 
 def _scores(record: dict) -> dict:

@@ -49,13 +49,41 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     return load_config(run_dir / "config.toml", overrides)
 
 
-def run_federation(config: RunConfig, resume: Path | None = None) -> Path:
-    """Run the whole federation in simulation (continuing `resume`, a run directory); returns the run directory."""
+QUIET_ENVIRONMENT = {
+    "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+"""Third-party noise the workers inherit: deprecation notices, weight-loading progress bars, Ray tips."""
+
+
+def quiet_third_parties() -> None:
+    """Hide third-party deprecation and FutureWarning noise here and in the workers started after."""
+    for key, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore", FutureWarning)
+    # Flower announces run_simulation's deprecation as a warning; its errors still show.
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
+def run_federation(config: RunConfig, resume: Path | None = None, verbose: bool = False) -> Path:
+    """Run the whole federation in simulation (continuing `resume`, a run directory); returns the
+    run directory. Without `verbose`, the workers' own output and third-party notices are hidden:
+    the server prints a line per client reply and a table per round."""
     config = prepare(config, resume)
     # Imported here: flwr.simulation pulls in Ray, which a plain `florist aggregate` does not need.
     from flwr.simulation import run_simulation
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    if verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    else:
+        quiet_third_parties()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Ray starts workers at niceness 15; the clients' training is the work here, not background.
@@ -64,7 +92,8 @@ def run_federation(config: RunConfig, resume: Path | None = None) -> Path:
     # Ray hides the GPU from actors that ask for none: share it between the workers instead.
     gpus = 1.0 / workers if torch.cuda.is_available() else 0.0
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+        if not verbose:
+            warnings.simplefilter("ignore")
         run_simulation(
             server_app=build_server_app(config, resume),
             client_app=build_client_app(config),
@@ -76,6 +105,7 @@ def run_federation(config: RunConfig, resume: Path | None = None) -> Path:
                     "num_gpus": 1 if gpus else 0,
                     "include_dashboard": False,
                     "logging_level": "ERROR",
+                    "log_to_driver": verbose,
                 },
             },
         )

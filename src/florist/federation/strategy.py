@@ -20,9 +20,11 @@ from florist.aggregation import Aggregate, ClientAdapter, GlobalModule, LoraFact
 from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.checkpoint import ServerState
+from florist.federation.console import show_reply
 from florist.federation.delivery import Chain
 from florist.federation.identity import disagreement
 from florist.federation.messages import (
+    ADAPTER,
     GAP,
     GLOBAL,
     IDENTITY,
@@ -76,7 +78,7 @@ class LoraStrategy:
 
     @property
     def wire(self) -> str:
-        return self.config.federation.wire_dtype
+        return self.config.wire.download
 
     def global_modules(self) -> tuple[list[dict[str, GlobalModule]], dict[str, GlobalModule] | None]:
         """The global model as (updates merged into the base, adapter on top), as the nodes see it."""
@@ -138,6 +140,8 @@ class LoraStrategy:
         if refusal or status == MISMATCH:
             state.report.event(node, "refused", refusal or "the node reports settings that differ from the server's")
             return []
+        if ADAPTER in reply.content:
+            state.report.bytes_up[node] = state.report.bytes_up.get(node, 0) + reply.content[ADAPTER].count_bytes()
         if status == GAP:
             return self._resend(node, reply, state.report, MessageType.TRAIN)
         if status != TRAINED:
@@ -155,6 +159,8 @@ class LoraStrategy:
         self._confirm(node, reply)
         state.partitions[update.partition] = node
         state.accepted[node] = update
+        metrics = update.metrics
+        show_reply(state.report.round, node, update.partition, update.rank, update.examples, metrics["train-loss"], metrics["train-seconds"])
         return []
 
     def _resend(self, node: int, reply: Message, stage: Stage, message_type: str) -> list[Message]:
@@ -202,6 +208,17 @@ class LoraStrategy:
             f"round {report.round}: {accepted} of {len(report.sampled)} sampled clients delivered an update, below the "
             f"quorum of {report.quorum}, after {report.attempts} attempts ({missing})"
         )
+
+    def final_download_bytes(self) -> int:
+        """What delivering the final global model to every node that took part would still cost:
+        the updates each has not confirmed, or the current adapter (the last round's download)."""
+        total = 0
+        for node in self.partition_of:
+            if self.merges and len(self.chain.missing(node)) == 0:
+                continue
+            _, sent = self._instruction(len(self.chain), node, MessageType.EVALUATE)
+            total += sent
+        return total
 
     def server_state(self, server_round: int, metrics: list[dict]) -> ServerState:
         return ServerState(

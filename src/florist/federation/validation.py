@@ -21,7 +21,7 @@ from florist.federation.messages import ADAPTER, METRICS
 
 MiB = 2**20
 ARRAY_OVERHEAD = 256
-"""Bytes an array may add to its raw data on the wire: its .npy header (128) and key name."""
+"""Bytes an array may add to its raw data on the wire: its .npy header (128) and key suffix."""
 
 
 REPORTED_METRICS = ("train-loss", "train-seconds", "train-tokens", "peak-rss-mib")
@@ -45,9 +45,10 @@ class Limits:
     @classmethod
     def for_run(cls, config: RunConfig, shapes: Mapping[str, tuple[int, int]]) -> Limits:
         """Limits from the configuration; a size cap below what the configured ranks need is an error."""
-        bytes_per_value = payload.WIRE_DTYPES[config.federation.wire_dtype].itemsize
-        needed = sum(m + n for m, n in shapes.values()) * config.rank_cap * bytes_per_value
-        needed += sum(2 * (ARRAY_OVERHEAD + len(name)) for name in shapes)
+        wire = config.wire.upload
+        needed = sum(m + n for m, n in shapes.values()) * config.rank_cap * payload.VALUE_BYTES[wire]
+        arrays_per_module = 4 if wire == "int8" else 2  # int8 factors travel with their row scales
+        needed += sum(arrays_per_module * (ARRAY_OVERHEAD + len(name)) + (8 * config.rank_cap if wire == "int8" else 0) for name in shapes)
         cap_mb = config.validation.max_message_mb
         if cap_mb is not None and cap_mb * MiB < needed:
             raise ValueError(
