@@ -22,6 +22,8 @@ from florist.lora.model import frozen_lora_A, lora_layers, read_factors
 
 from federations import CLIENT_RANKS, federation_config
 
+pytestmark = pytest.mark.usefixtures("server_task")
+
 
 @dataclass
 class Observed:
@@ -54,14 +56,6 @@ def observed(monkeypatch) -> list[Observed]:
     yield calls
     torch.set_num_threads(threads)  # train_round sets the node's thread count
 
-
-@pytest.fixture(autouse=True)
-def server_task(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
 
 
 @pytest.fixture(scope="module")

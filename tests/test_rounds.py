@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
-from florist.aggregation import ClientAdapter, make_aggregator
+from florist.aggregation import make_aggregator
 from florist.federation import client_app, payload
 from florist.federation.client_app import build_client_app
-from florist.federation.messages import ADAPTER, IDENTITY, METRICS
+from florist.federation.messages import ADAPTER, METRICS
 from florist.federation.rounds import exchange
 from florist.federation.sampling import NotEnoughNodes, sample
 from florist.federation.server_app import serve
@@ -24,23 +23,14 @@ from florist.federation.strategy import RoundFailed
 from florist.lora.adapters import read_adapter
 from florist.reporting.run_directory import read_rounds
 
-from federations import CLIENT_RANKS, federation_config
+from federations import federation_config
 from local_grid import LocalGrid
+
+pytestmark = pytest.mark.usefixtures("server_task")
 
 NODES = {101: 0, 202: 1, 303: 2}
 FAST = ["federation.round_timeout=1", "federation.connect_timeout=1", "evaluation.base=false"]
 
-
-@pytest.fixture(autouse=True)
-def server_task(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def grid_for(config, nodes=NODES, **node_config) -> LocalGrid:

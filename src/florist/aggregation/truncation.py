@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
 
 from florist.aggregation.spectral import energy_rank, qr_route
 from florist.aggregation.types import AggregationError, LoraFactors
