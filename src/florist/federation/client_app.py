@@ -8,23 +8,28 @@ silently misses an update.
 
 from __future__ import annotations
 
+import json
+
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from florist.aggregation import GlobalModule, truncate_update
 from florist.config import RunConfig
-from florist.evaluation import evaluate
+from florist.evaluation import evaluate, instruction_loss
 from florist.federation import payload
 from florist.federation.delivery import update_digest
 from florist.federation.messages import (
     ADAPTER,
+    CANDIDATE,
+    CUTS,
     EVALUATED,
     GAP,
     GLOBAL,
     IDENTITY,
     METRICS,
     MISMATCH,
+    SCORED,
     TRAINED,
     UPDATE_PREFIX,
     Instruction,
@@ -152,7 +157,8 @@ def evaluate_round(config: RunConfig, msg: Message, context: Context) -> Message
     model = workspace.base_after(chain)
     if GLOBAL in msg.content:
         merge_into_base(model, _global_update(config, msg, workspace))
-    held_out = node_data(config, node).held_out
+    data = node_data(config, node)
+    held_out = data.held_out
     scores = {}
     if held_out:
         results = evaluate(
@@ -165,9 +171,47 @@ def evaluate_round(config: RunConfig, msg: Message, context: Context) -> Message
             batch_size=config.evaluation.batch_size,
         )
         scores = {key: value for key, value in results.items() if isinstance(value, (int, float))}
+    if data.validation:
+        loss = instruction_loss(
+            model, workspace.tokenizer, data.validation, template=config.data.template,
+            max_length=config.data.max_length, batch_size=config.evaluation.batch_size,
+        )
+        scores.update(val_loss=loss.mean_nll, val_tokens=loss.tokens)
     metrics = {"round": instruction.round, "partition-id": node.partition, "chain-length": len(chain), "num-examples": len(held_out)}
     print(f"round {instruction.round} client {node.partition}: evaluated on {len(held_out)} held-out examples", flush=True)
     return _reply(msg, workspace, EVALUATED, metrics | scores)
+
+
+def score_round(config: RunConfig, msg: Message, context: Context) -> Message:
+    """Automatic tau: this site's validation loss for every candidate cut of the exact update,
+    from the smallest to the largest (each adds components to the last, merged in turn)."""
+    node, workspace, instruction, chain = _prepare(config, msg, context)
+    if isinstance(chain, Message):
+        return chain
+    model = workspace.base_after(chain)
+    exact = payload.take_global(msg.content, CANDIDATE)
+    cuts = json.loads(str(msg.content[CUTS]["ranks"]))
+    validation = node_data(config, node).validation
+    metrics = {"round": instruction.round, "partition-id": node.partition, "chain-length": len(chain)}
+    held = {name: 0 for name in exact}
+    tokens = 0
+    for index, ranks in enumerate(cuts):
+        added = {
+            name: GlobalModule(A=module.A[held[name] : ranks[name]], B=module.B[:, held[name] : ranks[name]], scale=module.scale)
+            for name, module in exact.items()
+        }
+        merge_into_base(model, added)
+        held = {name: max(held[name], ranks[name]) for name in held}
+        if validation:
+            loss = instruction_loss(
+                model, workspace.tokenizer, validation, template=config.data.template,
+                max_length=config.data.max_length, batch_size=config.evaluation.batch_size,
+            )
+            metrics[f"loss-{index}"], tokens = loss.mean_nll, loss.tokens
+        else:
+            metrics[f"loss-{index}"] = 0.0
+    print(f"round {instruction.round} client {node.partition}: scored {len(cuts)} cuts on {len(validation)} validation examples", flush=True)
+    return _reply(msg, workspace, SCORED, metrics | {"tokens": tokens})
 
 
 def _global_update(config: RunConfig, msg: Message, workspace: Workspace) -> dict:
@@ -193,6 +237,10 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
         return evaluate_round(config or config_from_run_config(context.run_config, check_sources=False), msg, context)
+
+    @app.query()
+    def score(msg: Message, context: Context) -> Message:
+        return score_round(config or config_from_run_config(context.run_config, check_sources=False), msg, context)
 
     return app
 
