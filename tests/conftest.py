@@ -43,3 +43,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def server_task(monkeypatch):
+    """This process plays a Flower task (messages can only be built inside one), and gets its torch
+    thread count back afterwards (a ClientApp sets the node's)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -138,15 +138,14 @@ def test_a_good_configuration_prepares(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    ["missing model path", "not a model directory", "missing field", "more clients than examples",
-     "no test split", "given without a directory", "non-empty run directory"],
+    ["not a model directory", "missing field", "more clients than examples",
+     "no test split", "given without a directory", "non-empty run directory", "unreadable MMLU file"],
 )
 def test_bad_run_inputs_are_refused_before_training(case, tiny_model_dir, tmp_path, no_simulation):
     examples = [{"instruction": f"q{k}", "response": f"a{k}"} for k in range(3)]
     three = write_json(tmp_path / "three.json", examples)
     (tmp_path / "run").mkdir()
     overrides, named = {
-        "missing model path": (['model.name="/nonexistent/model"'], "/nonexistent/model"),
         "not a model directory": ([f"model.name={json.dumps(str(tmp_path))}"], str(tmp_path)),
         "missing field": (
             [f"data.source={json.dumps(str(write_json(tmp_path / 'partial.json', [*examples, {'instruction': 'q'}])))}"],
@@ -159,7 +158,9 @@ def test_bad_run_inputs_are_refused_before_training(case, tiny_model_dir, tmp_pa
         "no test split": ([f'data.source="{three}"'], str(three)),
         "given without a directory": ([f'data.source="{three}"', 'data.partition="given"'], str(three)),
         "non-empty run directory": ([], str(tmp_path / "run")),
+        "unreadable MMLU file": ([f"evaluation.mmlu={json.dumps(str(tmp_path / 'mmlu.json'))}"], str(tmp_path / "mmlu.json")),
     }[case]
+    (tmp_path / "mmlu.json").write_text("{not JSON")
     if case == "non-empty run directory":
         (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
     config = small_run(tiny_model_dir, tmp_path, *overrides)

@@ -22,37 +22,13 @@ from flwr.cli.build import build_fab_from_disk
 from safetensors.torch import load_file
 
 from deployment import PROJECT, Deployment, still_running
-from florist.config import RunConfig, load_config
+from federations import CLIENT_RANKS, ROUNDS, federation_config
+from florist.config import RunConfig
 from florist.federation.simulation import run_federation
 from florist.reporting.run_directory import read_rounds
 
-SITES = 3
-ROUNDS = 2
+SITES = len(CLIENT_RANKS)
 RUN_TIMEOUT_SECONDS = 600
-
-
-def small_federation(model_dir: Path, run_dir: Path) -> RunConfig:
-    """FLoRIST, three sites of ranks 2, 4, 8 on the tiny model and a slice of the embedded task,
-    whose examples each SuperNode generates from its partition id."""
-    return load_config(
-        None,
-        [
-            f"model.name={json.dumps(str(model_dir))}",
-            'model.autocast="none"',
-            "data.examples_per_category=4",
-            "data.test_per_category=1",
-            "data.min_client_examples=2",
-            f"federation.num_clients={SITES}",
-            "federation.ranks=[2, 4, 8]",
-            f"federation.rounds={ROUNDS}",
-            'aggregation.method="florist"',
-            "training.local_steps=2",
-            "training.batch_size=4",
-            "training.learning_rate=0.05",
-            "evaluation.max_new_tokens=2",
-            f"output.run_dir={json.dumps(str(run_dir))}",
-        ],
-    )
 
 
 def write_config(config: RunConfig, path: Path) -> Path:
@@ -77,7 +53,7 @@ class DeployedRun:
 @pytest.fixture(scope="module")
 def deployed(tiny_model_dir, tmp_path_factory) -> DeployedRun:
     root = tmp_path_factory.mktemp("deployment")
-    config = write_config(small_federation(tiny_model_dir, root / "run"), root / "florist.toml")
+    config = write_config(federation_config(tiny_model_dir, root / "run", "florist"), root / "florist.toml")
     deployment = Deployment(root)
     processes = []
     try:
@@ -97,7 +73,7 @@ def deployed(tiny_model_dir, tmp_path_factory) -> DeployedRun:
 
 @pytest.fixture(scope="module")
 def simulated(tiny_model_dir, tmp_path_factory) -> Path:
-    return run_federation(small_federation(tiny_model_dir, tmp_path_factory.mktemp("simulation") / "run"))
+    return run_federation(federation_config(tiny_model_dir, tmp_path_factory.mktemp("simulation") / "run", "florist"))
 
 
 def test_flwr_run_completes_every_round_on_the_three_supernodes(deployed):
@@ -113,18 +89,26 @@ def test_flwr_run_completes_every_round_on_the_three_supernodes(deployed):
     assert f"round {ROUNDS}" in deployed.server_log
 
 
-def without_process_readings(value):
-    """A metrics record without what differs between two runs of the same federation on any engine:
-    wall-clock readings, memory peaks, and the node ids the engine assigned."""
-    if isinstance(value, dict):
-        return {
-            key: without_process_readings(item)
-            for key, item in value.items()
-            if not any(word in key for word in ("seconds", "rss", "node"))
-        }
-    if isinstance(value, list):
-        return [without_process_readings(item) for item in value]
-    return value
+def comparable(record: dict) -> dict:
+    """A metrics record as two runs of one federation on any engine must agree on: every node id
+    (the engines assign their own) replaced by its site's partition, without wall-clock and memory
+    readings, and with lists in a canonical order (replies are listed as they arrived)."""
+    site = {str(client["node"]): f"site{client['partition']}" for client in record.get("clients", [])}
+
+    def canonical(value):
+        if isinstance(value, dict):
+            return {site.get(key, key): canonical(item) for key, item in value.items()
+                    if not any(word in key for word in ("seconds", "rss"))}
+        if isinstance(value, list):
+            return sorted((canonical(item) for item in value), key=lambda item: json.dumps(item, sort_keys=True))
+        if isinstance(value, int) and not isinstance(value, bool):
+            return site.get(str(value), value)
+        if isinstance(value, str):
+            for node, name in site.items():
+                value = value.replace(node, name)
+        return value
+
+    return canonical(record)
 
 
 def test_deployment_gives_the_simulations_result(deployed, simulated):
@@ -132,7 +116,7 @@ def test_deployment_gives_the_simulations_result(deployed, simulated):
     deployed_rounds, simulated_rounds = read_rounds(deployed.run_dir), read_rounds(simulated)
     assert len(deployed_rounds) == len(simulated_rounds) == ROUNDS + 1
     for deployed_round, simulated_round in zip(deployed_rounds, simulated_rounds, strict=True):
-        assert without_process_readings(deployed_round) == without_process_readings(simulated_round)
+        assert comparable(deployed_round) == comparable(simulated_round)
     # The rounds did train: the check above compares changing numbers, not two copies of the base.
     assert deployed_rounds[-1]["evaluation"]["test_loss"] != deployed_rounds[0]["evaluation"]["test_loss"]
 

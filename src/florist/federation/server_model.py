@@ -16,6 +16,8 @@ from florist.config import RunConfig
 from florist.data import Example
 from florist.evaluation import evaluate, instruction_loss
 from florist.evaluation.mmlu import Question
+from florist.federation.identity import identity_of
+from florist.files import follow_umask
 from florist.lora.adapters import write_adapter
 from florist.lora.model import merge_into_base
 from florist.models import best_device, load_model, resolve_model
@@ -40,10 +42,12 @@ class ServerModel:
         if not self.targets:
             raise ValueError(f"model {config.model.name} has no linear layers named {config.model.target_modules}")
         self.pristine = {name: module.weight.detach().clone() for name, module in self.targets.items()}
+        self.identity = identity_of(config, self.model)
 
     @property
-    def in_features(self) -> dict[str, int]:
-        return {name: module.in_features for name, module in self.targets.items()}
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """(m, n) of every adapted weight: what a client's factors must fit."""
+        return {name: (module.out_features, module.in_features) for name, module in self.targets.items()}
 
     @torch.no_grad()
     def set_state(self, merged: Sequence[Mapping[str, GlobalModule]], adapter: Mapping[str, GlobalModule] | None) -> None:
@@ -87,7 +91,15 @@ class ServerModel:
         self.model.save_pretrained(staging / "model")
         self.tokenizer.save_pretrained(staging / "model")
         write_adapter(staging / "adapter", dict(adapter), self.adapter_config)
+        follow_umask(staging)
+        # A resumed run that goes past a finished one replaces its final model; the old one is
+        # removed only once the new one is in place.
+        previous = target.with_name(f".{target.name}-previous")
+        if target.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            target.rename(previous)
         staging.rename(target)
+        shutil.rmtree(previous, ignore_errors=True)
 
     @property
     def adapter_config(self) -> dict:

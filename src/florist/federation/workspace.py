@@ -18,10 +18,12 @@ from transformers import PreTrainedTokenizerBase
 
 from florist.aggregation import GlobalModule
 from florist.config import RunConfig
+from florist.data import Example
 from florist.data.tokenize import encode
-from florist.federation.datasets import federated_data
+from florist.federation.identity import identity_of
+from florist.federation.messages import Identity
 from florist.lora.model import merge_into_base
-from florist.models import best_device, load_model
+from florist.models import load_model
 
 Update = tuple[str, dict[str, GlobalModule]]
 """(identifier, modules) of one merged global update; identifiers are unique within a run."""
@@ -32,15 +34,16 @@ class Workspace:
     config: RunConfig
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
-    pristine: dict[str, torch.Tensor]
+    identity: Identity
+    pristine: dict[str, torch.Tensor] = field(default_factory=dict)
     merged: list[str] = field(default_factory=list)
-    features: dict[int, list[dict]] = field(default_factory=dict)
+    tokenised: dict[int, list[dict]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, config: RunConfig) -> Workspace:
-        model, tokenizer = load_model(config.model.name, best_device())
+    def load(cls, config: RunConfig, device: str) -> Workspace:
+        model, tokenizer = load_model(config.model.name, device)
         model.requires_grad_(False)
-        return cls(config, model, tokenizer, {})
+        return cls(config, model, tokenizer, identity_of(config, model))
 
     def base_after(self, chain: Sequence[Update]) -> nn.Module:
         """The base model with exactly `chain` merged, as a private copy the caller may wrap."""
@@ -60,22 +63,21 @@ class Workspace:
                 self.model.get_submodule(name).weight.copy_(weight)
         self.merged = []
 
-    def client_features(self, partition: int) -> list[dict]:
-        """Tokenised training examples of one client, tokenised once per process."""
-        if partition not in self.features:
-            examples = federated_data(self.config).clients[partition]
+    def features(self, partition: int, examples: list[Example]) -> list[dict]:
+        """One client's training examples, tokenised once per process."""
+        if partition not in self.tokenised:
             data = self.config.data
-            self.features[partition] = [encode(self.tokenizer, e, data.template, data.max_length) for e in examples]
-        return self.features[partition]
+            self.tokenised[partition] = [encode(self.tokenizer, e, data.template, data.max_length) for e in examples]
+        return self.tokenised[partition]
 
 
 _current: tuple[str, Workspace] | None = None
 
 
-def workspace_for(config: RunConfig, run_id: int) -> Workspace:
-    """This process's workspace for a run; a new run or configuration replaces it."""
+def workspace_for(config: RunConfig, run_id: int, device: str) -> Workspace:
+    """This process's workspace for a run; a new run, configuration or device replaces it."""
     global _current
-    key = f"{run_id}:{config.model_dump_json()}"
+    key = f"{run_id}:{device}:{config.model_dump_json()}"
     if _current is None or _current[0] != key:
-        _current = (key, Workspace.load(config))
+        _current = (key, Workspace.load(config, device))
     return _current[1]

@@ -7,8 +7,9 @@ import math
 from collections.abc import Mapping
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from florist.aggregation import GlobalModule, LoraFactors
@@ -44,6 +45,48 @@ def read_factors(model: PeftModel) -> dict[str, LoraFactors]:
         )
         for name, layer in lora_layers(model).items()
     }
+
+
+def read_dense(model: PeftModel) -> dict[str, torch.Tensor]:
+    """Detached copies of the tensors the adapter trains in full (biases, modules_to_save), named as
+    peft saves them and `read_adapter` reads them: the path in the base model, e.g. lm_head.weight."""
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    return {
+        key.removeprefix(PEFT_PREFIX): tensor.detach().float().cpu().clone()
+        for key, tensor in state.items()
+        if ".lora_" not in key
+    }
+
+
+def _dense_parameter(model: nn.Module, name: str) -> torch.Tensor:
+    """The live tensor behind a `read_dense` name, in a PeftModel (its modules_to_save copy) or in a plain model."""
+    if isinstance(model, PeftModel):
+        root = model.get_base_model()
+    else:
+        # Merged into a plain model, a LoRA layer's base_layer.bias is the layer's own bias.
+        root, name = model, name.replace(".base_layer.", ".")
+    path, _, parameter = name.rpartition(".")
+    try:
+        module = root.get_submodule(path)
+        if isinstance(module, ModulesToSaveWrapper):
+            module = module.modules_to_save[ADAPTER]
+        tensor = getattr(module, parameter)
+    except AttributeError:
+        tensor = None
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"the model has no tensor {name} to load a trained-in-full value into")
+    return tensor
+
+
+@torch.no_grad()
+def load_dense(model: nn.Module, dense: Mapping[str, torch.Tensor]) -> None:
+    """Set each tensor trained in full to its aggregated value, in a PeftModel (clients continuing
+    from the global adapter) or in a plain model (the server, or clients merging each update)."""
+    for name, value in dense.items():
+        tensor = _dense_parameter(model, name)
+        if tensor.shape != value.shape:
+            raise ValueError(f"{name} is {tuple(tensor.shape)} in the model but {tuple(value.shape)} in the aggregate")
+        tensor.copy_(value)
 
 
 @torch.no_grad()
