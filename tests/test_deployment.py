@@ -1,13 +1,16 @@
 """Flower's deployment engine on loopback: a SuperLink and three SuperNodes as separate processes,
-TLS and SuperNode authentication on, the job submitted with `flwr run` as an operator would, and
-its run directory checked against the same configuration run in simulation.
+TLS and SuperNode authentication on, each SuperNode with its own data file, the job submitted
+with `flwr run` as an operator would, and its run directory checked against the same federation
+run in simulation.
 
-The apps are driven only through the run config's `config-file`, so these tests hold while the
-apps' internals change. About 2 minutes on the 2-core reference machine (BENCHMARKS.md).
+The apps are driven only through the run config's `config-file` and the nodes' `--node-config`,
+so these tests hold while the apps' internals change. The module takes about 4 minutes on the
+shared 2-core machine at load 7 to 16, most of it the two runs (BENCHMARKS.md, "Deployment engine").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -24,6 +27,7 @@ from safetensors.torch import load_file
 from deployment import PROJECT, Deployment, still_running
 from federations import CLIENT_RANKS, ROUNDS, federation_config
 from florist.config import RunConfig
+from florist.federation.datasets import federated_data
 from florist.federation.simulation import run_federation
 from florist.reporting.run_directory import read_rounds
 
@@ -50,8 +54,26 @@ class DeployedRun:
         return f"{self.status}: {details}\n{self.server_log[-4000:]}"
 
 
+def write_examples(path: Path, examples: list) -> None:
+    path.write_text(json.dumps([dataclasses.asdict(example) for example in examples]))
+
+
 @pytest.fixture(scope="module")
-def deployed(tiny_model_dir, tmp_path_factory) -> DeployedRun:
+def site_data(tiny_model_dir, tmp_path_factory) -> Path:
+    """Each site's own training file, laid out as `data.partition = "given"` reads a directory
+    (client_<k>.json beside test.json): the embedded task's split of the run's configuration, each
+    client's examples reversed, so that a node that ignored its data= file and derived its part of
+    the split instead would train on other batches, and its result would differ."""
+    directory = tmp_path_factory.mktemp("sites")
+    split = federated_data(federation_config(tiny_model_dir, directory / "unused", "florist"))
+    for site, examples in enumerate(split.clients):
+        write_examples(directory / f"client_{site}.json", examples[::-1])
+    write_examples(directory / "test.json", split.test)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def deployed(tiny_model_dir, site_data, tmp_path_factory) -> DeployedRun:
     root = tmp_path_factory.mktemp("deployment")
     config = write_config(federation_config(tiny_model_dir, root / "run", "florist"), root / "florist.toml")
     deployment = Deployment(root)
@@ -59,7 +81,7 @@ def deployed(tiny_model_dir, tmp_path_factory) -> DeployedRun:
     try:
         deployment.start_superlink()
         for site in range(SITES):
-            deployment.add_supernode(f"site{site}", {"partition-id": site, "num-partitions": SITES})
+            deployment.add_supernode(f"site{site}", {"partition-id": site, "data": str(site_data / f"client_{site}.json")})
         deployment.wait_for_nodes()
         run_id = deployment.submit({"config-file": str(config)})
         status = deployment.wait(run_id, RUN_TIMEOUT_SECONDS)
@@ -72,8 +94,11 @@ def deployed(tiny_model_dir, tmp_path_factory) -> DeployedRun:
 
 
 @pytest.fixture(scope="module")
-def simulated(tiny_model_dir, tmp_path_factory) -> Path:
-    return run_federation(federation_config(tiny_model_dir, tmp_path_factory.mktemp("simulation") / "run", "florist"))
+def simulated(tiny_model_dir, site_data, tmp_path_factory) -> Path:
+    """The same federation in simulation, its clients reading the sites' files from one directory."""
+    run_dir = tmp_path_factory.mktemp("simulation") / "run"
+    given = [f"data.source={json.dumps(str(site_data))}", 'data.partition="given"']
+    return run_federation(federation_config(tiny_model_dir, run_dir, "florist", *given))
 
 
 def test_flwr_run_completes_every_round_on_the_three_supernodes(deployed):
