@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from florist.aggregation import GlobalModule, LoraFactors
 from florist.federation import client_app, payload
 from florist.federation.client_app import evaluate_round, train_round
-from florist.federation.delivery import update_digest
+from florist.federation.delivery import GlobalUpdate, update_digest
 from florist.federation.identity import identity_of
 from florist.federation.messages import ADAPTER, GAP, GLOBAL, IDENTITY, METRICS, MISMATCH, TRAINED, Instruction, instruction_content, update_key
 from florist.federation.node import NodeSettings
@@ -89,7 +89,7 @@ def random_update(pristine: dict[str, torch.Tensor], rank: int, scale: float, se
 def instruction(config, base_model, server_round: int, node: int, chain: list[dict], payloads: dict, factors: str = "AB", kind=MessageType.TRAIN) -> Message:
     """What the server sends: the chain's digests, and the payloads named (update:<i> or global)."""
     identity = identity_of(config, base_model)
-    content = instruction_content(Instruction(server_round, [update_digest(u) for u in chain], identity.fingerprint, identity.model_digest))
+    content = instruction_content(Instruction(server_round, [update_digest(GlobalUpdate(u)) for u in chain], identity.fingerprint, identity.model_digest))
     for key, modules in payloads.items():
         payload.put(content, key, modules, "float32", factors=factors)
     return Message(content, dst_node_id=node, message_type=kind)
