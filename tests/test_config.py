@@ -149,7 +149,7 @@ def test_a_good_configuration_prepares(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     "case",
     ["not a model directory", "missing field", "more clients than examples",
-     "no test split", "given without a directory", "non-empty run directory", "unreadable MMLU file"],
+     "no test split", "given without a directory", "non-empty run directory", "unreadable MMLU file", "tied modules_to_save"],
 )
 def test_bad_run_inputs_are_refused_before_training(case, tiny_model_dir, tmp_path, no_simulation):
     examples = [{"instruction": f"q{k}", "response": f"a{k}"} for k in range(3)]
@@ -169,6 +169,7 @@ def test_bad_run_inputs_are_refused_before_training(case, tiny_model_dir, tmp_pa
         "given without a directory": ([f'data.source="{three}"', 'data.partition="given"'], str(three)),
         "non-empty run directory": ([], str(tmp_path / "run")),
         "unreadable MMLU file": ([f"evaluation.mmlu={json.dumps(str(tmp_path / 'mmlu.json'))}"], str(tmp_path / "mmlu.json")),
+        "tied modules_to_save": (['model.modules_to_save=["lm_head"]'], "lm_head.weight is tied to model.embed_tokens.weight"),
     }[case]
     (tmp_path / "mmlu.json").write_text("{not JSON")
     if case == "non-empty run directory":

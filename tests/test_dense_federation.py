@@ -290,7 +290,7 @@ def test_a_default_run_refuses_tensors_trained_in_full(tiny_qwen2_dir, tmp_path,
     [
         ("qwen2", ['model.modules_to_save=["score"]'], "model.modules_to_save entry 'score': model .* has no such module"),
         ("llama", ['model.lora_bias="lora_only"'], "model.lora_bias 'lora_only': the adapted layers of model .* have no bias to train"),
-        ("llama", ['model.modules_to_save=["lm_head"]'], "model.modules_to_save: lm_head.weight is tied to model.embed_tokens.weight"),
+        ("llama", ['model.modules_to_save=["lm_head"]'], "model.modules_to_save entry .lm_head.: lm_head.weight is tied to model.embed_tokens.weight"),
     ],
     ids=["no-such-module", "no-bias", "tied"],
 )

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from florist.aggregation import ClientAdapter
-from florist.config import RunConfig
+from florist.config import ModelConfig, RunConfig
 from florist.data import Example
 from florist.evaluation import evaluate, instruction_loss
 from florist.evaluation.mmlu import Question
@@ -20,7 +21,7 @@ from florist.federation.identity import identity_of
 from florist.files import follow_umask
 from florist.lora.adapters import write_adapter
 from florist.federation.delivery import GlobalUpdate, apply_update
-from florist.lora.model import model_tensor, trained_in_full_shapes
+from florist.lora.model import model_tensor, trained_in_full_shapes, weightless_model
 from florist.models import best_device, load_model, resolve_model
 from florist.reporting.run_directory import write_atomically
 
@@ -34,28 +35,36 @@ def adapted_modules(model: nn.Module, target_modules: Sequence[str]) -> dict[str
     }
 
 
-def trained_in_full(model: nn.Module, config: RunConfig) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor that `model.lora_bias` and `model.modules_to_save` train in full,
-    by `read_dense` name; settings that would train nothing, or a tied tensor, are refused."""
-    settings = config.model
-    shapes = trained_in_full_shapes(model, settings.target_modules, settings.lora_bias, settings.modules_to_save)
+def trained_in_full(settings: ModelConfig, model_config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor that `model.lora_bias` and `model.modules_to_save` train in full, by
+    `read_dense` name, found on a weightless copy of the model; settings that would train nothing,
+    or a module tied to another, are refused."""
+    skeleton = weightless_model(model_config)
+    owners: dict[int, list[str]] = {}
+    for name, parameter in skeleton.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(parameter), []).append(name)
+    for names in (names for names in owners.values() if len(names) > 1):
+        for entry in settings.modules_to_save:
+            module = next((n for n in names if _is_module(n.rpartition(".")[0], entry)), None)
+            if module is not None:
+                other = next(n for n in names if n != module)
+                raise ValueError(
+                    f"model.modules_to_save entry {entry!r}: {module} is tied to {other} in model {settings.name}; "
+                    "averaging it would change both, which peft's adapter does not"
+                )
+    shapes = trained_in_full_shapes(skeleton, settings.target_modules, settings.lora_bias, settings.modules_to_save)
     if settings.lora_bias != "none" and not any(name.endswith(".bias") for name in shapes):
         layers = "adapted layers" if settings.lora_bias == "lora_only" else "layers"
         raise ValueError(f"model.lora_bias {settings.lora_bias!r}: the {layers} of model {settings.name} have no bias to train")
-    for module in settings.modules_to_save:
-        owners = {name.rpartition(".")[0] for name in shapes}
-        if not any(owner == module or owner.endswith(f".{module}") for owner in owners):
-            raise ValueError(f"model.modules_to_save entry {module!r}: model {settings.name} has no such module")
-    parameters = list(model.named_parameters(remove_duplicate=False))
-    for name in shapes:
-        tensor = model_tensor(model, name)
-        tied = [other for other, parameter in parameters if parameter is tensor and other != name.replace(".base_layer.", ".")]
-        if tied:
-            raise ValueError(
-                f"model.modules_to_save: {name} is tied to {tied[0]} in model {settings.name}; the average would change both, "
-                "which peft's adapter does not; train an untied module"
-            )
+    for entry in settings.modules_to_save:
+        if not any(_is_module(name.rpartition(".")[0], entry) for name in shapes):
+            raise ValueError(f"model.modules_to_save entry {entry!r}: model {settings.name} has no such module")
     return shapes
+
+
+def _is_module(path: str, entry: str) -> bool:
+    """Whether a modules_to_save entry names the module at `path`, as peft matches it."""
+    return path == entry or path.endswith(f".{entry}")
 
 
 class ServerModel:
@@ -66,7 +75,7 @@ class ServerModel:
         self.targets = adapted_modules(self.model, config.model.target_modules)
         if not self.targets:
             raise ValueError(f"model {config.model.name} has no linear layers named {config.model.target_modules}")
-        self.dense_shapes = trained_in_full(self.model, config)
+        self.dense_shapes = trained_in_full(config.model, self.model.config)
         # Keyed as model_tensor finds them: the adapted weights, and the tensors trained in full.
         tensors = [f"{name}.weight" for name in self.targets] + list(self.dense_shapes)
         self.pristine = {name: model_tensor(self.model, name).detach().clone() for name in tensors}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
@@ -12,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from florist.aggregation import GlobalModule, LoraFactors
 
@@ -43,14 +42,19 @@ def attach_lora(
     return get_peft_model(model, config)
 
 
+def weightless_model(model_config: PretrainedConfig) -> PreTrainedModel:
+    """The causal LM a configuration describes, on the meta device: its structure (tied weights
+    included) without its memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config)
+
+
 def trained_in_full_shapes(
     model: PreTrainedModel, target_modules: Sequence[str], bias: str, modules_to_save: Sequence[str]
 ) -> dict[str, tuple[int, ...]]:
-    """The names and shapes `read_dense` gives for a LoRA with these options on `model`, found on a
-    weightless copy (meta device), so that peft's own choice of tensors is the reference."""
-    with torch.device("meta"):
-        skeleton = type(model)(copy.deepcopy(model.config))
-    peft_model = attach_lora(skeleton, 1, 1.0, target_modules, bias=bias, modules_to_save=modules_to_save)
+    """The names and shapes `read_dense` gives for a LoRA with these options, peft's own choice of
+    tensors. `model` is wrapped in place: give it a `weightless_model`."""
+    peft_model = attach_lora(model, 1, 1.0, target_modules, bias=bias, modules_to_save=modules_to_save)
     state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER)
     return {key.removeprefix(PEFT_PREFIX): tuple(tensor.shape) for key, tensor in state.items() if ".lora_" not in key}
 
