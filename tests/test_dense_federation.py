@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from federations import ROUNDS, federation_config
 from flwr.app import Message, RecordDict
+from local_grid import LocalGrid
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -29,9 +31,6 @@ from florist.federation.server_model import ServerModel
 from florist.lora.adapters import read_adapter, read_adapters
 from florist.lora.model import load_dense, model_tensor, read_dense
 from florist.reporting.run_directory import read_rounds
-
-from federations import ROUNDS, federation_config
-from local_grid import LocalGrid
 
 NODES = {101: 0, 202: 1, 303: 2}
 BIASES = {i: [f"model.layers.{i}.self_attn.{m}_proj.base_layer.bias" for m in "qv"] for i in (0, 1)}

@@ -16,9 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from florist.aggregation import GlobalModule
+from florist.config import RunConfig, first_difference, load_config
 from florist.federation.delivery import GlobalUpdate
 from florist.federation.payload import DENSE_PREFIX
-from florist.config import RunConfig, first_difference, load_config
 from florist.reporting.run_directory import write_atomically
 
 DIRECTORY = "checkpoint"

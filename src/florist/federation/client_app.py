@@ -34,7 +34,15 @@ from florist.federation.node import NodeSettings, node_data
 from florist.federation.resources import peak_rss_mib
 from florist.federation.settings import config_from_run_config
 from florist.federation.workspace import Update, Workspace, workspace_for
-from florist.lora.model import attach_lora, freeze_shared_A, frozen_lora_A, load_dense, load_global, read_dense, read_factors
+from florist.lora.model import (
+    attach_lora,
+    freeze_shared_A,
+    frozen_lora_A,
+    load_dense,
+    load_global,
+    read_dense,
+    read_factors,
+)
 from florist.training import train_lora
 
 CHAIN_DIGESTS = "chain-digests"
@@ -62,12 +70,15 @@ def held_chain(state: RecordDict, digests: list[str]) -> list[Update] | int:
     return chain
 
 
-def _reply(msg: Message, workspace: Workspace, status: str, metrics: dict, adapter: GlobalUpdate | None = None) -> Message:
+def _reply(
+    msg: Message, workspace: Workspace, status: str, metrics: dict, adapter: dict | None = None, dense: dict | None = None
+) -> Message:
+    """The reply; a trained one carries the client's LoRA factors and its tensors trained in full."""
     content = RecordDict({IDENTITY: workspace.identity.record(status), METRICS: MetricRecord(metrics)})
     if adapter is not None:
         # FFA-LoRA's A is frozen and derivable from the shared seed: only B travels.
         factors = "B" if workspace.config.aggregation.method == "ffa" else "AB"
-        payload.put(content, ADAPTER, adapter.modules, workspace.config.wire.upload, factors=factors, dense=adapter.dense)
+        payload.put(content, ADAPTER, adapter, workspace.config.wire.upload, factors=factors, dense=dense)
     return Message(content, reply_to=msg)
 
 
@@ -145,7 +156,7 @@ def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
     factors = read_factors(model)
     if config.wire.client_tau < 1:
         factors = {name: truncate_update(f, config.wire.client_tau) for name, f in factors.items()}
-    return _reply(msg, workspace, TRAINED, metrics, GlobalUpdate(factors, read_dense(model)))
+    return _reply(msg, workspace, TRAINED, metrics, factors, read_dense(model))
 
 
 def evaluate_round(config: RunConfig, msg: Message, context: Context) -> Message:

@@ -17,10 +17,10 @@ from florist.config import ModelConfig, RunConfig
 from florist.data import Example
 from florist.evaluation import evaluate, instruction_loss
 from florist.evaluation.mmlu import Question
+from florist.federation.delivery import GlobalUpdate, apply_update
 from florist.federation.identity import identity_of
 from florist.files import follow_umask
 from florist.lora.adapters import write_adapter
-from florist.federation.delivery import GlobalUpdate, apply_update
 from florist.lora.model import model_tensor, trained_in_full_shapes, weightless_model
 from florist.models import best_device, load_model, resolve_model
 from florist.reporting.run_directory import write_atomically
