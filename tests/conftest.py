@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random Llama saved as a model directory that `model.name` can point to."""
+"""Shared fixtures: a tiny random Llama (and Qwen2) saved as a model directory that `model.name` can point to."""
 
 from __future__ import annotations
 
@@ -6,13 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from florist.models import EMBEDDED_MODEL, resolve_model
 
@@ -62,3 +56,17 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`tiny_model_dir` as a Qwen2: biased q/k/v projections and an untied lm_head, what peft's
     `bias` and `modules_to_save` train in full."""
     return _save_tiny(Qwen2ForCausalLM, Qwen2Config, TINY_QWEN2, tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture
+def server_task(monkeypatch):
+    """This process plays a Flower task (messages can only be built inside one), and gets its torch
+    thread count back afterwards (a ClientApp sets the node's)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -22,6 +22,8 @@ from florist.lora.model import frozen_lora_A, lora_layers, read_factors
 
 from federations import CLIENT_RANKS, federation_config
 
+pytestmark = pytest.mark.usefixtures("server_task")
+
 
 @dataclass
 class Observed:
@@ -54,14 +56,6 @@ def observed(monkeypatch) -> list[Observed]:
     yield calls
     torch.set_num_threads(threads)  # train_round sets the node's thread count
 
-
-@pytest.fixture(autouse=True)
-def server_task(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +289,31 @@ def test_a_node_evaluates_the_global_model_on_its_own_held_out_examples(tiny_mod
     merge_into_base(model, first)
     expected = instruction_loss(model, AutoTokenizer.from_pretrained(tiny_model_dir), load_examples(held_out), template="chatml", max_length=config.data.max_length)
     assert float(metrics["test_loss"]) == pytest.approx(expected.mean_nll, abs=1e-5)
+
+
+def test_a_node_scores_each_cut_of_the_exact_update_on_its_validation_examples(tiny_model_dir, tmp_path, base_model, pristine):
+    from flwr.app import ConfigRecord
+    from transformers import AutoTokenizer
+
+    from florist.evaluation import instruction_loss
+    from florist.federation.client_app import score_round
+    from florist.federation.messages import CANDIDATE, CUTS, SCORED
+    from florist.federation.node import node_data
+    from florist.lora.model import merge_into_base
+
+    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", "data.validation_fraction=0.3", "aggregation.tau_candidates=[0.5, 1.0]")
+    exact = random_update(pristine, 5, 1.0, seed=7)
+    cuts = [{name: 2 for name in exact}, {name: 5 for name in exact}]
+    message = instruction(config, base_model, 1, 21, [], {CANDIDATE: exact}, kind=MessageType.QUERY)
+    message.content[CUTS] = ConfigRecord({"ranks": json.dumps(cuts)})
+    reply = score_round(config, message, context(21, partition=1))
+    assert status(reply) == SCORED
+    validation = node_data(config, NodeSettings.from_node_config({"partition-id": 1}, config)).validation
+    assert validation
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for index, ranks in enumerate(cuts):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        merge_into_base(model, {n: GlobalModule(A=m.A[: ranks[n]], B=m.B[:, : ranks[n]], scale=m.scale) for n, m in exact.items()})
+        expected = instruction_loss(model, tokenizer, validation, template="chatml", max_length=config.data.max_length)
+        assert float(reply.content[METRICS][f"loss-{index}"]) == pytest.approx(expected.mean_nll, abs=1e-5)
+    assert int(reply.content[METRICS]["tokens"]) == expected.tokens

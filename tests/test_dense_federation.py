@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from federations import ROUNDS, federation_config
 from flwr.app import Message, RecordDict
-from local_grid import LocalGrid
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -31,6 +29,9 @@ from florist.federation.server_model import ServerModel
 from florist.lora.adapters import read_adapter, read_adapters
 from florist.lora.model import load_dense, model_tensor, read_dense
 from florist.reporting.run_directory import read_rounds
+
+from federations import ROUNDS, federation_config
+from local_grid import LocalGrid
 
 NODES = {101: 0, 202: 1, 303: 2}
 BIASES = {i: [f"model.layers.{i}.self_attn.{m}_proj.base_layer.bias" for m in "qv"] for i in (0, 1)}
@@ -53,19 +54,6 @@ def dense_config(model_dir: Path, run_dir: Path, method: str, *extra: str) -> Ru
 
 def grid_for(config: RunConfig, nodes: dict[int, int] = NODES) -> LocalGrid:
     return LocalGrid(build_client_app(config), {node: {"partition-id": p} for node, p in nodes.items()})
-
-
-@pytest.fixture
-def flower_task(monkeypatch):
-    """Messages can only be built inside a Flower task; this process plays the ServerApp's."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    threads = torch.get_num_threads()
-    yield monkeypatch
-    torch.set_num_threads(threads)
 
 
 @dataclass
@@ -94,7 +82,6 @@ def run_federation(monkeypatch, config: RunConfig) -> Federation:
     monkeypatch.setattr(client_app, "train_lora", spy)
     monkeypatch.setattr(client_app, "train_round", tracking)
     path = serve(config, grid_for(config))
-    monkeypatch.undo()
     return Federation(config.aggregation.method, config, path, started)
 
 
@@ -188,7 +175,7 @@ def test_the_final_model_and_adapter_loaded_with_peft_give_the_servers_final_eva
     assert abs(loss(model) - summary["final"]["test_loss"]) > 1e-4
 
 
-def test_a_resumed_run_equals_the_uninterrupted_one(federation, flower_task, tmp_path):
+def test_a_resumed_run_equals_the_uninterrupted_one(federation, server_task, tmp_path):
     config = dense_config(federation.config.model.name, tmp_path / "crashed", federation.method)
     grid = grid_for(config)
 
@@ -254,7 +241,7 @@ HOSTILE = {
 }
 
 
-def test_a_hostile_tensor_trained_in_full_is_rejected_with_its_reason(tiny_qwen2_dir, tmp_path, flower_task):
+def test_a_hostile_tensor_trained_in_full_is_rejected_with_its_reason(tiny_qwen2_dir, tmp_path, server_task):
     nodes = {100 + k: k for k in range(3 + len(HOSTILE))}
     config = federation_config(
         tiny_qwen2_dir, tmp_path / "run", "florist", 'model.lora_bias="lora_only"', "federation.rounds=1", "evaluation.base=false",
@@ -275,7 +262,7 @@ def test_a_hostile_tensor_trained_in_full_is_rejected_with_its_reason(tiny_qwen2
     assert_close(adapter.dense, weighted_mean(tmp_path / "run", 1))
 
 
-def test_a_default_run_refuses_tensors_trained_in_full(tiny_qwen2_dir, tmp_path, flower_task):
+def test_a_default_run_refuses_tensors_trained_in_full(tiny_qwen2_dir, tmp_path, server_task):
     config = federation_config(tiny_qwen2_dir, tmp_path / "run", "fedit", "federation.rounds=1", "evaluation.base=false", "federation.min_clients=2")
     grid = grid_for(config)
     grid.nodes[303].tamper = _tampered(lambda dense: dense.update({"lm_head.weight": torch.zeros(3, 3)}))
@@ -297,3 +284,12 @@ def test_settings_that_would_train_nothing_or_a_tied_tensor_are_refused(tiny_qwe
     directory = tiny_qwen2_dir if model == "qwen2" else tiny_model_dir
     with pytest.raises(ValueError, match=message):
         ServerModel(federation_config(directory, tmp_path / "run", "florist", *settings))
+
+
+def test_automatic_tau_keeps_the_tensors_trained_in_full_with_the_chosen_cut(tiny_qwen2_dir, tmp_path, server_task, monkeypatch):
+    config = dense_config(tiny_qwen2_dir, tmp_path / "run", "florist", "data.validation_fraction=0.3", "aggregation.tau_candidates=[0.5, 1.0]")
+    federation = run_federation(monkeypatch, config)
+    for partition in NODES.values():
+        assert_close(federation.started[(2, partition)], weighted_mean(federation.path, 1))
+    _, adapter = read_adapter(federation.path / "final" / "adapter")
+    assert_close(adapter.dense, weighted_mean(federation.path, ROUNDS))

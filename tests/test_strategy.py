@@ -19,6 +19,8 @@ CLIENT_RANKS = [2, 4, 8]
 MODULES = {"layers.0.q_proj": (6, 5), "layers.0.v_proj": (4, 5)}
 PARTITION_OF = {11: 0, 22: 1, 33: 2}
 
+pytestmark = pytest.mark.usefixtures("server_task")
+
 
 def identity_for(config: RunConfig, digest: str = "model-digest") -> Identity:
     settings = config.shared_settings()
@@ -88,15 +90,6 @@ def assert_modules_equal(received: dict[str, dict], expected: dict[str, GlobalMo
         for factor in factors:
             assert torch.equal(received[name][factor], getattr(module, factor).float())
 
-
-@pytest.fixture(autouse=True)
-def server_task(monkeypatch):
-    """Messages can only be built inside a Flower task; this process plays the ServerApp's."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
 
 
 @pytest.mark.parametrize("method", ["florist", "flora"])

@@ -136,16 +136,6 @@ def test_bad_wire_settings_are_refused_before_anything_runs():
         load_config(None, ["wire.client_tau=0.9", 'aggregation.method="ffa"'])
 
 
-@pytest.fixture
-def server_task(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(tiny_model_dir, tmp_path, name: str, *extra: str):

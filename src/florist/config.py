@@ -169,6 +169,12 @@ class AggregationConfig(Section):
     tau: float = Field(0.9, gt=0, le=1)
     max_rank: int | None = Field(None, ge=1)
     route: str = "gram"
+    tau_candidates: list[float] = []
+    """Automatic tau (FLoRIST): each round, the clients score these truncations of the exact
+    aggregate on their own validation examples and the round keeps the smallest tau whose loss is
+    within `tau_tolerance` of the best. Empty: the fixed `tau`."""
+    tau_tolerance: float = Field(0.0, ge=0)
+    """Nats of validation loss a smaller tau may lose against the best candidate and still win."""
 
     @model_validator(mode="after")
     def _known_names(self) -> AggregationConfig:
@@ -176,12 +182,21 @@ class AggregationConfig(Section):
             raise ValueError(f"aggregation.method {self.method!r} is unknown; choose from {', '.join(METHODS)}")
         if self.route not in ROUTES:
             raise ValueError(f"aggregation.route {self.route!r} is unknown; choose from {', '.join(ROUTES)}")
+        if self.tau_candidates:
+            if self.method != "florist":
+                raise ValueError(f"aggregation.tau_candidates choose FLoRIST's tau; method {self.method!r} has none")
+            if any(not 0 < tau <= 1 for tau in self.tau_candidates):
+                raise ValueError(f"aggregation.tau_candidates must all be in (0, 1], got {self.tau_candidates}")
         return self
 
+    @property
+    def automatic_tau(self) -> bool:
+        return bool(self.tau_candidates)
+
     def options(self) -> dict:
-        """Keyword options of the chosen aggregator."""
+        """Keyword options of the chosen aggregator (automatic tau aggregates exactly, then cuts)."""
         if self.method == "florist":
-            return {"tau": self.tau, "max_rank": self.max_rank, "route": self.route}
+            return {"tau": 1.0 if self.automatic_tau else self.tau, "max_rank": self.max_rank, "route": self.route}
         return {}
 
 
@@ -318,6 +333,14 @@ class RunConfig(Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     validation: ValidationConfig = ValidationConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _automatic_tau_has_validation_data(self) -> RunConfig:
+        if self.aggregation.automatic_tau and not self.data.validation_fraction:
+            raise ValueError(
+                "aggregation.tau_candidates needs the clients' validation examples: set data.validation_fraction > 0"
+            )
+        return self
 
     @model_validator(mode="after")
     def _truncation_keeps_ffa_shared_A(self) -> RunConfig:

@@ -8,23 +8,28 @@ silently misses an update.
 
 from __future__ import annotations
 
+import json
+
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from florist.aggregation import GlobalModule, truncate_update
 from florist.config import RunConfig
-from florist.evaluation import evaluate
+from florist.evaluation import evaluate, instruction_loss
 from florist.federation import payload
 from florist.federation.delivery import GlobalUpdate, apply_update, update_digest
 from florist.federation.messages import (
     ADAPTER,
+    CANDIDATE,
+    CUTS,
     EVALUATED,
     GAP,
     GLOBAL,
     IDENTITY,
     METRICS,
     MISMATCH,
+    SCORED,
     TRAINED,
     UPDATE_PREFIX,
     Instruction,
@@ -34,15 +39,7 @@ from florist.federation.node import NodeSettings, node_data
 from florist.federation.resources import peak_rss_mib
 from florist.federation.settings import config_from_run_config
 from florist.federation.workspace import Update, Workspace, workspace_for
-from florist.lora.model import (
-    attach_lora,
-    freeze_shared_A,
-    frozen_lora_A,
-    load_dense,
-    load_global,
-    read_dense,
-    read_factors,
-)
+from florist.lora.model import attach_lora, freeze_shared_A, frozen_lora_A, load_dense, load_global, merge_into_base, read_dense, read_factors
 from florist.training import train_lora
 
 CHAIN_DIGESTS = "chain-digests"
@@ -167,7 +164,8 @@ def evaluate_round(config: RunConfig, msg: Message, context: Context) -> Message
     model = workspace.base_after(chain)
     if GLOBAL in msg.content:
         apply_update(model, _global_update(config, msg, workspace))
-    held_out = node_data(config, node).held_out
+    data = node_data(config, node)
+    held_out = data.held_out
     scores = {}
     if held_out:
         results = evaluate(
@@ -180,9 +178,50 @@ def evaluate_round(config: RunConfig, msg: Message, context: Context) -> Message
             batch_size=config.evaluation.batch_size,
         )
         scores = {key: value for key, value in results.items() if isinstance(value, (int, float))}
+    if data.validation:
+        loss = instruction_loss(
+            model, workspace.tokenizer, data.validation, template=config.data.template,
+            max_length=config.data.max_length, batch_size=config.evaluation.batch_size,
+        )
+        scores.update(val_loss=loss.mean_nll, val_tokens=loss.tokens)
     metrics = {"round": instruction.round, "partition-id": node.partition, "chain-length": len(chain), "num-examples": len(held_out)}
     print(f"round {instruction.round} client {node.partition}: evaluated on {len(held_out)} held-out examples", flush=True)
     return _reply(msg, workspace, EVALUATED, metrics | scores)
+
+
+def score_round(config: RunConfig, msg: Message, context: Context) -> Message:
+    """Automatic tau: this site's validation loss for every candidate cut of the exact update,
+    from the smallest to the largest (each adds components to the last, merged in turn)."""
+    node, workspace, instruction, chain = _prepare(config, msg, context)
+    if isinstance(chain, Message):
+        return chain
+    model = workspace.base_after(chain)
+    candidate = payload.take_global(msg.content, CANDIDATE)
+    # Every cut comes with the round's tensors trained in full: they are part of whichever update is kept.
+    load_dense(model, candidate.dense)
+    exact = candidate.modules
+    cuts = json.loads(str(msg.content[CUTS]["ranks"]))
+    validation = node_data(config, node).validation
+    metrics = {"round": instruction.round, "partition-id": node.partition, "chain-length": len(chain)}
+    held = {name: 0 for name in exact}
+    tokens = 0
+    for index, ranks in enumerate(cuts):
+        added = {
+            name: GlobalModule(A=module.A[held[name] : ranks[name]], B=module.B[:, held[name] : ranks[name]], scale=module.scale)
+            for name, module in exact.items()
+        }
+        merge_into_base(model, added)
+        held = {name: max(held[name], ranks[name]) for name in held}
+        if validation:
+            loss = instruction_loss(
+                model, workspace.tokenizer, validation, template=config.data.template,
+                max_length=config.data.max_length, batch_size=config.evaluation.batch_size,
+            )
+            metrics[f"loss-{index}"], tokens = loss.mean_nll, loss.tokens
+        else:
+            metrics[f"loss-{index}"] = 0.0
+    print(f"round {instruction.round} client {node.partition}: scored {len(cuts)} cuts on {len(validation)} validation examples", flush=True)
+    return _reply(msg, workspace, SCORED, metrics | {"tokens": tokens})
 
 
 def _global_update(config: RunConfig, msg: Message, workspace: Workspace) -> GlobalUpdate:
@@ -208,6 +247,10 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
         return evaluate_round(config or config_from_run_config(context.run_config, check_sources=False), msg, context)
+
+    @app.query()
+    def score(msg: Message, context: Context) -> Message:
+        return score_round(config or config_from_run_config(context.run_config, check_sources=False), msg, context)
 
     return app
 

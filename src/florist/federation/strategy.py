@@ -10,13 +10,24 @@ live in their own modules; this one connects them.
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from flwr.app import Message, MessageType
+from flwr.app import ConfigRecord, Message, MessageType
 
-from florist.aggregation import Aggregate, ClientAdapter, GlobalModule, LoraFactors, adapter_norm, make_aggregator
+from florist.aggregation import (
+    Aggregate,
+    ClientAdapter,
+    GlobalModule,
+    LoraFactors,
+    adapter_norm,
+    cut,
+    cut_ranks,
+    make_aggregator,
+)
 from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.checkpoint import ServerState
@@ -25,6 +36,8 @@ from florist.federation.delivery import Chain, GlobalUpdate
 from florist.federation.identity import disagreement
 from florist.federation.messages import (
     ADAPTER,
+    CANDIDATE,
+    CUTS,
     GAP,
     GLOBAL,
     IDENTITY,
@@ -37,7 +50,7 @@ from florist.federation.messages import (
     instruction_content,
     update_key,
 )
-from florist.federation.reports import ClientReport, EvaluationReport, NodeScore, RoundReport, Stage
+from florist.federation.reports import ClientReport, EvaluationReport, NodeScore, RoundReport, Stage, TauSelection
 from florist.federation.validation import ClientUpdate, Limits, Rejected, check_reply, outliers
 from florist.lora.model import frozen_lora_A
 
@@ -78,6 +91,8 @@ class LoraStrategy:
         self.received: list[ClientAdapter] = []
         """The last round's client adapters as the server decoded them, in partition order."""
         self._round: _RoundState | None = None
+        self.exact: GlobalUpdate | None = None
+        """Automatic tau: the round's exact update, until the clients' scores choose its cut."""
 
     @property
     def merges(self) -> bool:
@@ -271,10 +286,12 @@ class LoraStrategy:
             accumulator.add(adapter)
         aggregate = accumulator.result()
         report.aggregation_seconds = time.perf_counter() - start
-        report.ranks = {name: module.rank for name, module in aggregate.modules.items()}
-        report.energy = {name: module.energy for name, module in aggregate.modules.items()}
-        partitions = [update.partition for update in updates.values()]
-        self._advance(aggregate, partitions)
+        if self.config.aggregation.automatic_tau:
+            # The exact update waits for the clients to score its truncations (select_tau).
+            self.exact = self._as_received(aggregate)
+        else:
+            self._advance(aggregate, [update.partition for update in updates.values()])
+            self._record_ranks(report, aggregate.modules)
         for node, update in updates.items():
             self.partition_of[node] = update.partition
             state.report.event(node, "accepted", partition=update.partition)
@@ -284,9 +301,78 @@ class LoraStrategy:
         self._round = None
         return report
 
+    @staticmethod
+    def _record_ranks(report: RoundReport, modules: Mapping[str, GlobalModule]) -> None:
+        report.ranks = {name: module.rank for name, module in modules.items()}
+        report.energy = {name: module.energy for name, module in modules.items()}
+
+    # -- automatic tau ---------------------------------------------------------------------------
+
+    def configure_select(self, server_round: int, nodes: list[int]) -> list[Message]:
+        """Ask `nodes` to score every candidate truncation of the exact update on their own
+        validation examples: each gets the exact update once, and the ranks of every cut."""
+        candidates = sorted(set(self.config.aggregation.tau_candidates))
+        max_rank = self.config.aggregation.max_rank
+        self._selection = TauSelection(server_round, candidates=candidates)
+        self._selection.ranks = {tau: cut_ranks(self.exact.modules, tau, max_rank) for tau in candidates}
+        messages = []
+        for node in nodes:
+            message, sent = self._instruction(server_round, node, MessageType.QUERY)
+            sent += payload.put(message.content, CANDIDATE, self.exact.modules, self.wire, dense=self.exact.dense)
+            message.content[CUTS] = ConfigRecord({"ranks": json.dumps([self._selection.ranks[tau] for tau in candidates])})
+            self._selection.bytes_down[node] = sent
+            messages.append(message)
+        return messages
+
+    def receive_select(self, node: int, reply: Message) -> list[Message]:
+        selection = self._selection
+        if reply.has_error():
+            selection.event(node, "failed", _error_reason(reply))
+            return []
+        try:
+            identity = Identity.from_record(reply.content[IDENTITY])
+            metrics = reply.content[METRICS]
+            losses = [float(metrics[f"loss-{index}"]) for index in range(len(selection.candidates))]
+            tokens = int(metrics["tokens"])
+            reply_round, partition = int(metrics["round"]), int(metrics["partition-id"])
+        except (KeyError, ValueError, TypeError) as error:
+            selection.event(node, "rejected", f"malformed reply: {type(error).__name__}: {error}")
+            return []
+        refusal = disagreement(self.identity, identity)
+        if refusal or reply_round != selection.round or tokens < 0 or not all(math.isfinite(x) for x in losses):
+            selection.event(node, "rejected", refusal or f"scores for round {reply_round}: {tokens} tokens, losses {losses}", partition)
+            return []
+        if tokens:
+            selection.scores[node] = (partition, tokens, losses)
+        return []
+
+    def finish_select(self, late: list[int]) -> TauSelection:
+        """Keep the smallest candidate within tau_tolerance of the best validation loss; without
+        any score, the largest candidate (the closest to exact)."""
+        selection, report = self._selection, self.reports[-1]
+        for node in late:
+            selection.event(node, "late", "no scores within federation.round_timeout")
+        selection.loss = selection.combined()
+        if selection.loss:
+            best = min(selection.loss)
+            tolerance = self.config.aggregation.tau_tolerance
+            selection.chosen = next(tau for tau, loss in zip(selection.candidates, selection.loss) if loss <= best + tolerance)
+        else:
+            selection.chosen = selection.candidates[-1]
+            selection.event(0, "failed", f"no node scored the candidates: tau {selection.chosen} kept")
+        modules = cut(self.exact.modules, selection.ranks[selection.chosen])
+        self.chain.append(GlobalUpdate(modules, self.exact.dense))
+        self._record_ranks(report, modules)
+        self.exact = None
+        return selection
+
+    def _as_received(self, aggregate: Aggregate) -> GlobalUpdate:
+        """The aggregate's shared modules and tensors trained in full as the nodes receive them."""
+        return GlobalUpdate(payload.round_trip(aggregate.modules, self.wire), payload.round_trip_dense(aggregate.dense, self.wire))
+
     def _advance(self, aggregate: Aggregate, partitions: list[int]) -> None:
         """The new global state, round-tripped through the wire dtype: what the nodes will hold."""
-        update = GlobalUpdate(payload.round_trip(aggregate.modules, self.wire), payload.round_trip_dense(aggregate.dense, self.wire))
+        update = self._as_received(aggregate)
         if self.merges:
             self.chain.append(update)
             return
