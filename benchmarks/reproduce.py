@@ -254,6 +254,7 @@ class Replayer:
     def _replay(self, config, source: Path, log) -> None:
         from florist.aggregation import make_aggregator
         from florist.federation.datasets import federated_data
+        from florist.federation.delivery import GlobalUpdate
         from florist.federation.server_app import mmlu_questions, round_record
         from florist.federation.server_model import ServerModel
         from florist.federation.reports import ClientReport, RoundReport
@@ -274,7 +275,7 @@ class Replayer:
         run = RunDirectory.create(config)
         run.record_round(round_record(0, None, {}, None, {}))
         evaluation_start = time.perf_counter()
-        self.server.set_state([aggregate.modules], None)
+        self.server.set_state([GlobalUpdate(aggregate.modules, aggregate.dense)], None)
         data = federated_data(config)
         evaluation = self.server.evaluate(data.test, self.mmlu, data.validation)
         source_round = next(r for r in read_rounds(source) if r["round"] == 1)

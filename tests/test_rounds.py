@@ -135,7 +135,7 @@ def test_exchange_pulls_only_this_stages_replies_and_stops_at_the_deadline():
 
 
 def test_a_restarted_node_gets_the_whole_chain_and_trains_on_the_right_base(tiny_model_dir, tmp_path, monkeypatch):
-    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", *FAST, "federation.rounds=3")
+    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", *FAST, "federation.rounds=3", "federation.round_timeout=60")
     grid = grid_for(config)
     bases: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     train_lora = client_app.train_lora

@@ -36,6 +36,13 @@ class ModelConfig(Section):
     name: str = "smollm2-135m-instruct"
     """The embedded model's alias, a Hugging Face model id, or a local directory."""
     target_modules: list[str] = ["q_proj", "v_proj"]
+    lora_bias: Literal["none", "lora_only", "all"] = "none"
+    """Biases trained beside the LoRA (peft's `bias`): "lora_only" those of the adapted layers, "all"
+    every bias of the model. The server takes the clients' weighted mean, and the mean replaces the
+    bias on every node: exact, since a bias only adds to its layer's output."""
+    modules_to_save: list[str] = []
+    """Modules trained in full beside the LoRA (peft's `modules_to_save`), e.g. ["lm_head"]: averaged
+    as FedAvg averages dense weights (the clients' weighted mean), which replaces them on every node."""
     autocast: Literal["auto", "none", "bf16"] = "auto"
     """Mixed precision for training. "auto": bf16 on a GPU, none on a CPU, where bf16 autocast
     without native bf16 instructions measured 20x slower than fp32 (BENCHMARKS.md)."""
@@ -44,6 +51,14 @@ class ModelConfig(Section):
     @classmethod
     def _local_model_exists(cls, value: str, info: ValidationInfo) -> str:
         return _check_source("model", value, info)
+
+    @model_validator(mode="after")
+    def _modules_to_save_apart_from_targets(self) -> ModelConfig:
+        for name in self.modules_to_save:
+            if not name or name in self.target_modules or self.modules_to_save.count(name) > 1:
+                why = "is empty" if not name else "is also in model.target_modules" if name in self.target_modules else "is listed twice"
+                raise ValueError(f"model.modules_to_save entry {name!r} {why}")
+        return self
 
     def uses_bf16(self, device_type: str) -> bool:
         return self.autocast == "bf16" or (self.autocast == "auto" and device_type == "cuda")
@@ -272,6 +287,8 @@ class OutputConfig(Section):
 
 SHARED_SETTINGS = (
     "model.target_modules",
+    "model.lora_bias",
+    "model.modules_to_save",
     "data.template",
     "data.max_length",
     "federation.alpha_per_rank",

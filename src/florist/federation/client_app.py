@@ -18,7 +18,7 @@ from florist.aggregation import GlobalModule, truncate_update
 from florist.config import RunConfig
 from florist.evaluation import evaluate, instruction_loss
 from florist.federation import payload
-from florist.federation.delivery import update_digest
+from florist.federation.delivery import GlobalUpdate, apply_update, update_digest
 from florist.federation.messages import (
     ADAPTER,
     CANDIDATE,
@@ -39,7 +39,7 @@ from florist.federation.node import NodeSettings, node_data
 from florist.federation.resources import peak_rss_mib
 from florist.federation.settings import config_from_run_config
 from florist.federation.workspace import Update, Workspace, workspace_for
-from florist.lora.model import attach_lora, freeze_shared_A, frozen_lora_A, load_global, merge_into_base, read_factors
+from florist.lora.model import attach_lora, freeze_shared_A, frozen_lora_A, load_dense, load_global, merge_into_base, read_dense, read_factors
 from florist.training import train_lora
 
 CHAIN_DIGESTS = "chain-digests"
@@ -67,12 +67,15 @@ def held_chain(state: RecordDict, digests: list[str]) -> list[Update] | int:
     return chain
 
 
-def _reply(msg: Message, workspace: Workspace, status: str, metrics: dict, adapter: dict | None = None) -> Message:
+def _reply(
+    msg: Message, workspace: Workspace, status: str, metrics: dict, adapter: dict | None = None, dense: dict | None = None
+) -> Message:
+    """The reply; a trained one carries the client's LoRA factors and its tensors trained in full."""
     content = RecordDict({IDENTITY: workspace.identity.record(status), METRICS: MetricRecord(metrics)})
     if adapter is not None:
         # FFA-LoRA's A is frozen and derivable from the shared seed: only B travels.
-        frozen_a = workspace.config.aggregation.method == "ffa"
-        payload.put(content, ADAPTER, adapter, workspace.config.wire.upload, factors="B" if frozen_a else "AB")
+        factors = "B" if workspace.config.aggregation.method == "ffa" else "AB"
+        payload.put(content, ADAPTER, adapter, workspace.config.wire.upload, factors=factors, dense=dense)
     return Message(content, reply_to=msg)
 
 
@@ -107,11 +110,15 @@ def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
     # peft draws the fresh A from torch's global generator, whose state would otherwise depend on
     # which clients this worker process happened to run before: seeding it makes runs repeatable.
     torch.manual_seed(seed)
-    model = attach_lora(model, node.rank, node.alpha, config.model.target_modules, config.federation.use_rslora)
+    settings = config.model
+    model = attach_lora(
+        model, node.rank, node.alpha, settings.target_modules, config.federation.use_rslora, settings.lora_bias, settings.modules_to_save
+    )
     if config.aggregation.method == "ffa":
         freeze_shared_A(model, config.federation.ffa_seed)
     if GLOBAL in msg.content:
         load_global(model, payload.take(msg.content, GLOBAL))
+        load_dense(model, payload.take_dense(msg.content, GLOBAL))
 
     features = workspace.features(node.partition, node_data(config, node).train)
     result = train_lora(
@@ -146,7 +153,7 @@ def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
     factors = read_factors(model)
     if config.wire.client_tau < 1:
         factors = {name: truncate_update(f, config.wire.client_tau) for name, f in factors.items()}
-    return _reply(msg, workspace, TRAINED, metrics, factors)
+    return _reply(msg, workspace, TRAINED, metrics, factors, read_dense(model))
 
 
 def evaluate_round(config: RunConfig, msg: Message, context: Context) -> Message:
@@ -156,7 +163,7 @@ def evaluate_round(config: RunConfig, msg: Message, context: Context) -> Message
         return chain
     model = workspace.base_after(chain)
     if GLOBAL in msg.content:
-        merge_into_base(model, _global_update(config, msg, workspace))
+        apply_update(model, _global_update(config, msg, workspace))
     data = node_data(config, node)
     held_out = data.held_out
     scores = {}
@@ -189,7 +196,10 @@ def score_round(config: RunConfig, msg: Message, context: Context) -> Message:
     if isinstance(chain, Message):
         return chain
     model = workspace.base_after(chain)
-    exact = payload.take_global(msg.content, CANDIDATE)
+    candidate = payload.take_global(msg.content, CANDIDATE)
+    # Every cut comes with the round's tensors trained in full: they are part of whichever update is kept.
+    load_dense(model, candidate.dense)
+    exact = candidate.modules
     cuts = json.loads(str(msg.content[CUTS]["ranks"]))
     validation = node_data(config, node).validation
     metrics = {"round": instruction.round, "partition-id": node.partition, "chain-length": len(chain)}
@@ -214,8 +224,8 @@ def score_round(config: RunConfig, msg: Message, context: Context) -> Message:
     return _reply(msg, workspace, SCORED, metrics | {"tokens": tokens})
 
 
-def _global_update(config: RunConfig, msg: Message, workspace: Workspace) -> dict:
-    """The global adapter as modules to merge; FFA-LoRA's A is re-derived from the shared seed."""
+def _global_update(config: RunConfig, msg: Message, workspace: Workspace) -> GlobalUpdate:
+    """The global adapter as an update to merge; FFA-LoRA's A is re-derived from the shared seed."""
     modules = {}
     for name, module in payload.take(msg.content, GLOBAL).items():
         a = module.get("A")
@@ -223,7 +233,7 @@ def _global_update(config: RunConfig, msg: Message, workspace: Workspace) -> dic
             in_features = workspace.model.get_submodule(name).in_features
             a = frozen_lora_A(name, module["B"].shape[1], in_features, config.federation.ffa_seed)
         modules[name] = GlobalModule(A=a, B=module["B"], scale=module["scale"])
-    return modules
+    return GlobalUpdate(modules, payload.take_dense(msg.content, GLOBAL))
 
 
 def build_client_app(config: RunConfig | None = None) -> ClientApp:

@@ -75,7 +75,7 @@ class Server:
             config = config.model_copy(update={"output": config.output.model_copy(update={"run_dir": str(resume)})})
         self.config = config
         self.model = ServerModel(config)
-        self.strategy = LoraStrategy(config, self.model.shapes, self.model.identity)
+        self.strategy = LoraStrategy(config, self.model.shapes, self.model.identity, self.model.dense_shapes)
         self.data: FederatedData | None = federated_data(config) if config.evaluation.server else None
         self.mmlu = mmlu_questions(config) if config.evaluation.server else None
         state = None

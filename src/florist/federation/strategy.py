@@ -32,7 +32,7 @@ from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.checkpoint import ServerState
 from florist.federation.console import show_reply
-from florist.federation.delivery import Chain
+from florist.federation.delivery import Chain, GlobalUpdate
 from florist.federation.identity import disagreement
 from florist.federation.messages import (
     ADAPTER,
@@ -65,16 +65,23 @@ that is not converging and is left out of the round."""
 
 
 class LoraStrategy:
-    def __init__(self, config: RunConfig, shapes: Mapping[str, tuple[int, int]], identity: Identity):
-        """`shapes` ((m, n) of each adapted module) and `identity` come from the server's own model."""
+    def __init__(
+        self,
+        config: RunConfig,
+        shapes: Mapping[str, tuple[int, int]],
+        identity: Identity,
+        dense_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    ):
+        """`shapes` ((m, n) of each adapted module), `identity` and `dense_shapes` (of each tensor
+        trained in full, none by default) come from the server's own model."""
         self.config = config
         self.shapes = dict(shapes)
         self.identity = identity
-        self.limits = Limits.for_run(config, self.shapes)
+        self.limits = Limits.for_run(config, self.shapes, dense_shapes)
         self.aggregator = make_aggregator(config.aggregation.method, **config.aggregation.options())
         self.frozen_a = config.aggregation.method == "ffa"
         self.chain = Chain()
-        self.current: dict[str, GlobalModule] | None = None
+        self.current: GlobalUpdate | None = None
         """The global adapter clients continue from, as they receive it (continuing methods)."""
         self.truncations: dict[int, dict[str, GlobalModule]] = {}
         """FlexLoRA: each partition's own truncation of the global update."""
@@ -84,7 +91,7 @@ class LoraStrategy:
         self.received: list[ClientAdapter] = []
         """The last round's client adapters as the server decoded them, in partition order."""
         self._round: _RoundState | None = None
-        self.exact: dict[str, GlobalModule] | None = None
+        self.exact: GlobalUpdate | None = None
         """Automatic tau: the round's exact update, until the clients' scores choose its cut."""
 
     @property
@@ -95,7 +102,7 @@ class LoraStrategy:
     def wire(self) -> str:
         return self.config.wire.download
 
-    def global_modules(self) -> tuple[list[dict[str, GlobalModule]], dict[str, GlobalModule] | None]:
+    def global_modules(self) -> tuple[list[GlobalUpdate], GlobalUpdate | None]:
         """The global model as (updates merged into the base, adapter on top), as the nodes see it."""
         if self.merges:
             return list(self.chain.updates), None
@@ -110,12 +117,14 @@ class LoraStrategy:
         sent = 0
         if self.merges:
             for index in self.chain.missing(node, start):
-                sent += payload.put(content, update_key(index), self.chain.updates[index - 1], self.wire)
+                update = self.chain.updates[index - 1]
+                sent += payload.put(content, update_key(index), update.modules, self.wire, dense=update.dense)
         elif self.current is not None:
             # A node whose partition the server does not know yet gets the shared adapter; its
             # first rank-r components are the same truncation, at more bytes.
-            modules = self.truncations.get(self.partition_of.get(node, -1), self.current)
-            sent = payload.put(content, GLOBAL, modules, self.wire, factors="B" if self.frozen_a else "AB")
+            modules = self.truncations.get(self.partition_of.get(node, -1), self.current.modules)
+            factors = "B" if self.frozen_a else "AB"
+            sent = payload.put(content, GLOBAL, modules, self.wire, factors=factors, dense=self.current.dense)
         ttl = self.config.federation.round_timeout
         return Message(content=content, message_type=message_type, dst_node_id=node, ttl=ttl), sent
 
@@ -279,7 +288,7 @@ class LoraStrategy:
         report.aggregation_seconds = time.perf_counter() - start
         if self.config.aggregation.automatic_tau:
             # The exact update waits for the clients to score its truncations (select_tau).
-            self.exact = payload.round_trip(aggregate.modules, self.wire)
+            self.exact = self._as_received(aggregate)
         else:
             self._advance(aggregate, [update.partition for update in updates.values()])
             self._record_ranks(report, aggregate.modules)
@@ -305,11 +314,11 @@ class LoraStrategy:
         candidates = sorted(set(self.config.aggregation.tau_candidates))
         max_rank = self.config.aggregation.max_rank
         self._selection = TauSelection(server_round, candidates=candidates)
-        self._selection.ranks = {tau: cut_ranks(self.exact, tau, max_rank) for tau in candidates}
+        self._selection.ranks = {tau: cut_ranks(self.exact.modules, tau, max_rank) for tau in candidates}
         messages = []
         for node in nodes:
             message, sent = self._instruction(server_round, node, MessageType.QUERY)
-            sent += payload.put(message.content, CANDIDATE, self.exact, self.wire)
+            sent += payload.put(message.content, CANDIDATE, self.exact.modules, self.wire, dense=self.exact.dense)
             message.content[CUTS] = ConfigRecord({"ranks": json.dumps([self._selection.ranks[tau] for tau in candidates])})
             self._selection.bytes_down[node] = sent
             messages.append(message)
@@ -351,26 +360,31 @@ class LoraStrategy:
         else:
             selection.chosen = selection.candidates[-1]
             selection.event(0, "failed", f"no node scored the candidates: tau {selection.chosen} kept")
-        modules = cut(self.exact, selection.ranks[selection.chosen])
-        self.chain.append(modules)
+        modules = cut(self.exact.modules, selection.ranks[selection.chosen])
+        self.chain.append(GlobalUpdate(modules, self.exact.dense))
         self._record_ranks(report, modules)
         self.exact = None
         return selection
 
+    def _as_received(self, aggregate: Aggregate) -> GlobalUpdate:
+        """The aggregate's shared modules and tensors trained in full as the nodes receive them."""
+        return GlobalUpdate(payload.round_trip(aggregate.modules, self.wire), payload.round_trip_dense(aggregate.dense, self.wire))
+
     def _advance(self, aggregate: Aggregate, partitions: list[int]) -> None:
         """The new global state, round-tripped through the wire dtype: what the nodes will hold."""
-        modules = payload.round_trip(aggregate.modules, self.wire)
+        update = self._as_received(aggregate)
         if self.merges:
-            self.chain.append(modules)
+            self.chain.append(update)
             return
-        self.current = modules
+        self.current = update
         if aggregate.per_client is not None:
             self.truncations = {
                 p: payload.round_trip(m, self.wire) for p, m in zip(partitions, aggregate.per_client, strict=True)
             }
 
     def _adapter(self, update: ClientUpdate) -> ClientAdapter:
-        return ClientAdapter({name: self._factors(name, m) for name, m in update.modules.items()}, float(update.examples))
+        modules = {name: self._factors(name, m) for name, m in update.modules.items()}
+        return ClientAdapter(modules, float(update.examples), update.dense)
 
     def _factors(self, name: str, module: dict) -> LoraFactors:
         if self.frozen_a:
