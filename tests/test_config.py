@@ -51,14 +51,17 @@ def test_file_then_overrides_of_every_value_type(tmp_path):
     assert config.federation.rank_of(1) == 8 and config.federation.alpha_of(1) == 16.0
 
 
-def test_flwr_run_config_reads_the_file_and_its_dotted_overrides(tmp_path):
+def test_flwr_run_config_reads_the_file_and_its_overrides(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('[aggregation]\nmethod = "flora"\n')
-    run_config = {"config-file": str(path), "aggregation.tau": 0.6, "model.name": "a b", "evaluation.every_round": True, "other": 1}
-    config = config_from_run_config(run_config)
+    overrides = 'aggregation.tau=0.6; model.name="a b" ;evaluation.every_round=true; federation.ranks=[2, 4, 8, 8, 8, 8, 8, 8];'
+    config = config_from_run_config({"config-file": str(path), "overrides": overrides, "resume": ""}, check_sources=False)
     assert config.aggregation.method == "flora" and config.aggregation.tau == 0.6
     assert config.model.name == "a b" and config.evaluation.every_round is True
+    assert config.federation.ranks == [2, 4, 8, 8, 8, 8, 8, 8]
     assert config_from_run_config({}) == load_config()
+    with pytest.raises(ValueError, match=r"--set aggregation.taux=1: aggregation.taux: no such configuration key"):
+        config_from_run_config({"overrides": "aggregation.taux=1"})
 
 
 @pytest.mark.parametrize(
