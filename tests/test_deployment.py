@@ -24,12 +24,15 @@ import torch
 from flwr.cli.build import build_fab_from_disk
 from safetensors.torch import load_file
 
-from deployment import PROJECT, Deployment, still_running
+from deployment import PROJECT, Deployment, recorded_rounds, still_running, stop_process_trees, wait_until
 from federations import CLIENT_RANKS, ROUNDS, federation_config
 from florist.config import RunConfig
+from florist.federation.client_app import build_client_app
 from florist.federation.datasets import federated_data
+from florist.federation.server_app import serve
 from florist.federation.simulation import run_federation
 from florist.reporting.run_directory import read_rounds
+from local_grid import LocalGrid
 
 SITES = len(CLIENT_RANKS)
 RUN_TIMEOUT_SECONDS = 600
@@ -198,3 +201,102 @@ def test_fab_sent_to_the_nodes_holds_the_package_and_nothing_else(tmp_path):
     packed = fab_files(project)
     assert not set(decoys) & set(packed)
     assert sorted(name for name in packed if name.endswith(".py")) == package
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults on the deployment engine: real processes killed and restarted.
+
+
+def start_sites(deployment: Deployment, site_data: Path) -> None:
+    deployment.start_superlink()
+    for site in range(SITES):
+        deployment.add_supernode(f"site{site}", {"partition-id": site, "data": str(site_data / f"client_{site}.json")})
+    deployment.wait_for_nodes()
+
+
+def wait_for_records(deployment: Deployment, run_id: int, run_dir: Path, records: int) -> None:
+    """Until the run directory holds `records` round records; fails at once, with the server's log,
+    if the run ends first."""
+
+    def recorded() -> bool:
+        if recorded_rounds(run_dir) >= records:
+            return True
+        if deployment.status(run_id).startswith("finished"):
+            raise AssertionError(f"run ended before record {records}:\n{deployment.log(run_id)[-4000:]}")
+        return False
+
+    # Each flwr command costs ~1.5 s of CPU: ask every 5 s.
+    wait_until(recorded, RUN_TIMEOUT_SECONDS, f"{records} round records", interval=5.0)
+
+
+def test_a_killed_server_resumes_from_its_last_round_and_ends_as_the_uninterrupted_run(tiny_model_dir, site_data, simulated, tmp_path):
+    config = write_config(federation_config(tiny_model_dir, tmp_path / "run", "florist"), tmp_path / "florist.toml")
+    run_dir = tmp_path / "run"
+    with Deployment(tmp_path / "deployment") as deployment:
+        start_sites(deployment, site_data)
+        first = deployment.submit({"config-file": str(config)})
+        wait_for_records(deployment, first, run_dir, 2)
+        deployment.kill_serverapp()  # the server crashes during round 2
+        recorded = read_rounds(run_dir)
+        assert [r["round"] for r in recorded] == [0, 1] and not (run_dir / "summary.json").exists()
+        second = deployment.submit({"config-file": str(config), "resume": str(run_dir)})
+        status = deployment.wait(second, RUN_TIMEOUT_SECONDS)
+        assert status == "finished:completed", deployment.log(second)[-4000:]
+        assert deployment.status(first) != "finished:completed"
+        log = deployment.log(second)
+    assert f"resuming {run_dir} after round 1" in log
+    ours, theirs = read_rounds(run_dir), read_rounds(simulated)
+    assert ours[:2] == recorded and ours[2].pop("resumed") is True
+    for a, b in zip(ours, theirs, strict=True):
+        assert comparable(a) == comparable(b)
+    for weights in ("adapter/adapter_model.safetensors", "model/model.safetensors"):
+        resumed, uninterrupted = load_file(run_dir / "final" / weights), load_file(simulated / "final" / weights)
+        for name, tensor in resumed.items():
+            torch.testing.assert_close(tensor, uninterrupted[name], rtol=1e-5, atol=1e-6, msg=f"{weights}: {name}")
+
+
+def test_a_killed_supernode_is_left_behind_and_a_restarted_one_gets_the_chain_it_lost(tiny_model_dir, site_data, tmp_path, server_task):
+    """Round 1: site 2 is SIGKILLed while it trains; the round completes at its deadline with the
+    other two (quorum 2), weights renormalised. After round 2, site 1 is restarted (SIGTERM, then
+    the same key), so it holds no update: in round 3 it says so and is sent the chain. The run must
+    end exactly as the same federation without site 2 from round 1 on: a node that trained on a
+    wrong base would change the result."""
+    faults = ["federation.rounds=3", "federation.min_clients=2", "federation.round_retries=2"]
+    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", *faults, "federation.round_timeout=45")
+    config_file = write_config(config, tmp_path / "florist.toml")
+    run_dir = tmp_path / "run"
+    with Deployment(tmp_path / "deployment") as deployment:
+        start_sites(deployment, site_data)
+        run_id = deployment.submit({"config-file": str(config_file)})
+        wait_until(lambda: deployment.clientapp_processes("site2"), RUN_TIMEOUT_SECONDS, "site 2 to train in round 1")
+        deployment.kill_supernode("site2")
+        wait_for_records(deployment, run_id, run_dir, 3)  # rounds 0, 1 and 2
+        stop_process_trees([deployment.supernodes["site1"].started])  # SIGTERM: it leaves at once
+        deployment.start_supernode("site1")
+        status = deployment.wait(run_id, RUN_TIMEOUT_SECONDS)
+        assert status == "finished:completed", deployment.log(run_id)[-4000:]
+        site1, site2 = (deployment.supernodes[name].node_id for name in ("site1", "site2"))
+    rounds = read_rounds(run_dir)
+    assert {e["status"] for e in rounds[1]["events"] if e["node"] == site2} & {"late", "failed"}
+    assert all(sorted(c["partition"] for c in r["clients"]) == [0, 1] for r in rounds[1:])
+    assert ("resent", site1) in {(e["status"], e["node"]) for e in rounds[3]["events"]}
+
+    # The same federation in this process, site 2 gone after its first message.
+    reference_config = federation_config(tiny_model_dir, tmp_path / "reference", "florist", *faults, "federation.round_timeout=1")
+    nodes = {100 + k: {"partition-id": k, "data": str(site_data / f"client_{k}.json")} for k in range(SITES)}
+    grid = LocalGrid(build_client_app(reference_config), nodes)
+
+    def crashes(instruction, reply):
+        grid.nodes[102].connected = False
+        return None
+
+    grid.nodes[102].tamper = crashes
+    reference = serve(reference_config, grid)
+    for a, b in zip(rounds, read_rounds(reference), strict=True):
+        losses = [[c["train_loss"] for c in sorted(r.get("clients", []), key=lambda c: c["partition"])] for r in (a, b)]
+        assert losses[0] == losses[1]
+        assert a.get("ranks") == b.get("ranks") and a["evaluation"] == b["evaluation"]
+    faulty = load_file(run_dir / "final" / "adapter" / "adapter_model.safetensors")
+    clean = load_file(reference / "final" / "adapter" / "adapter_model.safetensors")
+    for name, tensor in faulty.items():
+        assert torch.equal(tensor, clean[name]), name
