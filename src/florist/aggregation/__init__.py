@@ -7,7 +7,7 @@ from florist.aggregation.flexlora import FlexLoRA
 from florist.aggregation.flora import FLoRA
 from florist.aggregation.florist import FLoRIST
 from florist.aggregation.norms import adapter_norm, update_norm
-from florist.aggregation.spectral import ROUTES, energy_rank
+from florist.aggregation.spectral import ROUTES, energy_rank, gram_precision
 from florist.aggregation.types import (
     Aggregate,
     AggregationError,
@@ -45,6 +45,7 @@ __all__ = [
     "GlobalModule",
     "LoraFactors",
     "energy_rank",
+    "gram_precision",
     "lora_scale",
     "make_aggregator",
 ]

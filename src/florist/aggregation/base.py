@@ -59,24 +59,34 @@ class ModuleBatch:
                 start = stop
         return b_stack, a_stack
 
-    def padded_average(self, factor: str) -> Tensor:
-        """sum_k p_k X_k with every client zero-padded to the largest rank (HetLoRA), G x ..."""
+    def folded_scale(self) -> Tensor:
+        """sum_k p_k |s_k| per module: the scale given to averaged factors (positive, never 0)."""
+        return (self.coefficients().abs()).sum(-1)
+
+    def padded_average(self, factor: str, coefficients: Tensor) -> Tensor:
+        """sum_k c_gk X_k per module g, every client zero-padded to the largest rank (HetLoRA), G x ..."""
         rank = max(self.ranks)
         m, n = self.shape
         size = (len(self.names), m, rank) if factor == "B" else (len(self.names), rank, n)
         out = torch.zeros(size, dtype=self.compute_dtype)
         for g, row in enumerate(self.factors):
             for k, factors in enumerate(row):
-                weight = self.weights[k].item()
+                weight = coefficients[g, k].item()
                 if factor == "B":
                     out[g, :, : factors.rank].add_(factors.B.to(self.compute_dtype), alpha=weight)
                 else:
                     out[g, : factors.rank].add_(factors.A.to(self.compute_dtype), alpha=weight)
         return out
 
-    def mean_scale(self) -> Tensor:
-        """sum_k p_k s_k per module: the scale of averaged factors."""
-        return self.coefficients().sum(-1)
+    def folded_b_average(self) -> tuple[Tensor, Tensor]:
+        """(sum_k p_k s_k B_k / S, S) with S = sum_k p_k |s_k|: each client's scale folded into its B.
+
+        With one A shared by every client, S * B_avg @ A = sum_k p_k s_k B_k A is the exact update
+        whatever the scales (rsLoRA, alpha not proportional to r); an average of raw B would weigh
+        a client of scale 2 like one of scale 0.5.
+        """
+        scales = self.folded_scale()
+        return self.padded_average("B", self.coefficients() / scales[:, None]), scales
 
     def module(self, g: int, B: Tensor, A: Tensor, scale: float = 1.0, singular_values: Tensor | None = None) -> GlobalModule:
         """Package one module's result in the input dtype (singular values stay in the compute dtype)."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+import torch
+
 from florist.aggregation.base import Aggregator, ModuleBatch
-from florist.aggregation.spectral import ROUTES, energy_rank
+from florist.aggregation.spectral import ROUTES, energy_rank, gram_precision
 from florist.aggregation.types import AggregationError
 
 
@@ -31,8 +33,14 @@ class FLoRIST(Aggregator):
 
     def combine(self, batch: ModuleBatch):
         b_stack, a_stack = batch.stacked()
-        rule = partial(energy_rank, tau=self.tau, max_rank=self.max_rank)
-        b_global, a_global, s, ranks = ROUTES[self.route](b_stack, a_stack, rule)
+        # Below max(m, n) eps of the largest singular value a component is rounding noise of dW
+        # in the compute dtype (torch.linalg.matrix_rank's floor): tau = 1 keeps the numerical rank.
+        rtol = max(batch.shape) * torch.finfo(batch.compute_dtype).eps
+        rule = partial(energy_rank, tau=self.tau, max_rank=self.max_rank, rtol=rtol)
+        route = ROUTES[self.route]
+        if self.route == "gram":
+            route = partial(route, precision=gram_precision(sum(batch.ranks), self.tau, batch.compute_dtype))
+        b_global, a_global, s, ranks = route(b_stack, a_stack, rule)
         modules = {
             name: batch.module(g, b_global[g, :, :p], a_global[g, :p], singular_values=s[g])
             for g, (name, p) in enumerate(zip(batch.names, ranks.tolist()))

@@ -4,6 +4,8 @@ Every route factors the product `B @ A` of a stack B (G x m x R) and A (G x R x 
 forming it, and returns the rank-`p` truncation of its SVD as a pair (U_p S_p, V_p^T) for the
 per-module rank that `choose_rank` picks from the singular values. The routes are exact and
 differ only in speed and rounding (see BENCHMARKS.md); `gram` is the default.
+
+Every route returns the singular values in descending order, in the dtype it computed them in.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ RankRule = Callable[[Tensor], Tensor]
 """Maps singular values (G x R, descending) to the rank to keep per module (G,)."""
 
 
-def energy_rank(singular_values: Tensor, tau: float, max_rank: int | None = None) -> Tensor:
+def energy_rank(singular_values: Tensor, tau: float, max_rank: int | None = None, rtol: float | None = None) -> Tensor:
     """Smallest p per module whose leading singular values hold a share >= tau of the energy.
 
-    Components below the numerical floor (as in `torch.linalg.matrix_rank`) never count, so
-    tau = 1 keeps the numerical rank rather than rounding noise. At least one is always kept.
+    Components at or below `rtol` times the largest (the numerical floor, as in
+    `torch.linalg.matrix_rank`; default: the count of values times their dtype's epsilon) never
+    count, so tau = 1 keeps the numerical rank rather than rounding noise. At least one is kept.
     """
     s = singular_values.double()
     power = s.square()
@@ -29,8 +32,9 @@ def energy_rank(singular_values: Tensor, tau: float, max_rank: int | None = None
     total = cumulative[..., -1:]
     # The relative slack absorbs float64 rounding in the cumulative sum, nothing more.
     rank = (cumulative < tau * total * (1 - 1e-12)).sum(-1) + 1
-    floor = s[..., :1] * s.shape[-1] * torch.finfo(singular_values.dtype).eps
-    rank = torch.minimum(rank, (s > floor).sum(-1))
+    if rtol is None:
+        rtol = s.shape[-1] * torch.finfo(singular_values.dtype).eps
+    rank = torch.minimum(rank, (s > s[..., :1] * rtol).sum(-1))
     if max_rank is not None:
         rank = rank.clamp(max=max_rank)
     return rank.clamp(min=1)
@@ -44,7 +48,7 @@ def _truncate(left: Tensor, s: Tensor, right: Tensor, ranks: Tensor) -> tuple[Te
     """
     p = int(ranks.max())
     keep = (torch.arange(p, device=s.device) < ranks[:, None].to(s.device)) & (s[:, :p] > 0)
-    s_kept = torch.where(keep, s[:, :p], torch.zeros((), dtype=s.dtype, device=s.device))
+    s_kept = torch.where(keep, s[:, :p], torch.zeros((), dtype=s.dtype, device=s.device)).to(left.dtype)
     return left[:, :, :p] * s_kept[:, None, :], right[:, :p, :] * keep[:, :, None].to(right.dtype)
 
 
@@ -64,16 +68,33 @@ def _whiten(gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return eigvecs, root, inverse_root
 
 
-def gram_route(B: Tensor, A: Tensor, choose_rank: RankRule) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def gram_precision(width: int, tau: float, dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which the gram route forms its Gram matrices for a stack `width` columns wide.
+
+    The route squares the spectrum: with Gram matrices of machine epsilon eps it cannot resolve
+    an energy share below about width^2 * eps (fp32, 8 clients: 2.8e-3; 32 clients of rank 16:
+    3.1e-2; tests/test_aggregation.py measures it). When tau asks for finer than that (always at
+    tau = 1), the Gram matrices and all R x R work are in float64 instead: only the two Gram
+    products get dearer, the large products stay in `dtype`.
+    """
+    return dtype if width * width * torch.finfo(dtype).eps <= 1 - tau else torch.float64
+
+
+def gram_route(B: Tensor, A: Tensor, choose_rank: RankRule, precision: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Two R x R eigendecompositions and three large matrix products.
 
     With B^T B = V L V^T, the columns of B V L^{-1/2} are orthonormal and
     B A = (B V L^{-1/2}) (L^{1/2} V^T A). The singular values of B A are those of the R x n
     factor, whose left vectors U_P come from the R x R matrix M = L^{1/2} V^T (A A^T) V L^{1/2}.
+    `precision` (default: B's dtype) is the dtype of the Gram matrices and of every R x R step.
     """
-    v, root, inverse_root = _whiten(B.mT @ B)
+    precision = precision or B.dtype
+    b_wide, a_wide = B.to(precision), A.to(precision)
+    v, root, inverse_root = _whiten(b_wide.mT @ b_wide)
+    a_gram = a_wide @ a_wide.mT
+    del b_wide, a_wide
     half = v * root[:, None, :]  # V L^{1/2}
-    core = half.mT @ (A @ A.mT) @ half
+    core = half.mT @ a_gram @ half
     eigvals, u = torch.linalg.eigh(core)
     eigvals, u = eigvals.flip(-1), u.flip(-1)
     # The core holds squared singular values, so rounding leaves eigenvalues near eps * s_max^2
@@ -89,7 +110,7 @@ def gram_route(B: Tensor, A: Tensor, choose_rank: RankRule) -> tuple[Tensor, Ten
     s_p = s[:, :p]
     inverse_s = torch.where(s_p > 0, s_p.reciprocal(), torch.zeros_like(s_p))
     to_right = (u[:, :, :p].mT @ half.mT) * inverse_s[:, :, None]
-    b_global, a_global = _truncate(B @ to_left, s, to_right @ A, ranks)
+    b_global, a_global = _truncate(B @ to_left.to(B.dtype), s, to_right.to(A.dtype) @ A, ranks)
     return b_global, a_global, s, ranks
 
 
