@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from florist.aggregation import (
     ROUTES,
+    carried_rank_limit,
+    exact_rank_limit,
     gram_precision,
     AggregationError,
     ClientAdapter,
@@ -19,6 +21,7 @@ from florist.aggregation import (
     lora_scale,
     make_aggregator,
 )
+from florist.aggregation.spectral import gram_route
 
 PROPERTY = settings(max_examples=15, deadline=None)
 
@@ -528,10 +531,10 @@ BAD_CLIENTS = {
         lambda c: replace(c, modules={**c.modules, "v": random_factors(torch.Generator(), 7, 5, 3, 2.0)}),
         "^client 1, module v: adapted weight is 7x5 here but 6x5 for client 0$",
     ),
-    "missing": (lambda c: replace(c, modules={"q": c.modules["q"]}), "^client 1, module v: lacks module"),
+    "missing": (lambda c: replace(c, modules={"q": c.modules["q"]}), "^client 1, module v: lacks a module that client 0 has$"),
     "extra": (
         lambda c: replace(c, modules={**c.modules, "o": c.modules["q"]}),
-        "^client 1, module o: has an extra module",
+        "^client 1, module o: has an extra module that client 0 lacks$",
     ),
     "rank": (
         lambda c: replace(c, modules={**c.modules, "q": replace(c.modules["q"], B=c.modules["q"].B[:, :2])}),
@@ -566,7 +569,7 @@ def test_zero_sum_weights_and_no_clients_are_refused():
         make_aggregator("florist").aggregate(clients)
     with pytest.raises(AggregationError, match="no client adapters"):
         make_aggregator("florist").aggregate([])
-    with pytest.raises(AggregationError, match="^client 0: client 0 sent no LoRA modules$"):
+    with pytest.raises(AggregationError, match="^client 0: sent no LoRA modules$"):
         make_aggregator("florist").aggregate([ClientAdapter({}, 1.0)])
 
 
@@ -629,3 +632,194 @@ def test_gram_fp32_keeps_noise_of_a_rank_deficient_b_stack_out_of_the_spectrum()
     module = make_aggregator("florist", tau=1.0).aggregate([ClientAdapter({"x": LoraFactors(A, B, 0.2)}, 1.0)]).modules["x"]
     assert module.rank == 1
     assert torch.equal(module.singular_values[1:], torch.zeros(4))
+
+
+# ---------------------------------------------------------------- gauge
+
+
+@PROPERTY
+@given(clients=ill_conditioned_federations(dtype=torch.float32), exponents=st.lists(st.floats(-4, 4), min_size=8, max_size=8), tau=st.floats(0.5, 0.99))
+def test_florist_does_not_depend_on_how_clients_split_their_update_between_b_and_a(clients, exponents, tau):
+    """s B A = s (B D) (D^-1 A) for any diagonal D: a client whose B is tiny and A huge means the same
+    update, and must weigh the same. The Gram route whitens B with its columns at unit norm, so in
+    fp32 such a client is not lost under B's rounding floor."""
+    regauged = []
+    for c in clients:
+        modules = {}
+        for name, f in c.modules.items():
+            d = torch.tensor([10.0**e for e in (exponents * f.rank)[: f.rank]], dtype=torch.float64)
+            modules[name] = replace(f, B=(f.B.double() * d).float(), A=(f.A.double() / d[:, None]).float())
+        regauged.append(replace(c, modules=modules))
+    plain = make_aggregator("florist", tau=tau).aggregate(clients)
+    moved = make_aggregator("florist", tau=tau).aggregate(regauged)
+    for name, module in moved.modules.items():
+        dw = dense_update(clients, name)
+        dense = torch.linalg.svdvals(dw)
+        width = sum(c.modules[name].rank for c in clients)
+        resolution = width**2 * torch.finfo(torch.float32).eps
+        assert kept_energy(dense, module.rank) >= tau - resolution
+        assert kept_energy(dense, module.rank - 1) < tau + resolution
+        residual = (dw - module.delta().double()).norm().square().item()
+        assert residual == pytest.approx(dense[module.rank :].square().sum().item(), abs=resolution * dense.square().sum().item())
+        assert abs(module.rank - plain.modules[name].rank) <= 1
+
+
+# ---------------------------------------------------------------- FLoRIST over a stream of replies
+
+
+def streamed(clients: list[ClientAdapter], **options):
+    accumulator = make_aggregator("florist", **options).accumulator()
+    for client in clients:
+        accumulator.add(client)
+    return accumulator, accumulator.result()
+
+
+def budget_mb(clients: list[ClientAdapter], columns: int) -> float:
+    """The memory budget that holds `columns` stacked columns of every module (fp32 or fp64)."""
+    itemsize = 8 if any(f.A.dtype == torch.float64 for c in clients for f in c.modules.values()) else 4
+    return columns * sum(sum(f.shape) * itemsize for f in clients[0].modules.values()) / 2**20
+
+
+def test_the_rule_between_exact_and_folding():
+    llama = 64 * (4096 + 4096) * 4  # one column of every llama-7b q/v module, fp32: 2 MiB
+    assert exact_rank_limit((4096, 4096), llama, 1024 * 2**20) == 512  # 32 clients of rank 16
+    assert carried_rank_limit((4096, 4096), llama, 1024 * 2**20) == 256
+    assert exact_rank_limit((192, 576), 100, 2**30) == 192  # never wider than the layer
+    assert carried_rank_limit((192, 576), 100, 2**30) == 192
+    assert exact_rank_limit((4096, 4096), llama, 1) == 1 and carried_rank_limit((4096, 4096), llama, 1) == 1
+
+
+@PROPERTY
+@given(clients=any_federations(), tau=st.floats(0.05, 1.0))
+def test_accumulator_is_the_exact_route_while_the_stacks_are_narrower_than_the_layers(clients, tau):
+    accumulator, result = streamed(clients, tau=tau)
+    narrow = all(sum(c.modules[name].rank for c in clients) <= min(f.shape) for name, f in clients[0].modules.items())
+    assert accumulator.folding == (not narrow)
+    if narrow:
+        exact = make_aggregator("florist", tau=tau).aggregate(clients)
+        for name, module in result.modules.items():
+            assert torch.equal(module.delta(), exact.modules[name].delta()) and module.error_bound == 0.0
+
+
+@PROPERTY
+@given(clients=any_federations(), tau=st.floats(0.3, 0.99), columns=st.integers(2, 24))
+def test_folding_stays_within_the_error_it_reports(clients, tau, columns):
+    """||dW - D||_F <= error_bound ||D||_F for the decomposition D the rank is cut from; the rank
+    then follows tau on D's spectrum, and Eckart-Young on D bounds the rest."""
+    accumulator, result = streamed(clients, tau=tau, memory_budget_mb=budget_mb(clients, columns))
+    for name, module in result.modules.items():
+        dw = dense_update(clients, name)
+        s = module.singular_values.double()
+        kept = kept_energy(s, module.rank) if s.square().sum() > 0 else 1.0
+        assert kept >= tau - 1e-9 or module.rank == (s > 0).sum().item()
+        cut = s[module.rank :].square().sum().sqrt().item()
+        allowed = module.error_bound * s.norm().item() + cut + 1e-9 * rounding_scale(clients, name)
+        assert (dw - module.delta().double()).norm().item() <= allowed
+        assert (module.error_bound == 0.0) or accumulator.folding
+
+
+@FEW
+@given(clients=any_federations(), data=st.data())
+def test_folding_is_lossless_at_tau_one_while_the_carried_rank_holds_the_numerical_rank(clients, data):
+    """Stacks wider than small layers fold, but a fold at tau = 1 keeps four times the numerical
+    rank, up to min(m, n): nothing above the floor is dropped."""
+    shape = st.tuples(st.integers(2, 6), st.integers(2, 6))
+    m, n = data.draw(shape)
+    clients = [
+        replace(c, modules={name: LoraFactors(A=f.A[:, :n].contiguous(), B=f.B[:m].contiguous(), scale=f.scale) for name, f in c.modules.items()})
+        for c in clients
+        if all(f.shape[0] >= m and f.shape[1] >= n for f in c.modules.values())
+    ]
+    if not clients:
+        return
+    accumulator, result = streamed(clients * 3, tau=1.0)
+    for name, module in result.modules.items():
+        dw = dense_update(clients * 3, name)
+        dense = torch.linalg.svdvals(dw)
+        low, high = numerical_rank_bounds(dense, (m, n), torch.float64)
+        assert low <= module.rank <= high
+        best = dense[module.rank :].square().sum().sqrt().item()
+        assert (module.delta().double() - dw).norm().item() <= best + 1e-9 * rounding_scale(clients, name)
+
+
+def sharing_directions(count: int, m: int = 48, n: int = 40, rank: int = 8, seed: int = 0) -> list[ClientAdapter]:
+    """Clients like trained adapters (and `florist bench aggregate`'s): 6 directions common to all up
+    to noise, the rest their own, singular values 0.8^i, example counts spread 50-950."""
+    generator = torch.Generator().manual_seed(seed)
+    shared_left = torch.randn(m, 6, generator=generator, dtype=torch.float64) / m**0.5
+    shared_right = torch.randn(n, 6, generator=generator, dtype=torch.float64) / n**0.5
+    clients = []
+    for k in range(count):
+        left = torch.randn(m, rank, generator=generator, dtype=torch.float64) / m**0.5
+        right = torch.randn(n, rank, generator=generator, dtype=torch.float64) / n**0.5
+        left[:, :6] = 0.87 * shared_left + 0.5 * left[:, :6]
+        right[:, :6] = 0.87 * shared_right + 0.5 * right[:, :6]
+        root = 0.8 ** (torch.arange(rank, dtype=torch.float64) / 2)
+        factors = LoraFactors(A=(right * root).T.float().contiguous(), B=(left * root / 2.0).float(), scale=2.0)
+        clients.append(ClientAdapter({"q": factors, "v": replace(factors, A=factors.A.flip(0).contiguous(), B=factors.B.flip(1).contiguous())}, weight=50.0 + (k * 37) % 900))
+    return clients
+
+
+@pytest.mark.parametrize("tau", [0.9, 0.99])
+def test_folding_many_clients_that_share_directions_is_as_good_as_the_exact_route(tau):
+    clients = sharing_directions(60)  # R = 480 stacked columns, ten times the layers' width
+    accumulator, result = streamed(clients, tau=tau)
+    exact = make_aggregator("florist", tau=tau).aggregate(clients)
+    assert accumulator.folding
+    for name, module in result.modules.items():
+        dw = dense_update(clients, name)
+        assert module.rank == exact.modules[name].rank
+        exact_error = relative_error(exact.modules[name].delta(), dw)
+        assert exact_error - 1e-9 <= relative_error(module.delta(), dw) <= 1.01 * exact_error
+        assert 0 < module.error_bound < 1.0
+
+
+def test_folding_holds_a_bounded_width_whatever_the_number_of_clients():
+    """Memory and each fold's cost depend on the carried rank and one block of clients, not on K:
+    the widest stack a fold decomposes is the same for 30 and for 120 clients."""
+    widths = {}
+    for count in (30, 120):
+        seen = []
+        with mock.patch("florist.aggregation.stream.gram_route", side_effect=lambda B, A, rule, precision: (seen.append(B.shape[-1]), gram_route(B, A, rule, precision))[1]):
+            accumulator, _ = streamed(sharing_directions(count), tau=0.9)
+        assert accumulator.folding
+        widths[count] = (max(seen), len(seen))
+    assert widths[120][0] == widths[30][0] <= 64
+    assert widths[120][1] >= 3 * widths[30][1] - 3  # folds grow with K: the cost is linear
+
+
+BAD_ARRIVALS = {
+    "nan": (lambda c: replace(c, modules={**c.modules, "v": replace(c.modules["v"], A=c.modules["v"].A * float("nan"))}), "module v: lora_A holds NaN"),
+    "shape": (lambda c: replace(c, modules={**c.modules, "v": replace(c.modules["v"], B=c.modules["v"].B[:-1])}), "module v: adapted weight is 47x40 here but 48x40 for client 0"),
+    "missing": (lambda c: replace(c, modules={"q": c.modules["q"]}), "module v: lacks a module that client 0 has"),
+    "weight": (lambda c: replace(c, weight=-3.0), "weight must be a finite number >= 0, got -3.0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARRIVALS))
+@pytest.mark.parametrize("arrival", [3, 40])  # while exact, and while folding
+def test_a_refused_client_leaves_the_round_as_it_was(case, arrival):
+    change, message = BAD_ARRIVALS[case]
+    clients = sharing_directions(50)
+    accumulator = make_aggregator("florist", tau=0.9).accumulator()
+    for k, client in enumerate(clients):
+        if k == arrival:
+            with pytest.raises(AggregationError, match=f"^client {k}, {message}" if "module" in message else f"^client {k}: {message}") as error:
+                accumulator.add(change(client))
+            assert error.value.client == k
+        accumulator.add(client)
+    _, expected = streamed(clients, tau=0.9)
+    for name, module in accumulator.result().modules.items():
+        assert torch.equal(module.delta(), expected.modules[name].delta())
+
+
+def test_accumulator_refuses_no_clients_zero_weights_and_a_bad_budget():
+    with pytest.raises(AggregationError, match="no client adapters"):
+        make_aggregator("florist").accumulator().result()
+    accumulator = make_aggregator("florist").accumulator()
+    accumulator.add(replace(two_clients()[0], weight=0.0))
+    with pytest.raises(AggregationError, match="client weights sum to 0.0"):
+        accumulator.result()
+    for budget in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(AggregationError, match="memory_budget_mb must be a positive number"):
+            make_aggregator("florist", memory_budget_mb=budget)

@@ -8,6 +8,7 @@ from florist.aggregation.flora import FLoRA
 from florist.aggregation.florist import FLoRIST
 from florist.aggregation.norms import adapter_norm, update_norm
 from florist.aggregation.spectral import ROUTES, energy_rank, gram_precision
+from florist.aggregation.stream import StreamingAccumulator, carried_rank_limit, exact_rank_limit
 from florist.aggregation.types import (
     Aggregate,
     AggregationError,
@@ -43,6 +44,9 @@ __all__ = [
     "FedIT",
     "FlexLoRA",
     "GlobalModule",
+    "StreamingAccumulator",
+    "carried_rank_limit",
+    "exact_rank_limit",
     "LoraFactors",
     "energy_rank",
     "gram_precision",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -9,16 +10,23 @@ import torch
 
 from florist.aggregation.base import Aggregator, ModuleBatch
 from florist.aggregation.spectral import ROUTES, energy_rank, gram_precision
+from florist.aggregation.stream import StreamingAccumulator
 from florist.aggregation.types import AggregationError
 
 
 @dataclass(frozen=True)
 class FLoRIST(Aggregator):
-    """tau in (0, 1]: share of spectral energy kept per module; max_rank caps any module's rank."""
+    """tau in (0, 1]: share of spectral energy kept per module; max_rank caps any module's rank.
+
+    `memory_budget_mb` bounds what `accumulator()` holds of a round (see aggregation/stream.py):
+    within it, and while the stacks are narrower than the layers, the result is exact;
+    `aggregate` always is, holding every client it is given.
+    """
 
     tau: float = 0.9
     max_rank: int | None = None
     route: str = "gram"
+    memory_budget_mb: float = 1024.0
 
     name = "florist"
     continues_from_global = False
@@ -30,6 +38,11 @@ class FLoRIST(Aggregator):
             raise AggregationError(f"max_rank must be >= 1, got {self.max_rank}")
         if self.route not in ROUTES:
             raise AggregationError(f"unknown decomposition route {self.route!r}; choose from {sorted(ROUTES)}")
+        if not (math.isfinite(self.memory_budget_mb) and self.memory_budget_mb > 0):
+            raise AggregationError(f"memory_budget_mb must be a positive number, got {self.memory_budget_mb}")
+
+    def accumulator(self) -> StreamingAccumulator:
+        return StreamingAccumulator(self)
 
     def combine(self, batch: ModuleBatch):
         b_stack, a_stack = batch.stacked()

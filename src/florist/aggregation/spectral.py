@@ -83,33 +83,42 @@ def gram_precision(width: int, tau: float, dtype: torch.dtype) -> torch.dtype:
 def gram_route(B: Tensor, A: Tensor, choose_rank: RankRule, precision: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Two R x R eigendecompositions and three large matrix products.
 
-    With B^T B = V L V^T, the columns of B V L^{-1/2} are orthonormal and
-    B A = (B V L^{-1/2}) (L^{1/2} V^T A). The singular values of B A are those of the R x n
-    factor, whose left vectors U_P come from the R x R matrix M = L^{1/2} V^T (A A^T) V L^{1/2}.
-    `precision` (default: B's dtype) is the dtype of the Gram matrices and of every R x R step.
+    With B = B_1 D (D the column norms of B) and B_1^T B_1 = V L V^T, the columns of
+    B_1 V L^{-1/2} are orthonormal and B A = (B_1 V L^{-1/2}) (L^{1/2} V^T D A). The singular
+    values of B A are those of the R x n factor, whose left vectors U_P come from the R x R
+    matrix M = L^{1/2} V^T (D A A^T D) V L^{1/2}. `precision` (default: B's dtype) is the dtype
+    of the Gram matrices and of every R x R step.
     """
     precision = precision or B.dtype
-    b_wide, a_wide = B.to(precision), A.to(precision)
-    v, root, inverse_root = _whiten(b_wide.mT @ b_wide)
+    b_wide = B.to(precision)
+    b_gram = b_wide.mT @ b_wide
+    del b_wide
+    a_wide = A.to(precision)
     a_gram = a_wide @ a_wide.mT
-    del b_wide, a_wide
+    del a_wide
+    # Unit columns in B, their norms moved into A's rows: the whitening then sees the directions
+    # of the stack alone, not the scales of its clients (which spread over decades), so a client
+    # whose B is small but whose A is large is not dropped under B's rounding floor.
+    norms = b_gram.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
+    inverse_norms = torch.where(norms > 0, norms.reciprocal(), torch.zeros_like(norms))
+    v, root, inverse_root = _whiten(b_gram * inverse_norms[:, :, None] * inverse_norms[:, None, :])
     half = v * root[:, None, :]  # V L^{1/2}
-    core = half.mT @ a_gram @ half
+    core = half.mT @ (a_gram * norms[:, :, None] * norms[:, None, :]) @ half
     eigvals, u = torch.linalg.eigh(core)
     eigvals, u = eigvals.flip(-1), u.flip(-1)
     # The core holds squared singular values, so rounding leaves eigenvalues near eps * s_max^2
     # whose roots (~sqrt(eps) * s_max) would pass for real components: below the core's own
-    # rounding floor they are zero. This is the gram route's resolution; the qr route resolves
-    # down to eps * s_max (BENCHMARKS.md compares them).
+    # rounding floor they are zero. This is the gram route's resolution (see gram_precision).
     floor = eigvals[..., :1] * core.shape[-1] * torch.finfo(core.dtype).eps
     s = torch.where(eigvals > floor, eigvals, torch.zeros_like(eigvals)).sqrt()
     ranks = choose_rank(s)
     p = int(ranks.max())
-    to_left = (v * inverse_root[:, None, :]) @ u[:, :, :p]  # R x p: B @ to_left = U_p
-    # A_g = S^-1 U_p^T (B A) = S^-1 U_P^T L^{1/2} V^T A; zero singular values stay zero.
+    # R x p: B @ to_left = U_p.
+    to_left = inverse_norms[:, :, None] * ((v * inverse_root[:, None, :]) @ u[:, :, :p])
+    # A_g = S^-1 U_p^T (B A) = S^-1 U_P^T L^{1/2} V^T D A; zero singular values stay zero.
     s_p = s[:, :p]
     inverse_s = torch.where(s_p > 0, s_p.reciprocal(), torch.zeros_like(s_p))
-    to_right = (u[:, :, :p].mT @ half.mT) * inverse_s[:, :, None]
+    to_right = (u[:, :, :p].mT @ half.mT) * inverse_s[:, :, None] * norms[:, None, :]
     b_global, a_global = _truncate(B @ to_left.to(B.dtype), s, to_right.to(A.dtype) @ A, ranks)
     return b_global, a_global, s, ranks
 

@@ -113,27 +113,44 @@ def _directions(generator: torch.Generator, size: int, count: int, shared: torch
     return mixed
 
 
-def synthetic_clients(preset: str, ranks: str, seed: int = 0, ffa: bool = False, names: list[str] | None = None) -> list[ClientAdapter]:
-    """Eight clients whose update of each module is L_k diag(DECAY**i) R_k^T, split evenly into B and A.
-
-    With `ffa`, A is instead a prefix of one seeded initialisation per module (FFA-LoRA freezes it).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    modules = PRESETS[preset].modules()
+def client_setting(ranks: str, k: int) -> tuple[int, float, float]:
+    """(rank, alpha, weight) of client k: the setting's clients and Dolly's client sizes, cycled."""
     settings = RANK_SETTINGS[ranks]
-    factors: list[dict[str, LoraFactors]] = [{} for _ in settings]
-    for name in names or list(modules):
+    rank, alpha = settings[k % len(settings)]
+    return rank, alpha, float(DOLLY_CLIENT_SIZES[k % len(DOLLY_CLIENT_SIZES)])
+
+
+def synthetic_client(preset: str, ranks: str, k: int, seed: int = 0, ffa: bool = False, names: list[str] | None = None) -> ClientAdapter:
+    """Client k: its update of each module is L_k diag(DECAY**i) R_k^T, split evenly into B and A.
+
+    Module i's shared bases come from (seed, i), the client's own directions from (seed, i, k),
+    so any client can be made alone, in any order: a server-side stream needs no other client in
+    memory. With `ffa`, A is a prefix of one seeded initialisation per module (FFA-LoRA freezes it).
+    """
+    modules = PRESETS[preset].modules()
+    largest = max(r for r, _ in RANK_SETTINGS[ranks])
+    r, alpha, weight = client_setting(ranks, k)
+    scale = lora_scale(alpha, r)
+    root = DECAY ** (torch.arange(r) / 2)
+    factors = {}
+    for i, name in enumerate(modules):
+        if names is not None and name not in names:
+            continue
         m, n = modules[name]
-        left = torch.randn(m, SHARED_DIRECTIONS, generator=generator) / math.sqrt(m)
-        right = torch.randn(n, SHARED_DIRECTIONS, generator=generator) / math.sqrt(n)
-        frozen = torch.randn(max(r for r, _ in settings), n, generator=generator) / math.sqrt(n)
-        for mine, (r, alpha) in zip(factors, settings):
-            scale = lora_scale(alpha, r)
-            root = DECAY ** (torch.arange(r) / 2)
-            B = _directions(generator, m, r, left) * root / scale
-            A = frozen[:r].clone() if ffa else (_directions(generator, n, r, right) * root).T.contiguous()
-            mine[name] = LoraFactors(A=A, B=B, scale=scale)
-    return [ClientAdapter(modules=m, weight=float(w)) for m, w in zip(factors, DOLLY_CLIENT_SIZES)]
+        shared = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        left = torch.randn(m, SHARED_DIRECTIONS, generator=shared) / math.sqrt(m)
+        right = torch.randn(n, SHARED_DIRECTIONS, generator=shared) / math.sqrt(n)
+        frozen = torch.randn(largest, n, generator=shared) / math.sqrt(n) if ffa else None
+        own = torch.Generator().manual_seed((seed * 1_000_003 + i) * 1_000_033 + k + 1)
+        B = _directions(own, m, r, left) * root / scale
+        A = frozen[:r].clone() if ffa else (_directions(own, n, r, right) * root).T.contiguous()
+        factors[name] = LoraFactors(A=A, B=B, scale=scale)
+    return ClientAdapter(modules=factors, weight=weight)
+
+
+def synthetic_clients(preset: str, ranks: str, seed: int = 0, ffa: bool = False, names: list[str] | None = None, count: int | None = None) -> list[ClientAdapter]:
+    """`count` clients (default: one per client of the rank setting) by `synthetic_client`."""
+    return [synthetic_client(preset, ranks, k, seed, ffa, names) for k in range(count or len(RANK_SETTINGS[ranks]))]
 
 
 # ---------------------------------------------------------------- analytic costs
