@@ -40,16 +40,17 @@ def energy_rank(singular_values: Tensor, tau: float, max_rank: int | None = None
     return rank.clamp(min=1)
 
 
-def _truncate(left: Tensor, s: Tensor, right: Tensor, ranks: Tensor) -> tuple[Tensor, Tensor]:
-    """Zero everything past each module's rank, so one batched tensor holds ragged ranks.
+def _kept(s: Tensor, ranks: Tensor) -> tuple[Tensor, Tensor]:
+    """The leading p = max(ranks) singular values with everything past each module's rank zeroed,
+    and that 0/1 mask, so one batched tensor holds ragged ranks. Routes apply them to their small
+    R x p factors before the large products.
 
     A component with a zero singular value is zeroed on both sides too: its singular vectors
     are arbitrary (an all-zero update still keeps rank 1), and every route must send zeros.
     """
     p = int(ranks.max())
     keep = (torch.arange(p, device=s.device) < ranks[:, None].to(s.device)) & (s[:, :p] > 0)
-    s_kept = torch.where(keep, s[:, :p], torch.zeros((), dtype=s.dtype, device=s.device)).to(left.dtype)
-    return left[:, :, :p] * s_kept[:, None, :], right[:, :p, :] * keep[:, :, None].to(right.dtype)
+    return torch.where(keep, s[:, :p], torch.zeros((), dtype=s.dtype, device=s.device)), keep.to(s.dtype)
 
 
 def _whiten(gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -113,14 +114,13 @@ def gram_route(B: Tensor, A: Tensor, choose_rank: RankRule, precision: torch.dty
     s = torch.where(eigvals > floor, eigvals, torch.zeros_like(eigvals)).sqrt()
     ranks = choose_rank(s)
     p = int(ranks.max())
-    # R x p: B @ to_left = U_p.
-    to_left = inverse_norms[:, :, None] * ((v * inverse_root[:, None, :]) @ u[:, :, :p])
+    s_kept, keep = _kept(s, ranks)
+    # R x p: B @ to_left = U_p S_p.
+    to_left = inverse_norms[:, :, None] * ((v * inverse_root[:, None, :]) @ u[:, :, :p]) * s_kept[:, None, :]
     # A_g = S^-1 U_p^T (B A) = S^-1 U_P^T L^{1/2} V^T D A; zero singular values stay zero.
-    s_p = s[:, :p]
-    inverse_s = torch.where(s_p > 0, s_p.reciprocal(), torch.zeros_like(s_p))
+    inverse_s = torch.where(keep > 0, s[:, :p].reciprocal(), torch.zeros_like(s_kept))
     to_right = (u[:, :, :p].mT @ half.mT) * inverse_s[:, :, None] * norms[:, None, :]
-    b_global, a_global = _truncate(B @ to_left.to(B.dtype), s, to_right.to(A.dtype) @ A, ranks)
-    return b_global, a_global, s, ranks
+    return B @ to_left.to(B.dtype), to_right.to(A.dtype) @ A, s, ranks
 
 
 def qr_route(B: Tensor, A: Tensor, choose_rank: RankRule) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -129,9 +129,9 @@ def qr_route(B: Tensor, A: Tensor, choose_rank: RankRule) -> tuple[Tensor, Tenso
     q_a, r_a = torch.linalg.qr(A.mT)
     u, s, vh = torch.linalg.svd(r_b @ r_a.mT)
     ranks = choose_rank(s)
-    p = int(ranks.max())
-    b_global, a_global = _truncate(q_b @ u[:, :, :p], s, vh[:, :p, :] @ q_a.mT, ranks)
-    return b_global, a_global, s, ranks
+    s_kept, keep = _kept(s, ranks)
+    p = s_kept.shape[-1]
+    return q_b @ (u[:, :, :p] * s_kept[:, None, :]), (vh[:, :p, :] * keep[:, :, None]) @ q_a.mT, s, ranks
 
 
 def svd_route(B: Tensor, A: Tensor, choose_rank: RankRule) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -140,9 +140,9 @@ def svd_route(B: Tensor, A: Tensor, choose_rank: RankRule) -> tuple[Tensor, Tens
     u_a, s_a, vh_a = torch.linalg.svd(A, full_matrices=False)
     u, s, vh = torch.linalg.svd(s_b[:, :, None] * (vh_b @ u_a) * s_a[:, None, :])
     ranks = choose_rank(s)
-    p = int(ranks.max())
-    b_global, a_global = _truncate(u_b @ u[:, :, :p], s, vh[:, :p, :] @ vh_a, ranks)
-    return b_global, a_global, s, ranks
+    s_kept, keep = _kept(s, ranks)
+    p = s_kept.shape[-1]
+    return u_b @ (u[:, :, :p] * s_kept[:, None, :]), (vh[:, :p, :] * keep[:, :, None]) @ vh_a, s, ranks
 
 
 ROUTES = {"gram": gram_route, "qr": qr_route, "svd": svd_route}

@@ -165,7 +165,8 @@ class StreamingAccumulator(Accumulator):
                     error_bound=bound,
                 )
             else:
-                self.carried[name] = (b_global[g, :, :p].clone(), a_global[g, :p].clone())
+                # Views into the chunk's output: no copy, and freed with the next fold's.
+                self.carried[name] = (b_global[g, :, :p], a_global[g, :p])
                 self.dropped[name] = dropped + s[g, p:].double().square().sum().sqrt().item()
         return out
 

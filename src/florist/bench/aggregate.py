@@ -70,10 +70,21 @@ CLIENT_NOISE = 0.5
 
 @dataclass(frozen=True)
 class Case:
+    """A preset's modules, `clients` clients (default: one per client of the rank setting, which
+    is cycled past its length, with Dolly's client sizes as weights), FLoRIST's tau."""
+
     preset: str
     ranks: str
     tau: float
     seed: int = 0
+    clients: int | None = None
+
+    @property
+    def count(self) -> int:
+        return self.clients or len(RANK_SETTINGS[self.ranks])
+
+    def client_ranks(self) -> list[int]:
+        return [client_setting(self.ranks, k)[0] for k in range(self.count)]
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,7 @@ class MethodRun:
     options: dict = field(default_factory=dict)
     repeats: int = 5
     modules: int | None = None  # None: every module of the preset
+    stream: bool = False  # clients made and added one at a time to the method's accumulator, as a server does
 
 
 @dataclass(frozen=True)
@@ -95,10 +107,11 @@ class Measurement:
     seconds_median: float
     extrapolated_from_modules: int | None
     peak_extra_bytes: int | None
-    flops: float
+    flops: float | None  # None where no analytic count applies (streaming folds depend on the data)
     download_bytes_per_client: list[float]
     rank_sent_per_client: list[float]
     speedup_vs_flexlora: float | None = None
+    error_bound: float | None = None  # the largest GlobalModule.error_bound (streaming rows)
 
 
 # ---------------------------------------------------------------- synthetic adapters
@@ -225,34 +238,67 @@ def measured_modules(preset: str, count: int | None) -> dict[str, float]:
     return {name: total[shapes[name]] / measured[shapes[name]] for name in names}
 
 
-def measure(case: Case, run: MethodRun) -> Measurement:
-    """Aggregate `run.repeats` times in this process; the first run also measures peak memory."""
-    modules = PRESETS[case.preset].modules()
-    weights = measured_modules(case.preset, run.modules)
-    names = list(weights)
-    clients = synthetic_clients(case.preset, case.ranks, case.seed, ffa=run.method == "ffa", names=names)
-    aggregator = make_aggregator(run.method, **run.options)
+def _peak_extra_bytes(work) -> tuple[object, int | None]:
+    """Run `work()` once and measure the resident set it added at its peak.
+
+    With a small mmap threshold glibc returns every large freed block to the kernel, so memory
+    freed before (building the clients) cannot hide the peak. Timed runs after it use glibc's
+    usual reuse of freed blocks, as a long-lived server does.
+    """
     gc.collect()
-    # The first run measures memory: with a small mmap threshold glibc returns every large freed
-    # block to the kernel, so memory freed while building the clients cannot hide the peak. The
-    # timed runs after it use glibc's usual reuse of freed blocks, as a long-lived server does.
     _set_mmap_threshold(64 * 2**10)
     tracked = _reset_peak_rss()
     start_kib = _proc_status_kib("VmRSS")
-    result = aggregator.aggregate(clients)
+    result = work()
     peak = (_proc_status_kib("VmHWM") - start_kib) * 1024 if tracked else None
     _set_mmap_threshold(32 * 2**20)
-    seconds = []
-    for _ in range(run.repeats):
+    return result, peak
+
+
+def _stream(case: Case, run: MethodRun, names: list[str]):
+    """Make each client, add it to a fresh accumulator, drop it; returns the result and the
+    seconds spent in `add` and `result` (making the clients is not the server's work)."""
+    accumulator = make_aggregator(run.method, **run.options).accumulator()
+    spent = 0.0
+    for k in range(case.count):
+        client = synthetic_client(case.preset, case.ranks, k, case.seed, ffa=run.method == "ffa", names=names)
         began = time.perf_counter()
-        result = aggregator.aggregate(clients)
-        seconds.append(time.perf_counter() - began)
-    client_ranks = [f.rank for f in (c.modules[names[0]] for c in clients)]
-    route = run.options.get("route", "gram")
-    flops = {name: module_flops(run.method, route, *modules[name], client_ranks, result.modules[name].rank) for name in names}
-    scale = sum(flops[name] * weights[name] for name in names) / sum(flops.values())
+        accumulator.add(client)
+        spent += time.perf_counter() - began
+        del client
+    began = time.perf_counter()
+    result = accumulator.result()
+    return result, spent + time.perf_counter() - began
+
+
+def measure(case: Case, run: MethodRun) -> Measurement:
+    """Aggregate `run.repeats` times in this process; a first run measures peak memory."""
+    modules = PRESETS[case.preset].modules()
+    weights = measured_modules(case.preset, run.modules)
+    names = list(weights)
+    if run.stream:
+        (result, _), peak = _peak_extra_bytes(lambda: _stream(case, run, names))
+        seconds = [_stream(case, run, names)[1] for _ in range(run.repeats)]
+    else:
+        clients = synthetic_clients(case.preset, case.ranks, case.seed, ffa=run.method == "ffa", names=names, count=case.count)
+        aggregator = make_aggregator(run.method, **run.options)
+        result, peak = _peak_extra_bytes(lambda: aggregator.aggregate(clients))
+        seconds = []
+        for _ in range(run.repeats):
+            began = time.perf_counter()
+            result = aggregator.aggregate(clients)
+            seconds.append(time.perf_counter() - began)
+        del clients
+    client_ranks = case.client_ranks()
+    if run.stream:
+        flops, scale = None, len(modules) / len(names)
+    else:
+        route = run.options.get("route", "gram")
+        per_module = {name: module_flops(run.method, route, *modules[name], client_ranks, result.modules[name].rank) for name in names}
+        flops = sum(per_module[name] * weights[name] for name in names)
+        scale = flops / sum(per_module.values())
     downloads, ranks_sent = [], []
-    for k in range(len(clients)):
+    for k in range(case.count):
         received = result.for_client(k)
         downloads.append(sum(weights[n] * sum(modules[n]) * received[n].rank * received[n].A.element_size() for n in names))
         ranks_sent.append(sum(weights[n] * received[n].rank for n in names))
@@ -263,9 +309,10 @@ def measure(case: Case, run: MethodRun) -> Measurement:
         seconds_median=statistics.median(seconds) * scale,
         extrapolated_from_modules=len(names) if len(names) < len(modules) else None,
         peak_extra_bytes=peak,
-        flops=sum(flops[name] * weights[name] for name in names),
+        flops=flops,
         download_bytes_per_client=downloads,
         rank_sent_per_client=ranks_sent,
+        error_bound=max(m.error_bound for m in result.modules.values()) if run.stream else None,
     )
 
 
@@ -302,9 +349,19 @@ def method_runs(tau: float, repeats: int, flexlora_modules: int, flexlora_repeat
     ]
 
 
+def scaling_runs(tau: float, repeats: int, subset_modules: int, flexlora_repeats: int) -> list[MethodRun]:
+    """Rows for many clients: FLoRIST as the server runs it (one reply at a time, bounded memory),
+    the exact batched route and FlexLoRA (both holding every client; timed on a subset of modules)."""
+    return [
+        MethodRun(f"florist {tau:g} stream", "florist", {"tau": tau}, repeats, stream=True),
+        MethodRun(f"florist {tau:g} batched", "florist", {"tau": tau}, 1, subset_modules),
+        MethodRun("flexlora", "flexlora", {}, flexlora_repeats, subset_modules),
+    ]
+
+
 def adapter_bytes(case: Case) -> int:
     """Bytes of every client's A and B for every module (fp32), computed from the shapes."""
-    ranks = sum(r for r, _ in RANK_SETTINGS[case.ranks])
+    ranks = sum(case.client_ranks())
     return sum((m + n) * ranks * 4 for m, n in PRESETS[case.preset].modules().values())
 
 
@@ -314,7 +371,7 @@ def run_case(case: Case, runs: list[MethodRun], threads: int, progress=None) -> 
     rows = []
     for run in runs:
         if progress:
-            progress(f"{case.preset} {case.ranks}: {run.label}")
+            progress(f"{case.preset} {case.ranks} {case.count} clients: {run.label}")
         rows.append(measure_in_subprocess(case, run, threads))
     flexlora = next((row for row in rows if row.method == "flexlora"), None)
     rows = [
@@ -324,8 +381,8 @@ def run_case(case: Case, runs: list[MethodRun], threads: int, progress=None) -> 
     return {
         **asdict(case),
         "modules": len(PRESETS[case.preset].modules()),
-        "clients": len(RANK_SETTINGS[case.ranks]),
-        "client_ranks": [r for r, _ in RANK_SETTINGS[case.ranks]],
+        "clients": case.count,
+        "client_ranks": case.client_ranks(),
         "client_adapter_bytes": adapter_bytes(case),
         "rows": [asdict(row) for row in rows],
     }
@@ -357,26 +414,33 @@ def _spread(values: list[float], fmt) -> str:
 def render(case: dict) -> Table:
     adapters = case["client_adapter_bytes"]
     extrapolated = {row["extrapolated_from_modules"] for row in case["rows"]} - {None}
+    ranks = case["client_ranks"]
+    clients = f"ranks {ranks}" if len(ranks) <= 8 else f"{len(ranks)} clients of ranks {sorted(set(ranks))}"
     table = Table(
-        title=f"{case['preset']}, {case['ranks']} ranks {case['client_ranks']}, {case['modules']} modules, "
+        title=f"{case['preset']}, {case['ranks']} {clients}, {case['modules']} modules, "
         f"client adapters {_mib(adapters)} MiB (fp32)",
         caption=f"* timed on the first {', '.join(map(str, extrapolated))} modules and extrapolated by FLOP share; "
         "peak memory is for those modules" if extrapolated else None,
     )
-    for column in ("method", "median s", "vs flexlora", "peak extra MiB", "x adapters", "GFLOP", "download/client MiB", "rank sent"):
+    bounded = any(row.get("error_bound") is not None for row in case["rows"])
+    columns = ["method", "median s", "vs flexlora", "peak extra MiB", "x adapters", "GFLOP", "download/client MiB", "rank sent"]
+    for column in columns + ["error bound"] * bounded:
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column == "method")
     for row in case["rows"]:
         peak = row["peak_extra_bytes"]
-        table.add_row(
+        cells = [
             row["label"] + ("*" if row["extrapolated_from_modules"] else ""),
             f"{row['seconds_median']:.3g}",
             f"{row['speedup_vs_flexlora']:,.0f}x" if row["speedup_vs_flexlora"] else "-",
             "n/a" if peak is None else _mib(peak),
             "n/a" if peak is None else f"{peak / adapters:.2f}",
-            f"{row['flops'] / 1e9:,.2f}",
+            "-" if row["flops"] is None else f"{row['flops'] / 1e9:,.2f}",
             _spread(row["download_bytes_per_client"], _mib),
             _spread(row["rank_sent_per_client"], lambda r: f"{r:,.0f}"),
-        )
+        ]
+        if bounded:
+            cells.append("-" if row.get("error_bound") is None else f"{row['error_bound']:.3g}")
+        table.add_row(*cells)
     return table
 
 
