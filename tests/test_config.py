@@ -71,6 +71,8 @@ def test_flwr_run_config_reads_the_file_and_its_dotted_overrides(tmp_path):
         ("aggregation.tau=high", ["aggregation.tau", "high"]),
         ("aggregation.method=fedavg", ["aggregation.method", "fedavg"]),
         ("aggregation.route=lanczos", ["aggregation.route", "lanczos"]),
+        ("aggregation.memory_budget_mb=0", ["aggregation.memory_budget_mb", "0"]),
+        ("aggregation.memory_budget_mb=nan", ["aggregation.memory_budget_mb", "nan"]),
         ("aggregation.taus=0.5", ["aggregation.taus", "no such configuration key"]),
         ("nosuch.key=1", ["nosuch", "no such configuration key"]),
         ("data.template=llama", ["data.template", "llama"]),

@@ -120,6 +120,10 @@ class AggregationConfig(Section):
     tau: float = Field(0.9, gt=0, le=1)
     max_rank: int | None = Field(None, ge=1)
     route: str = "gram"
+    memory_budget_mb: float = Field(1024.0, gt=0, allow_inf_nan=False)
+    """florist: what the server holds of a round's client adapters. Within it, and while every
+    module's stacked rank is at most min(m, n), FLoRIST is exact; past it, clients are folded into a
+    running decomposition as they arrive (README, "Methods and round semantics")."""
 
     @model_validator(mode="after")
     def _known_names(self) -> AggregationConfig:
@@ -132,7 +136,7 @@ class AggregationConfig(Section):
     def options(self) -> dict:
         """Keyword options of the chosen aggregator."""
         if self.method == "florist":
-            return {"tau": self.tau, "max_rank": self.max_rank, "route": self.route}
+            return {"tau": self.tau, "max_rank": self.max_rank, "route": self.route, "memory_budget_mb": self.memory_budget_mb}
         return {}
 
 
