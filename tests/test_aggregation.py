@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from unittest import mock
 
@@ -12,6 +13,9 @@ from hypothesis import strategies as st
 
 from florist.aggregation import (
     ROUTES,
+    FLoRIST,
+    allocate_ranks,
+    minimum_download_bytes,
     carried_rank_limit,
     exact_rank_limit,
     gram_precision,
@@ -823,3 +827,108 @@ def test_accumulator_refuses_no_clients_zero_weights_and_a_bad_budget():
     for budget in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(AggregationError, match="memory_budget_mb must be a positive number"):
             make_aggregator("florist", memory_budget_mb=budget)
+
+
+# ---------------------------------------------------------------- a download budget instead of tau
+
+# q: 8 x 8 (a component costs (8 + 8) x 2 = 32 bytes in fp16), v: 4 x 8 (24 bytes).
+BUDGET_SHAPES = {"q": (8, 8), "v": (4, 8)}
+BUDGET_SPECTRA = {"q": torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64), "v": torch.tensor([3.0, 1.3, 0.2], dtype=torch.float64)}
+# Energy shares q: .762 .190 .048, v: .839 .158 .004; absolute q: 4 1 .25, v: 9 1.69 .04.
+
+
+@pytest.mark.parametrize(
+    ("budget", "criterion", "expected"),
+    [
+        (56, "normalized", {"q": 1, "v": 1}),  # exactly the minimum ranks
+        (88, "normalized", {"q": 2, "v": 1}),  # q's .190 before v's .158
+        (88, "absolute", {"q": 1, "v": 2}),  # v's 1.69 before q's 1
+        (88, "per-byte", {"q": 1, "v": 2}),  # v's .158 / 24 before q's .190 / 32
+        (87, "normalized", {"q": 1, "v": 2}),  # q's component no longer fits, v's does
+        (112, "normalized", {"q": 2, "v": 2}),
+        (1000, "normalized", {"q": 3, "v": 3}),  # more than everything
+    ],
+)
+def test_budget_buys_components_in_the_criterion_order_within_the_exact_bytes(budget, criterion, expected):
+    ranks = allocate_ranks(BUDGET_SPECTRA, BUDGET_SHAPES, budget, 2, criterion)
+    assert ranks == expected
+    assert sum(sum(BUDGET_SHAPES[name]) * 2 * rank for name, rank in ranks.items()) <= budget
+
+
+def test_budget_respects_min_rank_max_rank_and_the_numerical_floor():
+    assert allocate_ranks(BUDGET_SPECTRA, BUDGET_SHAPES, 112, 2, min_rank=2) == {"q": 2, "v": 2}
+    assert allocate_ranks(BUDGET_SPECTRA, BUDGET_SHAPES, 1000, 2, max_rank=1) == {"q": 1, "v": 1}
+    spectra = {"q": torch.tensor([1.0, 1e-9, 0.0]), "v": torch.tensor([0.0, 0.0, 0.0])}
+    assert allocate_ranks(spectra, BUDGET_SHAPES, 1000, 2, rtol={"q": 1e-6, "v": 1e-6}) == {"q": 1, "v": 1}
+    assert minimum_download_bytes(BUDGET_SHAPES, 2, 2) == 112
+    with pytest.raises(AggregationError, match=r"^download budget of .* \(111 bytes\) is below the .* \(112 bytes\) that rank 2 in each of 2 modules needs$"):
+        allocate_ranks(BUDGET_SPECTRA, BUDGET_SHAPES, 111, 2, min_rank=2)
+    with pytest.raises(AggregationError, match="unknown budget criterion 'loss'"):
+        allocate_ranks(BUDGET_SPECTRA, BUDGET_SHAPES, 1000, 2, "loss")
+
+
+def known_spectrum_clients(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]) -> list[ClientAdapter]:
+    """One client per module whose update B A has exactly the given singular values."""
+    generator = torch.Generator().manual_seed(0)
+    modules = {}
+    for name, s in spectra.items():
+        m, n = shapes[name]
+        u = torch.linalg.qr(torch.randn(m, len(s), generator=generator, dtype=torch.float64))[0]
+        v = torch.linalg.qr(torch.randn(n, len(s), generator=generator, dtype=torch.float64))[0]
+        modules[name] = LoraFactors(A=v.T.contiguous(), B=u * s.double(), scale=1.0)
+    return [ClientAdapter(modules, 1.0)]
+
+
+@pytest.mark.parametrize("criterion", ["normalized", "absolute", "per-byte"])
+@pytest.mark.parametrize("budget", [56, 87, 88, 112])
+def test_florist_with_a_budget_sends_what_allocate_ranks_buys(criterion, budget):
+    clients = known_spectrum_clients(BUDGET_SPECTRA, BUDGET_SHAPES)
+    options = {"download_budget_mb": budget / 2**20, "wire_bytes": 2, "budget_criterion": criterion}
+    expected = allocate_ranks(BUDGET_SPECTRA, BUDGET_SHAPES, budget, 2, criterion)
+    for result in (make_aggregator("florist", **options).aggregate(clients), streamed(clients, **options)[1]):
+        assert {name: module.rank for name, module in result.modules.items()} == expected
+        assert sum(sum(BUDGET_SHAPES[name]) * 2 * module.rank for name, module in result.modules.items()) <= budget
+        for name, module in result.modules.items():
+            assert torch.allclose(module.singular_values[:3].double(), BUDGET_SPECTRA[name].double(), atol=1e-9)
+            dw = dense_update(clients, name)
+            kept = BUDGET_SPECTRA[name][: module.rank]
+            assert (dw - module.delta().double()).norm().item() == pytest.approx(BUDGET_SPECTRA[name][module.rank :].norm().item(), abs=1e-9)
+            assert module.energy == pytest.approx((kept.square().sum() / BUDGET_SPECTRA[name].square().sum()).item())
+
+
+@PROPERTY
+@given(clients=any_federations(dtype=torch.float32), fraction=st.floats(0.0, 1.0), criterion=st.sampled_from(["normalized", "absolute", "per-byte"]), columns=st.sampled_from([None, 6]))
+def test_a_budget_is_never_exceeded_and_left_unspent_only_where_nothing_fits(clients, fraction, criterion, columns):
+    shapes = {name: f.shape for name, f in clients[0].modules.items()}
+    least = minimum_download_bytes(shapes, 1, 4)
+    most = sum(sum(shape) * 4 * min(shape) for shape in shapes.values())
+    budget = int(least + fraction * (most - least))
+    options = {"download_budget_mb": budget / 2**20, "budget_criterion": criterion}
+    if columns:
+        options["memory_budget_mb"] = budget_mb(clients, columns)
+    _, result = streamed(clients, **options)
+    spent = sum(sum(shapes[name]) * 4 * module.rank for name, module in result.modules.items())
+    assert spent <= budget
+    for name, module in result.modules.items():
+        s = module.singular_values
+        more = module.rank < len(s) and s[module.rank] > FLoRIST.rtol(shapes[name], torch.float32) * s[0]
+        # Any module with a component left above its floor could not afford it.
+        assert not more or spent + sum(shapes[name]) * 4 > budget
+
+
+def test_budget_options_are_checked():
+    with pytest.raises(AggregationError, match=r"give tau or download_budget_mb, not both \(got tau 0.9 and 10.0 MiB\)"):
+        make_aggregator("florist", tau=0.9, download_budget_mb=10.0)
+    for options, message in [
+        ({"download_budget_mb": 0.0}, "download_budget_mb must be a positive number, got 0.0"),
+        ({"download_budget_mb": float("nan")}, "download_budget_mb must be a positive number, got nan"),
+        ({"download_budget_mb": 1.0, "budget_criterion": "loss"}, "unknown budget criterion 'loss'"),
+        ({"download_budget_mb": 1.0, "min_rank": 0}, "min_rank must be >= 1, got 0"),
+        ({"download_budget_mb": 1.0, "wire_bytes": 3}, "wire_bytes must be 1, 2, 4 or 8, got 3"),
+    ]:
+        with pytest.raises(AggregationError, match=re.escape(message)):
+            make_aggregator("florist", **options)
+    assert make_aggregator("florist").tau == 0.9 and make_aggregator("florist", download_budget_mb=1.0).tau is None
+    clients = known_spectrum_clients(BUDGET_SPECTRA, BUDGET_SHAPES)
+    with pytest.raises(AggregationError, match=r"\(55 bytes\) is below the .* \(56 bytes\)"):
+        make_aggregator("florist", download_budget_mb=55 / 2**20, wire_bytes=2).aggregate(clients)

@@ -78,6 +78,8 @@ def gram_precision(width: int, tau: float, dtype: torch.dtype) -> torch.dtype:
     tau = 1), the Gram matrices and all R x R work are in float64 instead: only the two Gram
     products get dearer, the large products stay in `dtype`.
     """
+    if dtype == torch.float64:
+        return dtype
     return dtype if width * width * torch.finfo(dtype).eps <= 1 - tau else torch.float64
 
 

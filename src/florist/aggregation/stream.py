@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from florist.aggregation.base import Accumulator, check_client, chunk_size, compute_dtype
-from florist.aggregation.spectral import energy_rank, gram_precision, gram_route
+from florist.aggregation.spectral import energy_rank, gram_route
 from florist.aggregation.types import Aggregate, AggregationError, ClientAdapter, GlobalModule, check_total_weight, check_weight
 
 if TYPE_CHECKING:
@@ -148,8 +148,8 @@ class StreamingAccumulator(Accumulator):
                 b_stack[g, :, start:stop].copy_(B)
                 torch.mul(A, coefficient, out=a_stack[g, start:stop])
                 start = stop
-        rule = self._final_rule(shape) if final else self._carry_rule(names, shape)
-        b_global, a_global, s, ranks = gram_route(b_stack, a_stack, rule, gram_precision(width, self.aggregator.tau, self.dtype))
+        rule = self.aggregator.rank_rule(shape, self.dtype) if final else self._carry_rule(names, shape)
+        b_global, a_global, s, ranks = gram_route(b_stack, a_stack, rule, self.aggregator.precision(width, self.dtype))
         del b_stack, a_stack
         out = {}
         for g, (name, p) in enumerate(zip(names, ranks.tolist())):
@@ -179,22 +179,20 @@ class StreamingAccumulator(Accumulator):
             factors = client.modules[name]
             yield factors.B, factors.A, float(client.weight) * factors.scale
 
-    def _rtol(self, shape: tuple[int, int]) -> float:
-        return max(shape) * torch.finfo(self.dtype).eps
-
     def _carry_rule(self, names: list[str], shape: tuple[int, int]) -> Callable[[Tensor], Tensor]:
-        """CARRY_FACTOR times the rank tau would keep of the running sum, at most the carried limit."""
+        """CARRY_FACTOR times the rank tau would keep of the running sum; with a download budget,
+        all that the budget could buy of the module. At most the carried limit."""
         limits = torch.tensor([self.carry_limit[name] for name in names])
+        aggregator, rtol = self.aggregator, self.aggregator.rtol(shape, self.dtype)
 
         def rule(s: Tensor) -> Tensor:
-            carried = CARRY_FACTOR * energy_rank(s, self.aggregator.tau, rtol=self._rtol(shape))
+            if aggregator.tau is None:
+                carried = torch.full(s.shape[:-1], aggregator.affordable(shape))
+            else:
+                carried = CARRY_FACTOR * energy_rank(s, aggregator.tau, rtol=rtol)
             return torch.minimum(carried, limits).clamp(max=s.shape[-1])
 
         return rule
-
-    def _final_rule(self, shape: tuple[int, int]) -> Callable[[Tensor], Tensor]:
-        aggregator = self.aggregator
-        return lambda s: energy_rank(s, aggregator.tau, aggregator.max_rank, rtol=self._rtol(shape))
 
     # -- the result ----------------------------------------------------------------------------
 
@@ -204,5 +202,5 @@ class StreamingAccumulator(Accumulator):
         check_total_weight(self.total_weight)
         if not self.folding:
             return self.aggregator.aggregate(self.clients)
-        modules = self._fold(final=True)
+        modules = self.aggregator.spend_budget(self._fold(final=True))
         return Aggregate(modules={name: modules[name] for name in self.reference[1].modules})
