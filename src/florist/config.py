@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from florist.aggregation import METHODS, ROUTES
+from florist.aggregation import DEFAULT_TAU, METHODS, ROUTES
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.toml"
 
@@ -115,10 +115,22 @@ class FederationConfig(Section):
         return min(sampled, self.min_clients or max(1, math.ceil(self.min_fraction * sampled)))
 
 
+WIRE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+"""Bytes per value of each wire dtype: what a download budget counts."""
+
+
 class AggregationConfig(Section):
     method: str = "florist"
-    tau: float = Field(0.9, gt=0, le=1)
+    tau: float = Field(DEFAULT_TAU, gt=0, le=1)
     max_rank: int | None = Field(None, ge=1)
+    download_budget_mb: float | None = Field(None, gt=0, allow_inf_nan=False)
+    """florist: instead of tau, what one client downloads per round (MiB in the wire dtype), spent on
+    ranks across all modules at once (README, "Methods and round semantics")."""
+    budget_criterion: Literal["normalized", "absolute", "per-byte"] = "normalized"
+    """How a download budget ranks components: energy share within its module, energy, or energy
+    share per byte of its module."""
+    min_rank: int = Field(1, ge=1)
+    """The rank every module gets under a download budget, whatever its spectrum."""
     route: str = "gram"
     memory_budget_mb: float = Field(1024.0, gt=0, allow_inf_nan=False)
     """florist: what the server holds of a round's client adapters. Within it, and while every
@@ -131,13 +143,26 @@ class AggregationConfig(Section):
             raise ValueError(f"aggregation.method {self.method!r} is unknown; choose from {', '.join(METHODS)}")
         if self.route not in ROUTES:
             raise ValueError(f"aggregation.route {self.route!r} is unknown; choose from {', '.join(ROUTES)}")
+        if self.download_budget_mb is not None and "tau" in self.model_fields_set:
+            raise ValueError(
+                f"aggregation.tau ({self.tau}) and aggregation.download_budget_mb ({self.download_budget_mb}) are both set; set one"
+            )
         return self
 
-    def options(self) -> dict:
-        """Keyword options of the chosen aggregator."""
-        if self.method == "florist":
-            return {"tau": self.tau, "max_rank": self.max_rank, "route": self.route, "memory_budget_mb": self.memory_budget_mb}
-        return {}
+    def options(self, wire_dtype: str = "float32") -> dict:
+        """Keyword options of the chosen aggregator; a download budget counts bytes of `wire_dtype`."""
+        if self.method != "florist":
+            return {}
+        options = {"max_rank": self.max_rank, "route": self.route, "memory_budget_mb": self.memory_budget_mb}
+        if self.download_budget_mb is None:
+            return {**options, "tau": self.tau}
+        return {
+            **options,
+            "download_budget_mb": self.download_budget_mb,
+            "budget_criterion": self.budget_criterion,
+            "min_rank": self.min_rank,
+            "wire_bytes": WIRE_BYTES[wire_dtype],
+        }
 
 
 class ValidationConfig(Section):
