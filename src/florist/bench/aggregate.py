@@ -112,6 +112,7 @@ class Measurement:
     rank_sent_per_client: list[float]
     speedup_vs_flexlora: float | None = None
     error_bound: float | None = None  # the largest GlobalModule.error_bound (streaming rows)
+    cpu_seconds_median: float | None = None  # CPU time of this process: on a shared machine, less noisy than wall time  # the largest GlobalModule.error_bound (streaming rows)
 
 
 # ---------------------------------------------------------------- synthetic adapters
@@ -259,16 +260,29 @@ def _stream(case: Case, run: MethodRun, names: list[str]):
     """Make each client, add it to a fresh accumulator, drop it; returns the result and the
     seconds spent in `add` and `result` (making the clients is not the server's work)."""
     accumulator = make_aggregator(run.method, **run.options).accumulator()
-    spent = 0.0
+    spent = _Clock()
     for k in range(case.count):
         client = synthetic_client(case.preset, case.ranks, k, case.seed, ffa=run.method == "ffa", names=names)
-        began = time.perf_counter()
-        accumulator.add(client)
-        spent += time.perf_counter() - began
+        with spent:
+            accumulator.add(client)
         del client
-    began = time.perf_counter()
-    result = accumulator.result()
-    return result, spent + time.perf_counter() - began
+    with spent:
+        result = accumulator.result()
+    return result, spent
+
+
+class _Clock:
+    """Wall and CPU seconds summed over the blocks it times."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self):
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def __exit__(self, *exc):
+        self.wall += time.perf_counter() - self._wall
+        self.cpu += time.process_time() - self._cpu
 
 
 def measure(case: Case, run: MethodRun) -> Measurement:
@@ -278,17 +292,18 @@ def measure(case: Case, run: MethodRun) -> Measurement:
     names = list(weights)
     if run.stream:
         (result, _), peak = _peak_extra_bytes(lambda: _stream(case, run, names))
-        seconds = [_stream(case, run, names)[1] for _ in range(run.repeats)]
+        clocks = [_stream(case, run, names)[1] for _ in range(run.repeats)]
     else:
         clients = synthetic_clients(case.preset, case.ranks, case.seed, ffa=run.method == "ffa", names=names, count=case.count)
         aggregator = make_aggregator(run.method, **run.options)
         result, peak = _peak_extra_bytes(lambda: aggregator.aggregate(clients))
-        seconds = []
+        clocks = []
         for _ in range(run.repeats):
-            began = time.perf_counter()
-            result = aggregator.aggregate(clients)
-            seconds.append(time.perf_counter() - began)
+            clocks.append(_Clock())
+            with clocks[-1]:
+                result = aggregator.aggregate(clients)
         del clients
+    seconds = [clock.wall for clock in clocks]
     client_ranks = case.client_ranks()
     if run.stream:
         flops, scale = None, len(modules) / len(names)
@@ -313,6 +328,7 @@ def measure(case: Case, run: MethodRun) -> Measurement:
         download_bytes_per_client=downloads,
         rank_sent_per_client=ranks_sent,
         error_bound=max(m.error_bound for m in result.modules.values()) if run.stream else None,
+        cpu_seconds_median=statistics.median(clock.cpu for clock in clocks) * scale,
     )
 
 
@@ -423,7 +439,7 @@ def render(case: dict) -> Table:
         "peak memory is for those modules" if extrapolated else None,
     )
     bounded = any(row.get("error_bound") is not None for row in case["rows"])
-    columns = ["method", "median s", "vs flexlora", "peak extra MiB", "x adapters", "GFLOP", "download/client MiB", "rank sent"]
+    columns = ["method", "median s", "cpu s", "vs flexlora", "peak extra MiB", "x adapters", "GFLOP", "download/client MiB", "rank sent"]
     for column in columns + ["error bound"] * bounded:
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column == "method")
     for row in case["rows"]:
@@ -431,6 +447,7 @@ def render(case: dict) -> Table:
         cells = [
             row["label"] + ("*" if row["extrapolated_from_modules"] else ""),
             f"{row['seconds_median']:.3g}",
+            "-" if row.get("cpu_seconds_median") is None else f"{row['cpu_seconds_median']:.3g}",
             f"{row['speedup_vs_flexlora']:,.0f}x" if row["speedup_vs_flexlora"] else "-",
             "n/a" if peak is None else _mib(peak),
             "n/a" if peak is None else f"{peak / adapters:.2f}",
