@@ -98,9 +98,10 @@ def test_a_client_is_the_same_made_alone_or_among_others():
 
 
 def test_cli_streams_many_clients_beside_the_batched_route_and_flexlora(tmp_path):
-    target = tmp_path / "scaling.json"
+    target, plot = tmp_path / "scaling.json", tmp_path / "plots" / "scaling.png"
     arguments = ["bench", "aggregate", "--preset", "smollm2-135m", "--ranks", "homo", "--clients", "3,20"]
-    assert main([*arguments, "--repeats", "1", "--threads", "1", "--json", str(target)]) == 0
+    assert main([*arguments, "--repeats", "1", "--threads", "1", "--json", str(target), "--plot", str(plot)]) == 0
+    assert plot.read_bytes().startswith(b"\x89PNG") and list(plot.parent.iterdir()) == [plot]
     report = json.loads(target.read_text())
     assert report["command"].endswith("--clients 3,20")
     assert [case["clients"] for case in report["cases"]] == [3, 20]
@@ -116,8 +117,11 @@ def test_cli_streams_many_clients_beside_the_batched_route_and_flexlora(tmp_path
     assert large["error_bound"] > 0.0  # 320 do not fit v_proj's 192: folded
 
 
-def test_cli_refuses_bad_client_counts(capsys):
+def test_cli_refuses_bad_client_counts_and_a_plot_without_them(capsys, tmp_path):
     for value in ("0,8", "8,x"):
         with pytest.raises(SystemExit):
             main(["bench", "aggregate", "--clients", value])
     assert "--clients" in capsys.readouterr().err
+    assert main(["bench", "aggregate", "--plot", str(tmp_path / "p.png")]) != 0
+    assert "--plot needs --clients" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()

@@ -461,5 +461,42 @@ def render(case: dict) -> Table:
     return table
 
 
+def plot_scaling(report: dict, path: Path) -> None:
+    """Server seconds and peak extra memory against the number of clients, one line per method (PNG)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = sorted(report["cases"], key=lambda case: case["clients"])
+    labels = [row["label"] for row in cases[0]["rows"]]
+    fig, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for label in labels:
+        rows = [(case["clients"], next(row for row in case["rows"] if row["label"] == label)) for case in cases]
+        marker = "--o" if rows[0][1]["extrapolated_from_modules"] else "-o"
+        counts = [k for k, _ in rows]
+        time_axis.plot(counts, [row["seconds_median"] for _, row in rows], marker, label=label)
+        memory_axis.plot(counts, [row["peak_extra_bytes"] / 2**20 for _, row in rows], marker, label=label)
+    first = cases[0]
+    time_axis.set(xscale="log", yscale="log", xlabel="clients per round", ylabel="aggregation wall seconds")
+    memory_axis.set(xscale="log", yscale="log", xlabel="clients per round", ylabel="server peak extra MiB")
+    for axis in (time_axis, memory_axis):
+        axis.set_xticks([case["clients"] for case in cases], [str(case["clients"]) for case in cases])
+        axis.grid(True, which="both", alpha=0.3)
+    time_axis.legend(fontsize=8)
+    fig.suptitle(
+        f"{first['preset']}, {len(set(first['client_ranks']))} rank setting {sorted(set(first['client_ranks']))}, "
+        f"tau {first['tau']:g} (dashed: timed on a subset of modules, extrapolated)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    write_atomically(path, buffer.getvalue())
+
+
 def write_json(path: Path, report: dict) -> None:
     write_atomically(path, json.dumps(report, indent=2))

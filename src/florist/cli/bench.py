@@ -62,6 +62,7 @@ def _register_aggregate(benchmarks) -> None:
         "cycled), beside the exact batched route and FlexLoRA timed on --flexlora-modules modules"
     )
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
+    parser.add_argument("--plot", type=Path, help="with --clients: also plot seconds and memory against the client count (PNG)")
     parser.set_defaults(func=_aggregate)
 
 
@@ -87,10 +88,23 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def _aggregate(args: argparse.Namespace) -> int:
-    from florist.bench.aggregate import PRESETS, RANK_SETTINGS, Case, machine, method_runs, render, run_case, scaling_runs, write_json
+    from florist.bench.aggregate import (
+        PRESETS,
+        RANK_SETTINGS,
+        Case,
+        machine,
+        method_runs,
+        plot_scaling,
+        render,
+        run_case,
+        scaling_runs,
+        write_json,
+    )
 
     import torch
 
+    if args.plot and not args.clients:
+        raise ValueError("--plot needs --clients: it draws time and memory against the client count")
     console = Console()
     threads = args.threads or torch.get_num_threads()
     presets = list(PRESETS) if args.preset == "all" else [args.preset]
@@ -114,6 +128,8 @@ def _aggregate(args: argparse.Namespace) -> int:
                 console.print(render(case))
                 if args.json:  # after every case, so a long run keeps what it measured
                     write_json(args.json, report)
+    if args.plot:
+        plot_scaling(report, args.plot)
     return 0
 
 
