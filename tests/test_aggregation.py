@@ -932,3 +932,17 @@ def test_budget_options_are_checked():
     clients = known_spectrum_clients(BUDGET_SPECTRA, BUDGET_SHAPES)
     with pytest.raises(AggregationError, match=r"\(55 bytes\) is below the .* \(56 bytes\)"):
         make_aggregator("florist", download_budget_mb=55 / 2**20, wire_bytes=2).aggregate(clients)
+
+
+def test_folding_keeps_the_weighted_mean_of_tensors_trained_in_full():
+    generator = torch.Generator().manual_seed(5)
+    clients = [replace(c, dense={"bias": torch.randn(48, generator=generator)}) for c in sharing_directions(60)]
+    accumulator, result = streamed(clients, tau=0.9)
+    assert accumulator.folding
+    total = sum(c.weight for c in clients)
+    expected = sum(c.weight / total * c.dense["bias"].double() for c in clients)
+    assert torch.allclose(result.dense["bias"].double(), expected, atol=1e-6) and result.dense["bias"].dtype == torch.float32
+    accumulator = make_aggregator("florist").accumulator()
+    accumulator.add(clients[0])
+    with pytest.raises(AggregationError, match=r"^client 1, module bias: tensor trained in full is \(47,\) here but \(48,\) for client 0$"):
+        accumulator.add(replace(clients[1], dense={"bias": torch.zeros(47)}))

@@ -10,9 +10,10 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from florist.aggregation import DEFAULT_TAU, METHODS, ROUTES
+from florist.sources import check_source
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.toml"
 
@@ -21,13 +22,43 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _check_source(section: str, value: str, info: ValidationInfo) -> str:
+    """A local path that does not exist is refused here, before anything loads; only hub ids go to the hub.
+
+    Only when the configuration is checked for a run (`load_config`): a stored run's configuration is
+    read back without its data."""
+    if info.context and info.context.get("check_sources"):
+        check_source(value, f"{section}.{info.field_name}")
+    return value
+
+
 class ModelConfig(Section):
     name: str = "smollm2-135m-instruct"
     """The embedded model's alias, a Hugging Face model id, or a local directory."""
     target_modules: list[str] = ["q_proj", "v_proj"]
+    lora_bias: Literal["none", "lora_only", "all"] = "none"
+    """Biases trained beside the LoRA (peft's `bias`): "lora_only" those of the adapted layers, "all"
+    every bias of the model. The server takes the clients' weighted mean, and the mean replaces the
+    bias on every node: exact, since a bias only adds to its layer's output."""
+    modules_to_save: list[str] = []
+    """Modules trained in full beside the LoRA (peft's `modules_to_save`), e.g. ["lm_head"]: averaged
+    as FedAvg averages dense weights (the clients' weighted mean), which replaces them on every node."""
     autocast: Literal["auto", "none", "bf16"] = "auto"
     """Mixed precision for training. "auto": bf16 on a GPU, none on a CPU, where bf16 autocast
     without native bf16 instructions measured 20x slower than fp32 (BENCHMARKS.md)."""
+
+    @field_validator("name")
+    @classmethod
+    def _local_model_exists(cls, value: str, info: ValidationInfo) -> str:
+        return _check_source("model", value, info)
+
+    @model_validator(mode="after")
+    def _modules_to_save_apart_from_targets(self) -> ModelConfig:
+        for name in self.modules_to_save:
+            if not name or name in self.target_modules or self.modules_to_save.count(name) > 1:
+                why = "is empty" if not name else "is also in model.target_modules" if name in self.target_modules else "is listed twice"
+                raise ValueError(f"model.modules_to_save entry {name!r} {why}")
+        return self
 
     def uses_bf16(self, device_type: str) -> bool:
         return self.autocast == "bf16" or (self.autocast == "auto" and device_type == "cuda")
@@ -51,6 +82,11 @@ class DataConfig(Section):
     validation_fraction: float = Field(0.0, ge=0, lt=1)
     """Share of each client's examples held out for validation (choosing tau, say), never trained on."""
 
+    @field_validator("source", "test_source")
+    @classmethod
+    def _local_sources_exist(cls, value: str, info: ValidationInfo) -> str:
+        return _check_source("data", value, info)
+
 
 class FederationConfig(Section):
     num_clients: int = Field(8, ge=1)
@@ -64,7 +100,6 @@ class FederationConfig(Section):
     use_rslora: bool = False
     workers: int = Field(2, ge=1)
     """Clients trained in parallel (one simulation worker per core)."""
-    wire_dtype: Literal["float32", "float16"] = "float32"
     ffa_seed: int = 1234
     """Seed of FFA-LoRA's shared frozen A."""
     clients_per_round: int = Field(0, ge=0)
@@ -115,8 +150,22 @@ class FederationConfig(Section):
         return min(sampled, self.min_clients or max(1, math.ceil(self.min_fraction * sampled)))
 
 
-WIRE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-"""Bytes per value of each wire dtype: what a download budget counts."""
+WireFormat = Literal["float32", "bfloat16", "float16", "int8"]
+
+
+class WireConfig(Section):
+    """How adapters travel: a format per direction, and optional client-side truncation."""
+
+    download: WireFormat = "float32"
+    """The global update or adapter the server sends; int8 is per-row scaled (see federation/payload.py)."""
+    upload: WireFormat = "float32"
+    client_tau: float = Field(1.0, gt=0, le=1)
+    """Below 1, a client uploads the smallest exact decomposition of its own update s B A that
+    keeps this share of its spectral energy, instead of its full-rank factors."""
+
+
+WIRE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+"""Bytes per value of each wire format: what a download budget counts (int8's per-row scales are extra)."""
 
 
 class AggregationConfig(Section):
@@ -136,6 +185,12 @@ class AggregationConfig(Section):
     """florist: what the server holds of a round's client adapters. Within it, and while every
     module's stacked rank is at most min(m, n), FLoRIST is exact; past it, clients are folded into a
     running decomposition as they arrive (README, "Methods and round semantics")."""
+    tau_candidates: list[float] = []
+    """Automatic tau (FLoRIST): each round, the clients score these truncations of the exact
+    aggregate on their own validation examples and the round keeps the smallest tau whose loss is
+    within `tau_tolerance` of the best. Empty: the fixed `tau`."""
+    tau_tolerance: float = Field(0.0, ge=0)
+    """Nats of validation loss a smaller tau may lose against the best candidate and still win."""
 
     @model_validator(mode="after")
     def _known_names(self) -> AggregationConfig:
@@ -143,25 +198,38 @@ class AggregationConfig(Section):
             raise ValueError(f"aggregation.method {self.method!r} is unknown; choose from {', '.join(METHODS)}")
         if self.route not in ROUTES:
             raise ValueError(f"aggregation.route {self.route!r} is unknown; choose from {', '.join(ROUTES)}")
-        if self.download_budget_mb is not None and "tau" in self.model_fields_set:
-            raise ValueError(
-                f"aggregation.tau ({self.tau}) and aggregation.download_budget_mb ({self.download_budget_mb}) are both set; set one"
-            )
+        if self.tau_candidates:
+            if self.method != "florist":
+                raise ValueError(f"aggregation.tau_candidates choose FLoRIST's tau; method {self.method!r} has none")
+            if any(not 0 < tau <= 1 for tau in self.tau_candidates):
+                raise ValueError(f"aggregation.tau_candidates must all be in (0, 1], got {self.tau_candidates}")
+        if self.download_budget_mb is not None:
+            for key in ("tau", "tau_candidates"):
+                if key in self.model_fields_set:
+                    raise ValueError(
+                        f"aggregation.{key} ({getattr(self, key)}) and aggregation.download_budget_mb "
+                        f"({self.download_budget_mb}) are both set; set one"
+                    )
         return self
 
-    def options(self, wire_dtype: str = "float32") -> dict:
-        """Keyword options of the chosen aggregator; a download budget counts bytes of `wire_dtype`."""
+    @property
+    def automatic_tau(self) -> bool:
+        return bool(self.tau_candidates)
+
+    def options(self, wire_format: str = "float32") -> dict:
+        """Keyword options of the chosen aggregator (automatic tau aggregates exactly, then cuts);
+        a download budget counts bytes of `wire_format` (wire.download)."""
         if self.method != "florist":
             return {}
         options = {"max_rank": self.max_rank, "route": self.route, "memory_budget_mb": self.memory_budget_mb}
         if self.download_budget_mb is None:
-            return {**options, "tau": self.tau}
+            return {**options, "tau": 1.0 if self.automatic_tau else self.tau}
         return {
             **options,
             "download_budget_mb": self.download_budget_mb,
             "budget_criterion": self.budget_criterion,
             "min_rank": self.min_rank,
-            "wire_bytes": WIRE_BYTES[wire_dtype],
+            "wire_bytes": WIRE_BYTES[wire_format],
         }
 
 
@@ -212,8 +280,13 @@ class EvaluationConfig(Section):
     max_new_tokens: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=1)
     mmlu: str = ""
-    """An MMLU file (mmlu_1444.json format) or "cais/mmlu"; empty skips MMLU."""
+    """An MMLU file (mmlu_1444.json format) or a hub dataset with cais/mmlu's columns ("cais/mmlu"); empty skips MMLU."""
     mmlu_limit: int = Field(0, ge=0)
+
+    @field_validator("mmlu")
+    @classmethod
+    def _local_mmlu_exists(cls, value: str, info: ValidationInfo) -> str:
+        return _check_source("evaluation", value, info)
 
 
 RUN_DIR_FIELDS = ("time", "method")
@@ -247,11 +320,13 @@ class OutputConfig(Section):
 
 SHARED_SETTINGS = (
     "model.target_modules",
+    "model.lora_bias",
+    "model.modules_to_save",
     "data.template",
     "data.max_length",
     "federation.alpha_per_rank",
     "federation.use_rslora",
-    "federation.wire_dtype",
+    "wire.*",
     "federation.ffa_seed",
     "aggregation.*",
     "training.*",
@@ -286,10 +361,25 @@ class RunConfig(Section):
     data: DataConfig = DataConfig()
     federation: FederationConfig = FederationConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    wire: WireConfig = WireConfig()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     validation: ValidationConfig = ValidationConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _automatic_tau_has_validation_data(self) -> RunConfig:
+        if self.aggregation.automatic_tau and not self.data.validation_fraction:
+            raise ValueError(
+                "aggregation.tau_candidates needs the clients' validation examples: set data.validation_fraction > 0"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _truncation_keeps_ffa_shared_A(self) -> RunConfig:
+        if self.wire.client_tau < 1 and self.aggregation.method == "ffa":
+            raise ValueError("wire.client_tau below 1 would change FFA-LoRA's shared frozen A; use it with another method")
+        return self
 
     @model_validator(mode="after")
     def _rank_cap_holds_every_client(self) -> RunConfig:
@@ -371,8 +461,11 @@ def _describe(error: ValidationError, source: str, overrides: list[str]) -> str:
     return f"{source}: {where}: {message}{shown}"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a TOML file (default: the packaged default.toml), apply overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, check_sources: bool = True) -> RunConfig:
+    """Read a TOML file (default: the packaged default.toml), apply overrides, validate.
+
+    `check_sources`: refuse a model, data or MMLU source that looks like a local path and does not
+    exist (off only to read back a finished run's configuration, whose data may be gone)."""
     source = Path(path) if path else DEFAULT_CONFIG
     try:
         data = tomllib.loads(source.read_text())
@@ -382,6 +475,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ValueError(f"{source}: invalid TOML: {error}") from None
     data = apply_overrides(data, overrides or [])
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(data, context={"check_sources": check_sources})
     except ValidationError as error:
         raise ValueError(_describe(error, str(source), overrides or [])) from None

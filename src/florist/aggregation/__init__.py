@@ -10,6 +10,7 @@ from florist.aggregation.florist import DEFAULT_TAU, FLoRIST
 from florist.aggregation.norms import adapter_norm, update_norm
 from florist.aggregation.spectral import ROUTES, energy_rank, gram_precision
 from florist.aggregation.stream import StreamingAccumulator, carried_rank_limit, exact_rank_limit
+from florist.aggregation.truncation import cut, cut_ranks, truncate_update
 from florist.aggregation.types import (
     Aggregate,
     AggregationError,
@@ -56,5 +57,8 @@ __all__ = [
     "energy_rank",
     "gram_precision",
     "lora_scale",
+    "cut",
+    "cut_ranks",
     "make_aggregator",
+    "truncate_update",
 ]

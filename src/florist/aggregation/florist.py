@@ -14,6 +14,7 @@ from florist.aggregation.base import Aggregator, ModuleBatch
 from florist.aggregation.budget import CRITERIA, allocate_ranks, component_bytes
 from florist.aggregation.spectral import ROUTES, RankRule, energy_rank, gram_precision
 from florist.aggregation.stream import StreamingAccumulator
+from florist.aggregation.truncation import cut
 from florist.aggregation.types import Aggregate, AggregationError, ClientAdapter, GlobalModule
 
 DEFAULT_TAU = 0.9
@@ -119,15 +120,13 @@ class FLoRIST(Aggregator):
             self.max_rank,
             {name: self.rtol(shapes[name], m.singular_values.dtype) for name, m in modules.items()},
         )
-        return {
-            name: replace(m, A=m.A[: ranks[name]].contiguous(), B=m.B[:, : ranks[name]].contiguous()) for name, m in modules.items()
-        }
+        return cut(modules, ranks)
 
     # -- the exact route -----------------------------------------------------------------------
 
     def aggregate(self, clients: Sequence[ClientAdapter]) -> Aggregate:
         result = super().aggregate(clients)
-        return Aggregate(modules=self.spend_budget(result.modules))
+        return replace(result, modules=self.spend_budget(result.modules))
 
     def combine(self, batch: ModuleBatch):
         b_stack, a_stack = batch.stacked()

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from florist.aggregation.base import Accumulator, check_client, chunk_size, compute_dtype
+from florist.aggregation.dense import check_dense
 from florist.aggregation.spectral import energy_rank, gram_route
 from florist.aggregation.types import Aggregate, AggregationError, ClientAdapter, GlobalModule, check_total_weight, check_weight
 
@@ -74,6 +75,7 @@ class StreamingAccumulator(Accumulator):
         self.pending: list[ClientAdapter] = []
         self.carried: dict[str, tuple[Tensor, Tensor]] = {}
         self.dropped: dict[str, float] = {}
+        self.dense_sums: dict[str, Tensor] = {}
 
     # -- adding --------------------------------------------------------------------------------
 
@@ -82,12 +84,15 @@ class StreamingAccumulator(Accumulator):
         check_weight(float(client.weight), k)
         if self.reference is None:
             check_client(client, k)
+            check_dense(client, k, client, k)
         else:
             check_client(client, k, self.reference[1], reference_index=self.reference[0])
+            check_dense(client, k, self.reference[1], self.reference[0])
         if self.reference is None:
             self.reference = (k, client)
             self._plan(client)
         self.total_weight += float(client.weight)
+        self._add_dense(client)
         if self.folding:
             self._queue(client)
             return
@@ -109,6 +114,14 @@ class StreamingAccumulator(Accumulator):
         self.groups: dict[tuple[int, int], list[str]] = {}
         for name, factors in modules.items():
             self.groups.setdefault(factors.shape, []).append(name)
+
+    def _add_dense(self, client: ClientAdapter) -> None:
+        """Running sums n_k T_k of the tensors trained in full (their weighted mean is linear)."""
+        for name, tensor in client.dense.items():
+            if name not in self.dense_sums:
+                wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+                self.dense_sums[name] = torch.zeros(tensor.shape, dtype=wide)
+            self.dense_sums[name].add_(tensor.to(self.dense_sums[name].dtype), alpha=float(client.weight))
 
     def _queue(self, client: ClientAdapter) -> None:
         """Fold once the clients waiting are as wide as what is carried: the cost per client of a
@@ -203,4 +216,8 @@ class StreamingAccumulator(Accumulator):
         if not self.folding:
             return self.aggregator.aggregate(self.clients)
         modules = self.aggregator.spend_budget(self._fold(final=True))
-        return Aggregate(modules={name: modules[name] for name in self.reference[1].modules})
+        reference = self.reference[1]
+        return Aggregate(
+            modules={name: modules[name] for name in reference.modules},
+            dense={name: (total / self.total_weight).to(reference.dense[name].dtype) for name, total in self.dense_sums.items()},
+        )

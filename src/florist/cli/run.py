@@ -20,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="continue a run from its last complete round, with its own configuration (--set may change rounds, "
         "timeouts and evaluation)",
     )
+    parser.add_argument(
+        "--verbose", action="store_true", help="also show the workers' output and third-party warnings (hidden by default)"
+    )
     parser.set_defaults(func=_run)
 
 
@@ -44,9 +47,9 @@ def _run(args: argparse.Namespace) -> int:
         if args.config:
             raise ValueError("--resume takes the run's own configuration; give --set overrides, not --config")
         resume = Path(args.resume)
-        run_dir = run_federation(resume_config(resume, args.overrides), resume)
+        run_dir = run_federation(resume_config(resume, args.overrides), resume, verbose=args.verbose)
     else:
-        run_dir = run_federation(load_config(args.config, args.overrides))
+        run_dir = run_federation(load_config(args.config, args.overrides), verbose=args.verbose)
     summary = json.loads((run_dir / "summary.json").read_text())
     base, final = summary["base"], summary["final"]
     print(f"\nrun directory: {run_dir}")

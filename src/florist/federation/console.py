@@ -1,4 +1,5 @@
-"""What the server prints: a table per round, one line per event that was not a plain success."""
+"""What the server prints: one line per client reply as it arrives, one per event that was not a
+plain success, and a table per round."""
 
 from __future__ import annotations
 
@@ -6,6 +7,18 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console(stderr=True)
+
+
+def show_reply(server_round: int, node: int, partition: int, rank: int, examples: int, loss: float, seconds: float) -> None:
+    console.print(
+        f"round {server_round} client {partition} (node {node}): rank {rank}, {examples} examples, "
+        f"loss {loss:.3f}, trained {seconds:.1f} s"
+    )
+
+
+def show_event(server_round: int, node: int, status: str, reason: str) -> None:
+    if status != "accepted":
+        console.print(f"round {server_round}: node {node} {status}: {reason}")
 
 
 def show_round(record: dict) -> None:
@@ -19,15 +32,17 @@ def show_round(record: dict) -> None:
         )
     if record.get("clients"):
         console.print(table)
-    for event in [*record.get("events", []), *record.get("federated_evaluation", {}).get("events", [])]:
-        if event["status"] != "accepted":
-            console.print(f"round {record['round']}: node {event['node']} {event['status']}: {event['reason']}")
     if "total_rank" in record:
         console.print(
             f"round {record['round']}: {len(record['clients'])} of {len(record['sampled'])} sampled clients aggregated "
             f"(quorum {record['quorum']}) in {record['aggregation_seconds']:.3f} s, total rank kept {record['total_rank']}"
         )
+    selection = record.get("tau_selection")
+    if selection:
+        losses = ", ".join(f"{tau}: {loss:.4f}" for tau, loss in zip(selection["candidates"], selection["validation_loss"]))
+        console.print(f"round {record['round']} automatic tau {selection['chosen']} (validation loss {losses or 'not scored'})")
     for label, scores in (("evaluation", record["evaluation"]), ("federated evaluation", record.get("federated_evaluation", {}).get("combined"))):
         if scores:
-            shown = {k: round(v, 4) for k, v in scores.items() if isinstance(v, float)}
+            # The headline figures; per-category ones are in metrics.jsonl.
+            shown = {k: round(v, 4) for k, v in scores.items() if isinstance(v, float) and "/" not in k}
             console.print(f"round {record['round']} {label}: {shown}")

@@ -9,13 +9,13 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from florist.config import RunConfig
-from florist.evaluation.mmlu import load_mmlu_file, load_mmlu_hub
+from florist.evaluation.mmlu import load_mmlu
 from florist.federation import checkpoint
 from florist.federation.console import show_round
 from florist.federation.datasets import FederatedData, federated_data
-from florist.federation.reports import EvaluationReport, RoundReport
+from florist.federation.reports import EvaluationReport, RoundReport, TauSelection
 from florist.federation.resources import peak_rss_mib
-from florist.federation.rounds import evaluate_stage, train_stage
+from florist.federation.rounds import evaluate_stage, select_stage, train_stage
 from florist.federation.server_model import ServerModel
 from florist.federation.settings import config_from_run_config, resume_from_run_config
 from florist.federation.strategy import LoraStrategy
@@ -24,10 +24,7 @@ from florist.reporting.run_directory import RunDirectory
 
 
 def mmlu_questions(config: RunConfig):
-    source = config.evaluation.mmlu
-    if not source:
-        return None
-    return load_mmlu_file(source) if Path(source).exists() else load_mmlu_hub()
+    return load_mmlu(config.evaluation.mmlu) if config.evaluation.mmlu else None
 
 
 def round_record(
@@ -36,9 +33,15 @@ def round_record(
     evaluation: dict,
     federated: EvaluationReport | None,
     timing: dict,
+    selection: TauSelection | None = None,
 ) -> dict:
     """One line of metrics.jsonl."""
     record: dict = {"round": server_round, **timing}
+    stages = [stage for stage in (report, selection, federated) if stage is not None]
+    record["communication"] = {
+        "down_bytes": sum(sum(stage.bytes_down.values()) for stage in stages),
+        "up_bytes": sum(sum(stage.bytes_up.values()) for stage in stages),
+    }
     if report is not None:
         record.update(
             train_loss=report.train_loss,
@@ -52,13 +55,14 @@ def round_record(
             energy=report.energy,
             total_rank=sum(report.ranks.values()),
         )
+    if selection is not None:
+        record["tau_selection"] = selection.record()
     record["evaluation"] = evaluation
     if federated is not None:
         record["federated_evaluation"] = {
             "combined": federated.combined(),
             "nodes": [vars(score) for score in federated.scores],
             "events": [vars(e) for e in federated.events],
-            "bytes_down": sum(federated.bytes_down.values()),
         }
     return record
 
@@ -71,7 +75,7 @@ class Server:
             config = config.model_copy(update={"output": config.output.model_copy(update={"run_dir": str(resume)})})
         self.config = config
         self.model = ServerModel(config)
-        self.strategy = LoraStrategy(config, self.model.shapes, self.model.identity)
+        self.strategy = LoraStrategy(config, self.model.shapes, self.model.identity, self.model.dense_shapes)
         self.data: FederatedData | None = federated_data(config) if config.evaluation.server else None
         self.mmlu = mmlu_questions(config) if config.evaluation.server else None
         state = None
@@ -107,16 +111,25 @@ class Server:
             evaluation = self.model.evaluate(self.data.test, self.mmlu, self.data.validation)
         return evaluation, federated
 
-    def complete(self, server_round: int, report: RoundReport | None, evaluation: dict, federated, seconds: float) -> None:
+    def complete(
+        self,
+        server_round: int,
+        report: RoundReport | None,
+        evaluation: dict,
+        federated: EvaluationReport | None,
+        seconds: float,
+        selection: TauSelection | None = None,
+    ) -> None:
         """Checkpoint first, then the metrics line: a crash between them loses nothing recorded."""
         timing = {
             "evaluation_seconds": seconds,
             "wall_seconds": time.perf_counter() - self.start,
             "server_peak_rss_mib": peak_rss_mib(),
         }
-        record = round_record(server_round, report, evaluation, federated, timing)
+        record = round_record(server_round, report, evaluation, federated, timing, selection)
         if server_round and server_round == self.first_round:
             record["resumed"] = True
+        self.run.claim()
         if report is not None and self.config.output.save_client_adapters:
             partitions = [client.partition for client in report.clients]
             self.model.save_clients(self.run.path / "clients" / f"round{server_round}", self.strategy.received, partitions)
@@ -132,9 +145,29 @@ class Server:
             self.model.save(self.run.path / "final", merged, adapter)
         plot_run(self.run.rounds, self.run.path / "plots")
         base, final = (_scores(self.run.rounds[index]) for index in (0, -1))
-        summary = {"base": base, "final": final, "rounds": self.config.federation.rounds, "method": self.config.aggregation.method}
+        summary = {
+            "base": base,
+            "final": final,
+            "rounds": self.config.federation.rounds,
+            "method": self.config.aggregation.method,
+            "communication": communication(self.run.rounds, self.strategy.final_download_bytes()),
+        }
         self.run.write_json("summary.json", summary)
         return self.run.path
+
+
+def communication(rounds: list[dict], final_download: int) -> dict:
+    """The run's bytes both ways as FlowerTune's leaderboard counts them (payload bytes sent plus
+    received, MiB), with the download of the final global model that the last round leaves due."""
+    down = sum(r["communication"]["down_bytes"] for r in rounds) + final_download
+    up = sum(r["communication"]["up_bytes"] for r in rounds)
+    mib = 2**20
+    return {
+        "download_mib": down / mib,
+        "upload_mib": up / mib,
+        "total_mib": (down + up) / mib,
+        "final_download_mib": final_download / mib,
+    }
 
 
 def _scores(record: dict) -> dict:
@@ -154,9 +187,10 @@ def serve(config: RunConfig, grid: Grid, resume: Path | None = None) -> Path:
     for server_round in range(max(1, server.first_round), federation.rounds + 1):
         first = server_round == max(1, server.first_round)
         report = train_stage(grid, server.strategy, federation, config.training.seed, server_round, first)
+        selection = select_stage(grid, server.strategy, federation, report) if config.aggregation.automatic_tau else None
         evaluation_start = time.perf_counter()
         evaluation, federated = server.evaluate(grid, server_round)
-        server.complete(server_round, report, evaluation, federated, time.perf_counter() - evaluation_start)
+        server.complete(server_round, report, evaluation, federated, time.perf_counter() - evaluation_start, selection)
     return server.finish()
 
 
