@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from functools import partial
 from unittest import mock
 
 import pytest
@@ -13,19 +14,20 @@ from hypothesis import strategies as st
 
 from florist.aggregation import (
     ROUTES,
-    FLoRIST,
-    allocate_ranks,
-    minimum_download_bytes,
-    carried_rank_limit,
-    exact_rank_limit,
-    gram_precision,
     AggregationError,
     ClientAdapter,
+    FLoRIST,
     LoraFactors,
+    allocate_ranks,
+    carried_rank_limit,
+    energy_rank,
+    exact_rank_limit,
+    gram_precision,
     lora_scale,
     make_aggregator,
+    minimum_download_bytes,
 )
-from florist.aggregation.spectral import gram_route
+from florist.aggregation.spectral import fold_route, gram_route
 
 PROPERTY = settings(max_examples=15, deadline=None)
 
@@ -784,7 +786,11 @@ def test_folding_holds_a_bounded_width_whatever_the_number_of_clients():
     widths = {}
     for count in (30, 120):
         seen = []
-        with mock.patch("florist.aggregation.stream.gram_route", side_effect=lambda B, A, rule, precision: (seen.append(B.shape[-1]), gram_route(B, A, rule, precision))[1]):
+        def recorded(carried, new, rule, precision):
+            seen.append(carried[0].shape[-1] + new[0].shape[-1])
+            return fold_route(carried, new, rule, precision)
+
+        with mock.patch("florist.aggregation.stream.fold_route", side_effect=recorded):
             accumulator, _ = streamed(sharing_directions(count), tau=0.9)
         assert accumulator.folding
         widths[count] = (max(seen), len(seen))
@@ -946,3 +952,18 @@ def test_folding_keeps_the_weighted_mean_of_tensors_trained_in_full():
     accumulator.add(clients[0])
     with pytest.raises(AggregationError, match=r"^client 1, module bias: tensor trained in full is \(47,\) here but \(48,\) for client 0$"):
         accumulator.add(replace(clients[1], dense={"bias": torch.zeros(47)}))
+
+
+@FEW
+@given(clients=any_federations(), split=st.integers(0, 6), tau=st.floats(0.3, 1.0))
+def test_fold_route_is_the_gram_route_of_the_stack_it_never_forms(clients, split, tau):
+    for name in clients[0].modules:
+        B = torch.cat([c.modules[name].B for c in clients], -1)[None]
+        A = torch.cat([c.weight * c.modules[name].scale * c.modules[name].A for c in clients], -2)[None]
+        cut = min(split, B.shape[-1])
+        rule = partial(energy_rank, tau=tau)
+        b_fold, a_fold, s_fold, ranks_fold = fold_route((B[..., :cut], A[:, :cut]), (B[..., cut:], A[:, cut:]), rule)
+        b_gram, a_gram, s_gram, ranks_gram = gram_route(B, A, rule)
+        assert torch.equal(ranks_fold, ranks_gram)
+        assert torch.allclose(s_fold, s_gram, rtol=1e-10, atol=1e-12 * s_gram[0, 0].item())
+        assert torch.allclose(b_fold @ a_fold, b_gram @ a_gram, rtol=0, atol=1e-9 * (B @ A).abs().max().item())

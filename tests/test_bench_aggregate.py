@@ -9,7 +9,6 @@ import torch
 
 from florist.aggregation import make_aggregator
 from florist.bench.aggregate import (
-    synthetic_client,
     PRESETS,
     RANK_SETTINGS,
     Case,
@@ -17,6 +16,7 @@ from florist.bench.aggregate import (
     adapter_bytes,
     measure,
     measured_modules,
+    synthetic_client,
     synthetic_clients,
 )
 from florist.cli import main

@@ -99,6 +99,38 @@ def gram_route(B: Tensor, A: Tensor, choose_rank: RankRule, precision: torch.dty
     a_wide = A.to(precision)
     a_gram = a_wide @ a_wide.mT
     del a_wide
+    to_left, to_right, s, ranks = _from_grams(b_gram, a_gram, choose_rank)
+    return B @ to_left.to(B.dtype), to_right.to(A.dtype) @ A, s, ranks
+
+
+def fold_route(
+    carried: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor], choose_rank: RankRule, precision: torch.dtype | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`gram_route` of the stack [B_c | B_n] [A_c ; A_n] without forming it: the Gram matrices by
+    blocks (the cross block once), the outputs as sums of two products. A running decomposition
+    (carried, c columns, possibly none) folds in the clients waiting (new) without a copy of itself."""
+    (b_carried, a_carried), (b_new, a_new) = carried, new
+    precision = precision or b_new.dtype
+    c = b_carried.shape[-1]
+
+    def gram(left: Tensor, right: Tensor) -> Tensor:
+        return left.to(precision).mT @ right.to(precision)
+
+    def blocks(top: Tensor, cross: Tensor, bottom: Tensor) -> Tensor:
+        return torch.cat([torch.cat([top, cross], -1), torch.cat([cross.mT, bottom], -1)], -2)
+
+    b_gram = blocks(gram(b_carried, b_carried), gram(b_carried, b_new), gram(b_new, b_new))
+    a_gram = blocks(gram(a_carried.mT, a_carried.mT), gram(a_carried.mT, a_new.mT), gram(a_new.mT, a_new.mT))
+    to_left, to_right, s, ranks = _from_grams(b_gram, a_gram, choose_rank)
+    to_left, to_right = to_left.to(b_new.dtype), to_right.to(a_new.dtype)
+    b_global = torch.baddbmm(b_new @ to_left[:, c:], b_carried, to_left[:, :c])
+    a_global = torch.baddbmm(to_right[:, :, c:] @ a_new, to_right[:, :, :c], a_carried)
+    return b_global, a_global, s, ranks
+
+
+def _from_grams(b_gram: Tensor, a_gram: Tensor, choose_rank: RankRule) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gram route's R x R work: (to_left, to_right, s, ranks) with B @ to_left = U_p S_p and
+    to_right @ A = V_p^T, from B^T B and A A^T alone."""
     # Unit columns in B, their norms moved into A's rows: the whitening then sees the directions
     # of the stack alone, not the scales of its clients (which spread over decades), so a client
     # whose B is small but whose A is large is not dropped under B's rounding floor.
@@ -117,12 +149,11 @@ def gram_route(B: Tensor, A: Tensor, choose_rank: RankRule, precision: torch.dty
     ranks = choose_rank(s)
     p = int(ranks.max())
     s_kept, keep = _kept(s, ranks)
-    # R x p: B @ to_left = U_p S_p.
     to_left = inverse_norms[:, :, None] * ((v * inverse_root[:, None, :]) @ u[:, :, :p]) * s_kept[:, None, :]
     # A_g = S^-1 U_p^T (B A) = S^-1 U_P^T L^{1/2} V^T D A; zero singular values stay zero.
     inverse_s = torch.where(keep > 0, s[:, :p].reciprocal(), torch.zeros_like(s_kept))
     to_right = (u[:, :, :p].mT @ half.mT) * inverse_s[:, :, None] * norms[:, None, :]
-    return B @ to_left.to(B.dtype), to_right.to(A.dtype) @ A, s, ranks
+    return to_left, to_right, s, ranks
 
 
 def qr_route(B: Tensor, A: Tensor, choose_rank: RankRule) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -20,10 +20,22 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from florist.aggregation.base import Accumulator, check_client, chunk_size, compute_dtype
+from florist.aggregation.base import (
+    Accumulator,
+    check_client,
+    chunk_size,
+    compute_dtype,
+)
 from florist.aggregation.dense import check_dense
-from florist.aggregation.spectral import energy_rank, gram_route
-from florist.aggregation.types import Aggregate, AggregationError, ClientAdapter, GlobalModule, check_total_weight, check_weight
+from florist.aggregation.spectral import energy_rank, fold_route
+from florist.aggregation.types import (
+    Aggregate,
+    AggregationError,
+    ClientAdapter,
+    GlobalModule,
+    check_total_weight,
+    check_weight,
+)
 
 if TYPE_CHECKING:
     from florist.aggregation.florist import FLoRIST
@@ -73,7 +85,8 @@ class StreamingAccumulator(Accumulator):
         self.total_weight = 0.0
         self.folding = False
         self.pending: list[ClientAdapter] = []
-        self.carried: dict[str, tuple[Tensor, Tensor]] = {}
+        self.chunks: list[tuple[tuple[int, int], list[str]]] | None = None
+        self.carried: dict[int, tuple[Tensor, Tensor]] = {}  # per chunk: B (G x m x c), A (G x c x n)
         self.dropped: dict[str, float] = {}
         self.dense_sums: dict[str, Tensor] = {}
 
@@ -128,42 +141,47 @@ class StreamingAccumulator(Accumulator):
         fold W = c + b wide is about (m + n) W (1 + c / b), least at b = c."""
         self.pending.append(client)
         waiting = max(sum(c.modules[name].rank for c in self.pending) for name in self.carry_limit)
-        carried = max((b.shape[1] for b, _ in self.carried.values()), default=0)
+        carried = max((b.shape[-1] for b, _ in self.carried.values()), default=0)
         if waiting >= carried:
             self._fold(final=False)
 
     # -- folding -------------------------------------------------------------------------------
 
     def _fold(self, final: bool) -> dict[str, GlobalModule]:
-        """Fold the pending clients into the carried decomposition, module chunk by chunk; with
-        `final`, cut every module at tau and return the global modules instead."""
+        """Fold the pending clients into the carried decomposition, module chunk by module chunk;
+        with `final`, cut every module by the aggregator's rule and return the global modules."""
+        if self.chunks is None:
+            # Fixed at the first fold, so each chunk's carried factors stay one batched tensor.
+            # Sized for the carried columns plus about as many waiting (cache-sized, see base.py).
+            self.chunks = []
+            for shape, names in self.groups.items():
+                width = 2 * max(sum(c.modules[name].rank for c in self.pending) for name in names)
+                size = chunk_size(shape, width, self.dtype)
+                self.chunks += [(shape, names[start : start + size]) for start in range(0, len(names), size)]
         out: dict[str, GlobalModule] = {}
-        for shape, names in self.groups.items():
-            width = max(self._width(name) for name in names)
-            size = chunk_size(shape, width, self.dtype)
-            for start in range(0, len(names), size):
-                out.update(self._fold_chunk(names[start : start + size], shape, final))
+        for index, (shape, names) in enumerate(self.chunks):
+            out.update(self._fold_chunk(index, names, shape, final))
         self.pending = []
         return out
 
-    def _width(self, name: str) -> int:
-        carried = self.carried[name][0].shape[1] if name in self.carried else 0
-        return carried + sum(c.modules[name].rank for c in self.pending)
-
-    def _fold_chunk(self, names: list[str], shape: tuple[int, int], final: bool) -> dict[str, GlobalModule]:
-        (m, n), width = shape, max(self._width(name) for name in names)
-        b_stack = torch.zeros(len(names), m, width, dtype=self.dtype)
-        a_stack = torch.zeros(len(names), width, n, dtype=self.dtype)
+    def _fold_chunk(self, index: int, names: list[str], shape: tuple[int, int], final: bool) -> dict[str, GlobalModule]:
+        (m, n), widths = shape, [sum(c.modules[name].rank for c in self.pending) for name in names]
+        b_new = torch.zeros(len(names), m, max(widths), dtype=self.dtype)
+        a_new = torch.zeros(len(names), max(widths), n, dtype=self.dtype)
         for g, name in enumerate(names):
             start = 0
-            for B, A, coefficient in self._parts(name):
-                stop = start + B.shape[1]
-                b_stack[g, :, start:stop].copy_(B)
-                torch.mul(A, coefficient, out=a_stack[g, start:stop])
+            for client in self.pending:
+                factors = client.modules[name]
+                stop = start + factors.rank
+                b_new[g, :, start:stop].copy_(factors.B)
+                torch.mul(factors.A, float(client.weight) * factors.scale, out=a_new[g, start:stop])
                 start = stop
+        empty = (b_new[:, :, :0], a_new[:, :0])
+        carried = self.carried.pop(index, empty)
         rule = self.aggregator.rank_rule(shape, self.dtype) if final else self._carry_rule(names, shape)
-        b_global, a_global, s, ranks = gram_route(b_stack, a_stack, rule, self.aggregator.precision(width, self.dtype))
-        del b_stack, a_stack
+        precision = self.aggregator.precision(carried[0].shape[-1] + b_new.shape[-1], self.dtype)
+        b_global, a_global, s, ranks = fold_route(carried, (b_new, a_new), rule, precision)
+        del carried, b_new, a_new
         out = {}
         for g, (name, p) in enumerate(zip(names, ranks.tolist())):
             dropped = self.dropped.get(name, 0.0)
@@ -178,19 +196,11 @@ class StreamingAccumulator(Accumulator):
                     error_bound=bound,
                 )
             else:
-                # Views into the chunk's output: no copy, and freed with the next fold's.
-                self.carried[name] = (b_global[g, :, :p], a_global[g, :p])
                 self.dropped[name] = dropped + s[g, p:].double().square().sum().sqrt().item()
+        if not final:
+            # Past each module's rank the factors are zero (aggregation/spectral.py, _kept).
+            self.carried[index] = (b_global, a_global)
         return out
-
-    def _parts(self, name: str):
-        """(B, A, coefficient) blocks of a module's stack: the carried decomposition, then each
-        pending client with n_k s_k folded into its A."""
-        if name in self.carried:
-            yield *self.carried[name], 1.0
-        for client in self.pending:
-            factors = client.modules[name]
-            yield factors.B, factors.A, float(client.weight) * factors.scale
 
     def _carry_rule(self, names: list[str], shape: tuple[int, int]) -> Callable[[Tensor], Tensor]:
         """CARRY_FACTOR times the rank tau would keep of the running sum; with a download budget,
