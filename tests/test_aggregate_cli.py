@@ -209,8 +209,11 @@ def test_refuses_missing_files(clients, tmp_path, capsys):
         (["--tau", "1.5"], ["tau", "1.5"]),
         (["--max-rank", "0"], ["max_rank", "0"]),
         (["--rank", "4"], ["--rank", "florist"]),
+        (["--tau", "0.9", "--download-budget-mb", "1"], ["tau", "download_budget_mb", "not both"]),
+        (["--min-rank", "2"], ["--min-rank", "--download-budget-mb"]),
+        (["--download-budget-mb", "0"], ["download_budget_mb", "0.0"]),
     ],
-    ids=["negative", "zero-sum", "count", "not-a-number", "tau-0", "tau-1.5", "max-rank-0", "rank-for-florist"],
+    ids=["negative", "zero-sum", "count", "not-a-number", "tau-0", "tau-1.5", "max-rank-0", "rank-for-florist", "tau-and-budget", "min-rank-alone", "budget-0"],
 )
 def test_refuses_bad_options_before_reading(tmp_path, capsys, flags, named):
     # The adapter directories do not exist: the option must be refused before any is read.
@@ -241,6 +244,28 @@ def assert_refused(tmp_path: Path, capsys, argv: list, named: list[str]) -> None
         assert part in error, (part, error)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize("criterion", ["normalized", "per-byte"])
+def test_florist_with_a_download_budget_writes_at_most_that_many_bytes_of_factors(base, clients, tmp_path, capsys, criterion):
+    modules = read_adapters(clients, WEIGHTS)[0].modules
+    least = sum(sum(f.shape) * 4 for f in modules.values())  # rank 1 everywhere, fp32
+    budget = 3 * least + 100
+    out = tmp_path / "out"
+    flags = ["--download-budget-mb", budget / 2**20, "--budget-criterion", criterion]
+    assert run("--method", "florist", *flags, "--weights", ",".join(map(str, WEIGHTS)), "--out", out, *clients) == 0
+    options = {"download_budget_mb": budget / 2**20, "budget_criterion": criterion}
+    expected = make_aggregator("florist", **options).aggregate(read_adapters(clients, WEIGHTS)).modules
+    tensors = load_file(out / "adapter_model.safetensors")
+    written = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert written == sum(sum(m.B.shape[0] + m.A.shape[1] for _ in range(m.rank)) * 4 for m in expected.values())
+    assert least < written <= budget
+    assert_adapter_applies(base, out, {name: m.delta().double() for name, m in expected.items()})
+    assert "energy kept" in capsys.readouterr().out
+
+
+def test_florist_refuses_a_download_budget_below_the_minimum_ranks(clients, tmp_path, capsys):
+    assert_refused(tmp_path, capsys, ["--method", "florist", "--download-budget-mb", "0.0001", "--min-rank", "2", *clients], ["download budget", "below", "rank 2 in each of"])
 
 
 # ---------------------------------------------------------------- an adapter given twice

@@ -16,6 +16,7 @@ from florist.bench.aggregate import (
     adapter_bytes,
     measure,
     measured_modules,
+    synthetic_client,
     synthetic_clients,
 )
 from florist.cli import main
@@ -85,3 +86,42 @@ def test_cli_refuses_a_bad_tau(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "aggregate", "--tau", "1.5"])
     assert "tau must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_a_client_is_the_same_made_alone_or_among_others():
+    names = list(PRESETS["smollm2-135m"].modules())[:2]
+    together = synthetic_clients("smollm2-135m", "hetero", seed=3, names=names, count=11)
+    alone = synthetic_client("smollm2-135m", "hetero", 10, seed=3, names=names)
+    assert alone.weight == together[10].weight == 3775.0 and alone.modules[names[0]].rank == 8  # the setting cycles
+    assert all(torch.equal(alone.modules[n].B, together[10].modules[n].B) for n in names)
+    assert not torch.equal(alone.modules[names[0]].B, together[2].modules[names[0]].B)
+
+
+def test_cli_streams_many_clients_beside_the_batched_route_and_flexlora(tmp_path):
+    target, plot = tmp_path / "scaling.json", tmp_path / "plots" / "scaling.png"
+    arguments = ["bench", "aggregate", "--preset", "smollm2-135m", "--ranks", "homo", "--clients", "3,20"]
+    assert main([*arguments, "--repeats", "1", "--threads", "1", "--json", str(target), "--plot", str(plot)]) == 0
+    assert plot.read_bytes().startswith(b"\x89PNG") and list(plot.parent.iterdir()) == [plot]
+    report = json.loads(target.read_text())
+    assert report["command"].endswith("--clients 3,20")
+    assert [case["clients"] for case in report["cases"]] == [3, 20]
+    for case in report["cases"]:
+        rows = {row["label"]: row for row in case["rows"]}
+        assert list(rows) == ["florist 0.9 stream", "florist 0.9 batched", "flexlora"]
+        stream = rows["florist 0.9 stream"]
+        assert stream["extrapolated_from_modules"] is None and stream["flops"] is None
+        assert len(stream["download_bytes_per_client"]) == case["clients"]
+        assert rows["florist 0.9 batched"]["extrapolated_from_modules"] == 2
+    small, large = ({row["label"]: row for row in case["rows"]}["florist 0.9 stream"] for case in report["cases"])
+    assert small["error_bound"] == 0.0  # 48 stacked columns fit every layer: exact
+    assert large["error_bound"] > 0.0  # 320 do not fit v_proj's 192: folded
+
+
+def test_cli_refuses_bad_client_counts_and_a_plot_without_them(capsys, tmp_path):
+    for value in ("0,8", "8,x"):
+        with pytest.raises(SystemExit):
+            main(["bench", "aggregate", "--clients", value])
+    assert "--clients" in capsys.readouterr().err
+    assert main(["bench", "aggregate", "--plot", str(tmp_path / "p.png")]) != 0
+    assert "--plot needs --clients" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()

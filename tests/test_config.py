@@ -74,6 +74,11 @@ def test_flwr_run_config_reads_the_file_and_its_overrides(tmp_path):
         ("aggregation.tau=high", ["aggregation.tau", "high"]),
         ("aggregation.method=fedavg", ["aggregation.method", "fedavg"]),
         ("aggregation.route=lanczos", ["aggregation.route", "lanczos"]),
+        ("aggregation.memory_budget_mb=0", ["aggregation.memory_budget_mb", "0"]),
+        ("aggregation.download_budget_mb=-1", ["aggregation.download_budget_mb", "-1"]),
+        ("aggregation.budget_criterion=loss", ["aggregation.budget_criterion", "loss"]),
+        ("aggregation.min_rank=0", ["aggregation.min_rank", "0"]),
+        ("aggregation.memory_budget_mb=nan", ["aggregation.memory_budget_mb", "nan"]),
         ("aggregation.taus=0.5", ["aggregation.taus", "no such configuration key"]),
         ("nosuch.key=1", ["nosuch", "no such configuration key"]),
         ("data.template=llama", ["data.template", "llama"]),
@@ -195,3 +200,14 @@ def test_cli_reports_a_bad_model_before_training(capsys, no_simulation, tmp_path
     out, err = capsys.readouterr()
     assert err.count("\n") == 1 and err.startswith("florist: error: ") and "/nonexistent/model" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_download_budget_replaces_tau_and_counts_the_wire_dtype():
+    config = load_config(None, ["aggregation.download_budget_mb=7.5", "aggregation.budget_criterion=per-byte"])
+    options = config.aggregation.options("float16")
+    assert "tau" not in options and options["download_budget_mb"] == 7.5 and options["wire_bytes"] == 2
+    assert options["budget_criterion"] == "per-byte" and options["min_rank"] == 1
+    assert config.aggregation.options()["wire_bytes"] == 4
+    assert load_config().aggregation.options()["tau"] == 0.9
+    message = one_line_error(load_config, None, ["aggregation.download_budget_mb=7.5", "aggregation.tau=0.9"])
+    assert "aggregation.tau (0.9) and aggregation.download_budget_mb (7.5) are both set; set one" in message

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from florist.aggregation import METHODS, ROUTES
+from florist.aggregation import DEFAULT_TAU, METHODS, ROUTES
 from florist.sources import check_source
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.toml"
@@ -164,11 +164,27 @@ class WireConfig(Section):
     keeps this share of its spectral energy, instead of its full-rank factors."""
 
 
+WIRE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+"""Bytes per value of each wire format: what a download budget counts (int8's per-row scales are extra)."""
+
+
 class AggregationConfig(Section):
     method: str = "florist"
-    tau: float = Field(0.9, gt=0, le=1)
+    tau: float = Field(DEFAULT_TAU, gt=0, le=1)
     max_rank: int | None = Field(None, ge=1)
+    download_budget_mb: float | None = Field(None, gt=0, allow_inf_nan=False)
+    """florist: instead of tau, what one client downloads per round (MiB in the wire dtype), spent on
+    ranks across all modules at once (README, "Methods and round semantics")."""
+    budget_criterion: Literal["normalized", "absolute", "per-byte"] = "normalized"
+    """How a download budget ranks components: energy share within its module, energy, or energy
+    share per byte of its module."""
+    min_rank: int = Field(1, ge=1)
+    """The rank every module gets under a download budget, whatever its spectrum."""
     route: str = "gram"
+    memory_budget_mb: float = Field(1024.0, gt=0, allow_inf_nan=False)
+    """florist: what the server holds of a round's client adapters. Within it, and while every
+    module's stacked rank is at most min(m, n), FLoRIST is exact; past it, clients are folded into a
+    running decomposition as they arrive (README, "Methods and round semantics")."""
     tau_candidates: list[float] = []
     """Automatic tau (FLoRIST): each round, the clients score these truncations of the exact
     aggregate on their own validation examples and the round keeps the smallest tau whose loss is
@@ -187,17 +203,34 @@ class AggregationConfig(Section):
                 raise ValueError(f"aggregation.tau_candidates choose FLoRIST's tau; method {self.method!r} has none")
             if any(not 0 < tau <= 1 for tau in self.tau_candidates):
                 raise ValueError(f"aggregation.tau_candidates must all be in (0, 1], got {self.tau_candidates}")
+        if self.download_budget_mb is not None:
+            for key in ("tau", "tau_candidates"):
+                if key in self.model_fields_set:
+                    raise ValueError(
+                        f"aggregation.{key} ({getattr(self, key)}) and aggregation.download_budget_mb "
+                        f"({self.download_budget_mb}) are both set; set one"
+                    )
         return self
 
     @property
     def automatic_tau(self) -> bool:
         return bool(self.tau_candidates)
 
-    def options(self) -> dict:
-        """Keyword options of the chosen aggregator (automatic tau aggregates exactly, then cuts)."""
-        if self.method == "florist":
-            return {"tau": 1.0 if self.automatic_tau else self.tau, "max_rank": self.max_rank, "route": self.route}
-        return {}
+    def options(self, wire_format: str = "float32") -> dict:
+        """Keyword options of the chosen aggregator (automatic tau aggregates exactly, then cuts);
+        a download budget counts bytes of `wire_format` (wire.download)."""
+        if self.method != "florist":
+            return {}
+        options = {"max_rank": self.max_rank, "route": self.route, "memory_budget_mb": self.memory_budget_mb}
+        if self.download_budget_mb is None:
+            return {**options, "tau": 1.0 if self.automatic_tau else self.tau}
+        return {
+            **options,
+            "download_budget_mb": self.download_budget_mb,
+            "budget_criterion": self.budget_criterion,
+            "min_rank": self.min_rank,
+            "wire_bytes": WIRE_BYTES[wire_format],
+        }
 
 
 class ValidationConfig(Section):

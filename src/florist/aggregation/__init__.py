@@ -1,14 +1,16 @@
 """Pure tensor math for aggregating LoRA adapters: no files, no Flower, no peft."""
 
 from florist.aggregation.base import Accumulator, Aggregator
+from florist.aggregation.budget import CRITERIA, allocate_ranks, minimum_download_bytes
 from florist.aggregation.fedit import FedIT
 from florist.aggregation.ffa import FFALoRA
 from florist.aggregation.flexlora import FlexLoRA
 from florist.aggregation.flora import FLoRA
-from florist.aggregation.florist import FLoRIST
+from florist.aggregation.florist import DEFAULT_TAU, FLoRIST
 from florist.aggregation.norms import adapter_norm, update_norm
+from florist.aggregation.spectral import ROUTES, energy_rank, gram_precision
+from florist.aggregation.stream import StreamingAccumulator, carried_rank_limit, exact_rank_limit
 from florist.aggregation.truncation import cut, cut_ranks, truncate_update
-from florist.aggregation.spectral import ROUTES, energy_rank
 from florist.aggregation.types import (
     Aggregate,
     AggregationError,
@@ -29,6 +31,8 @@ def make_aggregator(method: str, **options) -> Aggregator:
 
 
 __all__ = [
+    "CRITERIA",
+    "DEFAULT_TAU",
     "METHODS",
     "Accumulator",
     "ROUTES",
@@ -36,6 +40,8 @@ __all__ = [
     "AggregationError",
     "Aggregator",
     "adapter_norm",
+    "allocate_ranks",
+    "minimum_download_bytes",
     "update_norm",
     "ClientAdapter",
     "FFALoRA",
@@ -44,8 +50,12 @@ __all__ = [
     "FedIT",
     "FlexLoRA",
     "GlobalModule",
+    "StreamingAccumulator",
+    "carried_rank_limit",
+    "exact_rank_limit",
     "LoraFactors",
     "energy_rank",
+    "gram_precision",
     "lora_scale",
     "cut",
     "cut_ranks",

@@ -60,24 +60,34 @@ class ModuleBatch:
                 start = stop
         return b_stack, a_stack
 
-    def padded_average(self, factor: str) -> Tensor:
-        """sum_k p_k X_k with every client zero-padded to the largest rank (HetLoRA), G x ..."""
+    def folded_scale(self) -> Tensor:
+        """sum_k p_k |s_k| per module: the scale given to averaged factors (positive, never 0)."""
+        return (self.coefficients().abs()).sum(-1)
+
+    def padded_average(self, factor: str, coefficients: Tensor) -> Tensor:
+        """sum_k c_gk X_k per module g, every client zero-padded to the largest rank (HetLoRA), G x ..."""
         rank = max(self.ranks)
         m, n = self.shape
         size = (len(self.names), m, rank) if factor == "B" else (len(self.names), rank, n)
         out = torch.zeros(size, dtype=self.compute_dtype)
         for g, row in enumerate(self.factors):
             for k, factors in enumerate(row):
-                weight = self.weights[k].item()
+                weight = coefficients[g, k].item()
                 if factor == "B":
                     out[g, :, : factors.rank].add_(factors.B.to(self.compute_dtype), alpha=weight)
                 else:
                     out[g, : factors.rank].add_(factors.A.to(self.compute_dtype), alpha=weight)
         return out
 
-    def mean_scale(self) -> Tensor:
-        """sum_k p_k s_k per module: the scale of averaged factors."""
-        return self.coefficients().sum(-1)
+    def folded_b_average(self) -> tuple[Tensor, Tensor]:
+        """(sum_k p_k s_k B_k / S, S) with S = sum_k p_k |s_k|: each client's scale folded into its B.
+
+        With one A shared by every client, S * B_avg @ A = sum_k p_k s_k B_k A is the exact update
+        whatever the scales (rsLoRA, alpha not proportional to r); an average of raw B would weigh
+        a client of scale 2 like one of scale 0.5.
+        """
+        scales = self.folded_scale()
+        return self.padded_average("B", self.coefficients() / scales[:, None]), scales
 
     def module(self, g: int, B: Tensor, A: Tensor, scale: float = 1.0, singular_values: Tensor | None = None) -> GlobalModule:
         """Package one module's result in the input dtype (singular values stay in the compute dtype)."""
@@ -95,12 +105,12 @@ class ModuleBatch:
 CHUNK_BYTES = 32 * 2**20
 
 
-def _compute_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
+def compute_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
     # Half-precision inputs are computed in fp32; float64 stays float64 (the property tests use it).
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _check_factors(factors: LoraFactors, reference: LoraFactors | None, k: int, name: str) -> None:
+def _check_factors(factors: LoraFactors, reference: LoraFactors | None, k: int, name: str, reference_index: int) -> None:
     A, B = factors.A, factors.B
     if A.ndim != 2 or B.ndim != 2:
         raise AggregationError(f"LoRA factors must be matrices, got A {tuple(A.shape)} and B {tuple(B.shape)}", client=k, module=name)
@@ -111,7 +121,7 @@ def _check_factors(factors: LoraFactors, reference: LoraFactors | None, k: int, 
     if reference is not None and factors.shape != reference.shape:
         raise AggregationError(
             f"adapted weight is {factors.shape[0]}x{factors.shape[1]} here but "
-            f"{reference.shape[0]}x{reference.shape[1]} for client 0",
+            f"{reference.shape[0]}x{reference.shape[1]} for client {reference_index}",
             client=k,
             module=name,
         )
@@ -124,30 +134,40 @@ def _check_factors(factors: LoraFactors, reference: LoraFactors | None, k: int, 
             raise AggregationError(f"lora_{label} holds {problem}", client=k, module=name)
 
 
+def check_client(client: ClientAdapter, k: int, reference: ClientAdapter | None = None, reference_index: int = 0) -> None:
+    """Client k's modules against those of the reference client (the first one accepted, client
+    `reference_index`): same module names and shapes, valid factors. Refuses with an
+    AggregationError naming client k and the module."""
+    if not client.modules:
+        raise AggregationError("sent no LoRA modules", client=k)
+    if reference is not None:
+        missing = set(reference.modules) - set(client.modules)
+        extra = set(client.modules) - set(reference.modules)
+        if missing or extra:
+            name = sorted(missing or extra)[0]
+            relation = "lacks a module that" if missing else "has an extra module that"
+            raise AggregationError(f"{relation} client {reference_index} {'has' if missing else 'lacks'}", client=k, module=name)
+    for name, factors in client.modules.items():
+        _check_factors(factors, None if reference is None else reference.modules[name], k, name, reference_index)
+
+
+def chunk_size(shape: tuple[int, int], width: int, dtype: torch.dtype) -> int:
+    """How many modules of this shape, with stacks `width` columns wide, make one chunk."""
+    return max(1, CHUNK_BYTES // (sum(shape) * width * torch.finfo(dtype).bits // 8))
+
+
 def module_batches(clients: Sequence[ClientAdapter]) -> Iterator[ModuleBatch]:
     """Validate every client against client 0 and group modules by (m, n, ranks)."""
     weights = client_weights(clients)
-    names = list(clients[0].modules)
-    if not names:
-        raise AggregationError("client 0 sent no LoRA modules", client=0)
-    expected = set(names)
     for k, client in enumerate(clients):
-        missing = expected - set(client.modules)
-        extra = set(client.modules) - expected
-        if missing or extra:
-            name = sorted(missing or extra)[0]
-            raise AggregationError(f"{'lacks' if missing else 'has an extra'} module that client 0 {'has' if missing else 'lacks'}", client=k, module=name)
+        check_client(client, k, clients[0] if k else None)
     groups: dict[tuple, list[str]] = {}
-    for name in names:
-        row = [client.modules[name] for client in clients]
-        for k, factors in enumerate(row):
-            _check_factors(factors, row[0] if k else None, k, name)
-        groups.setdefault((row[0].shape, tuple(f.rank for f in row)), []).append(name)
+    for name, factors in clients[0].modules.items():
+        groups.setdefault((factors.shape, tuple(client.modules[name].rank for client in clients)), []).append(name)
     for (shape, ranks), group in groups.items():
         factors = [[client.modules[name] for client in clients] for name in group]
-        dtype = _compute_dtype({t.dtype for row in factors for f in row for t in (f.A, f.B)})
-        module_bytes = sum(shape) * sum(ranks) * torch.finfo(dtype).bits // 8
-        size = max(1, CHUNK_BYTES // module_bytes)
+        dtype = compute_dtype({t.dtype for row in factors for f in row for t in (f.A, f.B)})
+        size = chunk_size(shape, sum(ranks), dtype)
         for start in range(0, len(group), size):
             chunk = slice(start, start + size)
             yield ModuleBatch(group[chunk], factors[chunk], weights, dtype, factors[0][0].A.dtype)

@@ -16,25 +16,24 @@ from torch import Tensor
 from florist.aggregation.types import AggregationError, ClientAdapter, client_weights
 
 
-def _check_dense(clients: Sequence[ClientAdapter]) -> None:
-    """Every client holds client 0's names with client 0's shapes, in floating point, finite."""
-    expected = set(clients[0].dense)
-    for k, client in enumerate(clients):
-        missing, extra = expected - set(client.dense), set(client.dense) - expected
-        if missing or extra:
-            name = sorted(missing or extra)[0]
-            which = "lacks a tensor trained in full that client 0 has" if missing else "has a tensor trained in full that client 0 lacks"
-            raise AggregationError(which, client=k, module=name)
-        for name, tensor in client.dense.items():
-            reference = clients[0].dense[name]
-            if tensor.shape != reference.shape:
-                raise AggregationError(
-                    f"tensor trained in full is {tuple(tensor.shape)} here but {tuple(reference.shape)} for client 0", client=k, module=name
-                )
-            if not tensor.is_floating_point():
-                raise AggregationError(f"tensor trained in full must be floating point, got {tensor.dtype}", client=k, module=name)
-            if not torch.isfinite(tensor).all():
-                raise AggregationError("tensor trained in full holds NaN or Inf values", client=k, module=name)
+def check_dense(client: ClientAdapter, k: int, reference: ClientAdapter, reference_index: int = 0) -> None:
+    """Client k holds the reference client's names with its shapes, in floating point, finite."""
+    expected = set(reference.dense)
+    missing, extra = expected - set(client.dense), set(client.dense) - expected
+    if missing or extra:
+        name = sorted(missing or extra)[0]
+        which = "lacks a tensor trained in full that" if missing else "has a tensor trained in full that"
+        raise AggregationError(f"{which} client {reference_index} {'has' if missing else 'lacks'}", client=k, module=name)
+    for name, tensor in client.dense.items():
+        shape = reference.dense[name].shape
+        if tensor.shape != shape:
+            raise AggregationError(
+                f"tensor trained in full is {tuple(tensor.shape)} here but {tuple(shape)} for client {reference_index}", client=k, module=name
+            )
+        if not tensor.is_floating_point():
+            raise AggregationError(f"tensor trained in full must be floating point, got {tensor.dtype}", client=k, module=name)
+        if not torch.isfinite(tensor).all():
+            raise AggregationError("tensor trained in full holds NaN or Inf values", client=k, module=name)
 
 
 def weighted_mean(clients: Sequence[ClientAdapter]) -> dict[str, Tensor]:
@@ -44,7 +43,8 @@ def weighted_mean(clients: Sequence[ClientAdapter]) -> dict[str, Tensor]:
     memory is one tensor whatever the number of clients.
     """
     weights = client_weights(clients).tolist()
-    _check_dense(clients)
+    for k, client in enumerate(clients):
+        check_dense(client, k, clients[0])
     mean = {}
     for name, reference in clients[0].dense.items():
         dtypes = {client.dense[name].dtype for client in clients}

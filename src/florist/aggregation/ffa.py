@@ -16,7 +16,8 @@ class FFALoRA(Aggregator):
     continues_from_global = True
 
     def combine(self, batch: ModuleBatch):
-        b_mean, scales = batch.padded_average("B"), batch.mean_scale()
+        # p_k s_k folded into B: exact with the shared A, whatever each client's scale.
+        b_mean, scales = batch.folded_b_average()
         modules = {}
         for g, (name, row) in enumerate(zip(batch.names, batch.factors)):
             frozen = max(row, key=lambda f: f.rank).A

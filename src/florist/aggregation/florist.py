@@ -2,37 +2,138 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
 
+import torch
+from torch import Tensor
+
 from florist.aggregation.base import Aggregator, ModuleBatch
-from florist.aggregation.spectral import ROUTES, energy_rank
-from florist.aggregation.types import AggregationError
+from florist.aggregation.budget import CRITERIA, allocate_ranks, component_bytes
+from florist.aggregation.spectral import ROUTES, RankRule, energy_rank, gram_precision
+from florist.aggregation.stream import StreamingAccumulator
+from florist.aggregation.truncation import cut
+from florist.aggregation.types import Aggregate, AggregationError, ClientAdapter, GlobalModule
+
+DEFAULT_TAU = 0.9
 
 
 @dataclass(frozen=True)
 class FLoRIST(Aggregator):
-    """tau in (0, 1]: share of spectral energy kept per module; max_rank caps any module's rank."""
+    """tau in (0, 1]: share of spectral energy kept per module; max_rank caps any module's rank.
 
-    tau: float = 0.9
+    `download_budget_mb`, instead of tau: what one client downloads per round (MiB, counted at
+    `wire_bytes` per value), spent on ranks across all modules at once, at least `min_rank` each,
+    in the order of `budget_criterion` (aggregation/budget.py). Give tau or a budget, not both;
+    with neither, tau is DEFAULT_TAU.
+
+    `memory_budget_mb` bounds what `accumulator()` holds of a round (aggregation/stream.py):
+    within it, and while the stacks are narrower than the layers, the result is exact;
+    `aggregate` always is, holding every client it is given.
+    """
+
+    tau: float | None = None
     max_rank: int | None = None
     route: str = "gram"
+    memory_budget_mb: float = 1024.0
+    download_budget_mb: float | None = None
+    budget_criterion: str = "normalized"
+    min_rank: int = 1
+    wire_bytes: int = 4
 
     name = "florist"
     continues_from_global = False
 
     def __post_init__(self) -> None:
-        if not 0 < self.tau <= 1:
+        if self.tau is not None and self.download_budget_mb is not None:
+            raise AggregationError(f"give tau or download_budget_mb, not both (got tau {self.tau} and {self.download_budget_mb} MiB)")
+        if self.tau is None and self.download_budget_mb is None:
+            object.__setattr__(self, "tau", DEFAULT_TAU)
+        if self.tau is not None and not 0 < self.tau <= 1:
             raise AggregationError(f"tau must be in (0, 1], got {self.tau}")
+        if self.download_budget_mb is not None and not (math.isfinite(self.download_budget_mb) and self.download_budget_mb > 0):
+            raise AggregationError(f"download_budget_mb must be a positive number, got {self.download_budget_mb}")
+        if self.budget_criterion not in CRITERIA:
+            raise AggregationError(f"unknown budget criterion {self.budget_criterion!r}; choose from {', '.join(CRITERIA)}")
+        if self.min_rank < 1:
+            raise AggregationError(f"min_rank must be >= 1, got {self.min_rank}")
+        if self.wire_bytes not in (1, 2, 4, 8):
+            raise AggregationError(f"wire_bytes must be 1, 2, 4 or 8, got {self.wire_bytes}")
         if self.max_rank is not None and self.max_rank < 1:
             raise AggregationError(f"max_rank must be >= 1, got {self.max_rank}")
         if self.route not in ROUTES:
             raise AggregationError(f"unknown decomposition route {self.route!r}; choose from {sorted(ROUTES)}")
+        if not (math.isfinite(self.memory_budget_mb) and self.memory_budget_mb > 0):
+            raise AggregationError(f"memory_budget_mb must be a positive number, got {self.memory_budget_mb}")
+
+    def accumulator(self) -> StreamingAccumulator:
+        return StreamingAccumulator(self)
+
+    # -- the rank rules ------------------------------------------------------------------------
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return None if self.download_budget_mb is None else int(self.download_budget_mb * 2**20)
+
+    @staticmethod
+    def rtol(shape: tuple[int, int], dtype: torch.dtype) -> float:
+        """Below max(m, n) eps of the largest singular value a component is rounding noise of dW in
+        the compute dtype (torch.linalg.matrix_rank's floor): tau = 1 keeps the numerical rank."""
+        return max(shape) * torch.finfo(dtype).eps
+
+    def affordable(self, shape: tuple[int, int]) -> int:
+        """The most components of a module of this shape that the whole download budget buys."""
+        return max(self.min_rank, self.budget_bytes // component_bytes(shape, self.wire_bytes))
+
+    def rank_rule(self, shape: tuple[int, int], dtype: torch.dtype) -> RankRule:
+        """Per module: tau's rank; with a budget, every component above the floor it could buy
+        (at least min_rank), to be cut by `spend_budget` once every module's spectrum is known."""
+        rtol = self.rtol(shape, dtype)
+        if self.budget_bytes is None:
+            return partial(energy_rank, tau=self.tau, max_rank=self.max_rank, rtol=rtol)
+        cap = min(self.affordable(shape), self.max_rank or self.affordable(shape))
+
+        def rule(s: Tensor) -> Tensor:
+            usable = energy_rank(s, 1.0, rtol=rtol)
+            return usable.clamp(min=min(self.min_rank, s.shape[-1]), max=cap)
+
+        return rule
+
+    def precision(self, width: int, dtype: torch.dtype) -> torch.dtype:
+        """A budget may buy any component, so its spectra are computed as finely as tau = 1's."""
+        return gram_precision(width, 1.0 if self.tau is None else self.tau, dtype)
+
+    def spend_budget(self, modules: Mapping[str, GlobalModule]) -> dict[str, GlobalModule]:
+        """Cut every module to the rank `allocate_ranks` gives it; without a budget, as they are."""
+        if self.budget_bytes is None:
+            return dict(modules)
+        shapes = {name: (m.B.shape[0], m.A.shape[1]) for name, m in modules.items()}
+        ranks = allocate_ranks(
+            {name: m.singular_values for name, m in modules.items()},
+            shapes,
+            self.budget_bytes,
+            self.wire_bytes,
+            self.budget_criterion,
+            self.min_rank,
+            self.max_rank,
+            {name: self.rtol(shapes[name], m.singular_values.dtype) for name, m in modules.items()},
+        )
+        return cut(modules, ranks)
+
+    # -- the exact route -----------------------------------------------------------------------
+
+    def aggregate(self, clients: Sequence[ClientAdapter]) -> Aggregate:
+        result = super().aggregate(clients)
+        return replace(result, modules=self.spend_budget(result.modules))
 
     def combine(self, batch: ModuleBatch):
         b_stack, a_stack = batch.stacked()
-        rule = partial(energy_rank, tau=self.tau, max_rank=self.max_rank)
-        b_global, a_global, s, ranks = ROUTES[self.route](b_stack, a_stack, rule)
+        route = ROUTES[self.route]
+        if self.route == "gram":
+            route = partial(route, precision=self.precision(sum(batch.ranks), batch.compute_dtype))
+        b_global, a_global, s, ranks = route(b_stack, a_stack, self.rank_rule(batch.shape, batch.compute_dtype))
         modules = {
             name: batch.module(g, b_global[g, :, :p], a_global[g, :p], singular_values=s[g])
             for g, (name, p) in enumerate(zip(batch.names, ranks.tolist()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from functools import partial
 
 from florist.aggregation.spectral import energy_rank, qr_route
@@ -37,11 +38,6 @@ def cut_ranks(modules: Mapping[str, GlobalModule], tau: float, max_rank: int | N
 def cut(modules: Mapping[str, GlobalModule], ranks: Mapping[str, int]) -> dict[str, GlobalModule]:
     """The leading `ranks[name]` components of each module (FLoRIST's are ordered by singular value)."""
     return {
-        name: GlobalModule(
-            A=module.A[: ranks[name]].contiguous(),
-            B=module.B[:, : ranks[name]].contiguous(),
-            scale=module.scale,
-            singular_values=module.singular_values,
-        )
+        name: replace(module, A=module.A[: ranks[name]].contiguous(), B=module.B[:, : ranks[name]].contiguous())
         for name, module in modules.items()
     }

@@ -67,12 +67,17 @@ class GlobalModule:
     `singular_values` is the whole spectrum of the aggregated update when the method
     computed it (FLoRIST, FlexLoRA), else None; `energy` is the share of its squared
     singular values that the kept rank holds.
+
+    `error_bound` bounds how far the decomposition that `singular_values` come from may be
+    from the exact aggregate dW: ||dW - D||_F <= error_bound * ||D||_F. It is 0 when D was
+    computed exactly (up to rounding); FLoRIST's streaming route reports what its folds dropped.
     """
 
     A: Tensor
     B: Tensor
     scale: float = 1.0
     singular_values: Tensor | None = None
+    error_bound: float = 0.0
 
     @property
     def rank(self) -> int:
@@ -107,15 +112,22 @@ class Aggregate:
         return self.modules if self.per_client is None else self.per_client[k]
 
 
+def check_weight(weight: float, k: int) -> None:
+    if not math.isfinite(weight) or weight < 0:
+        raise AggregationError(f"weight must be a finite number >= 0, got {weight}", client=k)
+
+
+def check_total_weight(total: float) -> None:
+    if total <= 0:
+        raise AggregationError(f"client weights sum to {total}; at least one must be positive")
+
+
 def client_weights(clients: Sequence[ClientAdapter]) -> Tensor:
     """p_k = n_k / sum(n), in float64; refuses negative, non-finite or zero-sum weights."""
     if not clients:
         raise AggregationError("no client adapters to aggregate")
-    weights = torch.tensor([c.weight for c in clients], dtype=torch.float64)
+    weights = torch.tensor([float(c.weight) for c in clients], dtype=torch.float64)
     for k, w in enumerate(weights.tolist()):
-        if not math.isfinite(w) or w < 0:
-            raise AggregationError(f"weight must be a finite number >= 0, got {w}", client=k)
-    total = weights.sum().item()
-    if total <= 0:
-        raise AggregationError(f"client weights sum to {total}; at least one must be positive")
-    return weights / total
+        check_weight(w, k)
+    check_total_weight(weights.sum().item())
+    return weights / weights.sum()

@@ -70,10 +70,21 @@ CLIENT_NOISE = 0.5
 
 @dataclass(frozen=True)
 class Case:
+    """A preset's modules, `clients` clients (default: one per client of the rank setting, which
+    is cycled past its length, with Dolly's client sizes as weights), FLoRIST's tau."""
+
     preset: str
     ranks: str
     tau: float
     seed: int = 0
+    clients: int | None = None
+
+    @property
+    def count(self) -> int:
+        return self.clients or len(RANK_SETTINGS[self.ranks])
+
+    def client_ranks(self) -> list[int]:
+        return [client_setting(self.ranks, k)[0] for k in range(self.count)]
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,7 @@ class MethodRun:
     options: dict = field(default_factory=dict)
     repeats: int = 5
     modules: int | None = None  # None: every module of the preset
+    stream: bool = False  # clients made and added one at a time to the method's accumulator, as a server does
 
 
 @dataclass(frozen=True)
@@ -95,10 +107,12 @@ class Measurement:
     seconds_median: float
     extrapolated_from_modules: int | None
     peak_extra_bytes: int | None
-    flops: float
+    flops: float | None  # None where no analytic count applies (streaming folds depend on the data)
     download_bytes_per_client: list[float]
     rank_sent_per_client: list[float]
     speedup_vs_flexlora: float | None = None
+    error_bound: float | None = None  # the largest GlobalModule.error_bound (streaming rows)
+    cpu_seconds_median: float | None = None  # CPU time of this process: on a shared machine, less noisy than wall time  # the largest GlobalModule.error_bound (streaming rows)
 
 
 # ---------------------------------------------------------------- synthetic adapters
@@ -113,27 +127,44 @@ def _directions(generator: torch.Generator, size: int, count: int, shared: torch
     return mixed
 
 
-def synthetic_clients(preset: str, ranks: str, seed: int = 0, ffa: bool = False, names: list[str] | None = None) -> list[ClientAdapter]:
-    """Eight clients whose update of each module is L_k diag(DECAY**i) R_k^T, split evenly into B and A.
-
-    With `ffa`, A is instead a prefix of one seeded initialisation per module (FFA-LoRA freezes it).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    modules = PRESETS[preset].modules()
+def client_setting(ranks: str, k: int) -> tuple[int, float, float]:
+    """(rank, alpha, weight) of client k: the setting's clients and Dolly's client sizes, cycled."""
     settings = RANK_SETTINGS[ranks]
-    factors: list[dict[str, LoraFactors]] = [{} for _ in settings]
-    for name in names or list(modules):
+    rank, alpha = settings[k % len(settings)]
+    return rank, alpha, float(DOLLY_CLIENT_SIZES[k % len(DOLLY_CLIENT_SIZES)])
+
+
+def synthetic_client(preset: str, ranks: str, k: int, seed: int = 0, ffa: bool = False, names: list[str] | None = None) -> ClientAdapter:
+    """Client k: its update of each module is L_k diag(DECAY**i) R_k^T, split evenly into B and A.
+
+    Module i's shared bases come from (seed, i), the client's own directions from (seed, i, k),
+    so any client can be made alone, in any order: a server-side stream needs no other client in
+    memory. With `ffa`, A is a prefix of one seeded initialisation per module (FFA-LoRA freezes it).
+    """
+    modules = PRESETS[preset].modules()
+    largest = max(r for r, _ in RANK_SETTINGS[ranks])
+    r, alpha, weight = client_setting(ranks, k)
+    scale = lora_scale(alpha, r)
+    root = DECAY ** (torch.arange(r) / 2)
+    factors = {}
+    for i, name in enumerate(modules):
+        if names is not None and name not in names:
+            continue
         m, n = modules[name]
-        left = torch.randn(m, SHARED_DIRECTIONS, generator=generator) / math.sqrt(m)
-        right = torch.randn(n, SHARED_DIRECTIONS, generator=generator) / math.sqrt(n)
-        frozen = torch.randn(max(r for r, _ in settings), n, generator=generator) / math.sqrt(n)
-        for mine, (r, alpha) in zip(factors, settings):
-            scale = lora_scale(alpha, r)
-            root = DECAY ** (torch.arange(r) / 2)
-            B = _directions(generator, m, r, left) * root / scale
-            A = frozen[:r].clone() if ffa else (_directions(generator, n, r, right) * root).T.contiguous()
-            mine[name] = LoraFactors(A=A, B=B, scale=scale)
-    return [ClientAdapter(modules=m, weight=float(w)) for m, w in zip(factors, DOLLY_CLIENT_SIZES)]
+        shared = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        left = torch.randn(m, SHARED_DIRECTIONS, generator=shared) / math.sqrt(m)
+        right = torch.randn(n, SHARED_DIRECTIONS, generator=shared) / math.sqrt(n)
+        frozen = torch.randn(largest, n, generator=shared) / math.sqrt(n) if ffa else None
+        own = torch.Generator().manual_seed((seed * 1_000_003 + i) * 1_000_033 + k + 1)
+        B = _directions(own, m, r, left) * root / scale
+        A = frozen[:r].clone() if ffa else (_directions(own, n, r, right) * root).T.contiguous()
+        factors[name] = LoraFactors(A=A, B=B, scale=scale)
+    return ClientAdapter(modules=factors, weight=weight)
+
+
+def synthetic_clients(preset: str, ranks: str, seed: int = 0, ffa: bool = False, names: list[str] | None = None, count: int | None = None) -> list[ClientAdapter]:
+    """`count` clients (default: one per client of the rank setting) by `synthetic_client`."""
+    return [synthetic_client(preset, ranks, k, seed, ffa, names) for k in range(count or len(RANK_SETTINGS[ranks]))]
 
 
 # ---------------------------------------------------------------- analytic costs
@@ -208,34 +239,81 @@ def measured_modules(preset: str, count: int | None) -> dict[str, float]:
     return {name: total[shapes[name]] / measured[shapes[name]] for name in names}
 
 
-def measure(case: Case, run: MethodRun) -> Measurement:
-    """Aggregate `run.repeats` times in this process; the first run also measures peak memory."""
-    modules = PRESETS[case.preset].modules()
-    weights = measured_modules(case.preset, run.modules)
-    names = list(weights)
-    clients = synthetic_clients(case.preset, case.ranks, case.seed, ffa=run.method == "ffa", names=names)
-    aggregator = make_aggregator(run.method, **run.options)
+def _peak_extra_bytes(work) -> tuple[object, int | None]:
+    """Run `work()` once and measure the resident set it added at its peak.
+
+    With a small mmap threshold glibc returns every large freed block to the kernel, so memory
+    freed before (building the clients) cannot hide the peak. Timed runs after it use glibc's
+    usual reuse of freed blocks, as a long-lived server does.
+    """
     gc.collect()
-    # The first run measures memory: with a small mmap threshold glibc returns every large freed
-    # block to the kernel, so memory freed while building the clients cannot hide the peak. The
-    # timed runs after it use glibc's usual reuse of freed blocks, as a long-lived server does.
     _set_mmap_threshold(64 * 2**10)
     tracked = _reset_peak_rss()
     start_kib = _proc_status_kib("VmRSS")
-    result = aggregator.aggregate(clients)
+    result = work()
     peak = (_proc_status_kib("VmHWM") - start_kib) * 1024 if tracked else None
     _set_mmap_threshold(32 * 2**20)
-    seconds = []
-    for _ in range(run.repeats):
-        began = time.perf_counter()
-        result = aggregator.aggregate(clients)
-        seconds.append(time.perf_counter() - began)
-    client_ranks = [f.rank for f in (c.modules[names[0]] for c in clients)]
-    route = run.options.get("route", "gram")
-    flops = {name: module_flops(run.method, route, *modules[name], client_ranks, result.modules[name].rank) for name in names}
-    scale = sum(flops[name] * weights[name] for name in names) / sum(flops.values())
+    return result, peak
+
+
+def _stream(case: Case, run: MethodRun, names: list[str]):
+    """Make each client, add it to a fresh accumulator, drop it; returns the result and the
+    seconds spent in `add` and `result` (making the clients is not the server's work)."""
+    accumulator = make_aggregator(run.method, **run.options).accumulator()
+    spent = _Clock()
+    for k in range(case.count):
+        client = synthetic_client(case.preset, case.ranks, k, case.seed, ffa=run.method == "ffa", names=names)
+        with spent:
+            accumulator.add(client)
+        del client
+    with spent:
+        result = accumulator.result()
+    return result, spent
+
+
+class _Clock:
+    """Wall and CPU seconds summed over the blocks it times."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self):
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def __exit__(self, *exc):
+        self.wall += time.perf_counter() - self._wall
+        self.cpu += time.process_time() - self._cpu
+
+
+def measure(case: Case, run: MethodRun) -> Measurement:
+    """Aggregate `run.repeats` times in this process; a first run measures peak memory."""
+    modules = PRESETS[case.preset].modules()
+    weights = measured_modules(case.preset, run.modules)
+    names = list(weights)
+    if run.stream:
+        (result, _), peak = _peak_extra_bytes(lambda: _stream(case, run, names))
+        clocks = [_stream(case, run, names)[1] for _ in range(run.repeats)]
+    else:
+        clients = synthetic_clients(case.preset, case.ranks, case.seed, ffa=run.method == "ffa", names=names, count=case.count)
+        aggregator = make_aggregator(run.method, **run.options)
+        result, peak = _peak_extra_bytes(lambda: aggregator.aggregate(clients))
+        clocks = []
+        for _ in range(run.repeats):
+            clocks.append(_Clock())
+            with clocks[-1]:
+                result = aggregator.aggregate(clients)
+        del clients
+    seconds = [clock.wall for clock in clocks]
+    client_ranks = case.client_ranks()
+    if run.stream:
+        flops, scale = None, len(modules) / len(names)
+    else:
+        route = run.options.get("route", "gram")
+        per_module = {name: module_flops(run.method, route, *modules[name], client_ranks, result.modules[name].rank) for name in names}
+        flops = sum(per_module[name] * weights[name] for name in names)
+        scale = flops / sum(per_module.values())
     downloads, ranks_sent = [], []
-    for k in range(len(clients)):
+    for k in range(case.count):
         received = result.for_client(k)
         downloads.append(sum(weights[n] * sum(modules[n]) * received[n].rank * received[n].A.element_size() for n in names))
         ranks_sent.append(sum(weights[n] * received[n].rank for n in names))
@@ -246,9 +324,11 @@ def measure(case: Case, run: MethodRun) -> Measurement:
         seconds_median=statistics.median(seconds) * scale,
         extrapolated_from_modules=len(names) if len(names) < len(modules) else None,
         peak_extra_bytes=peak,
-        flops=sum(flops[name] * weights[name] for name in names),
+        flops=flops,
         download_bytes_per_client=downloads,
         rank_sent_per_client=ranks_sent,
+        error_bound=max(m.error_bound for m in result.modules.values()) if run.stream else None,
+        cpu_seconds_median=statistics.median(clock.cpu for clock in clocks) * scale,
     )
 
 
@@ -285,9 +365,19 @@ def method_runs(tau: float, repeats: int, flexlora_modules: int, flexlora_repeat
     ]
 
 
+def scaling_runs(tau: float, repeats: int, subset_modules: int, flexlora_repeats: int) -> list[MethodRun]:
+    """Rows for many clients: FLoRIST as the server runs it (one reply at a time, bounded memory),
+    the exact batched route and FlexLoRA (both holding every client; timed on a subset of modules)."""
+    return [
+        MethodRun(f"florist {tau:g} stream", "florist", {"tau": tau}, repeats, stream=True),
+        MethodRun(f"florist {tau:g} batched", "florist", {"tau": tau}, 1, subset_modules),
+        MethodRun("flexlora", "flexlora", {}, flexlora_repeats, subset_modules),
+    ]
+
+
 def adapter_bytes(case: Case) -> int:
     """Bytes of every client's A and B for every module (fp32), computed from the shapes."""
-    ranks = sum(r for r, _ in RANK_SETTINGS[case.ranks])
+    ranks = sum(case.client_ranks())
     return sum((m + n) * ranks * 4 for m, n in PRESETS[case.preset].modules().values())
 
 
@@ -297,7 +387,7 @@ def run_case(case: Case, runs: list[MethodRun], threads: int, progress=None) -> 
     rows = []
     for run in runs:
         if progress:
-            progress(f"{case.preset} {case.ranks}: {run.label}")
+            progress(f"{case.preset} {case.ranks} {case.count} clients: {run.label}")
         rows.append(measure_in_subprocess(case, run, threads))
     flexlora = next((row for row in rows if row.method == "flexlora"), None)
     rows = [
@@ -307,8 +397,8 @@ def run_case(case: Case, runs: list[MethodRun], threads: int, progress=None) -> 
     return {
         **asdict(case),
         "modules": len(PRESETS[case.preset].modules()),
-        "clients": len(RANK_SETTINGS[case.ranks]),
-        "client_ranks": [r for r, _ in RANK_SETTINGS[case.ranks]],
+        "clients": case.count,
+        "client_ranks": case.client_ranks(),
         "client_adapter_bytes": adapter_bytes(case),
         "rows": [asdict(row) for row in rows],
     }
@@ -340,27 +430,72 @@ def _spread(values: list[float], fmt) -> str:
 def render(case: dict) -> Table:
     adapters = case["client_adapter_bytes"]
     extrapolated = {row["extrapolated_from_modules"] for row in case["rows"]} - {None}
+    ranks = case["client_ranks"]
+    clients = f"ranks {ranks}" if len(ranks) <= 8 else f"{len(ranks)} clients of ranks {sorted(set(ranks))}"
     table = Table(
-        title=f"{case['preset']}, {case['ranks']} ranks {case['client_ranks']}, {case['modules']} modules, "
+        title=f"{case['preset']}, {case['ranks']} {clients}, {case['modules']} modules, "
         f"client adapters {_mib(adapters)} MiB (fp32)",
         caption=f"* timed on the first {', '.join(map(str, extrapolated))} modules and extrapolated by FLOP share; "
         "peak memory is for those modules" if extrapolated else None,
     )
-    for column in ("method", "median s", "vs flexlora", "peak extra MiB", "x adapters", "GFLOP", "download/client MiB", "rank sent"):
+    bounded = any(row.get("error_bound") is not None for row in case["rows"])
+    columns = ["method", "median s", "cpu s", "vs flexlora", "peak extra MiB", "x adapters", "GFLOP", "download/client MiB", "rank sent"]
+    for column in columns + ["error bound"] * bounded:
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column == "method")
     for row in case["rows"]:
         peak = row["peak_extra_bytes"]
-        table.add_row(
+        cells = [
             row["label"] + ("*" if row["extrapolated_from_modules"] else ""),
             f"{row['seconds_median']:.3g}",
+            "-" if row.get("cpu_seconds_median") is None else f"{row['cpu_seconds_median']:.3g}",
             f"{row['speedup_vs_flexlora']:,.0f}x" if row["speedup_vs_flexlora"] else "-",
             "n/a" if peak is None else _mib(peak),
             "n/a" if peak is None else f"{peak / adapters:.2f}",
-            f"{row['flops'] / 1e9:,.2f}",
+            "-" if row["flops"] is None else f"{row['flops'] / 1e9:,.2f}",
             _spread(row["download_bytes_per_client"], _mib),
             _spread(row["rank_sent_per_client"], lambda r: f"{r:,.0f}"),
-        )
+        ]
+        if bounded:
+            cells.append("-" if row.get("error_bound") is None else f"{row['error_bound']:.3g}")
+        table.add_row(*cells)
     return table
+
+
+def plot_scaling(report: dict, path: Path) -> None:
+    """Server seconds and peak extra memory against the number of clients, one line per method (PNG)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = sorted(report["cases"], key=lambda case: case["clients"])
+    labels = [row["label"] for row in cases[0]["rows"]]
+    fig, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for label in labels:
+        rows = [(case["clients"], next(row for row in case["rows"] if row["label"] == label)) for case in cases]
+        marker = "--o" if rows[0][1]["extrapolated_from_modules"] else "-o"
+        counts = [k for k, _ in rows]
+        time_axis.plot(counts, [row["seconds_median"] for _, row in rows], marker, label=label)
+        memory_axis.plot(counts, [row["peak_extra_bytes"] / 2**20 for _, row in rows], marker, label=label)
+    first = cases[0]
+    time_axis.set(xscale="log", yscale="log", xlabel="clients per round", ylabel="aggregation wall seconds")
+    memory_axis.set(xscale="log", yscale="log", xlabel="clients per round", ylabel="server peak extra MiB")
+    for axis in (time_axis, memory_axis):
+        axis.set_xticks([case["clients"] for case in cases], [str(case["clients"]) for case in cases])
+        axis.grid(True, which="both", alpha=0.3)
+    time_axis.legend(fontsize=8)
+    fig.suptitle(
+        f"{first['preset']}, {len(set(first['client_ranks']))} rank setting {sorted(set(first['client_ranks']))}, "
+        f"tau {first['tau']:g} (dashed: timed on a subset of modules, extrapolated)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    write_atomically(path, buffer.getvalue())
 
 
 def write_json(path: Path, report: dict) -> None:

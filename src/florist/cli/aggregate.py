@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from florist.aggregation import METHODS, Aggregate, AggregationError, Aggregator, ClientAdapter, make_aggregator
+from florist.aggregation import CRITERIA, METHODS, Aggregate, AggregationError, Aggregator, ClientAdapter, make_aggregator
 from florist.lora.adapters import adapter_bytes, find_duplicate, read_adapters, read_config, write_adapter
-
-DEFAULT_TAU = 0.9
 
 EPILOG = """\
 Each DIR is a directory written by PeftModel.save_pretrained (adapter_config.json and
@@ -40,7 +39,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--method", required=True, choices=list(METHODS), help="aggregation method")
-    parser.add_argument("--tau", type=float, help=f"florist: share of spectral energy kept per module, in (0, 1] (default {DEFAULT_TAU})")
+    parser.add_argument("--tau", type=float, help="florist: share of spectral energy kept per module, in (0, 1] (default 0.9)")
+    parser.add_argument(
+        "--download-budget-mb", type=float, metavar="MB",
+        help="florist, instead of --tau: MiB of the output adapter (in the adapters' dtype), spent on ranks across all modules",
+    )
+    parser.add_argument(
+        "--budget-criterion", choices=CRITERIA,
+        help="florist with a budget: how components are ranked (default normalized: energy share within the module)",
+    )
+    parser.add_argument("--min-rank", type=int, help="florist with a budget: the rank every module gets (default 1)")
     parser.add_argument("--max-rank", type=int, help="florist: cap on any module's rank")
     parser.add_argument("--rank", type=int, help="flexlora: the single output rank (required when the adapters' ranks differ)")
     parser.add_argument("--weights", help="comma-separated client weights, e.g. example counts 1579,685,... (default: equal)")
@@ -82,13 +90,26 @@ def parse_weights(text: str | None, count: int) -> list[float]:
 
 def _aggregator(args: argparse.Namespace) -> Aggregator:
     """The method with its options; options of other methods are refused rather than ignored."""
-    given = {"--tau": args.tau, "--max-rank": args.max_rank, "--rank": args.rank}
-    applies = {"florist": {"--tau", "--max-rank"}, "flexlora": {"--rank"}}.get(args.method, set())
+    given = {
+        "--tau": args.tau,
+        "--max-rank": args.max_rank,
+        "--rank": args.rank,
+        "--download-budget-mb": args.download_budget_mb,
+        "--budget-criterion": args.budget_criterion,
+        "--min-rank": args.min_rank,
+    }
+    budget = {"--download-budget-mb", "--budget-criterion", "--min-rank"}
+    applies = {"florist": {"--tau", "--max-rank", *budget}, "flexlora": {"--rank"}}.get(args.method, set())
     for flag, value in given.items():
         if value is not None and flag not in applies:
             raise ValueError(f"{flag} does not apply to --method {args.method}")
+    if args.download_budget_mb is None and (args.budget_criterion is not None or args.min_rank is not None):
+        raise ValueError("--budget-criterion and --min-rank apply to --download-budget-mb only")
     if args.method == "florist":
-        return make_aggregator("florist", tau=DEFAULT_TAU if args.tau is None else args.tau, max_rank=args.max_rank)
+        options = {"tau": args.tau, "max_rank": args.max_rank, "download_budget_mb": args.download_budget_mb}
+        if args.download_budget_mb is not None:
+            options.update(budget_criterion=args.budget_criterion or CRITERIA[0], min_rank=args.min_rank or 1)
+        return make_aggregator("florist", **options)
     if args.method == "flexlora" and args.rank is not None:
         if args.rank < 1:
             raise ValueError(f"--rank must be >= 1, got {args.rank}")
@@ -150,6 +171,9 @@ def run(args: argparse.Namespace) -> int:
         _refuse_duplicates(args.adapters, clients)
     if args.method == "flexlora" and args.rank is None:
         _require_common_ranks(clients)
+    if args.download_budget_mb is not None:
+        # The budget counts the bytes of the adapter written, which keeps the adapters' dtype.
+        aggregator = replace(aggregator, wire_bytes=next(iter(clients[0].modules.values())).A.element_size())
     aggregate = _aggregate(aggregator, clients, args.adapters)
     config = read_config(args.adapters[0])
     written = write_adapter(args.out, aggregate.modules, config, overwrite=args.overwrite, dense=aggregate.dense)

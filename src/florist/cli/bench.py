@@ -56,27 +56,63 @@ def _register_aggregate(benchmarks) -> None:
         "on a shared machine 1 avoids threads waiting on each other"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic adapters")
+    parser.add_argument(
+        "--clients", type=_client_counts, help="comma-separated client counts, e.g. 8,32,100,300: instead of every "
+        "method on the rank setting's 8 clients, FLoRIST as a server streams each count of clients (the setting "
+        "cycled), beside the exact batched route and FlexLoRA timed on --flexlora-modules modules"
+    )
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
+    parser.add_argument("--plot", type=Path, help="with --clients: also plot seconds and memory against the client count (PNG)")
     parser.set_defaults(func=_aggregate)
 
 
+def _client_counts(value: str) -> list[int]:
+    try:
+        counts = [int(item) for item in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--clients wants comma-separated whole numbers, got {value!r}") from None
+    if any(count < 1 for count in counts):
+        raise argparse.ArgumentTypeError(f"--clients must all be >= 1, got {value}")
+    return counts
+
+
 def _command_line(args: argparse.Namespace) -> str:
-    options = ("preset", "ranks", "tau", "repeats", "flexlora_modules", "flexlora_repeats", "threads", "seed")
+    options = ("preset", "ranks", "tau", "repeats", "flexlora_modules", "flexlora_repeats", "threads", "seed", "clients")
+
+    def text(value) -> str:
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
     return "florist bench aggregate " + " ".join(
-        f"--{name.replace('_', '-')} {getattr(args, name)}" for name in options if getattr(args, name) is not None
+        f"--{name.replace('_', '-')} {text(getattr(args, name))}" for name in options if getattr(args, name) is not None
     )
 
 
 def _aggregate(args: argparse.Namespace) -> int:
-    from florist.bench.aggregate import PRESETS, RANK_SETTINGS, Case, machine, method_runs, render, run_case, write_json
+    from florist.bench.aggregate import (
+        PRESETS,
+        RANK_SETTINGS,
+        Case,
+        machine,
+        method_runs,
+        plot_scaling,
+        render,
+        run_case,
+        scaling_runs,
+        write_json,
+    )
 
     import torch
 
+    if args.plot and not args.clients:
+        raise ValueError("--plot needs --clients: it draws time and memory against the client count")
     console = Console()
     threads = args.threads or torch.get_num_threads()
     presets = list(PRESETS) if args.preset == "all" else [args.preset]
     rank_settings = list(RANK_SETTINGS) if args.ranks == "both" else [args.ranks]
-    runs = method_runs(args.tau, args.repeats, args.flexlora_modules, args.flexlora_repeats)
+    if args.clients:
+        runs = scaling_runs(args.tau, args.repeats, args.flexlora_modules, args.flexlora_repeats)
+    else:
+        runs = method_runs(args.tau, args.repeats, args.flexlora_modules, args.flexlora_repeats)
     report = {
         "command": _command_line(args),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -85,11 +121,15 @@ def _aggregate(args: argparse.Namespace) -> int:
     }
     for preset in presets:
         for ranks in rank_settings:
-            case = run_case(Case(preset, ranks, args.tau, args.seed), runs, threads, progress=lambda line: console.log(line))
-            report["cases"].append(case)
-            console.print(render(case))
-    if args.json:
-        write_json(args.json, report)
+            for clients in args.clients or [None]:
+                case = Case(preset, ranks, args.tau, args.seed, clients)
+                case = run_case(case, runs, threads, progress=lambda line: console.log(line))
+                report["cases"].append(case)
+                console.print(render(case))
+                if args.json:  # after every case, so a long run keeps what it measured
+                    write_json(args.json, report)
+    if args.plot:
+        plot_scaling(report, args.plot)
     return 0
 
 

@@ -1,0 +1,93 @@
+"""A download budget instead of tau: FLoRIST's ranks chosen across all modules at once.
+
+A client downloads (m + n) * p values of each module kept at rank p, in the wire dtype. Given a
+budget in bytes, `allocate_ranks` gives every module its minimum rank, then takes components in
+the order of a criterion, each if its module's next component still fits the budget:
+
+- `normalized`: sigma_i^2 over its module's total energy, so every module counts alike (the
+  closest to one tau everywhere);
+- `absolute`: sigma_i^2 itself, so modules with larger updates get more rank;
+- `per-byte`: the normalized energy divided by the bytes one component of its module costs,
+  since (m + n) differs between q_proj and v_proj.
+
+Which one spends bytes best on held-out loss is a question for federated runs (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from florist.aggregation.types import AggregationError
+
+CRITERIA = ("normalized", "absolute", "per-byte")
+
+
+def component_bytes(shape: tuple[int, int], wire_bytes: int) -> int:
+    """Bytes one kept component of an m x n module adds to a client's download: a column of B and a row of A."""
+    return sum(shape) * wire_bytes
+
+
+def minimum_download_bytes(shapes: Mapping[str, tuple[int, int]], min_rank: int, wire_bytes: int) -> int:
+    """Bytes a client downloads when every module is at `min_rank`: the smallest possible budget."""
+    return sum(component_bytes(shape, wire_bytes) * min_rank for shape in shapes.values())
+
+
+def check_budget(budget_bytes: int, shapes: Mapping[str, tuple[int, int]], min_rank: int, wire_bytes: int) -> None:
+    needed = minimum_download_bytes(shapes, min_rank, wire_bytes)
+    if budget_bytes < needed:
+        raise AggregationError(
+            f"download budget of {budget_bytes / 2**20:.4g} MiB ({budget_bytes:,} bytes) is below the "
+            f"{needed / 2**20:.4g} MiB ({needed:,} bytes) that rank {min_rank} in each of {len(shapes)} modules needs"
+        )
+
+
+def allocate_ranks(
+    spectra: Mapping[str, Tensor],
+    shapes: Mapping[str, tuple[int, int]],
+    budget_bytes: int,
+    wire_bytes: int,
+    criterion: str = "normalized",
+    min_rank: int = 1,
+    max_rank: int | None = None,
+    rtol: Mapping[str, float] | None = None,
+) -> dict[str, int]:
+    """The rank of every module: the most valuable components under `criterion` whose bytes fit.
+
+    `spectra` are each module's singular values, descending. A component at or below its module's
+    numerical floor (`rtol` times the largest) is never bought; `min_rank` is given to every
+    module whatever its spectrum (at most its length), `max_rank` caps any module.
+    """
+    if criterion not in CRITERIA:
+        raise AggregationError(f"unknown budget criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    check_budget(budget_bytes, shapes, min_rank, wire_bytes)
+    ranks, values, owners = {}, [], []
+    for j, (name, s) in enumerate(spectra.items()):
+        s = s.double()
+        cap = len(s) if max_rank is None else min(len(s), max_rank)
+        ranks[name] = min(min_rank, cap)
+        floor = (rtol or {}).get(name, 0.0) * (s[0].item() if len(s) else 0.0)
+        usable = min(cap, int((s > floor).sum()))
+        power = s[ranks[name] : usable].square()
+        if criterion != "absolute":
+            total = s.square().sum()
+            power = power / total if total > 0 else torch.zeros_like(power)
+        if criterion == "per-byte":
+            power = power / component_bytes(shapes[name], wire_bytes)
+        values.append(power)
+        owners.append(torch.full((len(power),), j))
+    remaining = budget_bytes - sum(component_bytes(shapes[name], wire_bytes) * rank for name, rank in ranks.items())
+    names = list(spectra)
+    if values:
+        value, owner = torch.cat(values), torch.cat(owners).tolist()
+        # Descending value, ties in module order (a stable sort of modules' values in order).
+        # Within a module values never rise, so each module's components are bought in order.
+        for i in torch.argsort(value, descending=True, stable=True).tolist():
+            name = names[owner[i]]
+            cost = component_bytes(shapes[name], wire_bytes)
+            if cost <= remaining:
+                ranks[name] += 1
+                remaining -= cost
+    return ranks
