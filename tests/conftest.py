@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from florist.models import EMBEDDED_MODEL, resolve_model
+
+# The same examples on every run: a property test that fails fails for everyone, on every run
+# (a new seed is a one-line change here); HYPOTHESIS_PROFILE=explore searches afresh each time.
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 TINY_LLAMA = {
     "hidden_size": 32,

@@ -965,5 +965,6 @@ def test_fold_route_is_the_gram_route_of_the_stack_it_never_forms(clients, split
         b_fold, a_fold, s_fold, ranks_fold = fold_route((B[..., :cut], A[:, :cut]), (B[..., cut:], A[:, cut:]), rule)
         b_gram, a_gram, s_gram, ranks_gram = gram_route(B, A, rule)
         assert torch.equal(ranks_fold, ranks_gram)
-        assert torch.allclose(s_fold, s_gram, rtol=1e-10, atol=1e-12 * s_gram[0, 0].item())
+        # Both square the spectrum: each resolves singular values down to about sqrt(eps) of the largest.
+        assert torch.allclose(s_fold, s_gram, rtol=1e-10, atol=1e-8 * s_gram[0, 0].item())
         assert torch.allclose(b_fold @ a_fold, b_gram @ a_gram, rtol=0, atol=1e-9 * (B @ A).abs().max().item())

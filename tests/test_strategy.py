@@ -188,3 +188,69 @@ def test_the_server_holds_the_aggregate_as_the_wire_delivers_it():
     for module in strategy.chain.updates[0].modules.values():
         assert module.A.dtype == torch.float32
         assert torch.equal(module.A, module.A.half().float()) and torch.equal(module.B, module.B.half().float())
+
+
+def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in():
+    """Modules wider than the stacked rank 14, so the round is aggregated exactly, in partition order."""
+    wide = {"layers.0.q_proj": (24, 20), "layers.0.v_proj": (16, 20)}
+    results = []
+    for order in (PARTITION_OF, dict(reversed(PARTITION_OF.items()))):
+        strategy = strategy_for("florist")
+        strategy = LoraStrategy(strategy.config, wide, strategy.identity)
+        strategy.begin_round(1, list(order))
+        instructions = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, list(order))}
+        for node, partition in order.items():
+            generator = torch.Generator().manual_seed(partition)
+            rank = CLIENT_RANKS[partition]
+            factors = {
+                name: LoraFactors(A=torch.randn(rank, n, generator=generator), B=torch.randn(m, rank, generator=generator), scale=2.0)
+                for name, (m, n) in wide.items()
+            }
+            strategy.receive_train(node, reply(strategy, instructions[node], partition, factors))
+        strategy.finish_round()
+        results.append(strategy.chain.updates[0].modules)
+    for name, module in results[0].items():
+        assert torch.equal(module.A, results[1][name].A) and torch.equal(module.B, results[1][name].B), name
+
+
+def shared_direction_factors(generator: torch.Generator, basis: tuple[torch.Tensor, torch.Tensor], scale: float) -> LoraFactors:
+    """A rank-2 update inside a common rank-6 subspace, as trained adapters share directions."""
+    left, right = basis
+    return LoraFactors(A=torch.randn(2, 6, generator=generator) @ right, B=left @ torch.randn(6, 2, generator=generator) * scale, scale=2.0)
+
+
+def test_a_round_of_many_clients_is_folded_as_replies_arrive_and_stays_exact():
+    """40 rank-2 clients of one 64 x 48 module, a memory budget that holds 20 stacked columns:
+    the server folds replies as they come, never holding more than its budget, and at tau = 1 the
+    result is the exact weighted update (the clients span 6 directions, within the 10 carried)."""
+    shape, clients = (64, 48), 40
+    config = RunConfig.model_validate(
+        {
+            "federation": {"num_clients": clients, "ranks": [2] * clients},
+            "aggregation": {"method": "florist", "tau": 1.0, "memory_budget_mb": 20 * sum(shape) * 4 / 2**20},
+        }
+    )
+    strategy = LoraStrategy(config, {"layers.0.q_proj": shape}, identity_for(config))
+    nodes = list(range(1, clients + 1))
+    strategy.begin_round(1, nodes)
+    instructions = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, nodes)}
+    generator = torch.Generator().manual_seed(7)
+    basis = (torch.randn(shape[0], 6, generator=generator), torch.randn(6, shape[1], generator=generator))
+    expected, total = torch.zeros(shape, dtype=torch.float64), 0
+    for partition, node in enumerate(nodes):
+        # Norms spread over two decades, inside the norm screen's factor of the median.
+        factors = shared_direction_factors(generator, basis, scale=10 ** (-1 + partition % 3 / 2))
+        strategy.receive_train(node, reply(strategy, instructions[node], partition, {"layers.0.q_proj": factors}))
+        examples = 10 + partition
+        expected += examples * factors.scale * (factors.B @ factors.A).double()
+        total += examples
+        accumulator = strategy._active().accumulator
+        held = sum(c.modules["layers.0.q_proj"].rank for c in accumulator.clients + accumulator.pending)
+        assert held <= 20
+    assert accumulator.folding
+    report = strategy.finish_round()
+    assert sorted(c.partition for c in report.clients) == list(range(clients))
+    [update] = strategy.chain.updates
+    module = update.modules["layers.0.q_proj"]
+    torch.testing.assert_close((module.scale * module.B @ module.A).double(), expected / total, rtol=1e-4, atol=1e-5)
+    assert module.rank == 6

@@ -184,12 +184,19 @@ class Accumulator:
     def __init__(self, aggregator: Aggregator):
         self.aggregator = aggregator
         self.clients: list[ClientAdapter] = []
+        self.keys: list[float] = []
 
-    def add(self, client: ClientAdapter) -> None:
+    def add(self, client: ClientAdapter, key: float = 0.0) -> None:
+        """`key` orders the clients held for an exact aggregate (a server passes the partition id),
+        so that its rounding does not depend on the order in which replies happened to arrive."""
         self.clients.append(client)
+        self.keys.append(key)
+
+    def held_in_order(self) -> list[ClientAdapter]:
+        return [client for _, client in sorted(zip(self.keys, self.clients, strict=True), key=lambda pair: pair[0])]
 
     def result(self) -> Aggregate:
-        return self.aggregator.aggregate(self.clients)
+        return self.aggregator.aggregate(self.held_in_order())
 
 
 class Aggregator(ABC):

@@ -92,7 +92,8 @@ class StreamingAccumulator(Accumulator):
 
     # -- adding --------------------------------------------------------------------------------
 
-    def add(self, client: ClientAdapter) -> None:
+    def add(self, client: ClientAdapter, key: float = 0.0) -> None:
+        """Folding, once it starts, takes the clients in the order they come (see `Accumulator.add`)."""
         k, self.added = self.added, self.added + 1
         check_weight(float(client.weight), k)
         if self.reference is None:
@@ -110,8 +111,9 @@ class StreamingAccumulator(Accumulator):
             self._queue(client)
             return
         self.clients.append(client)
+        self.keys.append(key)
         if any(sum(c.modules[name].rank for c in self.clients) > self.exact_limit[name] for name in self.exact_limit):
-            held, self.clients, self.folding = self.clients, [], True
+            held, self.clients, self.keys, self.folding = self.held_in_order(), [], [], True
             for waiting in held:
                 self._queue(waiting)
 
@@ -224,7 +226,7 @@ class StreamingAccumulator(Accumulator):
             raise AggregationError("no client adapters to aggregate")
         check_total_weight(self.total_weight)
         if not self.folding:
-            return self.aggregator.aggregate(self.clients)
+            return self.aggregator.aggregate(self.held_in_order())
         modules = self.aggregator.spend_budget(self._fold(final=True))
         reference = self.reference[1]
         return Aggregate(

@@ -14,12 +14,14 @@ import json
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from flwr.app import ConfigRecord, Message, MessageType
 
 from florist.aggregation import (
+    Accumulator,
     Aggregate,
+    AggregationError,
     ClientAdapter,
     GlobalModule,
     LoraFactors,
@@ -51,7 +53,7 @@ from florist.federation.messages import (
     update_key,
 )
 from florist.federation.reports import ClientReport, EvaluationReport, NodeScore, RoundReport, Stage, TauSelection
-from florist.federation.validation import ClientUpdate, Limits, Rejected, check_reply, outliers
+from florist.federation.validation import ClientUpdate, Limits, NormScreen, Rejected, check_reply
 from florist.lora.model import frozen_lora_A
 
 
@@ -89,7 +91,8 @@ class LoraStrategy:
         """node id -> partition, from the node's last accepted reply."""
         self.reports: list[RoundReport] = []
         self.received: list[ClientAdapter] = []
-        """The last round's client adapters as the server decoded them, in partition order."""
+        """The last round's client adapters as the server decoded them, in partition order; kept
+        only with output.save_client_adapters (otherwise each is dropped once aggregated)."""
         self._round: _RoundState | None = None
         self.exact: GlobalUpdate | None = None
         """Automatic tau: the round's exact update, until the clients' scores choose its cut."""
@@ -130,7 +133,8 @@ class LoraStrategy:
 
     def begin_round(self, server_round: int, sampled: list[int]) -> None:
         quorum = self.config.federation.quorum(len(sampled))
-        self._round = _RoundState(RoundReport(server_round, sampled=list(sampled), quorum=quorum))
+        report = RoundReport(server_round, sampled=list(sampled), quorum=quorum)
+        self._round = _RoundState(report, self.aggregator.accumulator(), NormScreen(self.limits.norm_factor))
 
     def configure_train(self, server_round: int, nodes: list[int]) -> list[Message]:
         """Train instructions for `nodes` (the sample, or on a retry those that have not delivered)."""
@@ -182,10 +186,38 @@ class LoraStrategy:
             return []
         self._confirm(node, reply)
         state.partitions[update.partition] = node
-        state.accepted[node] = update
+        # The tensors go to the accumulator; the round keeps what it reports about the client.
+        state.accepted[node] = replace(update, modules={}, dense={})
+        state.waiting[node] = self._adapter(update)
         metrics = update.metrics
         show_reply(state.report.round, node, update.partition, update.rank, update.examples, metrics["train-loss"], metrics["train-seconds"])
+        admitted, rejected = state.screen.offer(node, adapter_norm(state.waiting[node].modules))
+        for outlier, reason in rejected.items():
+            self._drop(state, outlier, reason)
+        self._aggregate(state, admitted)
         return []
+
+    def _aggregate(self, state: _RoundState, nodes: list[int]) -> None:
+        """Add the admitted updates to the round's aggregate; an update the aggregator refuses is rejected."""
+        for node in nodes:
+            adapter, partition = state.waiting.pop(node), state.accepted[node].partition
+            start = time.perf_counter()
+            try:
+                state.accumulator.add(adapter, key=partition)
+            except AggregationError as error:
+                self._drop(state, node, str(error))
+                continue
+            finally:
+                state.report.aggregation_seconds += time.perf_counter() - start
+            if self.config.output.save_client_adapters:
+                state.received[partition] = adapter
+
+    def _drop(self, state: _RoundState, node: int, reason: str) -> None:
+        """Reject an update that passed the per-reply checks; its partition may deliver again on a retry."""
+        update = state.accepted.pop(node)
+        state.waiting.pop(node, None)
+        del state.partitions[update.partition]
+        state.report.event(node, "rejected", reason, update.partition)
 
     def _resend(self, node: int, reply: Message, stage: Stage, message_type: str) -> list[Message]:
         """The updates a node with a gap in its chain lacks, sent again within the same stage."""
@@ -268,24 +300,16 @@ class LoraStrategy:
     # -- aggregation -------------------------------------------------------------------------
 
     def finish_round(self) -> RoundReport:
-        """Screen the accepted updates by norm, aggregate the rest, and advance the global state."""
+        """Aggregate the updates admitted this round and advance the global state."""
         state = self._active()
         report = state.report
+        self._aggregate(state, state.screen.flush())
+        if len(state.accepted) < report.quorum:
+            raise RoundFailed(f"round {report.round}: {len(state.accepted)} updates aggregated, below the quorum of {report.quorum}")
         updates = dict(sorted(state.accepted.items(), key=lambda item: item[1].partition))
-        adapters = {node: self._adapter(update) for node, update in updates.items()}
-        for node, reason in outliers({node: adapter_norm(a.modules) for node, a in adapters.items()}, self.limits.norm_factor).items():
-            state.report.event(node, "rejected", reason, updates[node].partition)
-            del updates[node], adapters[node]
-        if len(updates) < report.quorum:
-            raise RoundFailed(
-                f"round {report.round}: {len(updates)} accepted updates after the norm check, below the quorum of {report.quorum}"
-            )
         start = time.perf_counter()
-        accumulator = self.aggregator.accumulator()
-        for adapter in adapters.values():
-            accumulator.add(adapter)
-        aggregate = accumulator.result()
-        report.aggregation_seconds = time.perf_counter() - start
+        aggregate = state.accumulator.result()
+        report.aggregation_seconds += time.perf_counter() - start
         if self.config.aggregation.automatic_tau:
             # The exact update waits for the clients to score its truncations (select_tau).
             self.exact = self._as_received(aggregate)
@@ -296,7 +320,7 @@ class LoraStrategy:
             self.partition_of[node] = update.partition
             state.report.event(node, "accepted", partition=update.partition)
             report.clients.append(_client_report(node, update, state.report.bytes_down.get(node, 0)))
-        self.received = list(adapters.values())
+        self.received = [state.received[partition] for partition in sorted(state.received)]
         self.reports.append(report)
         self._round = None
         return report
@@ -448,11 +472,19 @@ class LoraStrategy:
 
 @dataclass
 class _RoundState:
-    """A train stage in progress: the updates accepted so far and the partitions they claim."""
+    """A train stage in progress: the updates accepted so far, the partitions they claim, and the
+    aggregate they are added to as they pass the norm screen."""
 
     report: RoundReport
+    accumulator: Accumulator
+    screen: NormScreen
     accepted: dict[int, ClientUpdate] = field(default_factory=dict)
+    """Per node, its update's report (the tensors are in the accumulator or waiting)."""
     partitions: dict[int, int] = field(default_factory=dict)
+    waiting: dict[int, ClientAdapter] = field(default_factory=dict)
+    """Updates the norm screen holds until it can judge them."""
+    received: dict[int, ClientAdapter] = field(default_factory=dict)
+    """Per partition, the adapter aggregated (output.save_client_adapters only)."""
 
 
 def _error_reason(reply: Message) -> str:

@@ -166,16 +166,46 @@ def _check_dense(dense: Mapping[str, torch.Tensor], limits: Limits) -> None:
             raise Rejected(f"tensor {name} holds NaN or Inf values")
 
 
-def outliers(norms: Mapping[int, float], factor: float) -> dict[int, str]:
-    """The updates whose norm is more than `factor` times the round's median, with the reason.
+class NormScreen:
+    """The round's norm check, as replies arrive: an update whose norm is more than `factor` times
+    the median is rejected.
 
-    With fewer than three updates a median says nothing about which one is off: none is flagged.
+    A median of fewer than three norms says nothing about which one is off, so the first
+    `WARMUP` updates are held and judged together against their own median; each later one is
+    judged on arrival against the median of the updates admitted so far, so the server can fold
+    it into the aggregate and drop it. A round that ends with fewer than `WARMUP` updates admits
+    them all.
     """
-    if len(norms) < 3:
-        return {}
-    median = statistics.median(norms.values())
-    return {
-        key: f"update norm {norm:.4g} is more than {factor:g}x the round's median {median:.4g} (validation.norm_factor)"
-        for key, norm in norms.items()
-        if not norm <= factor * median
-    }
+
+    WARMUP = 3
+
+    def __init__(self, factor: float):
+        self.factor = factor
+        self.held: dict[int, float] = {}
+        self.admitted: list[float] = []
+
+    def offer(self, key: int, norm: float) -> tuple[list[int], dict[int, str]]:
+        """(keys admitted now, {key rejected: reason}) once `key`'s update is judged; both empty while held."""
+        if len(self.admitted) >= self.WARMUP:
+            return self._judge({key: norm}, statistics.median(self.admitted))
+        self.held[key] = norm
+        if len(self.held) < self.WARMUP:
+            return [], {}
+        held, self.held = self.held, {}
+        return self._judge(held, statistics.median(held.values()))
+
+    def flush(self) -> list[int]:
+        """The updates still held at the round's end: too few to judge, all admitted."""
+        held, self.held = self.held, {}
+        self.admitted += held.values()
+        return list(held)
+
+    def _judge(self, norms: Mapping[int, float], median: float) -> tuple[list[int], dict[int, str]]:
+        admitted, rejected = [], {}
+        for key, norm in norms.items():
+            if norm <= self.factor * median:
+                admitted.append(key)
+                self.admitted.append(norm)
+            else:
+                rejected[key] = f"update norm {norm:.4g} is more than {self.factor:g}x the round's median {median:.4g} (validation.norm_factor)"
+        return admitted, rejected
