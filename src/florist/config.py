@@ -22,11 +22,9 @@ class ModelConfig(Section):
     """The embedded model's alias, a Hugging Face model id, or a local directory."""
     target_modules: list[str] = ["q_proj", "v_proj"]
     autocast: Literal["auto", "none", "bf16"] = "auto"
-    """Mixed precision for training. "auto": bf16 on a GPU, none on a CPU, where bf16 autocast
-    without native bf16 instructions measured 20x slower than fp32 (BENCHMARKS.md)."""
-
-    def uses_bf16(self, device_type: str) -> bool:
-        return self.autocast == "bf16" or (self.autocast == "auto" and device_type == "cuda")
+    """Mixed precision for training. "auto": bf16 on a GPU with bf16 and on a CPU with native bf16
+    (avx512_bf16 or amx_bf16), fp32 elsewhere: emulated bf16 measured 20x slower than fp32
+    (BENCHMARKS.md). The run directory's precision.json says what was chosen and why."""
 
 
 class DataConfig(Section):

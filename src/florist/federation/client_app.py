@@ -63,7 +63,7 @@ def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
         grad_clip=training.grad_clip,
         seed=seed,
         pad_token_id=workspace.tokenizer.pad_token_id,
-        autocast=config.model.uses_bf16(workspace.model.device.type),
+        autocast=workspace.precision.autocast,
     )
     reply = RecordDict()
     # FFA-LoRA's A is frozen and derivable from the shared seed: only B travels.
