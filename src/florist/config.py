@@ -117,6 +117,9 @@ class EvaluationConfig(Section):
     mmlu: str = ""
     """An MMLU file (mmlu_1444.json format) or "cais/mmlu"; empty skips MMLU."""
     mmlu_limit: int = Field(0, ge=0)
+    cache: bool = True
+    """Keep the base model's evaluation under florist's cache root and reuse it in any later run of the
+    same model, data and evaluation settings (the key covers the weights, the items and the code)."""
 
 
 class OutputConfig(Section):

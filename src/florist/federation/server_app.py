@@ -72,6 +72,7 @@ def serve(config: RunConfig, grid: Grid) -> Path:
     data = federated_data(config)
     mmlu = mmlu_questions(config)
     server = ServerModel(config)
+    run.write_json("precision.json", server.precision.as_record())
     strategy = LoraStrategy(config, server.in_features)
     rounds = config.federation.rounds
 

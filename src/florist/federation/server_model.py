@@ -14,11 +14,13 @@ from torch import nn
 from florist.aggregation import ClientAdapter, GlobalModule
 from florist.config import RunConfig
 from florist.data import Example
-from florist.evaluation import evaluate, instruction_loss
+from florist.evaluation import HeldOut, LossResult, evaluate, score_held_out
+from florist.evaluation.cache import EvaluationCache, evaluation_key
+from florist.evaluation.generation import stop_token_ids
 from florist.evaluation.mmlu import Question
 from florist.lora.adapters import write_adapter
 from florist.lora.model import merge_into_base
-from florist.models import best_device, load_model, resolve_model
+from florist.models import best_device, cache_root, hardware_precision, load_model, resolve_model
 from florist.reporting.run_directory import write_atomically
 
 
@@ -34,12 +36,19 @@ def adapted_modules(model: nn.Module, target_modules: Sequence[str]) -> dict[str
 class ServerModel:
     def __init__(self, config: RunConfig):
         self.config = config
-        self.model, self.tokenizer = load_model(config.model.name, best_device())
+        device = best_device()
+        self.model, self.tokenizer = load_model(config.model.name, device)
+        self.precision = hardware_precision(config.model.autocast, device)
+        """What clients on this machine train in; the server evaluates in fp32 everywhere, so scores compare across machines."""
         self.model.requires_grad_(False)
         self.targets = adapted_modules(self.model, config.model.target_modules)
         if not self.targets:
             raise ValueError(f"model {config.model.name} has no linear layers named {config.model.target_modules}")
         self.pristine = {name: module.weight.detach().clone() for name, module in self.targets.items()}
+        self.at_base = True
+        self.evaluation_cache = EvaluationCache(cache_root() / "evaluations")
+        self.last_evaluation_cached = False
+        self._held_out: dict[tuple[Example, ...], HeldOut] = {}
 
     @property
     def in_features(self) -> dict[str, int]:
@@ -50,25 +59,74 @@ class ServerModel:
         """Weights = base + every merged update + the current adapter's update."""
         for name, module in self.targets.items():
             module.weight.copy_(self.pristine[name])
-        for modules in [*merged, *([adapter] if adapter else [])]:
+        updates = [*merged, *([adapter] if adapter else [])]
+        for modules in updates:
             merge_into_base(self.model, modules)
+        self.at_base = not updates
+
+    def held_out(self, examples: Sequence[Example]) -> HeldOut:
+        """`examples` tokenised, once per set of examples for the whole run."""
+        key = tuple(examples)
+        if key not in self._held_out:
+            self._held_out[key] = HeldOut.tokenize(self.tokenizer, key, self.config.data.template)
+        return self._held_out[key]
 
     def evaluate(self, examples: Sequence[Example], mmlu: Sequence[Question] | None, validation: Sequence[Example] = ()) -> dict:
-        """Test metrics, MMLU when given, and the validation loss (`val_` keys) when there is a validation set."""
+        """Test metrics, MMLU when given, and the validation loss (`val_` keys) when there is a validation set.
+
+        The base model's (no update merged) comes from the evaluation cache when an earlier run
+        stored it under the same key; `last_evaluation_cached` says whether it did.
+        """
+        self.last_evaluation_cached = False
+        if not (self.at_base and self.config.evaluation.cache):
+            return self._evaluate(examples, mmlu, validation)
+        key = self._base_key(examples, mmlu, validation)
+        cached = self.evaluation_cache.get(key)
+        if cached is not None:
+            self.last_evaluation_cached = True
+            return cached
+        results = self._evaluate(examples, mmlu, validation)
+        self.evaluation_cache.put(key, results, {"model": self.config.model.name, "data": self.config.data.source})
+        return results
+
+    def _base_key(self, examples: Sequence[Example], mmlu: Sequence[Question] | None, validation: Sequence[Example]) -> str:
+        evaluation, data = self.config.evaluation, self.config.data
+        return evaluation_key(
+            self.model,
+            tokenizer={
+                "class": type(self.tokenizer).__name__,
+                "size": len(self.tokenizer),
+                "pad": self.tokenizer.pad_token_id,
+                "stops": stop_token_ids(self.tokenizer),
+            },
+            test=self.held_out(examples) if examples else None,
+            validation=self.held_out(validation) if validation else None,
+            mmlu=list(mmlu or []),
+            settings={
+                "max_length": data.max_length,
+                "max_new_tokens": evaluation.max_new_tokens,
+                "batch_size": evaluation.batch_size,
+                "mmlu_limit": evaluation.mmlu_limit,
+            },
+        )
+
+    def _evaluate(self, examples: Sequence[Example], mmlu: Sequence[Question] | None, validation: Sequence[Example]) -> dict:
         evaluation = self.config.evaluation
         # Progress bars on a terminal only: in a log file they would be noise.
         progress = sys.stderr.isatty()
         results = {}
         if validation:
-            loss = instruction_loss(
-                self.model, self.tokenizer, validation, template=self.config.data.template,
-                max_length=self.config.data.max_length, batch_size=evaluation.batch_size, progress=progress,
+            scores = score_held_out(
+                self.model, self.tokenizer, self.held_out(validation), max_length=self.config.data.max_length,
+                max_new_tokens=evaluation.max_new_tokens, batch_size=evaluation.batch_size, answers=False,
+                progress=progress,
             )
+            loss = LossResult.of(scores.nlls, len(validation), self.config.data.max_length)
             results.update(val_loss=loss.mean_nll, val_perplexity=loss.perplexity)
         return results | evaluate(
             self.model,
             self.tokenizer,
-            examples=examples or None,
+            examples=self.held_out(examples) if examples else None,
             mmlu=mmlu or None,
             template=self.config.data.template,
             max_new_tokens=evaluation.max_new_tokens,
