@@ -75,7 +75,7 @@ class EvaluationCache:
         """The stored metrics, or None when there are none (or the file is unreadable: it is then recomputed)."""
         try:
             return json.loads(self.path(key).read_text())["metrics"]
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except (OSError, ValueError, KeyError, TypeError) as error:
             warnings.warn(f"ignoring unreadable cached evaluation {self.path(key)}: {error}", RuntimeWarning, stacklevel=2)
