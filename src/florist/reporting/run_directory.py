@@ -56,7 +56,8 @@ class RunDirectory:
         return self.path / "metrics.jsonl"
 
     def record_round(self, record: dict) -> None:
-        self.rounds.append(record)
+        """Append one round's line to metrics.jsonl, with the time it was written (`unix_time`)."""
+        self.rounds.append({**record, "unix_time": time.time()})
         write_atomically(self.metrics_file, "".join(json.dumps(r) + "\n" for r in self.rounds))
 
     def write_json(self, name: str, data: dict) -> Path:
