@@ -84,8 +84,8 @@ def best_device() -> torch.device:
 
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-"""CPU flags of native bf16 arithmetic. Without them bf16 autocast emulates bf16 and measured about
-20x slower than fp32 on a 2-core AVX2 machine; with them about 1.5x faster (BENCHMARKS.md)."""
+"""x86 flags of native bf16 arithmetic. Without them bf16 autocast is emulated and a training step
+measured about 20x slower than fp32 (BENCHMARKS.md); with them, 1.4-1.6x faster (EMBEDDED.md)."""
 
 
 @dataclass(frozen=True)
@@ -108,14 +108,14 @@ class Precision:
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    """The CPU's feature flags as Linux lists them; empty where there is no such file (macOS, Windows)."""
+    """The CPU's feature flags as Linux lists them for x86; empty where there is no such file or line."""
     try:
         text = cpuinfo.read_text()
     except OSError:
         return frozenset()
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):  # x86, ARM
+        if key.strip() == "flags":
             return frozenset(value.split())
     return frozenset()
 
