@@ -1,4 +1,5 @@
-# Two entry points for a fresh machine: `make run` and `make test`. Both create .venv when it is missing.
+# Two entry points for a fresh machine: `make run` and `make test`. Both create .venv when it is missing;
+# `make install` only creates it (a SuperLink or SuperNode machine, README "Run on several machines").
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -6,7 +7,9 @@ STAMP := $(VENV)/.installed
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu to avoid the multi-GB CUDA build.
 TORCH_INDEX ?=
 
-.PHONY: run test
+.PHONY: install run test
+install: $(STAMP)
+
 run: $(STAMP)
 	$(VENV)/bin/florist run $(ARGS)
 

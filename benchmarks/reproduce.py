@@ -45,6 +45,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from florist.config import load_config  # noqa: E402
+from florist.federation.payload import VALUE_BYTES  # noqa: E402
 from florist.reporting.plots import rank_matrix  # noqa: E402
 from florist.reporting.run_directory import read_rounds, write_atomically  # noqa: E402
 
@@ -58,7 +59,6 @@ SOURCE = "flora"
 FEDERATED = (SOURCE, "ffa")
 TAUS = (0.80, 0.85, 0.90, 0.95, 0.99, 1.0)
 NAMES = {"fedit": "FedIT", "flora": "FLoRA", "flexlora": "FlexLoRA", "ffa": "FFA-LoRA", "florist": "FLoRIST"}
-WIRE_BYTES = {"float32": 4, "float16": 2}
 MB = 1e6
 
 # Metric columns of the table: (key in a cell record, heading, digits, lower is better).
@@ -254,9 +254,10 @@ class Replayer:
     def _replay(self, config, source: Path, log) -> None:
         from florist.aggregation import make_aggregator
         from florist.federation.datasets import federated_data
+        from florist.federation.delivery import GlobalUpdate
         from florist.federation.server_app import mmlu_questions, round_record
         from florist.federation.server_model import ServerModel
-        from florist.federation.strategy import ClientReport, RoundReport
+        from florist.federation.reports import ClientReport, RoundReport
         from florist.lora.adapters import read_adapters
         from florist.reporting.run_directory import RunDirectory
 
@@ -272,21 +273,22 @@ class Replayer:
         aggregate = make_aggregator(config.aggregation.method, **config.aggregation.options()).aggregate(adapters)
         seconds = time.perf_counter() - start
         run = RunDirectory.create(config)
-        run.record_round(round_record(None, 0, {}, {}))
+        run.record_round(round_record(0, None, {}, None, {}))
         evaluation_start = time.perf_counter()
-        self.server.set_state([aggregate.modules], None)
+        self.server.set_state([GlobalUpdate(aggregate.modules, aggregate.dense)], None)
         data = federated_data(config)
         evaluation = self.server.evaluate(data.test, self.mmlu, data.validation)
         source_round = next(r for r in read_rounds(source) if r["round"] == 1)
         report = RoundReport(
             1,
-            [ClientReport(**c) for c in source_round["clients"]],
-            seconds,
-            {name: module.rank for name, module in aggregate.modules.items()},
-            {name: module.energy for name, module in aggregate.modules.items()},
+            sampled=[c["node"] for c in source_round["clients"]],
+            clients=[ClientReport(**c) for c in source_round["clients"]],
+            aggregation_seconds=seconds,
+            ranks={name: module.rank for name, module in aggregate.modules.items()},
+            energy={name: module.energy for name, module in aggregate.modules.items()},
         )
         timing = {"evaluation_seconds": time.perf_counter() - evaluation_start}
-        run.record_round(round_record(report, 1, evaluation, timing))
+        run.record_round(round_record(1, report, evaluation, None, timing))
         summary = {"base": {}, "final": evaluation, "rounds": 1, "method": config.aggregation.method, "replayed_from": str(source)}
         run.write_json("summary.json", summary)
         print(f"replayed {source}: aggregation {seconds:.4f} s, evaluation {json.dumps(evaluation)}", file=log, flush=True)
@@ -333,14 +335,14 @@ def download_bytes(method: str, per_client: Sequence[dict[str, int]], shapes: di
 
 def read_cell(run_dir: Path) -> dict:
     """One finished cell as a flat record: identity, final quality, communication and server cost."""
-    config = load_config(run_dir / "config.toml")
+    config = load_config(run_dir / "config.toml", check_sources=False)  # a finished cell: its data may be gone
     summary = json.loads((run_dir / "summary.json").read_text())
     trained = [r for r in read_rounds(run_dir) if r.get("clients")]
     final = summary["final"]
     ranks = SETTINGS_BY_RANKS.get(tuple(config.federation.ranks), "custom")
     method = config.aggregation.method
     shapes = module_shapes(config.model.name, tuple(config.model.target_modules))
-    wire = WIRE_BYTES[config.federation.wire_dtype]
+    wire = VALUE_BYTES[config.wire.download]
     downloads = [
         downloaded_ranks(method, r["ranks"], [c["rank"] for c in sorted(r["clients"], key=lambda c: c["partition"])])
         for r in trained
@@ -380,7 +382,7 @@ def scale_of(config) -> dict:
         "local steps": config.training.local_steps,
         "batch size": config.training.batch_size,
         "learning rate": config.training.learning_rate,
-        "wire dtype": config.federation.wire_dtype,
+        "wire dtype": config.wire.download,
         "ROUGE-L max new tokens": config.evaluation.max_new_tokens,
         "MMLU questions": config.evaluation.mmlu_limit or "all 1,444",
     }

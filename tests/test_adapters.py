@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from florist.aggregation import GlobalModule
 from florist.lora.adapters import adapter_bytes, read_adapter, read_adapters, write_adapter
@@ -190,14 +190,133 @@ def test_read_adapter_refuses_bad_input_in_one_line(adapter, corrupt, named):
         assert part in message
 
 
+def test_read_adapter_refuses_dora(base, tmp_path):
+    save_lora(base, tmp_path / "a", seed=5, r=4, lora_alpha=8, use_dora=True)
+    with pytest.raises(ValueError, match="DoRA") as error:
+        read_adapter(tmp_path / "a")
+    assert str(tmp_path / "a") in str(error.value)
+
+
+# ---------------------------------------------------------------- tensors trained in full
+
+# Qwen2's q, k and v projections have biases, as in the real model; lm_head is not tied to the embeddings.
+TINY_QWEN2 = {
+    "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False,
+}
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(**TINY_QWEN2)).eval()
+
+
+def save_trained_in_full(base, path: Path, seed: int, scale: float = 1.0, **lora_options) -> PeftModel:
+    """`save_lora`, with every tensor peft trains in full (biases, modules_to_save) moved from the base's
+    value by `scale` times a seeded draw, as training would move it."""
+    model = save_lora(base, path, seed=seed, **lora_options)
+    generator = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad and ".lora_" not in name:
+                parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    model.save_pretrained(path)
+    return model
+
+
+def trained_in_full(model: PeftModel) -> dict[str, torch.Tensor]:
+    """What the model trains in full, by its path in the base model, read straight off peft's modules."""
+    tensors = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and ".lora_" not in name:
+            tensors[name.removeprefix(PREFIX).replace(".modules_to_save.default", "")] = parameter.detach().clone()
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def qwen() -> Qwen2ForCausalLM:
+    return tiny_qwen2()
+
+
 @pytest.mark.parametrize(
-    "options, why",
-    [({"use_dora": True}, "DoRA"), ({"modules_to_save": ["lm_head"]}, "modules_to_save")],
-    ids=["dora", "modules_to_save"],
+    "options, expected",
+    [
+        ({"bias": "lora_only"}, {f"model.layers.{i}.self_attn.{m}_proj.base_layer.bias" for i in (0, 1) for m in "qv"}),
+        ({"bias": "all"}, {f"model.layers.{i}.self_attn.{m}_proj{'' if m == 'k' else '.base_layer'}.bias" for i in (0, 1) for m in "qkv"}),
+        ({"modules_to_save": ["lm_head"]}, {"lm_head.weight"}),
+        ({"bias": "lora_only", "modules_to_save": ["lm_head", "embed_tokens"]},
+         {f"model.layers.{i}.self_attn.{m}_proj.base_layer.bias" for i in (0, 1) for m in "qv"} | {"lm_head.weight", "model.embed_tokens.weight"}),
+    ],
+    ids=["bias-lora_only", "bias-all", "modules_to_save", "both"],
 )
-def test_read_adapter_refuses_peft_variants_it_cannot_aggregate(base, tmp_path, options, why):
-    save_lora(base, tmp_path / "a", seed=5, r=4, lora_alpha=8, **options)
-    with pytest.raises(ValueError, match=why) as error:
+def test_read_adapter_reads_what_peft_trained_in_full(qwen, tmp_path, options, expected):
+    model = save_trained_in_full(qwen, tmp_path / "a", seed=6, r=4, lora_alpha=8, **options)
+    config, client = read_adapter(tmp_path / "a")
+    assert set(client.dense) == expected
+    trained = trained_in_full(model)
+    assert set(trained) == expected
+    for name, tensor in client.dense.items():
+        torch.testing.assert_close(tensor, trained[name], rtol=0, atol=0)
+        assert not torch.equal(tensor, qwen.get_parameter(name.replace(".base_layer", ""))), "the trained value, not the base's"
+    assert set(client.modules) == set(lora_layers(model))
+
+
+@pytest.mark.parametrize("options", [{"bias": "lora_only"}, {"modules_to_save": ["lm_head"]}], ids=["bias", "modules_to_save"])
+def test_factors_only_refuses_tensors_trained_in_full(qwen, tmp_path, options):
+    save_trained_in_full(qwen, tmp_path / "a", seed=7, r=4, lora_alpha=8, **options)
+    with pytest.raises(ValueError) as error:
+        read_adapter(tmp_path / "a", factors_only=True)
+    message = str(error.value)
+    assert str(tmp_path / "a") in message and "trained in full" in message and "\n" not in message
+    assert ("bias" if "bias" in options else "lm_head") in message
+
+
+def test_a_bias_tensor_the_config_does_not_declare_is_refused(qwen, tmp_path):
+    save_trained_in_full(qwen, tmp_path / "a", seed=8, r=4, lora_alpha=8, bias="lora_only")
+    _edit_config(tmp_path / "a", bias="none")
+    with pytest.raises(ValueError, match="base_layer.bias is neither a LoRA factor") as error:
+        read_adapter(tmp_path / "a")
+    assert "bias, modules_to_save" in str(error.value)
+
+
+def test_read_adapters_refuses_adapters_that_train_different_tensors_in_full(qwen, tmp_path):
+    save_trained_in_full(qwen, tmp_path / "a", seed=9, r=4, lora_alpha=8, modules_to_save=["lm_head"])
+    save_trained_in_full(qwen, tmp_path / "b", seed=10, r=4, lora_alpha=8)
+    with pytest.raises(ValueError, match="trains lm_head.weight in full") as error:
+        read_adapters([tmp_path / "a", tmp_path / "b"])
+    assert str(tmp_path / "a") in str(error.value) and str(tmp_path / "b") in str(error.value)
+
+
+def test_write_adapter_writes_tensors_trained_in_full_that_peft_loads(qwen, tmp_path):
+    save_trained_in_full(qwen, tmp_path / "a", seed=11, r=4, lora_alpha=8, bias="all", modules_to_save=["lm_head"])
+    config, client = read_adapter(tmp_path / "a")
+    modules = {name: GlobalModule(A=f.A, B=f.B, scale=f.scale) for name, f in client.modules.items()}
+    generator = torch.Generator().manual_seed(12)
+    dense = {name: torch.randn(tensor.shape, generator=generator) for name, tensor in client.dense.items()}
+
+    write_adapter(tmp_path / "out", modules, config, dense=dense)
+
+    loaded = PeftModel.from_pretrained(copy.deepcopy(qwen), tmp_path / "out")
+    for name, tensor in dense.items():
+        path, _, parameter = name.rpartition(".")
+        module = loaded.get_base_model().get_submodule(path)
+        live = getattr(module.modules_to_save["default"] if hasattr(module, "modules_to_save") else module, parameter)
+        torch.testing.assert_close(live, tensor, rtol=0, atol=0)
+    assert read_adapter(tmp_path / "out")[1].dense.keys() == dense.keys()
+
+
+def test_write_adapter_refuses_dense_tensors_the_config_does_not_declare(adapter, tmp_path):
+    config, client = read_adapter(adapter)
+    modules = {name: GlobalModule(A=f.A, B=f.B, scale=f.scale) for name, f in client.modules.items()}
+    with pytest.raises(ValueError, match="lm_head.weight is trained in full but"):
+        write_adapter(tmp_path / "out", modules, config, dense={"lm_head.weight": torch.zeros(128, 32)})
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_nan_in_a_tensor_trained_in_full_is_refused(qwen, tmp_path):
+    save_trained_in_full(qwen, tmp_path / "a", seed=13, r=4, lora_alpha=8, modules_to_save=["lm_head"])
+    _edit_tensors(tmp_path / "a", lambda t: t[f"{PREFIX}lm_head.weight"].view(-1)[5].fill_(math.nan))
+    with pytest.raises(ValueError, match="lm_head.weight holds NaN") as error:
         read_adapter(tmp_path / "a")
     assert str(tmp_path / "a") in str(error.value)
 

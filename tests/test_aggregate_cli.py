@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from test_adapters import PREFIX, lora_layers, save_lora, tiny_llama
+from test_adapters import PREFIX, lora_layers, save_lora, save_trained_in_full, tiny_llama, tiny_qwen2, trained_in_full
 
 import florist.cli
 from florist.aggregation import make_aggregator
@@ -145,7 +146,7 @@ def test_ffa_writes_the_average_of_B_over_the_frozen_A(base, ffa_clients, tmp_pa
 
 def test_flexlora_without_rank_keeps_a_common_client_rank(base, ffa_clients, tmp_path):
     same_rank = [ffa_clients[0], ffa_clients[0]]
-    assert run("--method", "flexlora", "--out", tmp_path / "out", *same_rank) == 0
+    assert run("--method", "flexlora", "--allow-duplicates", "--out", tmp_path / "out", *same_rank) == 0
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out")
     assert {layer.r["default"] for layer in lora_layers(loaded).values()} == {4}
     assert_adapter_applies(base, tmp_path / "out", ideal_update(same_rank, [1.0, 1.0]))
@@ -240,3 +241,86 @@ def assert_refused(tmp_path: Path, capsys, argv: list, named: list[str]) -> None
         assert part in error, (part, error)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+# ---------------------------------------------------------------- an adapter given twice
+
+
+def twin_of(path: Path, tmp_path: Path, how: str) -> Path:
+    """`path` again, as a user might give it a second time."""
+    if how == "same path":
+        return path
+    if how == "another spelling":
+        return path.parent / ".." / path.parent.name / path.name
+    if how == "symlink":
+        (tmp_path / "link").symlink_to(path)
+        return tmp_path / "link"
+    if how == "copy":
+        return Path(shutil.copytree(path, tmp_path / "copy"))
+    # Re-saved: other file bytes (JSON layout, safetensors metadata), the same adapter.
+    return corrupt_copy(path, tmp_path / "resaved")
+
+
+@pytest.mark.parametrize("how", ["same path", "another spelling", "symlink", "copy", "re-saved"])
+def test_an_adapter_given_twice_is_refused(clients, tmp_path, capsys, how):
+    twin = twin_of(clients[0], tmp_path, how)
+    assert_refused(tmp_path, capsys, ["--method", "flora", clients[0], clients[1], twin], [str(twin), str(clients[0]), "--allow-duplicates"])
+
+
+def test_allow_duplicates_counts_a_repeated_adapter_twice(base, clients, tmp_path):
+    out = tmp_path / "out"
+    assert run("--method", "flora", "--allow-duplicates", "--out", out, clients[0], clients[1], clients[0]) == 0
+    assert_adapter_applies(base, out, ideal_update([clients[0], clients[1]], [2.0, 1.0]))
+
+
+def test_the_same_factors_at_another_alpha_are_not_a_duplicate(base, clients, tmp_path):
+    other_alpha = corrupt_copy(clients[0], tmp_path / "alpha", edit_config=lambda c: c.update(lora_alpha=3 * c["lora_alpha"]))
+    assert run("--method", "flora", "--out", tmp_path / "out", clients[0], other_alpha) == 0
+    assert_adapter_applies(base, tmp_path / "out", ideal_update([clients[0], other_alpha], [1.0, 1.0]))
+
+
+# ---------------------------------------------------------------- biases and modules_to_save
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return tiny_qwen2()
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_biases_and_modules_to_save_are_the_clients_weighted_mean(qwen, tmp_path, capsys, bias):
+    """Against a dense reference: the base plus the exact LoRA update, every trained-in-full tensor
+    set to the clients' weighted mean of the values peft's own modules hold."""
+    paths, trained = [], []
+    # The clients' biases and lm_head moved by amounts decades apart, as sites with more data and steps do.
+    for k, (options, moved) in enumerate(zip(CLIENTS, [1e-3, 1.0, 30.0])):
+        paths.append(tmp_path / f"client_{k}")
+        model = save_trained_in_full(qwen, paths[-1], seed=50 + k, scale=moved, bias=bias, modules_to_save=["lm_head"], **options)
+        trained.append(trained_in_full(model))
+    out = tmp_path / "out"
+
+    assert run("--method", "flora", "--weights", ",".join(map(str, WEIGHTS)), "--out", out, *paths) == 0
+
+    reference = copy.deepcopy(qwen)
+    total = sum(WEIGHTS)
+    with torch.no_grad():
+        for name, update in ideal_update(paths, WEIGHTS).items():
+            reference.get_submodule(name).weight += update.float()
+        for name in trained[0]:
+            mean = sum(weight / total * values[name].double() for weight, values in zip(WEIGHTS, trained))
+            reference.get_parameter(name.replace(".base_layer", "")).copy_(mean)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(qwen), out).eval()
+    tokens = torch.arange(24).reshape(2, 12) * 5 % 128
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, reference(tokens).logits, rtol=1e-4, atol=1e-4)
+    merged = loaded.merge_and_unload().state_dict()
+    for name, expected in reference.state_dict().items():
+        torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-5, msg=name)
+    assert "trained in full" in capsys.readouterr().out
+
+
+def test_factors_only_refuses_tensors_trained_in_full_in_one_line(qwen, tmp_path, capsys):
+    save_trained_in_full(qwen, tmp_path / "a", seed=60, r=4, lora_alpha=8, modules_to_save=["lm_head"])
+    save_trained_in_full(qwen, tmp_path / "b", seed=61, r=4, lora_alpha=8, modules_to_save=["lm_head"])
+    argv = ["--method", "florist", "--factors-only", tmp_path / "a", tmp_path / "b"]
+    assert_refused(tmp_path, capsys, argv, [str(tmp_path / "a"), "lm_head.weight", "trained in full"])

@@ -51,14 +51,17 @@ def test_file_then_overrides_of_every_value_type(tmp_path):
     assert config.federation.rank_of(1) == 8 and config.federation.alpha_of(1) == 16.0
 
 
-def test_flwr_run_config_reads_the_file_and_its_dotted_overrides(tmp_path):
+def test_flwr_run_config_reads_the_file_and_its_overrides(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('[aggregation]\nmethod = "flora"\n')
-    run_config = {"config-file": str(path), "aggregation.tau": 0.6, "model.name": "a b", "evaluation.every_round": True, "other": 1}
-    config = config_from_run_config(run_config)
+    overrides = 'aggregation.tau=0.6; model.name="a b" ;evaluation.every_round=true; federation.ranks=[2, 4, 8, 8, 8, 8, 8, 8];'
+    config = config_from_run_config({"config-file": str(path), "overrides": overrides, "resume": ""}, check_sources=False)
     assert config.aggregation.method == "flora" and config.aggregation.tau == 0.6
     assert config.model.name == "a b" and config.evaluation.every_round is True
+    assert config.federation.ranks == [2, 4, 8, 8, 8, 8, 8, 8]
     assert config_from_run_config({}) == load_config()
+    with pytest.raises(ValueError, match=r"--set aggregation.taux=1: aggregation.taux: no such configuration key"):
+        config_from_run_config({"overrides": "aggregation.taux=1"})
 
 
 @pytest.mark.parametrize(
@@ -78,12 +81,22 @@ def test_flwr_run_config_reads_the_file_and_its_dotted_overrides(tmp_path):
         ("tau=0.5", ["tau=0.5", "section.key=value"]),
         ("aggregation.tau", ["aggregation.tau", "section.key=value"]),
         ("a.b.c=1", ["a.b.c=1"]),
+        ('model.lora_bias="some"', ["model.lora_bias", "some"]),
+        ('model.modules_to_save=["q_proj"]', ["model.modules_to_save", "'q_proj' is also in model.target_modules"]),
+        ('model.modules_to_save=["lm_head", "lm_head"]', ["model.modules_to_save", "'lm_head' is listed twice"]),
     ],
 )
 def test_bad_values_and_keys_are_named_in_one_line(override, named):
     message = one_line_error(load_config, None, [override])
     for part in named:
         assert part in message, (part, message)
+
+
+def test_what_is_trained_in_full_is_a_setting_every_node_must_share():
+    config = load_config(None, ['model.lora_bias="lora_only"', 'model.modules_to_save=["lm_head"]'])
+    shared = config.shared_settings()
+    assert shared["model.lora_bias"] == "lora_only" and shared["model.modules_to_save"] == ["lm_head"]
+    assert load_config().model.lora_bias == "none" and load_config().model.modules_to_save == []
 
 
 def test_bad_configuration_files_are_named(tmp_path):
@@ -138,15 +151,14 @@ def test_a_good_configuration_prepares(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    ["missing model path", "not a model directory", "missing field", "more clients than examples",
-     "no test split", "given without a directory", "non-empty run directory"],
+    ["not a model directory", "missing field", "more clients than examples",
+     "no test split", "given without a directory", "non-empty run directory", "unreadable MMLU file", "tied modules_to_save"],
 )
 def test_bad_run_inputs_are_refused_before_training(case, tiny_model_dir, tmp_path, no_simulation):
     examples = [{"instruction": f"q{k}", "response": f"a{k}"} for k in range(3)]
     three = write_json(tmp_path / "three.json", examples)
     (tmp_path / "run").mkdir()
     overrides, named = {
-        "missing model path": (['model.name="/nonexistent/model"'], "/nonexistent/model"),
         "not a model directory": ([f"model.name={json.dumps(str(tmp_path))}"], str(tmp_path)),
         "missing field": (
             [f"data.source={json.dumps(str(write_json(tmp_path / 'partial.json', [*examples, {'instruction': 'q'}])))}"],
@@ -159,7 +171,10 @@ def test_bad_run_inputs_are_refused_before_training(case, tiny_model_dir, tmp_pa
         "no test split": ([f'data.source="{three}"'], str(three)),
         "given without a directory": ([f'data.source="{three}"', 'data.partition="given"'], str(three)),
         "non-empty run directory": ([], str(tmp_path / "run")),
+        "unreadable MMLU file": ([f"evaluation.mmlu={json.dumps(str(tmp_path / 'mmlu.json'))}"], str(tmp_path / "mmlu.json")),
+        "tied modules_to_save": (['model.modules_to_save=["lm_head"]'], "lm_head.weight is tied to model.embed_tokens.weight"),
     }[case]
+    (tmp_path / "mmlu.json").write_text("{not JSON")
     if case == "non-empty run directory":
         (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
     config = small_run(tiny_model_dir, tmp_path, *overrides)

@@ -14,6 +14,7 @@ from florist.data.prompts import Example
 from florist.evaluation.cache import EvaluationCache, evaluation_key, model_digest
 from florist.federation.datasets import federated_data
 from florist.federation.server_model import ServerModel
+from florist.files import umask
 
 
 @pytest.fixture
@@ -142,12 +143,4 @@ def test_cache_entries_follow_the_umask(tmp_path):
     key = evaluation_key(model, data=[1, 2])
     cache.put(key, {"test_loss": 1.5}, {"model": "linear"})
     assert cache.get(key) == {"test_loss": 1.5}
-    assert cache.path(key).stat().st_mode & 0o777 == 0o666 & ~_umask()
-
-
-def _umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    assert cache.path(key).stat().st_mode & 0o777 == 0o666 & ~umask()

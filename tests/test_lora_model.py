@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from peft import LoraConfig, PeftModel, get_peft_model
+from test_adapters import tiny_qwen2
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from florist.aggregation import GlobalModule, lora_scale
 from florist.data import encode, generate_embedded
+from florist.lora.adapters import read_adapter
 from florist.lora.model import (
     attach_lora,
     detach_lora,
     freeze_shared_A,
     frozen_lora_A,
+    load_dense,
     load_global,
     lora_layers,
     merge_into_base,
+    read_dense,
     read_factors,
 )
 from florist.models import EMBEDDED_MODEL, load_model
@@ -82,6 +88,67 @@ def test_merge_of_read_factors_reproduces_the_peft_model(base):
     with torch.no_grad():
         assert torch.allclose(model(tokens).logits, merged(tokens).logits, atol=1e-5)
         assert not torch.allclose(base(tokens).logits, merged(tokens).logits, atol=1e-3)
+
+
+def trained_qwen2(seed: int) -> tuple[torch.nn.Module, PeftModel]:
+    """A tiny Qwen2 (biased q/k/v) and a PeftModel on a copy of it training biases and lm_head in full,
+    with every trainable tensor moved from its start as training would."""
+    base = tiny_qwen2()
+    model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, bias="all", modules_to_save=["lm_head"])
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator))
+    return base, model
+
+
+def test_read_dense_is_what_peft_saves_and_read_adapter_reads(tmp_path):
+    _, model = trained_qwen2(seed=20)
+    dense = read_dense(model)
+    model.save_pretrained(tmp_path / "saved")
+    _, client = read_adapter(tmp_path / "saved")
+    assert dense.keys() == client.dense.keys() and "lm_head.weight" in dense
+    assert any(name.endswith("k_proj.bias") for name in dense) and any(name.endswith("q_proj.base_layer.bias") for name in dense)
+    for name, tensor in dense.items():
+        assert torch.equal(tensor, client.dense[name]), name
+    head = model.get_base_model().lm_head.modules_to_save["default"].weight
+    assert torch.equal(dense["lm_head.weight"], head) and dense["lm_head.weight"].data_ptr() != head.data_ptr()
+
+
+def test_load_dense_into_a_plain_model_with_merged_factors_reproduces_the_peft_model():
+    base, model = trained_qwen2(seed=21)
+    merged = copy.deepcopy(base)
+    merge_into_base(merged, read_factors(model))
+    tokens = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # Can fail: the factors alone leave the biases and lm_head at the base's values.
+        assert not torch.allclose(model(tokens).logits, merged(tokens).logits, atol=1e-3)
+        load_dense(merged, read_dense(model))
+        torch.testing.assert_close(merged(tokens).logits, model(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_load_dense_into_a_peft_model_sets_its_trained_copies():
+    base, model = trained_qwen2(seed=22)
+    _, fresh = trained_qwen2(seed=23)
+    load_dense(fresh, read_dense(model))
+    for name, tensor in read_dense(model).items():
+        assert torch.equal(read_dense(fresh)[name], tensor), name
+    # The frozen original behind modules_to_save keeps the base's value.
+    assert torch.equal(fresh.get_base_model().lm_head.original_module.weight, base.lm_head.weight)
+
+
+@pytest.mark.parametrize(
+    "dense, named",
+    [({"model.layers.0.mlp.nope.bias": torch.zeros(3)}, "no tensor model.layers.0.mlp.nope.bias"), ({"lm_head.weight": torch.zeros(3, 2)}, "(3, 2)")],
+    ids=["unknown", "shape"],
+)
+def test_load_dense_names_what_does_not_fit(dense, named):
+    _, model = trained_qwen2(seed=24)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        load_dense(model, dense)
 
 
 def test_merge_into_base_adds_scale_B_A_and_the_negative_sign_removes_it(base):

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import statistics
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import tomli_w
 from transformers import LlamaConfig
 
 from florist.config import load_config
+from florist.federation.payload import VALUE_BYTES
 from florist.reporting.run_directory import read_rounds
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
@@ -23,6 +25,23 @@ spec.loader.exec_module(reproduce)
 
 # A 2-layer Llama: q_proj is 32 x 32, v_proj 16 x 32 (2 key-value heads of 8).
 LAYERS, Q_SHAPE, V_SHAPE = 2, (32, 32), (16, 32)
+
+
+@pytest.fixture(autouse=True)
+def grid_data(tmp_path_factory, monkeypatch):
+    """reproduce.toml names its data relative to the working directory (../shared/data/...), and a
+    configuration naming a local path that does not exist is refused: these tests, which read no
+    data, run beside empty stand-ins for it, wherever the checkout is."""
+    work = tmp_path_factory.mktemp("grid") / "checkout"
+    grid = tomllib.loads(reproduce.CONFIG.read_text())
+    for source in (grid["data"]["source"], grid["evaluation"]["mmlu"]):
+        stand_in = work / source
+        if stand_in.suffix == ".json":
+            stand_in.parent.mkdir(parents=True, exist_ok=True)
+            stand_in.write_text("[]")
+        else:
+            stand_in.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(work)
 
 
 def stats(mean: float, std: float = 0.0, n: int = 3) -> dict:
@@ -126,7 +145,7 @@ def test_report_from_fake_run_dirs_gives_mean_and_std_over_seeds(tmp_path: Path,
     rows = results["rows"]["heterogeneous"]
     assert rows["flora"]["test_loss"]["n"] == 3
     assert rows["florist-tau0.90"]["test_loss"] == {"mean": 2.1, "std": 0.0, "n": 1}
-    wire = reproduce.WIRE_BYTES[load_config(reproduce.CONFIG).federation.wire_dtype]
+    wire = VALUE_BYTES[load_config(reproduce.CONFIG).wire.download]
     per_layer = sum(out_ + in_ for out_, in_ in (Q_SHAPE, V_SHAPE))
     assert rows["florist-tau0.90"]["download_mb"]["mean"] == pytest.approx(wire * LAYERS * per_layer * 2 / reproduce.MB)
     assert rows["florist-tau0.90"]["rank_sent"]["mean"] == 2 * 2 * LAYERS
@@ -172,7 +191,8 @@ def one_round(model_dir: Path, run_dir: Path, method: str, *extra: str):
             "federation.ranks=[2, 4, 8]",
             "federation.rounds=1",
             "federation.workers=1",
-            'federation.wire_dtype="float16"',
+            'wire.download="float16"',
+            'wire.upload="float16"',
             f"aggregation.method={json.dumps(method)}",
             "training.local_steps=2",
             "training.learning_rate=0.05",

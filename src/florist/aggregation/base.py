@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from florist.aggregation.dense import weighted_mean
 from florist.aggregation.types import (
     Aggregate,
     AggregationError,
@@ -187,6 +188,7 @@ class Aggregator(ABC):
         return Accumulator(self)
 
     def aggregate(self, clients: Sequence[ClientAdapter]) -> Aggregate:
+        dense = weighted_mean(clients)
         shared: dict[str, GlobalModule] = {}
         per_client: list[dict[str, GlobalModule]] | None = None
         for batch in module_batches(clients):
@@ -200,6 +202,7 @@ class Aggregator(ABC):
         return Aggregate(
             modules={name: shared[name] for name in order},
             per_client=None if per_client is None else [{name: m[name] for name in order} for m in per_client],
+            dense=dense,
         )
 
     @abstractmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -49,10 +49,15 @@ class LoraFactors:
 
 @dataclass(frozen=True)
 class ClientAdapter:
-    """Everything one client sends: its factors per module and its weight (number of examples)."""
+    """Everything one client sends: its factors per module and its weight (number of examples).
+
+    `dense`: tensors the client trained in full beside its LoRA (bias vectors, modules_to_save
+    such as lm_head), by name; every method aggregates them as the clients' weighted mean.
+    """
 
     modules: Mapping[str, LoraFactors]
     weight: float
+    dense: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -89,12 +94,14 @@ class GlobalModule:
 class Aggregate:
     """The server's answer for one round.
 
-    `modules` is what every client downloads. `per_client`, when set (FlexLoRA), gives
+    `modules` (and `dense`) is what every client downloads. `per_client`, when set (FlexLoRA), gives
     client k its own modules instead.
     """
 
     modules: dict[str, GlobalModule]
     per_client: list[dict[str, GlobalModule]] | None = None
+    dense: dict[str, Tensor] = field(default_factory=dict)
+    """The clients' tensors trained in full, as their weighted mean (shared by every client)."""
 
     def for_client(self, k: int) -> dict[str, GlobalModule]:
         return self.modules if self.per_client is None else self.per_client[k]

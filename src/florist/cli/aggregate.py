@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from florist.aggregation import METHODS, Aggregate, AggregationError, Aggregator, ClientAdapter, GlobalModule, make_aggregator
-from florist.lora.adapters import adapter_bytes, read_adapters, read_config, write_adapter
+from florist.aggregation import METHODS, Aggregate, AggregationError, Aggregator, ClientAdapter, make_aggregator
+from florist.lora.adapters import adapter_bytes, find_duplicate, read_adapters, read_config, write_adapter
 
 DEFAULT_TAU = 0.9
 
@@ -20,7 +20,11 @@ EPILOG = """\
 Each DIR is a directory written by PeftModel.save_pretrained (adapter_config.json and
 adapter_model.safetensors), all LoRA on the same base model and the same modules; ranks,
 alphas and rsLoRA may differ. The output is one standard PEFT LoRA adapter whose update is
-the method's aggregate (per-module ranks through rank_pattern/alpha_pattern).
+the method's aggregate (per-module ranks through rank_pattern/alpha_pattern). Tensors the
+adapters train in full (biases with bias="lora_only" or "all", modules_to_save such as lm_head)
+are written as the clients' weighted mean, whatever the method (--factors-only refuses them).
+An adapter given twice (the same directory, or an identical copy) is refused unless
+--allow-duplicates.
 
 flexlora gives every client a truncation at its own rank; with one output directory that is
 only well defined when all adapters share their ranks, so adapters of different ranks need
@@ -42,6 +46,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weights", help="comma-separated client weights, e.g. example counts 1579,685,... (default: equal)")
     parser.add_argument("--out", required=True, type=Path, metavar="OUT_DIR", help="output adapter directory (must not exist)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument(
+        "--allow-duplicates",
+        action="store_true",
+        help="aggregate an adapter given twice (the same directory, or an identical copy) twice; refused otherwise",
+    )
+    parser.add_argument(
+        "--factors-only",
+        action="store_true",
+        help="refuse adapters with tensors trained in full (biases, modules_to_save) instead of averaging them",
+    )
     parser.add_argument("adapters", nargs="+", type=Path, metavar="DIR", help="client adapter directories")
     parser.set_defaults(func=run)
 
@@ -92,6 +106,16 @@ def _require_common_ranks(clients: Sequence[ClientAdapter]) -> None:
             )
 
 
+def _refuse_duplicates(paths: Sequence[Path], clients: Sequence[ClientAdapter]) -> None:
+    duplicate = find_duplicate(paths, clients)
+    if duplicate is not None:
+        path, earlier, how = duplicate
+        raise ValueError(
+            f"{path} is {how} {earlier}: aggregating both would count that adapter twice; "
+            "pass --allow-duplicates if that is what you want"
+        )
+
+
 def _aggregate(aggregator: Aggregator, clients: Sequence[ClientAdapter], paths: Sequence[Path]) -> Aggregate:
     try:
         return aggregator.aggregate(clients)
@@ -101,12 +125,14 @@ def _aggregate(aggregator: Aggregator, clients: Sequence[ClientAdapter], paths: 
         raise ValueError(f"{paths[error.client]}: {error}") from None
 
 
-def _report(modules: Mapping[str, GlobalModule], clients: Sequence[ClientAdapter], bytes_read: int, bytes_written: int, out: Path) -> None:
+def _report(aggregate: Aggregate, clients: Sequence[ClientAdapter], bytes_read: int, bytes_written: int, out: Path) -> None:
     table = Table("module", "client ranks", "rank kept", "energy kept")
-    for name, module in modules.items():
+    for name, module in aggregate.modules.items():
         ranks = ", ".join(str(client.modules[name].rank) for client in clients)
         energy = "-" if module.energy is None else f"{100 * module.energy:.2f}%"
         table.add_row(Text(name), ranks, str(module.rank), energy)
+    for name in aggregate.dense:
+        table.add_row(Text(name), "trained in full", "weighted mean", "-")
     console = Console()
     console.print(table)
     # Paths are data, not rich markup; one unwrapped line keeps the summary greppable.
@@ -119,10 +145,13 @@ def run(args: argparse.Namespace) -> int:
     weights = parse_weights(args.weights, len(args.adapters))
     if args.out.exists() and not args.overwrite:
         raise ValueError(f"{args.out} already exists; choose another --out or pass --overwrite")
-    clients = read_adapters(args.adapters, weights)
+    clients = read_adapters(args.adapters, weights, factors_only=args.factors_only)
+    if not args.allow_duplicates:
+        _refuse_duplicates(args.adapters, clients)
     if args.method == "flexlora" and args.rank is None:
         _require_common_ranks(clients)
-    modules = _aggregate(aggregator, clients, args.adapters).modules
-    written = write_adapter(args.out, modules, read_config(args.adapters[0]), overwrite=args.overwrite)
-    _report(modules, clients, sum(adapter_bytes(path) for path in args.adapters), written, args.out)
+    aggregate = _aggregate(aggregator, clients, args.adapters)
+    config = read_config(args.adapters[0])
+    written = write_adapter(args.out, aggregate.modules, config, overwrite=args.overwrite, dense=aggregate.dense)
+    _report(aggregate, clients, sum(adapter_bytes(path) for path in args.adapters), written, args.out)
     return 0

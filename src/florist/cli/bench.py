@@ -113,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from florist.bench.federation import bench_federation
     from florist.config import load_config
-    from florist.reporting.run_directory import write_atomically
+    from florist.files import write_atomically
 
     run_dir, figures = bench_federation(load_config(args.config, args.overrides))
     figures = {"run_dir": str(run_dir), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **figures}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,6 +14,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Federate LoRA fine-tuning on Flower's simulation engine and write a run directory.",
     )
     add_config_arguments(parser)
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a run from its last complete round, with its own configuration (--set may change rounds, "
+        "timeouts and evaluation)",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="also show the workers' output and third-party warnings (hidden by default)"
+    )
     parser.set_defaults(func=_run)
 
 
@@ -31,9 +41,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from florist.config import load_config
-    from florist.federation.simulation import run_federation
+    from florist.federation.simulation import resume_config, run_federation
 
-    run_dir = run_federation(load_config(args.config, args.overrides))
+    if args.resume:
+        if args.config:
+            raise ValueError("--resume takes the run's own configuration; give --set overrides, not --config")
+        resume = Path(args.resume)
+        run_dir = run_federation(resume_config(resume, args.overrides), resume, verbose=args.verbose)
+    else:
+        run_dir = run_federation(load_config(args.config, args.overrides), verbose=args.verbose)
     summary = json.loads((run_dir / "summary.json").read_text())
     base, final = summary["base"], summary["final"]
     print(f"\nrun directory: {run_dir}")

@@ -15,6 +15,7 @@ from pathlib import Path
 import datasets
 
 from florist.data.prompts import Example
+from florist.sources import looks_like_path
 
 FILE_SUFFIXES = (".json", ".jsonl")
 # Answer field -> the context field that goes with it: Dolly, then Alpaca.
@@ -26,7 +27,7 @@ def load_examples(source: str | Path, split: str = "train", **dataset_options: o
     """The examples of a local file, of one split of a local directory, or of a Hugging Face dataset.
 
     A directory's split is its `<split>.json` (or `.jsonl`); "train" falls back to all its client files in order.
-    Anything that is not a local path goes to `datasets.load_dataset(source, split=split, **dataset_options)`.
+    Only a hub id (see florist.sources) goes to `datasets.load_dataset(source, split=split, **dataset_options)`.
     """
     path = Path(source)
     if path.is_file():
@@ -37,7 +38,7 @@ def load_examples(source: str | Path, split: str = "train", **dataset_options: o
     if path.is_dir():
         _reject_options(path, dataset_options)
         return _read_directory_split(path, split)
-    if isinstance(source, Path) or path.suffix in FILE_SUFFIXES or str(source).startswith((".", "/", "~")):
+    if isinstance(source, Path) or looks_like_path(source):
         raise ValueError(f"no such file or directory: {source}")
     dataset = datasets.load_dataset(str(source), split=split, **dataset_options)
     return _to_examples(dataset, f"{source} [{split}]")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from florist.reporting.run_directory import write_atomically
+from florist.files import write_atomically
 
 EVALUATION_SOURCES = Path(__file__).parent
 

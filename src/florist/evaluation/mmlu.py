@@ -19,6 +19,7 @@ import torch
 from florist.data.prompts import TEMPLATES, Example, render_prompt
 from florist.evaluation.batching import evaluating, length_sorted_batches, pad_id, padded
 from florist.evaluation.loss import response_nlls
+from florist.sources import looks_like_path
 
 LETTERS = ("A", "B", "C", "D")
 # "harness" is lm-evaluation-harness's zero-shot MMLU prompt; the others wrap the question in an
@@ -93,14 +94,24 @@ def load_mmlu_file(path: str | Path) -> list[Question]:
     return [_subset_question(record, f"{path}[{index}]") for index, record in enumerate(records)]
 
 
-def load_mmlu_hub(subject: str = "all", split: str = "test") -> list[Question]:
-    """Questions from the Hugging Face `cais/mmlu` dataset (needs the hub)."""
+def load_mmlu_hub(dataset: str = "cais/mmlu", subject: str = "all", split: str = "test") -> list[Question]:
+    """Questions from a Hugging Face dataset with `cais/mmlu`'s columns (needs the hub)."""
     from datasets import load_dataset
 
     return [
         Question(question=row["question"], choices=tuple(row["choices"]), answer=row["answer"], subject=row["subject"])
-        for row in load_dataset("cais/mmlu", subject, split=split)
+        for row in load_dataset(dataset, subject, split=split)
     ]
+
+
+def load_mmlu(source: str | Path) -> list[Question]:
+    """Questions from a local file, or from the hub when `source` is a hub id; a missing local path is an error."""
+    path = Path(source)
+    if path.is_file():
+        return load_mmlu_file(path)
+    if path.exists() or isinstance(source, Path) or looks_like_path(source):
+        raise ValueError(f"{source}: {'not a file' if path.exists() else 'no such file'}; expected an MMLU JSON file")
+    return load_mmlu_hub(source)
 
 
 def mmlu_prompt(question: Question, style: str = "harness") -> str:

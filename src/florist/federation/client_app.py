@@ -1,58 +1,126 @@
-"""The ClientApp: start from the global state, train this client's LoRA, send its factors back."""
+"""The ClientApp: check the instruction, bring the base up to date, then train or evaluate.
+
+Before any work a node checks that the server runs with its settings and base model (else it
+replies `mismatch`), and that it holds every merged update of the chain (else it replies `gap`
+with the first it lacks, and the server sends the rest). It never trains on a base that
+silently misses an update.
+"""
 
 from __future__ import annotations
 
-import os
+import json
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from florist.aggregation import GlobalModule, truncate_update
 from florist.config import RunConfig
+from florist.evaluation import evaluate, instruction_loss
 from florist.federation import payload
-from florist.federation.settings import config_from_run_config
-from florist.federation.workspace import Update, workspace_for
+from florist.federation.delivery import GlobalUpdate, apply_update, update_digest
+from florist.federation.messages import (
+    ADAPTER,
+    CANDIDATE,
+    CUTS,
+    EVALUATED,
+    GAP,
+    GLOBAL,
+    IDENTITY,
+    METRICS,
+    MISMATCH,
+    SCORED,
+    TRAINED,
+    UPDATE_PREFIX,
+    Instruction,
+    update_key,
+)
+from florist.federation.node import NodeSettings, node_data
 from florist.federation.resources import peak_rss_mib
-from florist.lora.model import attach_lora, freeze_shared_A, load_global, read_factors
+from florist.federation.settings import config_from_run_config
+from florist.federation.workspace import Update, Workspace, workspace_for
+from florist.lora.model import attach_lora, freeze_shared_A, frozen_lora_A, load_dense, load_global, merge_into_base, read_dense, read_factors
 from florist.training import train_lora
 
-UPDATE_PREFIX = "update:"
+CHAIN_DIGESTS = "chain-digests"
+"""The node state's record of the digest of every update it holds."""
 
 
-def remember_updates(state: RecordDict, content: RecordDict) -> list[Update]:
-    """Store the merged global updates this message brings in the node's state; return them all.
-
-    The server sends each update once per node, so the node's state holds the whole chain,
-    from which any worker process can rebuild the merged base.
-    """
+def remember_updates(state: RecordDict, content: RecordDict) -> None:
+    """Keep the merged updates this message brings in the node's state, with their digests."""
+    digests = state.get(CHAIN_DIGESTS, ConfigRecord())
     for key in payload.payload_keys(content, UPDATE_PREFIX):
         state[key], state[f"{key}:scales"] = content[key], content[f"{key}:scales"]
-    keys = sorted(payload.payload_keys(state, UPDATE_PREFIX), key=lambda key: int(key.removeprefix(UPDATE_PREFIX)))
-    return [(key, payload.take_global(state, key)) for key in keys]
+        digests[key] = update_digest(payload.take_global(content, key))
+    state[CHAIN_DIGESTS] = digests
+
+
+def held_chain(state: RecordDict, digests: list[str]) -> list[Update] | int:
+    """The updates 1..t-1 the server lists, from the node's state; or the first one it lacks."""
+    held = state.get(CHAIN_DIGESTS, ConfigRecord())
+    chain = []
+    for index, digest in enumerate(digests, start=1):
+        key = update_key(index)
+        if held.get(key) != digest:
+            return index
+        chain.append((digest, payload.take_global(state, key)))
+    return chain
+
+
+def _reply(
+    msg: Message, workspace: Workspace, status: str, metrics: dict, adapter: dict | None = None, dense: dict | None = None
+) -> Message:
+    """The reply; a trained one carries the client's LoRA factors and its tensors trained in full."""
+    content = RecordDict({IDENTITY: workspace.identity.record(status), METRICS: MetricRecord(metrics)})
+    if adapter is not None:
+        # FFA-LoRA's A is frozen and derivable from the shared seed: only B travels.
+        factors = "B" if workspace.config.aggregation.method == "ffa" else "AB"
+        payload.put(content, ADAPTER, adapter, workspace.config.wire.upload, factors=factors, dense=dense)
+    return Message(content, reply_to=msg)
+
+
+def _prepare(config: RunConfig, msg: Message, context: Context) -> tuple[NodeSettings, Workspace, Instruction, Message | list[Update]]:
+    """The node's settings and workspace, and either its chain of updates or the reply that ends the stage."""
+    node = NodeSettings.from_node_config(context.node_config, config)
+    torch.set_num_threads(node.threads)
+    if config.training.deterministic:
+        torch.use_deterministic_algorithms(True)
+    workspace = workspace_for(config, msg.metadata.run_id, node.device)
+    instruction = Instruction.read(msg)
+    base = {"round": instruction.round, "partition-id": node.partition}
+    identity = workspace.identity
+    if (instruction.fingerprint, instruction.model_digest) != (identity.fingerprint, identity.model_digest):
+        print(f"round {instruction.round} client {node.partition}: settings or base model differ from the server's", flush=True)
+        return node, workspace, instruction, _reply(msg, workspace, MISMATCH, base)
+    remember_updates(context.state, msg.content)
+    chain = held_chain(context.state, instruction.chain)
+    if isinstance(chain, int):
+        print(f"round {instruction.round} client {node.partition}: lacks update {chain}, asking the server", flush=True)
+        return node, workspace, instruction, _reply(msg, workspace, GAP, base | {"needs-update": chain})
+    return node, workspace, instruction, chain
 
 
 def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
-    federation, training = config.federation, config.training
-    partition = int(context.node_config["partition-id"])
-    server_round = int(msg.content["config"]["round"])
-    # One worker per core: more threads per worker oversubscribe the cores (EMBEDDED.md).
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // federation.workers))
-    workspace = workspace_for(config, msg.metadata.run_id)
-
-    model = workspace.base_after(remember_updates(context.state, msg.content))
-    seed = hash((training.seed, server_round, partition)) % 2**31
+    node, workspace, instruction, chain = _prepare(config, msg, context)
+    if isinstance(chain, Message):
+        return chain
+    training = config.training
+    model = workspace.base_to_train(chain)
+    seed = hash((training.seed, instruction.round, node.partition)) % 2**31
     # peft draws the fresh A from torch's global generator, whose state would otherwise depend on
     # which clients this worker process happened to run before: seeding it makes runs repeatable.
     torch.manual_seed(seed)
-    rank = federation.rank_of(partition)
-    model = attach_lora(model, rank, federation.alpha_of(partition), config.model.target_modules, federation.use_rslora)
-    frozen_a = config.aggregation.method == "ffa"
-    if frozen_a:
-        freeze_shared_A(model, federation.ffa_seed)
-    if "global" in msg.content:
-        load_global(model, payload.take(msg.content, "global"))
+    settings = config.model
+    model = attach_lora(
+        model, node.rank, node.alpha, settings.target_modules, config.federation.use_rslora, settings.lora_bias, settings.modules_to_save
+    )
+    if config.aggregation.method == "ffa":
+        freeze_shared_A(model, config.federation.ffa_seed)
+    if GLOBAL in msg.content:
+        load_global(model, payload.take(msg.content, GLOBAL))
+        load_dense(model, payload.take_dense(msg.content, GLOBAL))
 
-    features = workspace.client_features(partition)
+    features = workspace.features(node.partition, node_data(config, node).train)
     result = train_lora(
         model,
         features,
@@ -65,27 +133,107 @@ def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
         pad_token_id=workspace.tokenizer.pad_token_id,
         autocast=workspace.precision.autocast,
     )
-    reply = RecordDict()
-    # FFA-LoRA's A is frozen and derivable from the shared seed: only B travels.
-    payload.put(reply, "adapter", read_factors(model), federation.wire_dtype, factors="B" if frozen_a else "AB")
-    reply["metrics"] = MetricRecord(
-        {
-            "num-examples": len(features),
-            "partition-id": partition,
-            "rank": rank,
-            "train-loss": result.loss,
-            "train-steps": result.steps,
-            "train-tokens": result.tokens,
-            "train-seconds": result.seconds,
-            "peak-rss-mib": peak_rss_mib(),
-        }
-    )
+    metrics = {
+        "round": instruction.round,
+        "partition-id": node.partition,
+        "chain-length": len(chain),
+        "num-examples": len(features),
+        "rank": node.rank,
+        "train-loss": result.loss,
+        "train-steps": result.steps,
+        "train-tokens": result.tokens,
+        "train-seconds": result.seconds,
+        "peak-rss-mib": peak_rss_mib(),
+    }
     print(
-        f"round {server_round} client {partition}: rank {rank}, {len(features)} examples, "
+        f"round {instruction.round} client {node.partition}: rank {node.rank}, {len(features)} examples, "
         f"loss {result.loss:.3f}, {result.seconds:.1f} s",
         flush=True,
     )
-    return Message(reply, reply_to=msg)
+    factors = read_factors(model)
+    if config.wire.client_tau < 1:
+        factors = {name: truncate_update(f, config.wire.client_tau) for name, f in factors.items()}
+    return _reply(msg, workspace, TRAINED, metrics, factors, read_dense(model))
+
+
+def evaluate_round(config: RunConfig, msg: Message, context: Context) -> Message:
+    """Score the global model (base, chain, and the global adapter if any) on this site's held-out examples."""
+    node, workspace, instruction, chain = _prepare(config, msg, context)
+    if isinstance(chain, Message):
+        return chain
+    model = workspace.base_after(chain)
+    if GLOBAL in msg.content:
+        apply_update(model, _global_update(config, msg, workspace))
+    data = node_data(config, node)
+    held_out = data.held_out
+    scores = {}
+    if held_out:
+        results = evaluate(
+            model,
+            workspace.tokenizer,
+            examples=held_out,
+            template=config.data.template,
+            max_new_tokens=config.evaluation.max_new_tokens,
+            max_length=config.data.max_length,
+            batch_size=config.evaluation.batch_size,
+        )
+        scores = {key: value for key, value in results.items() if isinstance(value, (int, float))}
+    if data.validation:
+        loss = instruction_loss(
+            model, workspace.tokenizer, data.validation, template=config.data.template,
+            max_length=config.data.max_length, batch_size=config.evaluation.batch_size,
+        )
+        scores.update(val_loss=loss.mean_nll, val_tokens=loss.tokens)
+    metrics = {"round": instruction.round, "partition-id": node.partition, "chain-length": len(chain), "num-examples": len(held_out)}
+    print(f"round {instruction.round} client {node.partition}: evaluated on {len(held_out)} held-out examples", flush=True)
+    return _reply(msg, workspace, EVALUATED, metrics | scores)
+
+
+def score_round(config: RunConfig, msg: Message, context: Context) -> Message:
+    """Automatic tau: this site's validation loss for every candidate cut of the exact update,
+    from the smallest to the largest (each adds components to the last, merged in turn)."""
+    node, workspace, instruction, chain = _prepare(config, msg, context)
+    if isinstance(chain, Message):
+        return chain
+    model = workspace.base_after(chain)
+    candidate = payload.take_global(msg.content, CANDIDATE)
+    # Every cut comes with the round's tensors trained in full: they are part of whichever update is kept.
+    load_dense(model, candidate.dense)
+    exact = candidate.modules
+    cuts = json.loads(str(msg.content[CUTS]["ranks"]))
+    validation = node_data(config, node).validation
+    metrics = {"round": instruction.round, "partition-id": node.partition, "chain-length": len(chain)}
+    held = {name: 0 for name in exact}
+    tokens = 0
+    for index, ranks in enumerate(cuts):
+        added = {
+            name: GlobalModule(A=module.A[held[name] : ranks[name]], B=module.B[:, held[name] : ranks[name]], scale=module.scale)
+            for name, module in exact.items()
+        }
+        merge_into_base(model, added)
+        held = {name: max(held[name], ranks[name]) for name in held}
+        if validation:
+            loss = instruction_loss(
+                model, workspace.tokenizer, validation, template=config.data.template,
+                max_length=config.data.max_length, batch_size=config.evaluation.batch_size,
+            )
+            metrics[f"loss-{index}"], tokens = loss.mean_nll, loss.tokens
+        else:
+            metrics[f"loss-{index}"] = 0.0
+    print(f"round {instruction.round} client {node.partition}: scored {len(cuts)} cuts on {len(validation)} validation examples", flush=True)
+    return _reply(msg, workspace, SCORED, metrics | {"tokens": tokens})
+
+
+def _global_update(config: RunConfig, msg: Message, workspace: Workspace) -> GlobalUpdate:
+    """The global adapter as an update to merge; FFA-LoRA's A is re-derived from the shared seed."""
+    modules = {}
+    for name, module in payload.take(msg.content, GLOBAL).items():
+        a = module.get("A")
+        if a is None:
+            in_features = workspace.model.get_submodule(name).in_features
+            a = frozen_lora_A(name, module["B"].shape[1], in_features, config.federation.ffa_seed)
+        modules[name] = GlobalModule(A=a, B=module["B"], scale=module["scale"])
+    return GlobalUpdate(modules, payload.take_dense(msg.content, GLOBAL))
 
 
 def build_client_app(config: RunConfig | None = None) -> ClientApp:
@@ -94,7 +242,15 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return train_round(config or config_from_run_config(context.run_config), msg, context)
+        return train_round(config or config_from_run_config(context.run_config, check_sources=False), msg, context)
+
+    @app.evaluate()
+    def evaluate_(msg: Message, context: Context) -> Message:
+        return evaluate_round(config or config_from_run_config(context.run_config, check_sources=False), msg, context)
+
+    @app.query()
+    def score(msg: Message, context: Context) -> Message:
+        return score_round(config or config_from_run_config(context.run_config, check_sources=False), msg, context)
 
     return app
 

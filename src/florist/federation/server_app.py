@@ -1,123 +1,210 @@
-"""The ServerApp: the strategy's rounds, server-side evaluation, and the run directory."""
+"""The ServerApp: rounds, evaluation, checkpoints and the run directory."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from rich.console import Console
-from rich.table import Table
 
 from florist.config import RunConfig
-from florist.evaluation.mmlu import load_mmlu_file, load_mmlu_hub
-from florist.federation.datasets import federated_data
+from florist.evaluation.mmlu import load_mmlu
+from florist.federation import checkpoint
+from florist.federation.console import show_round
+from florist.federation.datasets import FederatedData, federated_data
+from florist.federation.reports import EvaluationReport, RoundReport, TauSelection
 from florist.federation.resources import peak_rss_mib
+from florist.federation.rounds import evaluate_stage, select_stage, train_stage
 from florist.federation.server_model import ServerModel
-from florist.federation.settings import config_from_run_config
-from florist.federation.strategy import LoraStrategy, RoundReport
+from florist.federation.settings import config_from_run_config, resume_from_run_config
+from florist.federation.strategy import LoraStrategy
 from florist.reporting.plots import plot_run
 from florist.reporting.run_directory import RunDirectory
 
-console = Console(stderr=True)
-
 
 def mmlu_questions(config: RunConfig):
-    source = config.evaluation.mmlu
-    if not source:
-        return None
-    return load_mmlu_file(source) if Path(source).exists() else load_mmlu_hub()
+    return load_mmlu(config.evaluation.mmlu) if config.evaluation.mmlu else None
 
 
-def round_record(report: RoundReport | None, server_round: int, evaluation: dict, timing: dict) -> dict:
+def round_record(
+    server_round: int,
+    report: RoundReport | None,
+    evaluation: dict,
+    federated: EvaluationReport | None,
+    timing: dict,
+    selection: TauSelection | None = None,
+) -> dict:
     """One line of metrics.jsonl."""
     record: dict = {"round": server_round, **timing}
+    stages = [stage for stage in (report, selection, federated) if stage is not None]
+    record["communication"] = {
+        "down_bytes": sum(sum(stage.bytes_down.values()) for stage in stages),
+        "up_bytes": sum(sum(stage.bytes_up.values()) for stage in stages),
+    }
     if report is not None:
-        clients = report.clients
         record.update(
-            train_loss=sum(c.train_loss * c.examples for c in clients) / sum(c.examples for c in clients),
+            train_loss=report.train_loss,
             aggregation_seconds=report.aggregation_seconds,
-            clients=[vars(c) for c in clients],
+            sampled=report.sampled,
+            quorum=report.quorum,
+            attempts=report.attempts,
+            clients=[vars(c) for c in report.clients],
+            events=[vars(e) for e in report.events],
             ranks=report.ranks,
             energy=report.energy,
             total_rank=sum(report.ranks.values()),
         )
+    if selection is not None:
+        record["tau_selection"] = selection.record()
     record["evaluation"] = evaluation
+    if federated is not None:
+        record["federated_evaluation"] = {
+            "combined": federated.combined(),
+            "nodes": [vars(score) for score in federated.scores],
+            "events": [vars(e) for e in federated.events],
+        }
     return record
 
 
-def show_round(record: dict) -> None:
-    table = Table(title=f"round {record['round']}", title_justify="left")
-    for column in ("client", "rank", "examples", "loss", "train s", "down KiB", "up KiB"):
-        table.add_column(column, justify="right")
-    for c in record.get("clients", []):
-        table.add_row(
-            str(c["partition"]), str(c["rank"]), str(c["examples"]), f"{c['train_loss']:.3f}",
-            f"{c['train_seconds']:.1f}", f"{c['bytes_down'] / 1024:.0f}", f"{c['bytes_up'] / 1024:.0f}",
-        )
-    console.print(table)
-    if "total_rank" in record:
-        console.print(f"aggregation {record['aggregation_seconds']:.3f} s, total rank kept {record['total_rank']}")
-    if record["evaluation"]:
-        shown = {k: round(v, 4) for k, v in record["evaluation"].items() if isinstance(v, float)}
-        console.print(f"evaluation: {shown}")
+class Server:
+    """One federation's server side: the model, the strategy, the run directory."""
 
+    def __init__(self, config: RunConfig, resume: Path | None):
+        if resume is not None:
+            config = config.model_copy(update={"output": config.output.model_copy(update={"run_dir": str(resume)})})
+        self.config = config
+        self.model = ServerModel(config)
+        self.strategy = LoraStrategy(config, self.model.shapes, self.model.identity, self.model.dense_shapes)
+        self.data: FederatedData | None = federated_data(config) if config.evaluation.server else None
+        self.mmlu = mmlu_questions(config) if config.evaluation.server else None
+        state = None
+        if resume is not None:
+            checkpoint.check_resumable(resume, config)
+            state = checkpoint.load_state(resume)
+        if state is None:
+            self.run = RunDirectory.create(config) if resume is None else RunDirectory.reopen(resume, config, [])
+            self.first_round = 0
+        else:
+            self.strategy.restore(state)
+            self.run = RunDirectory.reopen(resume, config, state.metrics)
+            self.first_round = state.round + 1
+            print(f"resuming {resume} after round {state.round}", flush=True)
+        self.run.write_json("precision.json", self.model.precision.as_record())
+        self.start = time.perf_counter()
 
-def serve(config: RunConfig, grid: Grid) -> Path:
-    """Run every round, evaluate, and write the run directory; returns its path."""
-    start = time.perf_counter()
-    run = RunDirectory.create(config)
-    console.print(f"run directory: {run.path}")
-    data = federated_data(config)
-    mmlu = mmlu_questions(config)
-    server = ServerModel(config)
-    run.write_json("precision.json", server.precision.as_record())
-    strategy = LoraStrategy(config, server.in_features)
-    rounds = config.federation.rounds
+    def evaluation_wanted(self, server_round: int) -> bool:
+        evaluation = self.config.evaluation
+        if server_round == 0:
+            return evaluation.base
+        return evaluation.every_round or server_round == self.config.federation.rounds
 
-    def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        report = strategy.reports[-1] if server_round else None
-        if report is not None and config.output.save_client_adapters:
-            partitions = [client.partition for client in report.clients]
-            server.save_clients(run.path / "clients" / f"round{server_round}", strategy.received, partitions)
-        evaluation, evaluation_start = {}, time.perf_counter()
-        wanted = config.evaluation.base if server_round == 0 else config.evaluation.every_round
-        if wanted or server_round == rounds:
-            adapter = None if strategy.merges or strategy.current is None else strategy.current.modules
-            server.set_state(strategy.updates, adapter)
-            evaluation = server.evaluate(data.test, mmlu, data.validation)
+    def evaluate(self, grid: Grid, server_round: int) -> tuple[dict, EvaluationReport | None]:
+        """Server-side scores on the data the server holds, and the nodes' federated scores."""
+        if not self.evaluation_wanted(server_round):
+            return {}, None
+        federated = None
+        if self.config.evaluation.federated:
+            federated = evaluate_stage(grid, self.strategy, self.config.federation, server_round)
+        evaluation = {}
+        if self.data is not None:
+            self.model.set_state(*self.strategy.global_modules())
+            evaluation = self.model.evaluate(self.data.test, self.mmlu, self.data.validation)
+        return evaluation, federated
+
+    def complete(
+        self,
+        server_round: int,
+        report: RoundReport | None,
+        evaluation: dict,
+        federated: EvaluationReport | None,
+        seconds: float,
+        selection: TauSelection | None = None,
+    ) -> None:
+        """Checkpoint first, then the metrics line: a crash between them loses nothing recorded."""
         timing = {
-            "evaluation_seconds": time.perf_counter() - evaluation_start,
-            "wall_seconds": time.perf_counter() - start,
+            "evaluation_seconds": seconds,
+            "wall_seconds": time.perf_counter() - self.start,
             "server_peak_rss_mib": peak_rss_mib(),
         }
-        record = round_record(report, server_round, evaluation, timing)
-        run.record_round(record)
+        record = round_record(server_round, report, evaluation, federated, timing, selection)
+        if server_round and server_round == self.first_round:
+            record["resumed"] = True
+        self.run.claim()
+        if report is not None and self.config.output.save_client_adapters:
+            partitions = [client.partition for client in report.clients]
+            self.model.save_clients(self.run.path / "clients" / f"round{server_round}", self.strategy.received, partitions)
+        checkpoint.save_state(self.run.path, self.strategy.server_state(server_round, [*self.run.rounds, record]))
+        self.run.record_round(record)
         show_round(record)
-        return MetricRecord({k: v for k, v in evaluation.items() if isinstance(v, (int, float))})
 
-    strategy.start(grid, ArrayRecord(), num_rounds=rounds, evaluate_fn=evaluate_round)
+    def finish(self) -> Path:
+        merged, adapter = self.strategy.global_modules()
+        if adapter is None:
+            merged, adapter = merged[:-1], merged[-1]
+        if self.config.output.save_model:
+            self.model.save(self.run.path / "final", merged, adapter)
+        plot_run(self.run.rounds, self.run.path / "plots")
+        base, final = (_scores(self.run.rounds[index]) for index in (0, -1))
+        summary = {
+            "base": base,
+            "final": final,
+            "rounds": self.config.federation.rounds,
+            "method": self.config.aggregation.method,
+            "communication": communication(self.run.rounds, self.strategy.final_download_bytes()),
+        }
+        self.run.write_json("summary.json", summary)
+        return self.run.path
 
-    if strategy.merges:
-        merged, adapter = strategy.updates[:-1], strategy.updates[-1]
-    else:
-        merged, adapter = [], strategy.current.modules
-    if config.output.save_model:
-        server.save(run.path / "final", merged, adapter)
-    plot_run(run.rounds, run.path / "plots")
-    base, final = run.rounds[0]["evaluation"], run.rounds[-1]["evaluation"]
-    run.write_json("summary.json", {"base": base, "final": final, "rounds": rounds, "method": config.aggregation.method})
-    return run.path
+
+def communication(rounds: list[dict], final_download: int) -> dict:
+    """The run's bytes both ways as FlowerTune's leaderboard counts them (payload bytes sent plus
+    received, MiB), with the download of the final global model that the last round leaves due."""
+    down = sum(r["communication"]["down_bytes"] for r in rounds) + final_download
+    up = sum(r["communication"]["up_bytes"] for r in rounds)
+    mib = 2**20
+    return {
+        "download_mib": down / mib,
+        "upload_mib": up / mib,
+        "total_mib": (down + up) / mib,
+        "final_download_mib": final_download / mib,
+    }
 
 
-def build_server_app(config: RunConfig | None = None) -> ServerApp:
+def _scores(record: dict) -> dict:
+    """A round's evaluation: the server's own, else the nodes' combined scores."""
+    return record["evaluation"] or record.get("federated_evaluation", {}).get("combined", {})
+
+
+def serve(config: RunConfig, grid: Grid, resume: Path | None = None) -> Path:
+    """Run every round, evaluate, checkpoint, and write the run directory; returns its path."""
+    server = Server(config, resume)
+    print(f"run directory: {server.run.path}", flush=True)
+    config, federation = server.config, server.config.federation
+    if server.first_round == 0:
+        evaluation_start = time.perf_counter()
+        evaluation, federated = server.evaluate(grid, 0)
+        server.complete(0, None, evaluation, federated, time.perf_counter() - evaluation_start)
+    for server_round in range(max(1, server.first_round), federation.rounds + 1):
+        first = server_round == max(1, server.first_round)
+        report = train_stage(grid, server.strategy, federation, config.training.seed, server_round, first)
+        selection = select_stage(grid, server.strategy, federation, report) if config.aggregation.automatic_tau else None
+        evaluation_start = time.perf_counter()
+        evaluation, federated = server.evaluate(grid, server_round)
+        server.complete(server_round, report, evaluation, federated, time.perf_counter() - evaluation_start, selection)
+    return server.finish()
+
+
+def build_server_app(config: RunConfig | None = None, resume: Path | None = None) -> ServerApp:
     """A ServerApp bound to `config`, or reading it from the run config when None (flwr run)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(config or config_from_run_config(context.run_config), grid)
+        if config is not None:
+            serve(config, grid, resume)
+        else:
+            serve(config_from_run_config(context.run_config), grid, resume_from_run_config(context.run_config))
 
     return app
 

@@ -1,17 +1,32 @@
-"""How the Flower apps get their RunConfig: from `florist run` directly, or from `flwr run`'s run config."""
+"""How the Flower apps get their RunConfig: from `florist run` directly, or from `flwr run`'s run config.
+
+`flwr run` accepts only the run-config keys pyproject.toml declares, with bool, number or string
+values. Three are declared: `config-file` (a TOML file that must be at that path on every
+machine), `overrides` ("section.key=value" items separated by ";", e.g.
+`overrides="aggregation.tau=0.8; federation.ranks=[4, 8]"`) and `resume` (a run directory).
+Every node checks the resulting settings against the server's fingerprint, so a machine whose
+file differs is refused rather than trusted.
+"""
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 from florist.config import RunConfig, load_config
 
+RESUME_KEY = "resume"
+OVERRIDES_KEY = "overrides"
 
-def config_from_run_config(run_config: dict) -> RunConfig:
-    """`config-file` names the TOML file; any `section.key` entry overrides it (flwr run --run-config)."""
-    overrides = [
-        f"{key}={json.dumps(value) if isinstance(value, (str, bool)) else value}"
-        for key, value in run_config.items()
-        if "." in key
-    ]
-    return load_config(run_config.get("config-file") or None, overrides)
+
+def config_from_run_config(run_config: dict, *, check_sources: bool = True) -> RunConfig:
+    """`config-file` plus the `overrides` items.
+
+    `check_sources=False` on a node: the server checks the sources it reads (test data, MMLU),
+    which need not exist on a node's machine; a node reads its own data from its node config."""
+    overrides = [item.strip() for item in str(run_config.get(OVERRIDES_KEY, "")).split(";") if item.strip()]
+    return load_config(run_config.get("config-file") or None, overrides, check_sources=check_sources)
+
+
+def resume_from_run_config(run_config: dict) -> Path | None:
+    value = run_config.get(RESUME_KEY)
+    return Path(str(value)) if value else None

@@ -1,154 +1,476 @@
-"""One Flower strategy for every aggregation method: it wraps the engine and owns the round semantics."""
+"""The server's coordinator: what each node is sent, what is made of each reply, and the round's result.
+
+It owns the round semantics of every method. FLoRIST and FLoRA: each round's global update is
+merged into every client's base, and each node is sent the updates it has not confirmed.
+FedIT, FFA-LoRA and FlexLoRA: clients continue from the current global adapter (FlexLoRA:
+their own truncation when the server knows their partition; FFA-LoRA: B only, since A is
+derived from the shared seed). Reply checks, delivery, sampling and the exchange of messages
+live in their own modules; this one connects them.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from logging import INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.logger import log
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.app import ConfigRecord, Message, MessageType
 
-from florist.aggregation import Aggregate, ClientAdapter, GlobalModule, LoraFactors, make_aggregator
+from florist.aggregation import (
+    Aggregate,
+    ClientAdapter,
+    GlobalModule,
+    LoraFactors,
+    adapter_norm,
+    cut,
+    cut_ranks,
+    make_aggregator,
+)
 from florist.config import RunConfig
 from florist.federation import payload
-from florist.federation.client_app import UPDATE_PREFIX
+from florist.federation.checkpoint import ServerState
+from florist.federation.console import show_reply
+from florist.federation.delivery import Chain, GlobalUpdate
+from florist.federation.identity import disagreement
+from florist.federation.messages import (
+    ADAPTER,
+    CANDIDATE,
+    CUTS,
+    GAP,
+    GLOBAL,
+    IDENTITY,
+    METRICS,
+    MISMATCH,
+    TRAINED,
+    EVALUATED,
+    Identity,
+    Instruction,
+    instruction_content,
+    update_key,
+)
+from florist.federation.reports import ClientReport, EvaluationReport, NodeScore, RoundReport, Stage, TauSelection
+from florist.federation.validation import ClientUpdate, Limits, Rejected, check_reply, outliers
 from florist.lora.model import frozen_lora_A
 
 
-@dataclass
-class ClientReport:
-    partition: int
-    node: int
-    rank: int
-    examples: int
-    train_loss: float
-    train_seconds: float
-    train_tokens: int
-    bytes_down: int
-    bytes_up: int
-    peak_rss_mib: float
+class RoundFailed(RuntimeError):
+    pass
 
 
-@dataclass
-class RoundReport:
-    """What one round did, for the run's metrics file."""
-
-    round: int
-    clients: list[ClientReport] = field(default_factory=list)
-    aggregation_seconds: float = 0.0
-    ranks: dict[str, int] = field(default_factory=dict)
-    energy: dict[str, float | None] = field(default_factory=dict)
+MAX_RESENDS = 2
+"""Resends of missing updates to one node within one stage: a node that still has a gap after
+that is not converging and is left out of the round."""
 
 
-class LoraStrategy(Strategy):
-    """FLoRIST and FLoRA: each round's global update is merged into every client's base, and
-    each node receives every update it has not seen (once). FedIT, FFA-LoRA and FlexLoRA:
-    clients continue from the current global adapter (FlexLoRA: their own truncation;
-    FFA-LoRA: B only, since A is derived from the shared seed)."""
-
-    def __init__(self, config: RunConfig, in_features: Mapping[str, int]):
-        """`in_features` of each adapted module lets FFA-LoRA's frozen A be re-derived here."""
+class LoraStrategy:
+    def __init__(
+        self,
+        config: RunConfig,
+        shapes: Mapping[str, tuple[int, int]],
+        identity: Identity,
+        dense_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    ):
+        """`shapes` ((m, n) of each adapted module), `identity` and `dense_shapes` (of each tensor
+        trained in full, none by default) come from the server's own model."""
         self.config = config
-        self.in_features = dict(in_features)
+        self.shapes = dict(shapes)
+        self.identity = identity
+        self.limits = Limits.for_run(config, self.shapes, dense_shapes)
         self.aggregator = make_aggregator(config.aggregation.method, **config.aggregation.options())
         self.frozen_a = config.aggregation.method == "ffa"
-        self.updates: list[dict[str, GlobalModule]] = []
-        self.current: Aggregate | None = None
-        self.delivered: dict[int, int] = {}
-        self.position: dict[int, int] = {}
-        self.bytes_down: dict[int, int] = {}
+        self.chain = Chain()
+        self.current: GlobalUpdate | None = None
+        """The global adapter clients continue from, as they receive it (continuing methods)."""
+        self.truncations: dict[int, dict[str, GlobalModule]] = {}
+        """FlexLoRA: each partition's own truncation of the global update."""
+        self.partition_of: dict[int, int] = {}
+        """node id -> partition, from the node's last accepted reply."""
         self.reports: list[RoundReport] = []
         self.received: list[ClientAdapter] = []
         """The last round's client adapters as the server decoded them, in partition order."""
+        self._round: _RoundState | None = None
+        self.exact: GlobalUpdate | None = None
+        """Automatic tau: the round's exact update, until the clients' scores choose its cut."""
 
     @property
     def merges(self) -> bool:
         return not self.aggregator.continues_from_global
 
-    def summary(self) -> None:
-        log(INFO, "\t├── florist %s %s", self.aggregator.name, self.config.aggregation.options())
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        clients = self.config.federation.num_clients
-        nodes, _ = sample_nodes(grid, clients, clients)
-        messages = []
-        for node in nodes:
-            content = RecordDict({"config": ConfigRecord({"round": server_round})})
-            sent = 0
-            if self.merges:
-                for index in range(self.delivered.get(node, 0), len(self.updates)):
-                    sent += payload.put(content, f"{UPDATE_PREFIX}{index + 1}", self.updates[index], self.wire)
-                self.delivered[node] = len(self.updates)
-            elif self.current is not None:
-                modules = self.current.modules
-                if self.current.per_client is not None and node in self.position:
-                    modules = self.current.per_client[self.position[node]]
-                sent = payload.put(content, "global", modules, self.wire, factors="B" if self.frozen_a else "AB")
-            self.bytes_down[node] = sent
-            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
-        return messages
-
     @property
     def wire(self) -> str:
-        return self.config.federation.wire_dtype
+        return self.config.wire.download
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        failed = [reply for reply in replies if reply.has_error()]
-        if failed:
-            reason = failed[0].error.reason.strip().splitlines()[-1] if failed[0].error.reason else "no reason given"
-            raise RuntimeError(f"round {server_round}: {len(failed)} of {len(replies)} clients failed: {reason}")
-        replies.sort(key=lambda reply: int(reply.content["metrics"]["partition-id"]))
-        report = RoundReport(server_round)
-        adapters = []
-        for reply in replies:
-            metrics = reply.content["metrics"]
-            modules = payload.take(reply.content, "adapter")
-            adapters.append(ClientAdapter({name: self._factors(name, m) for name, m in modules.items()}, float(metrics["num-examples"])))
-            node = reply.metadata.src_node_id
-            report.clients.append(
-                ClientReport(
-                    partition=int(metrics["partition-id"]),
-                    node=node,
-                    rank=int(metrics["rank"]),
-                    examples=int(metrics["num-examples"]),
-                    train_loss=float(metrics["train-loss"]),
-                    train_seconds=float(metrics["train-seconds"]),
-                    train_tokens=int(metrics["train-tokens"]),
-                    bytes_down=self.bytes_down.get(node, 0),
-                    bytes_up=reply.content["adapter"].count_bytes(),
-                    peak_rss_mib=float(metrics["peak-rss-mib"]),
-                )
+    def global_modules(self) -> tuple[list[GlobalUpdate], GlobalUpdate | None]:
+        """The global model as (updates merged into the base, adapter on top), as the nodes see it."""
+        if self.merges:
+            return list(self.chain.updates), None
+        return [], self.current
+
+    # -- instructions ------------------------------------------------------------------------
+
+    def _instruction(self, server_round: int, node: int, message_type: str, start: int | None = None) -> tuple[Message, int]:
+        """A message carrying the global state the node lacks, and its payload bytes."""
+        instruction = Instruction(server_round, list(self.chain.digests), self.identity.fingerprint, self.identity.model_digest)
+        content = instruction_content(instruction)
+        sent = 0
+        if self.merges:
+            for index in self.chain.missing(node, start):
+                update = self.chain.updates[index - 1]
+                sent += payload.put(content, update_key(index), update.modules, self.wire, dense=update.dense)
+        elif self.current is not None:
+            # A node whose partition the server does not know yet gets the shared adapter; its
+            # first rank-r components are the same truncation, at more bytes.
+            modules = self.truncations.get(self.partition_of.get(node, -1), self.current.modules)
+            factors = "B" if self.frozen_a else "AB"
+            sent = payload.put(content, GLOBAL, modules, self.wire, factors=factors, dense=self.current.dense)
+        ttl = self.config.federation.round_timeout
+        return Message(content=content, message_type=message_type, dst_node_id=node, ttl=ttl), sent
+
+    def begin_round(self, server_round: int, sampled: list[int]) -> None:
+        quorum = self.config.federation.quorum(len(sampled))
+        self._round = _RoundState(RoundReport(server_round, sampled=list(sampled), quorum=quorum))
+
+    def configure_train(self, server_round: int, nodes: list[int]) -> list[Message]:
+        """Train instructions for `nodes` (the sample, or on a retry those that have not delivered)."""
+        state = self._active(server_round)
+        state.report.attempts += 1
+        messages = []
+        for node in nodes:
+            message, sent = self._instruction(server_round, node, MessageType.TRAIN)
+            state.report.bytes_down[node] = state.report.bytes_down.get(node, 0) + sent
+            messages.append(message)
+        return messages
+
+    # -- replies -----------------------------------------------------------------------------
+
+    def receive_train(self, node: int, reply: Message) -> list[Message]:
+        """Check one train reply and keep its update, or record why not; returns a resend for a gap."""
+        state = self._active()
+        if reply.has_error():
+            state.report.event(node, "failed", _error_reason(reply))
+            return []
+        try:
+            identity, status = Identity.from_record(reply.content[IDENTITY]), str(reply.content[IDENTITY]["status"])
+            reply_round = int(reply.content[METRICS]["round"])
+        except (KeyError, ValueError, TypeError) as error:
+            state.report.event(node, "rejected", f"malformed reply: {type(error).__name__}: {error}")
+            return []
+        if reply_round != state.report.round:
+            state.report.event(node, "rejected", f"reply is for round {reply_round}, not {state.report.round}")
+            return []
+        refusal = disagreement(self.identity, identity)
+        if refusal or status == MISMATCH:
+            state.report.event(node, "refused", refusal or "the node reports settings that differ from the server's")
+            return []
+        if ADAPTER in reply.content:
+            state.report.bytes_up[node] = state.report.bytes_up.get(node, 0) + reply.content[ADAPTER].count_bytes()
+        if status == GAP:
+            return self._resend(node, reply, state.report, MessageType.TRAIN)
+        if status != TRAINED:
+            state.report.event(node, "rejected", f"unexpected reply status {status!r}")
+            return []
+        try:
+            update = check_reply(reply, self.limits, factors="B" if self.frozen_a else "AB")
+        except Rejected as rejection:
+            state.report.event(node, "rejected", str(rejection))
+            return []
+        if update.partition in state.partitions:
+            first = state.partitions[update.partition]
+            state.report.event(node, "rejected", f"partition-id {update.partition} was already sent this round by node {first}", update.partition)
+            return []
+        self._confirm(node, reply)
+        state.partitions[update.partition] = node
+        state.accepted[node] = update
+        metrics = update.metrics
+        show_reply(state.report.round, node, update.partition, update.rank, update.examples, metrics["train-loss"], metrics["train-seconds"])
+        return []
+
+    def _resend(self, node: int, reply: Message, stage: Stage, message_type: str) -> list[Message]:
+        """The updates a node with a gap in its chain lacks, sent again within the same stage."""
+        try:
+            start = int(reply.content[METRICS]["needs-update"])
+        except (KeyError, ValueError, TypeError):
+            stage.event(node, "rejected", "gap reply without a valid needs-update")
+            return []
+        resends = stage.resends.get(node, 0)
+        if resends >= MAX_RESENDS or not 1 <= start <= len(self.chain):
+            stage.event(node, "failed", f"chain gap at update {start} not closed after {resends} resends")
+            return []
+        stage.resends[node] = resends + 1
+        stage.event(node, "resent", f"node lacked updates {start}..{len(self.chain)}")
+        message, sent = self._instruction(stage.round, node, message_type, start)
+        stage.bytes_down[node] = stage.bytes_down.get(node, 0) + sent
+        return [message]
+
+    def _confirm(self, node: int, reply: Message) -> None:
+        if self.merges:
+            self.chain.confirm(node, int(reply.content[METRICS]["chain-length"]))
+
+    def note_late(self, nodes: list[int]) -> None:
+        state = self._active()
+        for node in nodes:
+            state.report.event(node, "late", f"no reply within federation.round_timeout = {self.config.federation.round_timeout:g} s")
+
+    def pending(self) -> list[int]:
+        """Sampled nodes that have not delivered an accepted update yet (a retry asks them again)."""
+        state = self._active()
+        return [node for node in state.report.sampled if node not in state.accepted]
+
+    def has_quorum(self) -> bool:
+        state = self._active()
+        return len(state.accepted) >= state.report.quorum
+
+    def quorum_failure(self) -> RoundFailed:
+        """Why the round in progress failed, naming every node that did not deliver and why."""
+        report = self._active().report
+        accepted = len(self._active().accepted)
+        reasons = {event.node: f"{event.status}: {event.reason}" for event in report.events if event.status != "accepted"}
+        missing = "; ".join(f"node {node} {reasons.get(node, 'no reply')}" for node in self.pending())
+        return RoundFailed(
+            f"round {report.round}: {accepted} of {len(report.sampled)} sampled clients delivered an update, below the "
+            f"quorum of {report.quorum}, after {report.attempts} attempts ({missing})"
+        )
+
+    def final_download_bytes(self) -> int:
+        """What delivering the final global model to every node that took part would still cost:
+        the updates each has not confirmed, or the current adapter (the last round's download)."""
+        total = 0
+        for node in self.partition_of:
+            if self.merges and len(self.chain.missing(node)) == 0:
+                continue
+            _, sent = self._instruction(len(self.chain), node, MessageType.EVALUATE)
+            total += sent
+        return total
+
+    def server_state(self, server_round: int, metrics: list[dict]) -> ServerState:
+        return ServerState(
+            round=server_round,
+            chain=list(self.chain.updates),
+            current=self.current,
+            truncations=dict(self.truncations),
+            partition_of=dict(self.partition_of),
+            confirmed=dict(self.chain.confirmed),
+            metrics=list(metrics),
+            sampling_seed=self.config.training.seed,
+        )
+
+    def restore(self, state: ServerState) -> None:
+        """Continue from a checkpoint. Flower keeps a node's state per run, so a resumed run's
+        nodes hold no updates yet: none counts as delivered, and each is sent the chain."""
+        for modules in state.chain:
+            self.chain.append(modules)
+        self.current = state.current
+        self.truncations = dict(state.truncations)
+        self.partition_of = dict(state.partition_of)
+
+    # -- aggregation -------------------------------------------------------------------------
+
+    def finish_round(self) -> RoundReport:
+        """Screen the accepted updates by norm, aggregate the rest, and advance the global state."""
+        state = self._active()
+        report = state.report
+        updates = dict(sorted(state.accepted.items(), key=lambda item: item[1].partition))
+        adapters = {node: self._adapter(update) for node, update in updates.items()}
+        for node, reason in outliers({node: adapter_norm(a.modules) for node, a in adapters.items()}, self.limits.norm_factor).items():
+            state.report.event(node, "rejected", reason, updates[node].partition)
+            del updates[node], adapters[node]
+        if len(updates) < report.quorum:
+            raise RoundFailed(
+                f"round {report.round}: {len(updates)} accepted updates after the norm check, below the quorum of {report.quorum}"
             )
         start = time.perf_counter()
-        aggregate = self.aggregator.aggregate(adapters)
+        accumulator = self.aggregator.accumulator()
+        for adapter in adapters.values():
+            accumulator.add(adapter)
+        aggregate = accumulator.result()
         report.aggregation_seconds = time.perf_counter() - start
-        report.ranks = {name: module.rank for name, module in aggregate.modules.items()}
-        report.energy = {name: module.energy for name, module in aggregate.modules.items()}
-        self.current = aggregate
-        self.received = adapters
-        self.position = {reply.metadata.src_node_id: k for k, reply in enumerate(replies)}
-        if self.merges:
-            self.updates.append(aggregate.modules)
+        if self.config.aggregation.automatic_tau:
+            # The exact update waits for the clients to score its truncations (select_tau).
+            self.exact = self._as_received(aggregate)
+        else:
+            self._advance(aggregate, [update.partition for update in updates.values()])
+            self._record_ranks(report, aggregate.modules)
+        for node, update in updates.items():
+            self.partition_of[node] = update.partition
+            state.report.event(node, "accepted", partition=update.partition)
+            report.clients.append(_client_report(node, update, state.report.bytes_down.get(node, 0)))
+        self.received = list(adapters.values())
         self.reports.append(report)
-        mean_loss = sum(c.train_loss * c.examples for c in report.clients) / sum(c.examples for c in report.clients)
-        return None, MetricRecord({"train-loss": mean_loss, "aggregation-seconds": report.aggregation_seconds})
+        self._round = None
+        return report
+
+    @staticmethod
+    def _record_ranks(report: RoundReport, modules: Mapping[str, GlobalModule]) -> None:
+        report.ranks = {name: module.rank for name, module in modules.items()}
+        report.energy = {name: module.energy for name, module in modules.items()}
+
+    # -- automatic tau ---------------------------------------------------------------------------
+
+    def configure_select(self, server_round: int, nodes: list[int]) -> list[Message]:
+        """Ask `nodes` to score every candidate truncation of the exact update on their own
+        validation examples: each gets the exact update once, and the ranks of every cut."""
+        candidates = sorted(set(self.config.aggregation.tau_candidates))
+        max_rank = self.config.aggregation.max_rank
+        self._selection = TauSelection(server_round, candidates=candidates)
+        self._selection.ranks = {tau: cut_ranks(self.exact.modules, tau, max_rank) for tau in candidates}
+        messages = []
+        for node in nodes:
+            message, sent = self._instruction(server_round, node, MessageType.QUERY)
+            sent += payload.put(message.content, CANDIDATE, self.exact.modules, self.wire, dense=self.exact.dense)
+            message.content[CUTS] = ConfigRecord({"ranks": json.dumps([self._selection.ranks[tau] for tau in candidates])})
+            self._selection.bytes_down[node] = sent
+            messages.append(message)
+        return messages
+
+    def receive_select(self, node: int, reply: Message) -> list[Message]:
+        selection = self._selection
+        if reply.has_error():
+            selection.event(node, "failed", _error_reason(reply))
+            return []
+        try:
+            identity = Identity.from_record(reply.content[IDENTITY])
+            metrics = reply.content[METRICS]
+            losses = [float(metrics[f"loss-{index}"]) for index in range(len(selection.candidates))]
+            tokens = int(metrics["tokens"])
+            reply_round, partition = int(metrics["round"]), int(metrics["partition-id"])
+        except (KeyError, ValueError, TypeError) as error:
+            selection.event(node, "rejected", f"malformed reply: {type(error).__name__}: {error}")
+            return []
+        refusal = disagreement(self.identity, identity)
+        if refusal or reply_round != selection.round or tokens < 0 or not all(math.isfinite(x) for x in losses):
+            selection.event(node, "rejected", refusal or f"scores for round {reply_round}: {tokens} tokens, losses {losses}", partition)
+            return []
+        if tokens:
+            selection.scores[node] = (partition, tokens, losses)
+        return []
+
+    def finish_select(self, late: list[int]) -> TauSelection:
+        """Keep the smallest candidate within tau_tolerance of the best validation loss; without
+        any score, the largest candidate (the closest to exact)."""
+        selection, report = self._selection, self.reports[-1]
+        for node in late:
+            selection.event(node, "late", "no scores within federation.round_timeout")
+        selection.loss = selection.combined()
+        if selection.loss:
+            best = min(selection.loss)
+            tolerance = self.config.aggregation.tau_tolerance
+            selection.chosen = next(tau for tau, loss in zip(selection.candidates, selection.loss) if loss <= best + tolerance)
+        else:
+            selection.chosen = selection.candidates[-1]
+            selection.event(0, "failed", f"no node scored the candidates: tau {selection.chosen} kept")
+        modules = cut(self.exact.modules, selection.ranks[selection.chosen])
+        self.chain.append(GlobalUpdate(modules, self.exact.dense))
+        self._record_ranks(report, modules)
+        self.exact = None
+        return selection
+
+    def _as_received(self, aggregate: Aggregate) -> GlobalUpdate:
+        """The aggregate's shared modules and tensors trained in full as the nodes receive them."""
+        return GlobalUpdate(payload.round_trip(aggregate.modules, self.wire), payload.round_trip_dense(aggregate.dense, self.wire))
+
+    def _advance(self, aggregate: Aggregate, partitions: list[int]) -> None:
+        """The new global state, round-tripped through the wire dtype: what the nodes will hold."""
+        update = self._as_received(aggregate)
+        if self.merges:
+            self.chain.append(update)
+            return
+        self.current = update
+        if aggregate.per_client is not None:
+            self.truncations = {
+                p: payload.round_trip(m, self.wire) for p, m in zip(partitions, aggregate.per_client, strict=True)
+            }
+
+    def _adapter(self, update: ClientUpdate) -> ClientAdapter:
+        modules = {name: self._factors(name, m) for name, m in update.modules.items()}
+        return ClientAdapter(modules, float(update.examples), update.dense)
 
     def _factors(self, name: str, module: dict) -> LoraFactors:
         if self.frozen_a:
-            if name not in self.in_features:
-                raise ValueError(f"a client sent module {name}, which the server's model does not adapt")
-            a = frozen_lora_A(name, module["B"].shape[1], self.in_features[name], self.config.federation.ffa_seed)
+            a = frozen_lora_A(name, module["B"].shape[1], self.shapes[name][1], self.config.federation.ffa_seed)
             return LoraFactors(A=a, B=module["B"], scale=module["scale"])
         return LoraFactors(A=module["A"], B=module["B"], scale=module["scale"])
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return []  # the server evaluates the global model itself (evaluate_fn)
+    # -- federated evaluation -----------------------------------------------------------------
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+    def configure_evaluate(self, server_round: int, nodes: list[int]) -> list[Message]:
+        self._evaluation = EvaluationReport(server_round)
+        messages = []
+        for node in nodes:
+            message, sent = self._instruction(server_round, node, MessageType.EVALUATE)
+            self._evaluation.bytes_down[node] = sent
+            messages.append(message)
+        return messages
+
+    def receive_evaluate(self, node: int, reply: Message) -> list[Message]:
+        report = self._evaluation
+        if reply.has_error():
+            report.event(node, "failed", _error_reason(reply))
+            return []
+        try:
+            identity, status = Identity.from_record(reply.content[IDENTITY]), str(reply.content[IDENTITY]["status"])
+            metrics = dict(reply.content[METRICS])
+            examples, partition = int(metrics.pop("num-examples")), int(metrics.pop("partition-id"))
+            reply_round = int(metrics.pop("round"))
+        except (KeyError, ValueError, TypeError) as error:
+            report.event(node, "rejected", f"malformed reply: {type(error).__name__}: {error}")
+            return []
+        refusal = disagreement(self.identity, identity)
+        if refusal or status == MISMATCH:
+            report.event(node, "refused", refusal or "the node reports settings that differ from the server's", partition)
+            return []
+        if status == GAP:
+            return self._resend(node, reply, report, MessageType.EVALUATE)
+        if status != EVALUATED or reply_round != report.round or not 0 <= examples <= self.limits.max_examples:
+            report.event(node, "rejected", f"evaluation reply: status {status!r}, round {reply_round}, {examples} examples", partition)
+            return []
+        self._confirm(node, reply)
+        metrics.pop("chain-length", None)
+        report.scores.append(NodeScore(node, partition, examples, {k: float(v) for k, v in metrics.items()}))
+        return []
+
+    def finish_evaluate(self, late: list[int]) -> EvaluationReport:
+        report = self._evaluation
+        timeout = self.config.federation.round_timeout
+        for node in late:
+            report.event(node, "late", f"no evaluation reply within federation.round_timeout = {timeout:g} s")
+        report.scores.sort(key=lambda score: score.partition)
+        return report
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _active(self, server_round: int | None = None) -> _RoundState:
+        if self._round is None or (server_round is not None and self._round.report.round != server_round):
+            raise RuntimeError("begin_round must come before a round's instructions and replies")
+        return self._round
+
+
+@dataclass
+class _RoundState:
+    """A train stage in progress: the updates accepted so far and the partitions they claim."""
+
+    report: RoundReport
+    accepted: dict[int, ClientUpdate] = field(default_factory=dict)
+    partitions: dict[int, int] = field(default_factory=dict)
+
+
+def _error_reason(reply: Message) -> str:
+    reason = (reply.error.reason or "").strip()
+    return reason.splitlines()[-1] if reason else f"error code {reply.error.code}"
+
+
+def _client_report(node: int, update: ClientUpdate, bytes_down: int) -> ClientReport:
+    metrics = update.metrics
+    return ClientReport(
+        partition=update.partition,
+        node=node,
+        rank=update.rank,
+        examples=update.examples,
+        train_loss=float(metrics["train-loss"]),
+        train_seconds=float(metrics["train-seconds"]),
+        train_tokens=int(metrics["train-tokens"]),
+        bytes_down=bytes_down,
+        bytes_up=update.bytes_up,
+        peak_rss_mib=float(metrics["peak-rss-mib"]),
+    )

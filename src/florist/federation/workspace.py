@@ -3,13 +3,14 @@
 Simulation workers run different clients in turn, and every client of a round starts from the
 same merged base, so one model per process serves them all. It is advanced in place when a
 new global update arrives, and rebuilt from the pristine weights when a client's chain of
-updates is not an extension of the cached one. Each client wraps that same model with its LoRA
-in place; the next client's call takes the LoRA off again (a copy of the model per client cost
-seconds per message).
+updates is not an extension of the cached one. A client that only trains a LoRA wraps that same
+model in place, and the next call takes the LoRA off again: a copy of the model per message cost
+about 0.8 CPU-seconds for SmolLM2-135M (BENCHMARKS.md, issue 11).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -17,15 +18,17 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from florist.aggregation import GlobalModule
 from florist.config import RunConfig
+from florist.data import Example
 from florist.data.tokenize import encode
-from florist.federation.datasets import federated_data
-from florist.lora.model import detach_lora, merge_into_base
-from florist.models import Precision, best_device, hardware_precision, load_model
+from florist.federation.delivery import GlobalUpdate, apply_update
+from florist.federation.identity import identity_of
+from florist.federation.messages import Identity
+from florist.lora.model import detach_lora, model_tensor
+from florist.models import Precision, hardware_precision, load_model
 
-Update = tuple[str, dict[str, GlobalModule]]
-"""(identifier, modules) of one merged global update; identifiers are unique within a run."""
+Update = tuple[str, GlobalUpdate]
+"""(identifier, update) of one merged global update; identifiers are unique within a run."""
 
 
 @dataclass
@@ -33,54 +36,69 @@ class Workspace:
     config: RunConfig
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
+    identity: Identity
     precision: Precision
-    pristine: dict[str, torch.Tensor]
+    pristine: dict[str, torch.Tensor] = field(default_factory=dict)
     merged: list[str] = field(default_factory=list)
-    features: dict[int, list[dict]] = field(default_factory=dict)
+    tokenised: dict[int, list[dict]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, config: RunConfig) -> Workspace:
-        device = best_device()
+    def load(cls, config: RunConfig, device: str) -> Workspace:
         model, tokenizer = load_model(config.model.name, device)
         model.requires_grad_(False)
-        return cls(config, model, tokenizer, hardware_precision(config.model.autocast, device), {})
+        precision = hardware_precision(config.model.autocast, torch.device(device))
+        return cls(config, model, tokenizer, identity_of(config, model), precision)
 
     def base_after(self, chain: Sequence[Update]) -> nn.Module:
-        """The base model with exactly `chain` merged: the workspace's own model, which the caller
-        may wrap with a LoRA in place (`attach_lora`) and train, until the next call takes it off."""
+        """The base model with exactly `chain` merged, as a private copy the caller may change."""
+        return copy.deepcopy(self._merged(chain))
+
+    def base_to_train(self, chain: Sequence[Update]) -> nn.Module:
+        """The base model with exactly `chain` merged, for a client to wrap with its LoRA (`attach_lora`)
+        and train: the workspace's own model, not a copy, which the next call takes the LoRA off.
+
+        A copy all the same when training changes base tensors in place (`model.lora_bias` trains the
+        model's own biases) or wraps modules other than the LoRA's (`model.modules_to_save`).
+        """
+        settings = self.config.model
+        if settings.lora_bias != "none" or settings.modules_to_save:
+            return self.base_after(chain)
+        return self._merged(chain)
+
+    def _merged(self, chain: Sequence[Update]) -> nn.Module:
         detach_lora(self.model)
         ids = [identifier for identifier, _ in chain]
         if ids[: len(self.merged)] != self.merged:
             self._restore()
-        for identifier, modules in chain[len(self.merged) :]:
-            for name in modules:
-                self.pristine.setdefault(name, self.model.get_submodule(name).weight.detach().clone())
-            merge_into_base(self.model, modules)
+        for identifier, update in chain[len(self.merged) :]:
+            # Keyed as model_tensor finds them: the adapted weights, and the tensors trained in full.
+            for name in [*(f"{module}.weight" for module in update.modules), *update.dense]:
+                self.pristine.setdefault(name, model_tensor(self.model, name).detach().clone())
+            apply_update(self.model, update)
             self.merged.append(identifier)
         return self.model
 
     def _restore(self) -> None:
         with torch.no_grad():
-            for name, weight in self.pristine.items():
-                self.model.get_submodule(name).weight.copy_(weight)
+            for name, value in self.pristine.items():
+                model_tensor(self.model, name).copy_(value)
         self.merged = []
 
-    def client_features(self, partition: int) -> list[dict]:
-        """Tokenised training examples of one client, tokenised once per process."""
-        if partition not in self.features:
-            examples = federated_data(self.config).clients[partition]
+    def features(self, partition: int, examples: list[Example]) -> list[dict]:
+        """One client's training examples, tokenised once per process."""
+        if partition not in self.tokenised:
             data = self.config.data
-            self.features[partition] = [encode(self.tokenizer, e, data.template, data.max_length) for e in examples]
-        return self.features[partition]
+            self.tokenised[partition] = [encode(self.tokenizer, e, data.template, data.max_length) for e in examples]
+        return self.tokenised[partition]
 
 
 _current: tuple[str, Workspace] | None = None
 
 
-def workspace_for(config: RunConfig, run_id: int) -> Workspace:
-    """This process's workspace for a run; a new run or configuration replaces it."""
+def workspace_for(config: RunConfig, run_id: int, device: str) -> Workspace:
+    """This process's workspace for a run; a new run, configuration or device replaces it."""
     global _current
-    key = f"{run_id}:{config.model_dump_json()}"
+    key = f"{run_id}:{device}:{config.model_dump_json()}"
     if _current is None or _current[0] != key:
-        _current = (key, Workspace.load(config))
+        _current = (key, Workspace.load(config, device))
     return _current[1]

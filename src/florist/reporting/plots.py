@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 LAYER = re.compile(r"\.(\d+)\.")
 
@@ -18,7 +20,12 @@ def _trained(rounds: list[dict]) -> list[dict]:
     return [r for r in rounds if r.get("clients")]
 
 
-def plot_loss(rounds: list[dict], target: Path) -> None:
+# Held-out losses the server may measure after a round (round 0: the base model), and their legend.
+HELD_OUT = {"test_loss": "test (held out)", "val_loss": "validation (held out)"}
+
+
+def loss_figure(rounds: list[dict]) -> Figure:
+    """Each client's and the weighted mean training loss per round, and every held-out loss where measured."""
     trained = _trained(rounds)
     fig, ax = plt.subplots(figsize=(6, 4))
     partitions = sorted({c["partition"] for r in trained for c in r["clients"]})
@@ -26,9 +33,20 @@ def plot_loss(rounds: list[dict], target: Path) -> None:
         points = [(r["round"], c["train_loss"]) for r in trained for c in r["clients"] if c["partition"] == partition]
         ax.plot(*zip(*points), marker="o", alpha=0.4, label=f"client {partition}")
     ax.plot([r["round"] for r in trained], [r["train_loss"] for r in trained], "k-o", lw=2, label="weighted mean")
-    ax.set(xlabel="round", ylabel="training loss", title="Local training loss")
+    for key, label in HELD_OUT.items():
+        measured = [(r["round"], r["evaluation"][key]) for r in rounds if key in r.get("evaluation", {})]
+        if measured:
+            ax.plot(*zip(*measured), "--s", lw=2, label=label)
+    ax.set(xlabel="round", ylabel="loss (mean NLL per token)", title="Training and held-out loss")
+    # Rounds are whole numbers; matplotlib's default locator puts ticks at 1.25, 1.5, ...
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
+    return fig
+
+
+def plot_loss(rounds: list[dict], target: Path) -> None:
+    fig = loss_figure(rounds)
     fig.savefig(target, dpi=120)
     plt.close(fig)
 

@@ -1,0 +1,48 @@
+"""What the server prints: one line per client reply as it arrives, one per event that was not a
+plain success, and a table per round."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+def show_reply(server_round: int, node: int, partition: int, rank: int, examples: int, loss: float, seconds: float) -> None:
+    console.print(
+        f"round {server_round} client {partition} (node {node}): rank {rank}, {examples} examples, "
+        f"loss {loss:.3f}, trained {seconds:.1f} s"
+    )
+
+
+def show_event(server_round: int, node: int, status: str, reason: str) -> None:
+    if status != "accepted":
+        console.print(f"round {server_round}: node {node} {status}: {reason}")
+
+
+def show_round(record: dict) -> None:
+    table = Table(title=f"round {record['round']}", title_justify="left")
+    for column in ("client", "node", "rank", "examples", "loss", "train s", "down KiB", "up KiB"):
+        table.add_column(column, justify="right")
+    for c in record.get("clients", []):
+        table.add_row(
+            str(c["partition"]), str(c["node"]), str(c["rank"]), str(c["examples"]), f"{c['train_loss']:.3f}",
+            f"{c['train_seconds']:.1f}", f"{c['bytes_down'] / 1024:.0f}", f"{c['bytes_up'] / 1024:.0f}",
+        )
+    if record.get("clients"):
+        console.print(table)
+    if "total_rank" in record:
+        console.print(
+            f"round {record['round']}: {len(record['clients'])} of {len(record['sampled'])} sampled clients aggregated "
+            f"(quorum {record['quorum']}) in {record['aggregation_seconds']:.3f} s, total rank kept {record['total_rank']}"
+        )
+    selection = record.get("tau_selection")
+    if selection:
+        losses = ", ".join(f"{tau}: {loss:.4f}" for tau, loss in zip(selection["candidates"], selection["validation_loss"]))
+        console.print(f"round {record['round']} automatic tau {selection['chosen']} (validation loss {losses or 'not scored'})")
+    for label, scores in (("evaluation", record["evaluation"]), ("federated evaluation", record.get("federated_evaluation", {}).get("combined"))):
+        if scores:
+            # The headline figures; per-category ones are in metrics.jsonl.
+            shown = {k: round(v, 4) for k, v in scores.items() if isinstance(v, float) and "/" not in k}
+            console.print(f"round {record['round']} {label}: {shown}")

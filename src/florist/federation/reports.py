@@ -1,0 +1,130 @@
+"""What each stage of a round did, as recorded in the run's metrics file."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from florist.federation.console import show_event
+
+
+@dataclass
+class Event:
+    """Something that happened to one node in a stage: accepted, failed, late, refused, rejected, resent."""
+
+    node: int
+    status: str
+    reason: str = ""
+    partition: int | None = None
+
+
+@dataclass
+class Stage:
+    """One train or evaluate stage: its events, bytes sent per node, resends per node."""
+
+    round: int
+    events: list[Event] = field(default_factory=list)
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    """Payload bytes sent to each node (resends included)."""
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    """Payload bytes received from each node, its rejected replies included."""
+    resends: dict[int, int] = field(default_factory=dict)
+
+    def event(self, node: int, status: str, reason: str = "", partition: int | None = None) -> None:
+        self.events.append(Event(node, status, reason, partition))
+        show_event(self.round, node, status, reason)
+
+
+@dataclass
+class ClientReport:
+    partition: int
+    node: int
+    rank: int
+    examples: int
+    train_loss: float
+    train_seconds: float
+    train_tokens: int
+    bytes_down: int
+    bytes_up: int
+    peak_rss_mib: float
+
+
+@dataclass
+class RoundReport(Stage):
+    """What one train stage (a round) did, for the run's metrics file."""
+
+    sampled: list[int] = field(default_factory=list)
+    quorum: int = 0
+    attempts: int = 0
+    clients: list[ClientReport] = field(default_factory=list)
+    aggregation_seconds: float = 0.0
+    ranks: dict[str, int] = field(default_factory=dict)
+    energy: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def train_loss(self) -> float:
+        return sum(c.train_loss * c.examples for c in self.clients) / sum(c.examples for c in self.clients)
+
+
+@dataclass
+class NodeScore:
+    node: int
+    partition: int
+    examples: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class EvaluationReport(Stage):
+    """A federated evaluation stage: each node's scores and their example-weighted means."""
+
+    scores: list[NodeScore] = field(default_factory=list)
+
+    def combined(self) -> dict[str, float]:
+        """Every node's scores combined: losses per token over all nodes' tokens, the other
+        metrics weighted by each node's test examples."""
+        combined: dict[str, float] = {}
+        for split in ("test", "val"):
+            loss, count = f"{split}_loss", f"{split}_tokens"
+            counted = [s for s in self.scores if loss in s.metrics and s.metrics.get(count, 0) > 0]
+            if counted:
+                tokens = sum(s.metrics[count] for s in counted)
+                combined[loss] = sum(s.metrics[loss] * s.metrics[count] for s in counted) / tokens
+                combined[count] = tokens
+                combined[f"{split}_perplexity"] = math.exp(combined[loss])
+        tested = [s for s in self.scores if s.examples > 0]
+        if tested:
+            examples = sum(s.examples for s in tested)
+            shared = set.intersection(*(set(s.metrics) for s in tested)) - set(combined)
+            combined |= {key: sum(s.metrics[key] * s.examples for s in tested) / examples for key in shared}
+            combined["examples"] = examples
+        return dict(sorted(combined.items()))
+
+
+@dataclass
+class TauSelection(Stage):
+    """Automatic tau: each node's validation loss for every candidate cut, and the choice."""
+
+    candidates: list[float] = field(default_factory=list)
+    ranks: dict[float, dict[str, int]] = field(default_factory=dict)
+    scores: dict[int, tuple[int, int, list[float]]] = field(default_factory=dict)
+    """node -> (partition, validation tokens, loss per candidate)."""
+    loss: list[float] = field(default_factory=list)
+    chosen: float | None = None
+
+    def combined(self) -> list[float]:
+        """Each candidate's validation loss per token over every node that scored."""
+        tokens = sum(t for _, t, _ in self.scores.values())
+        if not tokens:
+            return []
+        return [sum(t * losses[i] for _, t, losses in self.scores.values()) / tokens for i in range(len(self.candidates))]
+
+    def record(self) -> dict:
+        return {
+            "candidates": self.candidates,
+            "validation_loss": self.loss,
+            "chosen": self.chosen,
+            "total_rank": {str(tau): sum(ranks.values()) for tau, ranks in self.ranks.items()},
+            "nodes": [{"node": n, "partition": p, "tokens": t, "loss": losses} for n, (p, t, losses) in sorted(self.scores.items())],
+            "events": [vars(e) for e in self.events],
+        }

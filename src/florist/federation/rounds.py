@@ -1,0 +1,84 @@
+"""Sending one stage's instructions and taking the replies as they arrive, until a deadline.
+
+Flower's `Grid.send_and_receive` returns all replies at the end; this loop uses the same
+`push_messages`/`pull_messages` so that each reply is handled (validated, folded into the
+aggregate, then dropped) as soon as it arrives, a node with a gap in its chain can be sent
+what it lacks within the same round, and stragglers are cut off at the deadline. Replies to
+an earlier stage's messages are never pulled: they belong to the round they were sent for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from florist.config import FederationConfig
+from florist.federation.reports import EvaluationReport, RoundReport, TauSelection
+from florist.federation.sampling import nodes_for_round
+from florist.federation.strategy import LoraStrategy
+
+POLL_SECONDS = 0.2
+
+Handler = Callable[[int, Message], Iterable[Message]]
+"""Handles one reply from a node; returns follow-up instructions (a resend to a node with a gap).
+
+The node id is the one the instruction went to: an error reply for a node the SuperLink
+declared lost comes from the SuperLink itself."""
+
+
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float, handle: Handler) -> list[int]:
+    """Push `messages`, hand each reply to `handle` as it arrives, push its follow-ups, and
+    return the nodes that had not replied when `timeout` seconds had passed."""
+    waiting: dict[str, int] = {}
+
+    def push(batch: Iterable[Message]) -> None:
+        batch = list(batch)
+        for message_id, message in zip(grid.push_messages(batch), batch, strict=True):
+            waiting[message_id] = message.metadata.dst_node_id
+
+    push(messages)
+    deadline = time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(waiting)):
+            node = waiting.pop(reply.metadata.reply_to_message_id, None)
+            if node is not None:
+                push(handle(node, reply))
+        if waiting:
+            time.sleep(POLL_SECONDS)
+    return sorted(waiting.values())
+
+
+def train_stage(grid: Grid, strategy: LoraStrategy, federation: FederationConfig, seed: int, server_round: int, first: bool) -> RoundReport:
+    """One round's training: sample, send, take replies until the deadline, retry the nodes that
+    did not deliver while the quorum is missed, then aggregate. Never waits without a bound."""
+    sampled = nodes_for_round(grid, federation, seed, server_round, first)
+    strategy.begin_round(server_round, sampled)
+    nodes = sampled
+    for attempt in range(federation.round_retries + 1):
+        late = exchange(grid, strategy.configure_train(server_round, nodes), federation.round_timeout, strategy.receive_train)
+        strategy.note_late(late)
+        if strategy.has_quorum():
+            return strategy.finish_round()
+        connected = set(grid.get_node_ids())
+        nodes = [node for node in strategy.pending() if node in connected]
+        if not nodes or attempt == federation.round_retries:
+            break
+        print(f"round {server_round}: quorum missed, asking {len(nodes)} nodes again (retry {attempt + 1} of {federation.round_retries})", flush=True)
+    raise strategy.quorum_failure()
+
+
+def evaluate_stage(grid: Grid, strategy: LoraStrategy, federation: FederationConfig, server_round: int) -> EvaluationReport:
+    """Every connected node scores the current global model on its own held-out examples."""
+    nodes = sorted(grid.get_node_ids())
+    late = exchange(grid, strategy.configure_evaluate(server_round, nodes), federation.round_timeout, strategy.receive_evaluate)
+    return strategy.finish_evaluate(late)
+
+
+def select_stage(grid: Grid, strategy: LoraStrategy, federation: FederationConfig, report: RoundReport) -> TauSelection:
+    """Automatic tau: the round's clients score the candidate cuts of its exact update."""
+    nodes = [client.node for client in report.clients]
+    late = exchange(grid, strategy.configure_select(report.round, nodes), federation.round_timeout, strategy.receive_select)
+    return strategy.finish_select(late)

@@ -1,0 +1,181 @@
+"""Every client reply is checked against the server's own model before it is aggregated.
+
+A reply that fails a check is rejected for its round with a reason; it never reaches the
+aggregate and never crashes the server. The checks are against what the server knows, never
+against another client, so one bad client cannot get good ones blamed.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from flwr.app import Message
+
+from florist.config import RunConfig
+from florist.federation import payload
+from florist.federation.messages import ADAPTER, METRICS
+
+MiB = 2**20
+ARRAY_OVERHEAD = 256
+"""Bytes an array may add to its raw data on the wire: its .npy header (128) and key suffix."""
+
+
+REPORTED_METRICS = ("train-loss", "train-seconds", "train-tokens", "peak-rss-mib")
+"""Numbers every trained reply reports about itself, recorded per client."""
+
+
+class Rejected(ValueError):
+    """A reply the server refuses for this round; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    shapes: Mapping[str, tuple[int, int]]
+    """(m, n) of every module the server adapts."""
+    dense: Mapping[str, tuple[int, ...]]
+    """The shape of every tensor trained in full that the server's model has for these settings."""
+    max_rank: int
+    max_bytes: int
+    min_examples: int
+    max_examples: int
+    norm_factor: float
+
+    @classmethod
+    def for_run(
+        cls, config: RunConfig, shapes: Mapping[str, tuple[int, int]], dense: Mapping[str, tuple[int, ...]] | None = None
+    ) -> Limits:
+        """Limits from the configuration; a size cap below what the configured ranks need is an error."""
+        wire, dense = config.wire.upload, dict(dense or {})
+        needed = sum(m + n for m, n in shapes.values()) * config.rank_cap * payload.VALUE_BYTES[wire]
+        arrays_per_module = 4 if wire == "int8" else 2  # int8 factors travel with their row scales
+        needed += sum(arrays_per_module * (ARRAY_OVERHEAD + len(name)) + (8 * config.rank_cap if wire == "int8" else 0) for name in shapes)
+        dense_bytes = payload.VALUE_BYTES[payload.dense_format(wire)]
+        needed += sum(math.prod(shape) * dense_bytes + ARRAY_OVERHEAD + len(payload.DENSE_PREFIX + name) for name, shape in dense.items())
+        cap_mb = config.validation.max_message_mb
+        if cap_mb is not None and cap_mb * MiB < needed:
+            raise ValueError(
+                f"validation.max_message_mb {cap_mb:g} is below the {needed / MiB:.3f} MiB an adapter of rank "
+                f"{config.rank_cap} needs on this model"
+            )
+        return cls(
+            shapes=dict(shapes),
+            dense=dense,
+            max_rank=config.rank_cap,
+            max_bytes=int(cap_mb * MiB) if cap_mb is not None else needed,
+            min_examples=config.validation.min_examples,
+            max_examples=config.validation.max_examples,
+            norm_factor=config.validation.norm_factor,
+        )
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """A reply that passed every per-reply check."""
+
+    modules: dict[str, dict]
+    """{module: {"A"?, "B", "scale"}} in float32, as `payload.take` reads them."""
+    dense: dict[str, torch.Tensor]
+    """The tensors trained in full, in float32, as `payload.take_dense` reads them."""
+    examples: int
+    partition: int
+    rank: int
+    metrics: dict
+    bytes_up: int
+
+
+def check_reply(reply: Message, limits: Limits, factors: str = "AB") -> ClientUpdate:
+    """The reply's update, or `Rejected` with the first reason it fails."""
+    try:
+        content = reply.content
+        metrics = dict(content[METRICS])
+        adapter = content[ADAPTER]
+        examples, partition = metrics["num-examples"], metrics["partition-id"]
+        size = adapter.count_bytes()
+        if size > limits.max_bytes:
+            raise Rejected(f"adapter payload is {size / MiB:.3f} MiB, above the cap of {limits.max_bytes / MiB:.3f} MiB")
+        modules = payload.take(content, ADAPTER)
+        dense = payload.take_dense(content, ADAPTER)
+    except Rejected:
+        raise
+    except (KeyError, ValueError, TypeError, AttributeError) as error:
+        raise Rejected(f"malformed reply: {type(error).__name__}: {error}") from None
+    if not (isinstance(examples, int) and limits.min_examples <= examples <= limits.max_examples):
+        raise Rejected(f"num-examples {examples!r} is outside [{limits.min_examples}, {limits.max_examples}]")
+    if not isinstance(partition, int) or partition < 0:
+        raise Rejected(f"partition-id {partition!r} is not an integer >= 0")
+    for key in REPORTED_METRICS:
+        value = metrics.get(key)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise Rejected(f"metric {key} is {value!r}, not a finite number")
+    missing, extra = set(limits.shapes) - set(modules), set(modules) - set(limits.shapes)
+    if missing or extra:
+        name = sorted(missing or extra)[0]
+        raise Rejected(f"{'lacks' if missing else 'sends a module the server does not adapt:'} module {name}")
+    ranks = set()
+    for name, module in modules.items():
+        ranks.add(_check_module(name, module, limits, factors))
+    _check_dense(dense, limits)
+    return ClientUpdate(
+        modules=modules,
+        dense=dense,
+        examples=examples,
+        partition=partition,
+        rank=max(ranks),
+        metrics=metrics,
+        bytes_up=size,
+    )
+
+
+def _check_module(name: str, module: dict, limits: Limits, factors: str) -> int:
+    m, n = limits.shapes[name]
+    if set(module) != {"scale", *factors}:
+        raise Rejected(f"module {name} carries {sorted(set(module) - {'scale'})}, expected {list(factors)}")
+    b = module["B"]
+    rank = b.shape[1] if b.ndim == 2 else -1
+    if b.ndim != 2 or b.shape[0] != m:
+        raise Rejected(f"module {name}: lora_B is {tuple(b.shape)}, expected {m} x rank")
+    if "A" in module and tuple(module["A"].shape) != (rank, n):
+        raise Rejected(f"module {name}: lora_A is {tuple(module['A'].shape)}, expected {rank} x {n}")
+    if not 1 <= rank <= limits.max_rank:
+        raise Rejected(f"module {name}: rank {rank} is outside [1, {limits.max_rank}] (validation.max_rank)")
+    scale = module["scale"]
+    if not (math.isfinite(scale) and scale != 0):
+        raise Rejected(f"module {name}: scale {scale!r} is not a finite non-zero number")
+    for factor in factors:
+        if not torch.isfinite(module[factor]).all():
+            raise Rejected(f"module {name}: lora_{factor} holds NaN or Inf values")
+    return rank
+
+
+def _check_dense(dense: Mapping[str, torch.Tensor], limits: Limits) -> None:
+    """The tensors trained in full the server's model expects for these settings, at its shapes, finite."""
+    missing, extra = set(limits.dense) - set(dense), set(dense) - set(limits.dense)
+    if missing or extra:
+        name = sorted(missing or extra)[0]
+        if missing:
+            raise Rejected(f"lacks tensor {name}, trained in full with model.lora_bias / model.modules_to_save")
+        raise Rejected(f"sends tensor {name}, which model.lora_bias / model.modules_to_save do not train in full")
+    for name, tensor in dense.items():
+        if tuple(tensor.shape) != tuple(limits.dense[name]):
+            raise Rejected(f"tensor {name} is {tuple(tensor.shape)}, expected {tuple(limits.dense[name])}")
+        if not torch.isfinite(tensor).all():
+            raise Rejected(f"tensor {name} holds NaN or Inf values")
+
+
+def outliers(norms: Mapping[int, float], factor: float) -> dict[int, str]:
+    """The updates whose norm is more than `factor` times the round's median, with the reason.
+
+    With fewer than three updates a median says nothing about which one is off: none is flagged.
+    """
+    if len(norms) < 3:
+        return {}
+    median = statistics.median(norms.values())
+    return {
+        key: f"update norm {norm:.4g} is more than {factor:g}x the round's median {median:.4g} (validation.norm_factor)"
+        for key, norm in norms.items()
+        if not norm <= factor * median
+    }

@@ -1,0 +1,200 @@
+"""Flower's deployment engine on loopback: a SuperLink and three SuperNodes as separate processes,
+TLS and SuperNode authentication on, each SuperNode with its own data file, the job submitted
+with `flwr run` as an operator would, and its run directory checked against the same federation
+run in simulation.
+
+The apps are driven only through the run config's `config-file` and the nodes' `--node-config`,
+so these tests hold while the apps' internals change. The module takes about 4 minutes on the
+shared 2-core machine at load 7 to 16, most of it the two runs (BENCHMARKS.md, "Deployment engine").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import tomli_w
+import torch
+from flwr.cli.build import build_fab_from_disk
+from safetensors.torch import load_file
+
+from deployment import PROJECT, Deployment, still_running
+from federations import CLIENT_RANKS, ROUNDS, federation_config
+from florist.config import RunConfig
+from florist.federation.datasets import federated_data
+from florist.federation.simulation import run_federation
+from florist.reporting.run_directory import read_rounds
+
+SITES = len(CLIENT_RANKS)
+RUN_TIMEOUT_SECONDS = 600
+
+
+def write_config(config: RunConfig, path: Path) -> Path:
+    path.write_text(tomli_w.dumps(config.model_dump(exclude_none=True)))
+    return path
+
+
+@dataclass
+class DeployedRun:
+    deployment: Deployment
+    run_id: int
+    status: str
+    run_dir: Path
+    server_log: str
+
+    def failure(self) -> str:
+        """Why the run did not complete, for an assertion's message."""
+        details = self.deployment.run_info(self.run_id).get("status-details")
+        return f"{self.status}: {details}\n{self.server_log[-4000:]}"
+
+
+def write_examples(path: Path, examples: list) -> None:
+    path.write_text(json.dumps([dataclasses.asdict(example) for example in examples]))
+
+
+@pytest.fixture(scope="module")
+def site_data(tiny_model_dir, tmp_path_factory) -> Path:
+    """Each site's own training file, laid out as `data.partition = "given"` reads a directory
+    (client_<k>.json beside test.json): the embedded task's split of the run's configuration, each
+    client's examples reversed, so that a node that ignored its data= file and derived its part of
+    the split instead would train on other batches, and its result would differ."""
+    directory = tmp_path_factory.mktemp("sites")
+    split = federated_data(federation_config(tiny_model_dir, directory / "unused", "florist"))
+    for site, examples in enumerate(split.clients):
+        write_examples(directory / f"client_{site}.json", examples[::-1])
+    write_examples(directory / "test.json", split.test)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def deployed(tiny_model_dir, site_data, tmp_path_factory) -> DeployedRun:
+    root = tmp_path_factory.mktemp("deployment")
+    config = write_config(federation_config(tiny_model_dir, root / "run", "florist"), root / "florist.toml")
+    deployment = Deployment(root)
+    processes = []
+    try:
+        deployment.start_superlink()
+        for site in range(SITES):
+            deployment.add_supernode(f"site{site}", {"partition-id": site, "data": str(site_data / f"client_{site}.json")})
+        deployment.wait_for_nodes()
+        run_id = deployment.submit({"config-file": str(config)})
+        status = deployment.wait(run_id, RUN_TIMEOUT_SECONDS)
+        processes = deployment.processes()
+        yield DeployedRun(deployment, run_id, status, root / "run", deployment.log(run_id))
+    finally:
+        deployment.stop()
+    leftover = still_running(processes)
+    assert not leftover, f"processes outlived the deployment: {leftover}"
+
+
+@pytest.fixture(scope="module")
+def simulated(tiny_model_dir, site_data, tmp_path_factory) -> Path:
+    """The same federation in simulation, its clients reading the sites' files from one directory."""
+    run_dir = tmp_path_factory.mktemp("simulation") / "run"
+    given = [f"data.source={json.dumps(str(site_data))}", 'data.partition="given"']
+    return run_federation(federation_config(tiny_model_dir, run_dir, "florist", *given))
+
+
+def test_flwr_run_completes_every_round_on_the_three_supernodes(deployed):
+    assert deployed.status == "finished:completed", deployed.failure()
+    rounds = read_rounds(deployed.run_dir)
+    assert [record["round"] for record in rounds] == list(range(ROUNDS + 1))
+    node_ids = {node.node_id for node in deployed.deployment.supernodes.values()}
+    assert len(node_ids) == SITES and node_ids <= deployed.deployment.online_nodes()
+    for record in rounds[1:]:
+        assert [client["partition"] for client in record["clients"]] == list(range(SITES))
+        assert {client["node"] for client in record["clients"]} == node_ids
+    assert (deployed.run_dir / "summary.json").is_file()
+    assert f"round {ROUNDS}" in deployed.server_log
+
+
+def comparable(record: dict) -> dict:
+    """A metrics record as two runs of one federation on any engine must agree on: every node id
+    (the engines assign their own) replaced by its site's partition, without wall-clock and memory
+    readings, and with lists in a canonical order (replies are listed as they arrived)."""
+    site = {str(client["node"]): f"site{client['partition']}" for client in record.get("clients", [])}
+
+    def canonical(value):
+        if isinstance(value, dict):
+            return {site.get(key, key): canonical(item) for key, item in value.items()
+                    if not any(word in key for word in ("seconds", "rss"))}
+        if isinstance(value, list):
+            return sorted((canonical(item) for item in value), key=lambda item: json.dumps(item, sort_keys=True))
+        if isinstance(value, int) and not isinstance(value, bool):
+            return site.get(str(value), value)
+        if isinstance(value, str):
+            for node, name in site.items():
+                value = value.replace(node, name)
+        return value
+
+    return canonical(record)
+
+
+def test_deployment_gives_the_simulations_result(deployed, simulated):
+    assert deployed.status == "finished:completed", deployed.failure()
+    deployed_rounds, simulated_rounds = read_rounds(deployed.run_dir), read_rounds(simulated)
+    assert len(deployed_rounds) == len(simulated_rounds) == ROUNDS + 1
+    for deployed_round, simulated_round in zip(deployed_rounds, simulated_rounds, strict=True):
+        assert comparable(deployed_round) == comparable(simulated_round)
+    # The rounds did train: the check above compares changing numbers, not two copies of the base.
+    assert deployed_rounds[-1]["evaluation"]["test_loss"] != deployed_rounds[0]["evaluation"]["test_loss"]
+
+    summaries = [json.loads((path / "summary.json").read_text()) for path in (deployed.run_dir, simulated)]
+    assert summaries[0] == summaries[1]
+    for weights in ("adapter/adapter_model.safetensors", "model/model.safetensors"):
+        deployed_tensors = load_file(deployed.run_dir / "final" / weights)
+        simulated_tensors = load_file(simulated / "final" / weights)
+        assert deployed_tensors.keys() == simulated_tensors.keys()
+        for name, tensor in deployed_tensors.items():
+            torch.testing.assert_close(tensor, simulated_tensors[name], rtol=1e-5, atol=1e-6, msg=f"{weights}: {name}")
+
+
+def test_unregistered_node_key_is_refused_and_every_process_is_stopped(tmp_path):
+    with pytest.raises(RuntimeError, match="the test fails here"), Deployment(tmp_path) as deployment:
+        deployment.start_superlink()
+        deployment.add_supernode("registered", {"partition-id": 0, "num-partitions": 1})
+        intruder = deployment.add_supernode("intruder", {"partition-id": 0, "num-partitions": 1}, register=False)
+        returncode = intruder.started.popen.wait(timeout=120)
+        deployment.wait_for_nodes()
+        processes = deployment.processes()
+        online = deployment.online_nodes()
+        raise RuntimeError("the test fails here")
+
+    assert returncode != 0
+    assert "Failed to activate SuperNode" in intruder.started.output()
+    assert "No SuperNode found with the given public key" in deployment.superlink.output()
+    assert online == {deployment.supernodes["registered"].node_id}
+    # The SuperLink, the registered SuperNode and the superexec each of them started.
+    assert len(processes) >= 4
+    leftover = still_running(processes)
+    assert not leftover, f"processes outlived a failing test: {leftover}"
+
+
+def fab_files(project: Path) -> list[str]:
+    return zipfile.ZipFile(io.BytesIO(build_fab_from_disk(project))).namelist()
+
+
+def test_fab_sent_to_the_nodes_holds_the_package_and_nothing_else(tmp_path):
+    files = fab_files(PROJECT)
+    package = sorted(str(path.relative_to(PROJECT)) for path in (PROJECT / "src" / "florist").rglob("*.py"))
+    assert sorted(name for name in files if name.endswith(".py")) == package
+    assert "src/florist/configs/default.toml" in files
+
+    # A checkout holding a site's data, run directories and notes: none of them is packed.
+    project = tmp_path / "checkout"
+    shutil.copytree(PROJECT / "src" / "florist", project / "src" / "florist", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PROJECT / "pyproject.toml", project)
+    decoys = ["data/train.jsonl", "runs/20260101-florist/metrics.jsonl", "runs/20260101-florist/config.toml",
+              "notes.md", "benchmarks/results/results.json", "site/client_0.json", ".venv/lib/site.py"]
+    for decoy in decoys:
+        (project / decoy).parent.mkdir(parents=True, exist_ok=True)
+        (project / decoy).write_text("{}\n")
+    packed = fab_files(project)
+    assert not set(decoys) & set(packed)
+    assert sorted(name for name in packed if name.endswith(".py")) == package

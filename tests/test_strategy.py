@@ -1,0 +1,190 @@
+"""The strategy message by message, with hand-built client replies: what each node is sent, what
+counts as delivered, and what each method makes of the replies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import Message, MessageType, MetricRecord, RecordDict
+
+from florist.aggregation import ClientAdapter, GlobalModule, LoraFactors, make_aggregator
+from florist.config import RunConfig
+from florist.federation import payload
+from florist.federation.identity import settings_fingerprint
+from florist.federation.messages import ADAPTER, GAP, GLOBAL, IDENTITY, METRICS, TRAINED, Identity, Instruction, update_key
+from florist.federation.strategy import LoraStrategy
+from florist.lora.model import frozen_lora_A
+
+CLIENT_RANKS = [2, 4, 8]
+MODULES = {"layers.0.q_proj": (6, 5), "layers.0.v_proj": (4, 5)}
+PARTITION_OF = {11: 0, 22: 1, 33: 2}
+
+pytestmark = pytest.mark.usefixtures("server_task")
+
+
+def identity_for(config: RunConfig, digest: str = "model-digest") -> Identity:
+    settings = config.shared_settings()
+    return Identity(settings_fingerprint(settings), settings, digest)
+
+
+def strategy_for(method: str, ranks: list[int] = CLIENT_RANKS, **federation) -> LoraStrategy:
+    config = RunConfig.model_validate(
+        {"federation": {"num_clients": len(ranks), "ranks": ranks, **federation}, "aggregation": {"method": method, "tau": 0.9}}
+    )
+    return LoraStrategy(config, MODULES, identity_for(config))
+
+
+def client_factors(rank: int, seed: int, method: str) -> dict[str, LoraFactors]:
+    generator = torch.Generator().manual_seed(seed)
+    factors = {}
+    for name, (m, n) in MODULES.items():
+        a = frozen_lora_A(name, rank, n, 1234) if method == "ffa" else torch.randn(rank, n, generator=generator)
+        factors[name] = LoraFactors(A=a, B=torch.randn(m, rank, generator=generator), scale=2.0)
+    return factors
+
+
+def reply(strategy: LoraStrategy, instruction: Message, partition: int, factors: dict[str, LoraFactors], chain_length: int | None = None) -> Message:
+    content = RecordDict({IDENTITY: strategy.identity.record(TRAINED)})
+    frozen = strategy.config.aggregation.method == "ffa"
+    payload.put(content, ADAPTER, factors, "float32", factors="B" if frozen else "AB")
+    held = len(Instruction.read(instruction).chain) if chain_length is None else chain_length
+    content[METRICS] = MetricRecord(
+        {
+            "round": Instruction.read(instruction).round,
+            "partition-id": partition,
+            "chain-length": held,
+            "num-examples": 10 + partition,
+            "rank": max(f.rank for f in factors.values()),
+            "train-loss": 1.0,
+            "train-steps": 1,
+            "train-tokens": 5,
+            "train-seconds": 0.1,
+            "peak-rss-mib": 1.0,
+        }
+    )
+    return Message(content, reply_to=instruction)
+
+
+def play_round(strategy: LoraStrategy, server_round: int, partition_of: dict[int, int] = PARTITION_OF):
+    """Instructions to every node, a reply from each, the aggregate; returns instructions and adapters."""
+    strategy.begin_round(server_round, list(partition_of))
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(server_round, list(partition_of))}
+    adapters = {}
+    for node in reversed(list(partition_of)):  # replies arrive in any order
+        partition = partition_of[node]
+        adapters[partition] = client_factors(CLIENT_RANKS[partition], seed=100 * server_round + partition, method=strategy.config.aggregation.method)
+        assert strategy.receive_train(node, reply(strategy, messages[node], partition, adapters[partition])) == []
+    report = strategy.finish_round()
+    return messages, adapters, report
+
+
+def sent_payloads(message: Message) -> list[str]:
+    return [key for key in message.content if key not in ("config",) and not key.endswith(":scales")]
+
+
+def assert_modules_equal(received: dict[str, dict], expected: dict[str, GlobalModule], factors: str = "AB") -> None:
+    assert list(received) == list(expected)
+    for name, module in expected.items():
+        assert set(received[name]) == {"scale", *factors}
+        assert received[name]["scale"] == pytest.approx(module.scale)
+        for factor in factors:
+            assert torch.equal(received[name][factor], getattr(module, factor).float())
+
+
+
+@pytest.mark.parametrize("method", ["florist", "flora"])
+def test_merge_methods_send_each_update_until_a_reply_confirms_it(method):
+    strategy = strategy_for(method)
+    messages, _, report = play_round(strategy, 1)
+    assert all(sent_payloads(m) == [] for m in messages.values())
+    assert all(Instruction.read(m).round == 1 and m.metadata.message_type == MessageType.TRAIN for m in messages.values())
+    assert [c.bytes_down for c in report.clients] == [0, 0, 0]
+    assert [c.partition for c in report.clients] == [0, 1, 2]
+
+    messages, _, report = play_round(strategy, 2)
+    for message in messages.values():
+        assert sent_payloads(message) == [update_key(1)]
+        assert Instruction.read(message).chain == strategy.chain.digests[:1]
+        assert_modules_equal(payload.take(message.content, update_key(1)), strategy.chain.updates[0].modules)
+    assert [c.bytes_down for c in report.clients] == [messages[11].content[update_key(1)].count_bytes()] * 3
+
+    # Node 33's round-2 reply never came: it is sent update 1 again. A new node 44 gets the whole chain.
+    strategy.chain.confirmed[33] = 0
+    nodes = {11: 0, 22: 1, 33: 2, 44: 2}
+    strategy.begin_round(3, list(nodes))
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(3, list(nodes))}
+    assert sent_payloads(messages[11]) == sent_payloads(messages[22]) == [update_key(2)]
+    assert sent_payloads(messages[33]) == sent_payloads(messages[44]) == [update_key(1), update_key(2)]
+
+
+def test_a_node_with_a_gap_is_sent_what_it_lacks_within_the_round():
+    strategy = strategy_for("florist")
+    play_round(strategy, 1)
+    play_round(strategy, 2)
+    strategy.begin_round(3, [11])
+    (instruction,) = strategy.configure_train(3, [11])
+    assert sent_payloads(instruction) == [update_key(2)]  # node 11 confirmed update 1 in its round-2 reply
+    gap = RecordDict({IDENTITY: strategy.identity.record(GAP), METRICS: MetricRecord({"round": 3, "partition-id": 0, "needs-update": 1})})
+    (resend,) = strategy.receive_train(11, Message(gap, reply_to=instruction))
+    assert sent_payloads(resend) == [update_key(1), update_key(2)] and resend.metadata.dst_node_id == 11
+    assert [e.status for e in strategy._round.report.events] == ["resent"]
+    sent = [message.content[key].count_bytes() for message in (instruction, resend) for key in sent_payloads(message)]
+    assert strategy._round.report.bytes_down[11] == sum(sent)  # every download counts, the resend's too
+
+
+def test_fedit_sends_the_global_adapter_to_every_node():
+    strategy = strategy_for("fedit")
+    messages, adapters, _ = play_round(strategy, 1)
+    assert all(sent_payloads(m) == [] for m in messages.values())
+    reference = make_aggregator("fedit").aggregate([ClientAdapter(adapters[k], 10.0 + k) for k in range(3)])
+    for name, module in reference.modules.items():
+        assert torch.allclose(strategy.current.modules[name].delta(), module.delta(), atol=1e-5)
+    messages, _, report = play_round(strategy, 2)
+    for message in messages.values():
+        assert sent_payloads(message) == [GLOBAL]
+    assert [c.bytes_down for c in report.clients] == [messages[11].content[GLOBAL].count_bytes()] * 3
+    assert len(strategy.chain) == 0
+
+
+def test_ffa_sends_B_only_and_the_server_rederives_the_shared_A():
+    strategy = strategy_for("ffa")
+    _, adapters, _ = play_round(strategy, 1)
+    weights = [10.0 + k for k in range(3)]
+    reference = make_aggregator("ffa").aggregate([ClientAdapter(adapters[k], weights[k]) for k in range(3)])
+    for name, module in reference.modules.items():
+        assert torch.allclose(strategy.current.modules[name].delta(), module.delta(), atol=1e-6)
+    strategy.begin_round(2, list(PARTITION_OF))
+    for message in strategy.configure_train(2, list(PARTITION_OF)):
+        assert sent_payloads(message) == [GLOBAL]
+        assert all(key.endswith(".B") for key in message.content[GLOBAL])
+        assert_modules_equal(payload.take(message.content, GLOBAL), strategy.current.modules, factors="B")
+
+
+def test_flexlora_sends_each_node_its_own_truncation_and_an_unknown_node_the_shared_one():
+    strategy = strategy_for("flexlora")
+    _, adapters, _ = play_round(strategy, 1)
+    reference = make_aggregator("flexlora").aggregate([ClientAdapter(adapters[k], 10.0 + k) for k in range(3)])
+    nodes = [*PARTITION_OF, 44]
+    strategy.begin_round(2, nodes)
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(2, nodes)}
+    for node, partition in PARTITION_OF.items():
+        received = payload.take(messages[node].content, GLOBAL)
+        assert {name: module["B"].shape[1] for name, module in received.items()} == {
+            name: min(CLIENT_RANKS[partition], *shape) for name, shape in MODULES.items()
+        }
+        for name, module in received.items():
+            got = module["scale"] * module["B"] @ module["A"]
+            assert torch.allclose(got, reference.per_client[partition][name].delta(), atol=1e-5), (node, name)
+    # A node the server has not heard from gets the shared (largest) truncation, whose leading components are its own.
+    assert_modules_equal(payload.take(messages[44].content, GLOBAL), strategy.current.modules)
+
+
+def test_the_server_holds_the_aggregate_as_the_wire_delivers_it():
+    config = RunConfig.model_validate(
+        {"federation": {"num_clients": 3, "ranks": CLIENT_RANKS}, "wire": {"download": "float16"}, "aggregation": {"method": "florist"}}
+    )
+    strategy = LoraStrategy(config, MODULES, identity_for(config))
+    play_round(strategy, 1)
+    for module in strategy.chain.updates[0].modules.values():
+        assert module.A.dtype == torch.float32
+        assert torch.equal(module.A, module.A.half().float()) and torch.equal(module.B, module.B.half().float())
