@@ -13,6 +13,7 @@ from florist.config import load_config
 from florist.data.prompts import Example
 from florist.evaluation.cache import EvaluationCache, evaluation_key, model_digest
 from florist.federation.datasets import federated_data
+from florist.federation.delivery import GlobalUpdate
 from florist.federation.server_model import ServerModel
 from florist.files import umask
 
@@ -39,16 +40,18 @@ def server_config(model_dir: Path, *extra: str):
     )
 
 
-def an_update(server: ServerModel, seed: int) -> dict[str, GlobalModule]:
+def an_update(server: ServerModel, seed: int) -> GlobalUpdate:
     generator = torch.Generator().manual_seed(seed)
-    return {
-        name: GlobalModule(
-            A=torch.randn(2, module.in_features, generator=generator),
-            B=torch.randn(module.out_features, 2, generator=generator),
-            scale=0.5,
-        )
-        for name, module in server.targets.items()
-    }
+    return GlobalUpdate(
+        {
+            name: GlobalModule(
+                A=torch.randn(2, module.in_features, generator=generator),
+                B=torch.randn(module.out_features, 2, generator=generator),
+                scale=0.5,
+            )
+            for name, module in server.targets.items()
+        }
+    )
 
 
 def refuse_to_run(server: ServerModel, monkeypatch) -> None:
