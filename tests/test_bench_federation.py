@@ -74,4 +74,4 @@ def test_bench_run_on_the_tiny_model_writes_its_figures(tiny_model_dir, tmp_path
     assert sum(figures["stage_seconds"].values()) == pytest.approx(figures["total_seconds"], rel=1e-6)
     assert all(seconds >= 0 for seconds in figures["stage_seconds"].values())
     assert figures["precision"] in ("fp32", "bf16") and figures["machine"]["cores"] >= 1
-    assert json.loads((tmp_path / "run" / "precision.json").read_text())["dtype"] == figures["precision"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["precision"]["dtype"] == figures["precision"]

@@ -60,5 +60,5 @@ def test_this_machine_gets_what_its_flags_say():
     precision = hardware_precision("auto", torch.device("cpu"))
     native = bool(set(BF16_CPU_FLAGS) & cpu_flags())
     assert precision.autocast == native
-    json.dumps(precision.as_record())  # what precision.json holds
+    json.dumps(precision.as_record())  # what summary.json holds under "precision"
     assert set(precision.as_record()) == {"dtype", "setting", "device", "reason"}

@@ -46,7 +46,7 @@ class ModelConfig(Section):
     autocast: Literal["auto", "none", "bf16"] = "auto"
     """Mixed precision for training. "auto": bf16 on a GPU with bf16 and on a CPU with native bf16
     (avx512_bf16 or amx_bf16), fp32 elsewhere: emulated bf16 measured 20x slower than fp32
-    (BENCHMARKS.md). The run directory's precision.json says what was chosen and why."""
+    (BENCHMARKS.md). The run's summary.json says what was chosen and why ("precision")."""
 
     @field_validator("name")
     @classmethod

@@ -1,7 +1,7 @@
 """Benchmark of a whole federation: where the wall-clock time goes, throughput, precision and memory.
 
 It runs `florist run` with a configuration (default: the packaged default) and reads the
-figures back from the run directory (metrics.jsonl, precision.json), so they are the ones users see.
+figures back from the run directory (metrics.jsonl, summary.json), so they are the ones users see.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def bench_federation(config: RunConfig) -> tuple[Path, dict]:
     run_dir = run_federation(config)
     finished = time.time()
     workers = min(config.federation.workers, config.federation.num_clients)
-    precision = json.loads((run_dir / "precision.json").read_text())
+    precision = json.loads((run_dir / "summary.json").read_text())["precision"]
     figures = federation_figures(read_rounds(run_dir), started, finished, workers, precision)
     return run_dir, {
         **figures,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,9 +61,8 @@ class RunDirectory:
         return self.path / "metrics.jsonl"
 
     def record_round(self, record: dict) -> None:
-        """Append one round's line to metrics.jsonl, with the time it was written (`unix_time`)."""
         self.claim()
-        self.rounds.append({**record, "unix_time": time.time()})
+        self.rounds.append(record)
         write_atomically(self.metrics_file, "".join(json.dumps(r) + "\n" for r in self.rounds))
 
     def write_json(self, name: str, data: dict) -> Path:
