@@ -17,6 +17,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 
 from florist.data.prompts import Example
 from florist.evaluation import (
+    HeldOut,
     Question,
     continuation_log_likelihoods,
     evaluate,
@@ -27,6 +28,7 @@ from florist.evaluation import (
     load_mmlu_file,
     response_nlls,
     rouge_l,
+    score_held_out,
     text_metrics,
 )
 from florist.evaluation.generation import _lcs_length
@@ -332,6 +334,78 @@ def test_generation_keeps_only_the_last_prompt_tokens(tokenizer):
     texts = generate(model, tokenizer, ["stay stay stay stay go"], max_new_tokens=3, max_prompt_tokens=2)
     assert texts == ["x"]  # the kept end still carries the prompt's last token
     assert widths == [2]
+
+
+# ---------------------------------------------------------------- loss and answers in one pass
+
+
+def held_out_examples() -> list[Example]:
+    """Prompts of 2 to 20 words and responses of 1 to 4, so batches pad both on the left and the right."""
+    words = ["which", "way", "go", "stay", "turn", "north", "east", "x", "y", "z"]
+    return [
+        Example(
+            " ".join(words[(index + k) % len(words)] for k in range(1 + index % 5)),
+            " ".join(words[(3 * index + k) % len(words)] for k in range(1 + index % 4)),
+            context=" ".join(["q"] * (index * 7 % 16)),
+            category=f"c{index % 3}",
+        )
+        for index in range(14)
+    ]
+
+
+def apart(model, tokenizer, held_out: HeldOut, max_length: int, max_new_tokens: int):
+    """The reference: the response loss and the greedy answers from their own passes."""
+    nlls = response_nlls(model, list(held_out.pairs), pad=tokenizer.pad_token_id, max_length=max_length, batch_size=5)
+    budget = max(1, max_length - max_new_tokens)
+    answers = generate(
+        model, tokenizer, [" ".join(tokenizer.convert_ids_to_tokens(list(p))) for p, _ in held_out.pairs],
+        max_new_tokens=max_new_tokens, max_prompt_tokens=budget, batch_size=5,
+    )
+    return nlls, answers
+
+
+@pytest.mark.parametrize("max_length", [64, 14], ids=["nothing-cut", "some-cut"])
+@pytest.mark.parametrize("seed", [0, 5])
+def test_one_pass_gives_the_losses_and_answers_of_the_separate_passes(tokenizer, seed, max_length):
+    model = tiny_llama(len(tokenizer), seed=seed)
+    with torch.no_grad():  # a peaked next-token distribution, as a trained model has, so greedy answers vary
+        model.lm_head.weight.mul_(40.0)
+    held_out = HeldOut.tokenize(tokenizer, held_out_examples(), "alpaca")
+    scores = score_held_out(model, tokenizer, held_out, max_length=max_length, max_new_tokens=4, batch_size=4)
+    nlls, answers = apart(model, tokenizer, held_out, max_length, max_new_tokens=4)
+    assert [count for _, count in scores.nlls] == [count for _, count in nlls]
+    for (total, _), (expected, _) in zip(scores.nlls, nlls):
+        assert total == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    assert scores.answers == answers
+    assert len(set(answers)) >= 3  # answers differ between examples, some stop early: the comparison has teeth
+
+
+def test_generation_reuses_the_prompt_of_the_loss_pass_and_stops_with_the_last_answer(tokenizer):
+    # Every answer is "x y" then [EOS]: two tokens and a stop, whatever max_new_tokens allows.
+    model = bigram_llama(tokenizer, {"x": "y", "y": "[EOS]"}, default="x")
+    widths, forward = [], model.forward
+
+    def recording(*args, **kwargs):
+        widths.append(kwargs["input_ids"].shape[1])
+        return forward(*args, **kwargs)
+
+    model.forward = recording
+    held_out = HeldOut.tokenize(tokenizer, held_out_examples()[:4], "alpaca")
+    scores = score_held_out(model, tokenizer, held_out, max_length=128, max_new_tokens=30, batch_size=4)
+    assert scores.answers == ["x y"] * 4
+    prompt_width = max(len(prompt) for prompt, _ in held_out.pairs)
+    response_width = max(len(response) for _, response in held_out.pairs)
+    # One teacher-forced pass, then generation from the prompt's last token, then "y" and "[EOS]".
+    assert widths == [prompt_width + response_width, 1, 1, 1]
+
+
+def test_evaluate_takes_examples_tokenised_once(tokenizer):
+    model = tiny_llama(len(tokenizer), seed=4)
+    examples = held_out_examples()
+    options = dict(template="alpaca", max_new_tokens=3, batch_size=4, max_length=32)
+    assert evaluate(model, tokenizer, examples=HeldOut.tokenize(tokenizer, examples, "alpaca"), **options) == evaluate(
+        model, tokenizer, examples=examples, **options
+    )
 
 
 # ---------------------------------------------------------------- the convenience entry

@@ -19,6 +19,7 @@ from florist.data import encode, generate_embedded
 from florist.lora.adapters import read_adapter
 from florist.lora.model import (
     attach_lora,
+    detach_lora,
     freeze_shared_A,
     frozen_lora_A,
     load_dense,
@@ -29,7 +30,8 @@ from florist.lora.model import (
     read_factors,
 )
 from florist.models import EMBEDDED_MODEL, load_model
-from florist.training import train_lora
+from florist.data.tokenize import IGNORE_INDEX, pad_batch
+from florist.training import response_loss, train_lora
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -247,3 +249,48 @@ def test_embedded_smollm2_trains_a_lora_step():
     factors = read_factors(model)
     assert len(factors) == 2 * model.config.num_hidden_layers
     assert all(f.B.abs().max() > 0 for f in factors.values())  # B starts at zero; one step moves it
+
+
+def test_detach_lora_gives_back_the_plain_model_for_the_next_client(base):
+    model = copy.deepcopy(base)
+    modules = {name: type(module) for name, module in model.named_modules()}
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    inputs = torch.arange(12).view(2, 6)
+    expected = model(input_ids=inputs).logits
+
+    wrapped = attach_lora(model, rank=4, alpha=8.0, target_modules=TARGETS)
+    randomise_B(wrapped, seed=1)
+    assert not torch.allclose(wrapped(input_ids=inputs).logits, expected)
+    detach_lora(model)
+    assert {name: type(module) for name, module in model.named_modules()} == modules
+    assert all(torch.equal(tensor, weights[name]) for name, tensor in model.state_dict().items())
+    assert torch.equal(model(input_ids=inputs).logits, expected) and not hasattr(model, "peft_config")
+
+    # The next client's LoRA on the same model is the one it would get on a fresh copy.
+    torch.manual_seed(3)
+    again = attach_lora(model, rank=2, alpha=4.0, target_modules=TARGETS)
+    torch.manual_seed(3)
+    fresh = attach_lora(copy.deepcopy(base), rank=2, alpha=4.0, target_modules=TARGETS)
+    for name, factors in read_factors(again).items():
+        assert torch.equal(factors.A, read_factors(fresh)[name].A) and factors.rank == 2
+
+
+def test_response_loss_is_the_models_own_loss_with_the_same_gradients(base):
+    # Prompts of 3 to 12 tokens, responses of 1 to 4: most positions are unlabelled, as in real data.
+    features = []
+    for k in range(6):
+        prompt, response = list(range(3 + 2 * k % 10)), [20 + k] * (1 + k % 4)
+        features.append({"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response})
+    inputs = pad_batch(features, pad_token_id=0)
+    losses, gradients = [], []
+    for loss_of in (lambda model: model(**inputs).loss, lambda model: response_loss(model, **inputs)):
+        torch.manual_seed(0)
+        model = attach_lora(copy.deepcopy(base), rank=4, alpha=8.0, target_modules=TARGETS)
+        randomise_B(model, seed=2)
+        loss = loss_of(model)
+        loss.backward()
+        losses.append(loss.item())
+        gradients.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    for got, expected in zip(gradients[1], gradients[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)

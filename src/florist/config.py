@@ -44,8 +44,9 @@ class ModelConfig(Section):
     """Modules trained in full beside the LoRA (peft's `modules_to_save`), e.g. ["lm_head"]: averaged
     as FedAvg averages dense weights (the clients' weighted mean), which replaces them on every node."""
     autocast: Literal["auto", "none", "bf16"] = "auto"
-    """Mixed precision for training. "auto": bf16 on a GPU, none on a CPU, where bf16 autocast
-    without native bf16 instructions measured 20x slower than fp32 (BENCHMARKS.md)."""
+    """Mixed precision for training. "auto": bf16 on a GPU with bf16 and on a CPU with native bf16
+    (avx512_bf16 or amx_bf16), fp32 elsewhere: emulated bf16 measured 20x slower than fp32
+    (BENCHMARKS.md). The run's summary.json says what was chosen and why ("precision")."""
 
     @field_validator("name")
     @classmethod
@@ -59,9 +60,6 @@ class ModelConfig(Section):
                 why = "is empty" if not name else "is also in model.target_modules" if name in self.target_modules else "is listed twice"
                 raise ValueError(f"model.modules_to_save entry {name!r} {why}")
         return self
-
-    def uses_bf16(self, device_type: str) -> bool:
-        return self.autocast == "bf16" or (self.autocast == "auto" and device_type == "cuda")
 
 
 class DataConfig(Section):
@@ -282,6 +280,9 @@ class EvaluationConfig(Section):
     mmlu: str = ""
     """An MMLU file (mmlu_1444.json format) or a hub dataset with cais/mmlu's columns ("cais/mmlu"); empty skips MMLU."""
     mmlu_limit: int = Field(0, ge=0)
+    cache: bool = True
+    """Keep the base model's evaluation under florist's cache root and reuse it in any later run of the
+    same model, data and evaluation settings (the key covers the weights, the items and the code)."""
 
     @field_validator("mmlu")
     @classmethod

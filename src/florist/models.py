@@ -6,6 +6,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Collection
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -82,3 +84,66 @@ def load_model(name: str, device: str | torch.device = "cpu") -> tuple[PreTraine
 
 def best_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+"""x86 flags of native bf16 arithmetic. Without them bf16 autocast is emulated and a training step
+measured about 20x slower than fp32 (BENCHMARKS.md); with them, 1.4-1.6x faster (EMBEDDED.md)."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What training autocasts to on this machine, and why: a run directory records it."""
+
+    dtype: str
+    """"bf16" or "fp32"."""
+    setting: str
+    """model.autocast as configured."""
+    device: str
+    reason: str
+
+    @property
+    def autocast(self) -> bool:
+        return self.dtype == "bf16"
+
+    def as_record(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them for x86; empty where there is no such file or line."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def choose_precision(setting: str, device_type: str, flags: Collection[str], gpu_bf16: bool = True) -> Precision:
+    """bf16 autocast where the hardware computes in bf16 natively ("auto"), or as configured."""
+    if setting == "none":
+        return Precision("fp32", setting, device_type, 'model.autocast = "none"')
+    if setting == "bf16":
+        return Precision("bf16", setting, device_type, 'model.autocast = "bf16"')
+    if setting != "auto":
+        raise ValueError(f"model.autocast {setting!r} is unknown; choose from auto, none, bf16")
+    if device_type == "cuda":
+        if gpu_bf16:
+            return Precision("bf16", setting, device_type, "auto: the GPU supports bf16")
+        return Precision("fp32", setting, device_type, "auto: the GPU does not support bf16")
+    native = sorted(set(BF16_CPU_FLAGS) & set(flags))
+    if native:
+        return Precision("bf16", setting, device_type, f"auto: the CPU has native bf16 ({', '.join(native)})")
+    return Precision(
+        "fp32", setting, device_type, f"auto: the CPU lacks {' and '.join(BF16_CPU_FLAGS)}, so bf16 would be emulated (slow)"
+    )
+
+
+def hardware_precision(setting: str, device: torch.device) -> Precision:
+    """choose_precision for this process's device and CPU."""
+    gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return choose_precision(setting, device.type, cpu_flags(), gpu_bf16)

@@ -137,8 +137,9 @@ def _register_run(benchmarks) -> None:
     parser = benchmarks.add_parser(
         "run",
         help="run a federation and report where its wall-clock time goes",
-        description="Runs `florist run` (default: the default federation) and reports seconds per round, client "
-        "training tokens per second, peak memory per process and the share of wall time outside client training.",
+        description="Runs `florist run` (default: the default federation) and reports the share of wall time in "
+        "each stage (start-up, training, evaluation, aggregation, messaging, finishing), client training tokens per "
+        "second per worker, the training precision, peak memory per process and the machine.",
     )
     add_config_arguments(parser)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
@@ -148,14 +149,29 @@ def _register_run(benchmarks) -> None:
 def _run(args: argparse.Namespace) -> int:
     import json
 
+    from rich.table import Table
+
     from florist.bench.federation import bench_federation
     from florist.config import load_config
-    from florist.reporting.run_directory import write_atomically
+    from florist.files import write_atomically
 
     run_dir, figures = bench_federation(load_config(args.config, args.overrides))
     figures = {"run_dir": str(run_dir), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **figures}
-    text = json.dumps(figures, indent=2)
-    print(text)
+    table = Table(title=f"{figures['total_seconds']:.0f} s in all", title_justify="left")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    table.add_column("share", justify="right")
+    for stage, seconds in figures["stage_seconds"].items():
+        table.add_row(stage, f"{seconds:.1f}", f"{figures['stage_share'][stage]:.1%}")
+    console = Console()
+    console.print(table)
+    machine = figures["machine"]
+    console.print(
+        f"outside training {figures['share_outside_training']:.1%}; "
+        f"{figures['training_tokens_per_second_per_worker']:.0f} training tokens/s per worker in {figures['precision']} "
+        f"({figures['precision_reason']}); {machine['cpu']}, {machine['cores']} cores, flags {' '.join(machine['cpu_flags'])}; "
+        f"load {figures['load_average_before'][0]:.1f} -> {figures['load_average_after'][0]:.1f}"
+    )
     if args.json:
-        write_atomically(args.json, text + "\n")
+        write_atomically(args.json, json.dumps(figures, indent=2) + "\n")
     return 0

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from florist.data.prompts import Example, render_prompt
+from florist.data.prompts import Example
 from florist.evaluation.generation import exact_match, generate, normalize_answer, rouge_l, text_metrics
+from florist.evaluation.heldout import HeldOut, HeldOutScores, score_held_out
 from florist.evaluation.loss import LossResult, instruction_loss, response_nlls
 from florist.evaluation.mmlu import (
     PROMPT_STYLES,
@@ -28,7 +29,7 @@ def evaluate(
     model: torch.nn.Module,
     tokenizer,
     *,
-    examples: Sequence[Example] | None = None,
+    examples: Sequence[Example] | HeldOut | None = None,
     mmlu: Sequence[Question] | None = None,
     template: str = "alpaca",
     mmlu_style: str = "harness",
@@ -41,8 +42,9 @@ def evaluate(
 ) -> dict[str, float | int | dict[str, int]]:
     """The requested metrics as one flat JSON-serialisable dict, for a run directory's metrics file.
 
-    "loss", "rouge" and "exact_match" are computed on `examples` (prompted with `template`), "mmlu" on `mmlu`;
-    a requested metric whose data is not given is left out, so the default asks for whatever the data allows.
+    "loss", "rouge" and "exact_match" are computed on `examples` (prompted with `template`; a `HeldOut` is
+    tokenised already), "mmlu" on `mmlu`; a requested metric whose data is not given is left out, so the
+    default asks for whatever the data allows.
     """
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
@@ -50,32 +52,29 @@ def evaluate(
     if not examples and not mmlu:
         raise ValueError("nothing to evaluate: give examples, MMLU questions or both")
     results: dict[str, float | int | dict[str, int]] = {}
-    if examples and "loss" in metrics:
-        loss = instruction_loss(
+    wants_loss, wants_answers = "loss" in metrics, bool({"rouge", "exact_match"} & set(metrics))
+    if examples and (wants_loss or wants_answers):
+        held_out = examples if isinstance(examples, HeldOut) else HeldOut.tokenize(tokenizer, examples, template)
+        scores = score_held_out(
             model,
             tokenizer,
-            examples,
-            template=template,
+            held_out,
             max_length=max_length,
-            batch_size=batch_size,
-            progress=progress,
-        )
-        results.update(test_loss=loss.mean_nll, test_perplexity=loss.perplexity, test_tokens=loss.tokens)
-    if examples and {"rouge", "exact_match"} & set(metrics):
-        predictions = generate(
-            model,
-            tokenizer,
-            [render_prompt(example, template) for example in examples],
             max_new_tokens=max_new_tokens,
-            max_prompt_tokens=max(1, max_length - max_new_tokens),
             batch_size=batch_size,
+            loss=wants_loss,
+            answers=wants_answers,
             progress=progress,
         )
-        scored = text_metrics(predictions, examples)
-        if "rouge" in metrics:
-            results["rouge_l"] = scored["rouge_l"]
-        if "exact_match" in metrics:
-            results.update({key: value for key, value in scored.items() if key.startswith("exact_match")})
+        if wants_loss:
+            loss = LossResult.of(scores.nlls, len(held_out), max_length)
+            results.update(test_loss=loss.mean_nll, test_perplexity=loss.perplexity, test_tokens=loss.tokens)
+        if wants_answers:
+            scored = text_metrics(scores.answers, held_out.examples)
+            if "rouge" in metrics:
+                results["rouge_l"] = scored["rouge_l"]
+            if "exact_match" in metrics:
+                results.update({key: value for key, value in scored.items() if key.startswith("exact_match")})
     if mmlu and "mmlu" in metrics:
         results.update(
             evaluate_mmlu(
@@ -94,6 +93,8 @@ def evaluate(
 __all__ = [
     "METRICS",
     "PROMPT_STYLES",
+    "HeldOut",
+    "HeldOutScores",
     "LossResult",
     "MMLUResult",
     "Question",
@@ -110,5 +111,6 @@ __all__ = [
     "normalize_answer",
     "response_nlls",
     "rouge_l",
+    "score_held_out",
     "text_metrics",
 ]

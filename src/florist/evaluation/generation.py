@@ -27,6 +27,20 @@ def stop_token_ids(tokenizer) -> list[int]:
     return stops
 
 
+def greedy_config(max_new_tokens: int, stops: Sequence[int], pad: int) -> GenerationConfig:
+    """Greedy decoding that ends a row at any stop token, and the batch once every row has ended."""
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=list(stops), pad_token_id=pad
+    )
+
+
+def answer_text(tokenizer, new_tokens: Sequence[int], stops: Sequence[int]) -> str:
+    """The generated tokens up to the first stop token, as text."""
+    ends = [position for position, token in enumerate(new_tokens) if token in stops]
+    response = new_tokens[: ends[0]] if ends else new_tokens
+    return tokenizer.decode(response, skip_special_tokens=True).strip()
+
+
 def generate(
     model: torch.nn.Module,
     tokenizer,
@@ -42,15 +56,28 @@ def generate(
     Prompts longer than `max_prompt_tokens` keep their last tokens, as training truncates them,
     so the response marker at the end survives.
     """
-    stops = stop_token_ids(tokenizer)
-    pad = pad_id(tokenizer)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad
-    )
     prompt_ids = [tokenizer(prompt).input_ids for prompt in prompts]
     if max_prompt_tokens:
         prompt_ids = [ids[-max_prompt_tokens:] for ids in prompt_ids]
-    texts = [""] * len(prompts)
+    return generate_from_ids(
+        model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+    )
+
+
+def generate_from_ids(
+    model: torch.nn.Module,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[str]:
+    """`generate` for prompts tokenised already."""
+    stops = stop_token_ids(tokenizer)
+    pad = pad_id(tokenizer)
+    config = greedy_config(max_new_tokens, stops, pad)
+    texts = [""] * len(prompt_ids)
     with evaluating(model) as device:
         for batch in length_sorted_batches(
             [len(ids) for ids in prompt_ids], batch_size, progress=progress, description="generate"
@@ -59,9 +86,7 @@ def generate(
             input_ids, attention_mask = padded([prompt_ids[i] for i in batch], pad, "left", device)
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
             for index, new_tokens in zip(batch, output[:, input_ids.shape[1] :].tolist()):
-                ends = [position for position, token in enumerate(new_tokens) if token in stops]
-                response = new_tokens[: ends[0]] if ends else new_tokens
-                texts[index] = tokenizer.decode(response, skip_special_tokens=True).strip()
+                texts[index] = answer_text(tokenizer, new_tokens, stops)
     return texts
 
 

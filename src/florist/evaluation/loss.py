@@ -23,6 +23,15 @@ class LossResult:
     perplexity: float
     tokens: int
 
+    @classmethod
+    def of(cls, nlls: Sequence[tuple[float, int]], examples: int, max_length: int) -> LossResult:
+        """From per-example (summed NLL, tokens)."""
+        tokens = sum(count for _, count in nlls)
+        if tokens == 0:
+            raise ValueError(f"no response tokens to score: {examples} examples, max_length {max_length}")
+        mean_nll = sum(total for total, _ in nlls) / tokens
+        return cls(mean_nll=mean_nll, perplexity=math.exp(mean_nll), tokens=tokens)
+
 
 def response_nlls(
     model: torch.nn.Module,
@@ -93,8 +102,4 @@ def instruction_loss(
         max_length=max_length,
         progress=progress,
     )
-    tokens = sum(count for _, count in nlls)
-    if tokens == 0:
-        raise ValueError(f"no response tokens to score: {len(examples)} examples, max_length {max_length}")
-    mean_nll = sum(total for total, _ in nlls) / tokens
-    return LossResult(mean_nll=mean_nll, perplexity=math.exp(mean_nll), tokens=tokens)
+    return LossResult.of(nlls, len(examples), max_length)

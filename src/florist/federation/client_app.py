@@ -105,7 +105,7 @@ def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
     if isinstance(chain, Message):
         return chain
     training = config.training
-    model = workspace.base_after(chain)
+    model = workspace.base_to_train(chain)
     seed = hash((training.seed, instruction.round, node.partition)) % 2**31
     # peft draws the fresh A from torch's global generator, whose state would otherwise depend on
     # which clients this worker process happened to run before: seeding it makes runs repeatable.
@@ -131,7 +131,7 @@ def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
         grad_clip=training.grad_clip,
         seed=seed,
         pad_token_id=workspace.tokenizer.pad_token_id,
-        autocast=config.model.uses_bf16(workspace.model.device.type),
+        autocast=workspace.precision.autocast,
     )
     metrics = {
         "round": instruction.round,

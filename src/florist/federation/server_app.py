@@ -124,6 +124,7 @@ class Server:
         timing = {
             "evaluation_seconds": seconds,
             "wall_seconds": time.perf_counter() - self.start,
+            "unix_time": time.time(),
             "server_peak_rss_mib": peak_rss_mib(),
         }
         record = round_record(server_round, report, evaluation, federated, timing, selection)
@@ -150,6 +151,7 @@ class Server:
             "final": final,
             "rounds": self.config.federation.rounds,
             "method": self.config.aggregation.method,
+            "precision": self.model.precision.as_record(),
             "communication": communication(self.run.rounds, self.strategy.final_download_bytes()),
         }
         self.run.write_json("summary.json", summary)

@@ -15,14 +15,16 @@ from transformers import PretrainedConfig
 from florist.aggregation import ClientAdapter
 from florist.config import ModelConfig, RunConfig
 from florist.data import Example
-from florist.evaluation import evaluate, instruction_loss
+from florist.evaluation import HeldOut, LossResult, evaluate, score_held_out
+from florist.evaluation.cache import EvaluationCache, evaluation_key
+from florist.evaluation.generation import stop_token_ids
 from florist.evaluation.mmlu import Question
 from florist.federation.delivery import GlobalUpdate, apply_update
 from florist.federation.identity import identity_of
 from florist.files import follow_umask
 from florist.lora.adapters import write_adapter
 from florist.lora.model import model_tensor, trained_in_full_shapes, weightless_model
-from florist.models import best_device, load_model, resolve_model
+from florist.models import best_device, cache_root, hardware_precision, load_model, resolve_model
 from florist.reporting.run_directory import write_atomically
 
 
@@ -70,7 +72,10 @@ def _is_module(path: str, entry: str) -> bool:
 class ServerModel:
     def __init__(self, config: RunConfig):
         self.config = config
-        self.model, self.tokenizer = load_model(config.model.name, best_device())
+        device = best_device()
+        self.model, self.tokenizer = load_model(config.model.name, device)
+        self.precision = hardware_precision(config.model.autocast, device)
+        """What clients on this machine train in; the server evaluates in fp32 everywhere, so scores compare across machines."""
         self.model.requires_grad_(False)
         self.targets = adapted_modules(self.model, config.model.target_modules)
         if not self.targets:
@@ -80,6 +85,10 @@ class ServerModel:
         tensors = [f"{name}.weight" for name in self.targets] + list(self.dense_shapes)
         self.pristine = {name: model_tensor(self.model, name).detach().clone() for name in tensors}
         self.identity = identity_of(config, self.model)
+        self.at_base = True
+        self.evaluation_cache = EvaluationCache(cache_root() / "evaluations")
+        self.last_evaluation_cached = False
+        self._held_out: dict[tuple[Example, ...], HeldOut] = {}
 
     @property
     def shapes(self) -> dict[str, tuple[int, int]]:
@@ -92,25 +101,74 @@ class ServerModel:
         in full take the last value sent."""
         for name, value in self.pristine.items():
             model_tensor(self.model, name).copy_(value)
-        for update in [*merged, *([adapter] if adapter else [])]:
+        updates = [*merged, *([adapter] if adapter else [])]
+        for update in updates:
             apply_update(self.model, update)
+        self.at_base = not updates
+
+    def held_out(self, examples: Sequence[Example]) -> HeldOut:
+        """`examples` tokenised, once per set of examples for the whole run."""
+        key = tuple(examples)
+        if key not in self._held_out:
+            self._held_out[key] = HeldOut.tokenize(self.tokenizer, key, self.config.data.template)
+        return self._held_out[key]
 
     def evaluate(self, examples: Sequence[Example], mmlu: Sequence[Question] | None, validation: Sequence[Example] = ()) -> dict:
-        """Test metrics, MMLU when given, and the validation loss (`val_` keys) when there is a validation set."""
+        """Test metrics, MMLU when given, and the validation loss (`val_` keys) when there is a validation set.
+
+        The base model's (no update merged) comes from the evaluation cache when an earlier run
+        stored it under the same key; `last_evaluation_cached` says whether it did.
+        """
+        self.last_evaluation_cached = False
+        if not (self.at_base and self.config.evaluation.cache):
+            return self._evaluate(examples, mmlu, validation)
+        key = self._base_key(examples, mmlu, validation)
+        cached = self.evaluation_cache.get(key)
+        if cached is not None:
+            self.last_evaluation_cached = True
+            return cached
+        results = self._evaluate(examples, mmlu, validation)
+        self.evaluation_cache.put(key, results, {"model": self.config.model.name, "data": self.config.data.source})
+        return results
+
+    def _base_key(self, examples: Sequence[Example], mmlu: Sequence[Question] | None, validation: Sequence[Example]) -> str:
+        evaluation, data = self.config.evaluation, self.config.data
+        return evaluation_key(
+            self.model,
+            tokenizer={
+                "class": type(self.tokenizer).__name__,
+                "size": len(self.tokenizer),
+                "pad": self.tokenizer.pad_token_id,
+                "stops": stop_token_ids(self.tokenizer),
+            },
+            test=self.held_out(examples) if examples else None,
+            validation=self.held_out(validation) if validation else None,
+            mmlu=list(mmlu or []),
+            settings={
+                "max_length": data.max_length,
+                "max_new_tokens": evaluation.max_new_tokens,
+                "batch_size": evaluation.batch_size,
+                "mmlu_limit": evaluation.mmlu_limit,
+            },
+        )
+
+    def _evaluate(self, examples: Sequence[Example], mmlu: Sequence[Question] | None, validation: Sequence[Example]) -> dict:
         evaluation = self.config.evaluation
         # Progress bars on a terminal only: in a log file they would be noise.
         progress = sys.stderr.isatty()
         results = {}
         if validation:
-            loss = instruction_loss(
-                self.model, self.tokenizer, validation, template=self.config.data.template,
-                max_length=self.config.data.max_length, batch_size=evaluation.batch_size, progress=progress,
+            scores = score_held_out(
+                self.model, self.tokenizer, self.held_out(validation), max_length=self.config.data.max_length,
+                max_new_tokens=evaluation.max_new_tokens, batch_size=evaluation.batch_size, answers=False,
+                progress=progress,
             )
+            loss = LossResult.of(scores.nlls, len(validation), self.config.data.max_length)
             results.update(val_loss=loss.mean_nll, val_perplexity=loss.perplexity)
         return results | evaluate(
             self.model,
             self.tokenizer,
-            examples=examples or None,
+            examples=self.held_out(examples) if examples else None,
             mmlu=mmlu or None,
             template=self.config.data.template,
             max_new_tokens=evaluation.max_new_tokens,

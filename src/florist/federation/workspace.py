@@ -1,9 +1,11 @@
 """What a client process keeps between messages: the base model, merged once per global state.
 
 Simulation workers run different clients in turn, and every client of a round starts from the
-same merged base, so one copy per process serves them all. It is advanced in place when a
+same merged base, so one model per process serves them all. It is advanced in place when a
 new global update arrives, and rebuilt from the pristine weights when a client's chain of
-updates is not an extension of the cached one.
+updates is not an extension of the cached one. A client that only trains a LoRA wraps that same
+model in place, and the next call takes the LoRA off again: a copy of the model per message cost
+about 0.8 CPU-seconds for SmolLM2-135M (BENCHMARKS.md, issue 11).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from florist.data.tokenize import encode
 from florist.federation.delivery import GlobalUpdate, apply_update
 from florist.federation.identity import identity_of
 from florist.federation.messages import Identity
-from florist.lora.model import model_tensor
-from florist.models import load_model
+from florist.lora.model import detach_lora, model_tensor
+from florist.models import Precision, hardware_precision, load_model
 
 Update = tuple[str, GlobalUpdate]
 """(identifier, update) of one merged global update; identifiers are unique within a run."""
@@ -35,6 +37,7 @@ class Workspace:
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
     identity: Identity
+    precision: Precision
     pristine: dict[str, torch.Tensor] = field(default_factory=dict)
     merged: list[str] = field(default_factory=list)
     tokenised: dict[int, list[dict]] = field(default_factory=dict)
@@ -43,10 +46,27 @@ class Workspace:
     def load(cls, config: RunConfig, device: str) -> Workspace:
         model, tokenizer = load_model(config.model.name, device)
         model.requires_grad_(False)
-        return cls(config, model, tokenizer, identity_of(config, model))
+        precision = hardware_precision(config.model.autocast, torch.device(device))
+        return cls(config, model, tokenizer, identity_of(config, model), precision)
 
     def base_after(self, chain: Sequence[Update]) -> nn.Module:
-        """The base model with exactly `chain` merged, as a private copy the caller may wrap."""
+        """The base model with exactly `chain` merged, as a private copy the caller may change."""
+        return copy.deepcopy(self._merged(chain))
+
+    def base_to_train(self, chain: Sequence[Update]) -> nn.Module:
+        """The base model with exactly `chain` merged, for a client to wrap with its LoRA (`attach_lora`)
+        and train: the workspace's own model, not a copy, which the next call takes the LoRA off.
+
+        A copy all the same when training changes base tensors in place (`model.lora_bias` trains the
+        model's own biases) or wraps modules other than the LoRA's (`model.modules_to_save`).
+        """
+        settings = self.config.model
+        if settings.lora_bias != "none" or settings.modules_to_save:
+            return self.base_after(chain)
+        return self._merged(chain)
+
+    def _merged(self, chain: Sequence[Update]) -> nn.Module:
+        detach_lora(self.model)
         ids = [identifier for identifier, _ in chain]
         if ids[: len(self.merged)] != self.merged:
             self._restore()
@@ -56,7 +76,7 @@ class Workspace:
                 self.pristine.setdefault(name, model_tensor(self.model, name).detach().clone())
             apply_update(self.model, update)
             self.merged.append(identifier)
-        return copy.deepcopy(self.model)
+        return self.model
 
     def _restore(self) -> None:
         with torch.no_grad():

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -40,6 +41,20 @@ def attach_lora(
         modules_to_save=list(modules_to_save) or None,
     )
     return get_peft_model(model, config)
+
+
+def detach_lora(model: nn.Module) -> None:
+    """Take off, in place and without merging, the LoRA that attach_lora put on `model`.
+
+    peft's `unload()` does the same from the PeftModel; this is for a holder of the inner model
+    only, which wraps it for one client and gets it back plain for the next.
+    """
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    for name, layer in layers:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.get_base_layer())
+    if hasattr(model, "peft_config"):  # left by get_peft_model; a second wrap would warn about it
+        del model.peft_config
 
 
 def weightless_model(model_config: PretrainedConfig) -> PreTrainedModel:
