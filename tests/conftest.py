@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random Llama saved as a model directory that `model.name` can point to."""
+"""Shared fixtures: a tiny random Llama (and Qwen2) saved as a model directory that `model.name` can point to."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from florist.models import EMBEDDED_MODEL, resolve_model
 
@@ -20,6 +20,25 @@ TINY_LLAMA = {
 }
 """Small enough to train in milliseconds; q_proj is 32 x 32 and v_proj 16 x 32 (2 KV heads of 8)."""
 
+TINY_QWEN2 = {**TINY_LLAMA, "tie_word_embeddings": False}
+"""The same sizes as Qwen2, whose q, k and v projections have biases, with an lm_head of its own."""
+
+
+def _save_tiny(model_class, config_class, sizes: dict, path: Path) -> Path:
+    """A random-init model of `sizes` with SmolLM2's real tokenizer, saved as transformers saves any model."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(EMBEDDED_MODEL))
+    config = config_class(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **sizes,
+    )
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -29,17 +48,25 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     The tokenizer comes from the embedded model's de-quantised cache, the copy users get: made once
     (~20 s), then read in well under a second.
     """
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(EMBEDDED_MODEL))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **TINY_LLAMA,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _save_tiny(LlamaForCausalLM, LlamaConfig, TINY_LLAMA, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_model_dir` as a Qwen2: biased q/k/v projections and an untied lm_head, what peft's
+    `bias` and `modules_to_save` train in full."""
+    return _save_tiny(Qwen2ForCausalLM, Qwen2Config, TINY_QWEN2, tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture
+def server_task(monkeypatch):
+    """This process plays a Flower task (messages can only be built inside one), and gets its torch
+    thread count back afterwards (a ClientApp sets the node's)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

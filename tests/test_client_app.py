@@ -14,13 +14,15 @@ from transformers import AutoModelForCausalLM
 from florist.aggregation import GlobalModule, LoraFactors
 from florist.federation import client_app, payload
 from florist.federation.client_app import evaluate_round, train_round
-from florist.federation.delivery import update_digest
+from florist.federation.delivery import GlobalUpdate, update_digest
 from florist.federation.identity import identity_of
-from florist.federation.messages import ADAPTER, GAP, GLOBAL, IDENTITY, METRICS, MISMATCH, TRAINED, Instruction, instruction_content, update_key
+from florist.federation.messages import ADAPTER, CONFIG, GAP, GLOBAL, IDENTITY, METRICS, MISMATCH, TRAINED, Instruction, instruction_content, update_key
 from florist.federation.node import NodeSettings
 from florist.lora.model import frozen_lora_A, lora_layers, read_factors
 
 from federations import CLIENT_RANKS, federation_config
+
+pytestmark = pytest.mark.usefixtures("server_task")
 
 
 @dataclass
@@ -55,14 +57,6 @@ def observed(monkeypatch) -> list[Observed]:
     torch.set_num_threads(threads)  # train_round sets the node's thread count
 
 
-@pytest.fixture(autouse=True)
-def server_task(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-
 
 @pytest.fixture(scope="module")
 def base_model(tiny_model_dir):
@@ -89,7 +83,7 @@ def random_update(pristine: dict[str, torch.Tensor], rank: int, scale: float, se
 def instruction(config, base_model, server_round: int, node: int, chain: list[dict], payloads: dict, factors: str = "AB", kind=MessageType.TRAIN) -> Message:
     """What the server sends: the chain's digests, and the payloads named (update:<i> or global)."""
     identity = identity_of(config, base_model)
-    content = instruction_content(Instruction(server_round, [update_digest(u) for u in chain], identity.fingerprint, identity.model_digest))
+    content = instruction_content(Instruction(server_round, [update_digest(GlobalUpdate(u)) for u in chain], identity.fingerprint, identity.model_digest))
     for key, modules in payloads.items():
         payload.put(content, key, modules, "float32", factors=factors)
     return Message(content, dst_node_id=node, message_type=kind)
@@ -163,6 +157,20 @@ def test_a_node_that_lost_its_state_asks_for_what_it_lacks_and_never_trains_on_a
     done = train_round(config, instruction(config, base_model, 3, 21, [first, second], {update_key(1): first, update_key(2): second}), node)
     assert status(done) == TRAINED
     assert_weights_close(observed[0].base, merged(pristine, first, second))
+
+
+def test_the_chain_check_covers_the_tensors_trained_in_full(tiny_model_dir, tmp_path, base_model, pristine, observed):
+    """An update whose factors match the server's but whose tensors trained in full differ is a gap."""
+    config = federation_config(tiny_model_dir, tmp_path / "run", "florist")
+    first = random_update(pristine, 3, 1.5, seed=1)
+    head = {"lm_head.weight": torch.zeros_like(base_model.lm_head.weight)}
+    expected = GlobalUpdate(first, head)
+    message = instruction(config, base_model, 2, 21, [], {})
+    message.content[CONFIG]["chain"] = update_digest(expected)
+    payload.put(message.content, update_key(1), first, "float32", dense={"lm_head.weight": head["lm_head.weight"] + 1})
+    reply = train_round(config, message, context(21, partition=1))
+    assert status(reply) == GAP and observed == []
+    assert update_digest(expected) != update_digest(GlobalUpdate(first)) != update_digest(GlobalUpdate(first, {"lm_head.weight": head["lm_head.weight"] + 1}))
 
 
 def test_a_node_refuses_to_train_for_a_server_with_other_settings_or_another_base_model(tiny_model_dir, tmp_path, base_model, observed):
@@ -281,3 +289,31 @@ def test_a_node_evaluates_the_global_model_on_its_own_held_out_examples(tiny_mod
     merge_into_base(model, first)
     expected = instruction_loss(model, AutoTokenizer.from_pretrained(tiny_model_dir), load_examples(held_out), template="chatml", max_length=config.data.max_length)
     assert float(metrics["test_loss"]) == pytest.approx(expected.mean_nll, abs=1e-5)
+
+
+def test_a_node_scores_each_cut_of_the_exact_update_on_its_validation_examples(tiny_model_dir, tmp_path, base_model, pristine):
+    from flwr.app import ConfigRecord
+    from transformers import AutoTokenizer
+
+    from florist.evaluation import instruction_loss
+    from florist.federation.client_app import score_round
+    from florist.federation.messages import CANDIDATE, CUTS, SCORED
+    from florist.federation.node import node_data
+    from florist.lora.model import merge_into_base
+
+    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", "data.validation_fraction=0.3", "aggregation.tau_candidates=[0.5, 1.0]")
+    exact = random_update(pristine, 5, 1.0, seed=7)
+    cuts = [{name: 2 for name in exact}, {name: 5 for name in exact}]
+    message = instruction(config, base_model, 1, 21, [], {CANDIDATE: exact}, kind=MessageType.QUERY)
+    message.content[CUTS] = ConfigRecord({"ranks": json.dumps(cuts)})
+    reply = score_round(config, message, context(21, partition=1))
+    assert status(reply) == SCORED
+    validation = node_data(config, NodeSettings.from_node_config({"partition-id": 1}, config)).validation
+    assert validation
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for index, ranks in enumerate(cuts):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        merge_into_base(model, {n: GlobalModule(A=m.A[: ranks[n]], B=m.B[:, : ranks[n]], scale=m.scale) for n, m in exact.items()})
+        expected = instruction_loss(model, tokenizer, validation, template="chatml", max_length=config.data.max_length)
+        assert float(reply.content[METRICS][f"loss-{index}"]) == pytest.approx(expected.mean_nll, abs=1e-5)
+    assert int(reply.content[METRICS]["tokens"]) == expected.tokens

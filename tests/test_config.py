@@ -78,12 +78,22 @@ def test_flwr_run_config_reads_the_file_and_its_dotted_overrides(tmp_path):
         ("tau=0.5", ["tau=0.5", "section.key=value"]),
         ("aggregation.tau", ["aggregation.tau", "section.key=value"]),
         ("a.b.c=1", ["a.b.c=1"]),
+        ('model.lora_bias="some"', ["model.lora_bias", "some"]),
+        ('model.modules_to_save=["q_proj"]', ["model.modules_to_save", "'q_proj' is also in model.target_modules"]),
+        ('model.modules_to_save=["lm_head", "lm_head"]', ["model.modules_to_save", "'lm_head' is listed twice"]),
     ],
 )
 def test_bad_values_and_keys_are_named_in_one_line(override, named):
     message = one_line_error(load_config, None, [override])
     for part in named:
         assert part in message, (part, message)
+
+
+def test_what_is_trained_in_full_is_a_setting_every_node_must_share():
+    config = load_config(None, ['model.lora_bias="lora_only"', 'model.modules_to_save=["lm_head"]'])
+    shared = config.shared_settings()
+    assert shared["model.lora_bias"] == "lora_only" and shared["model.modules_to_save"] == ["lm_head"]
+    assert load_config().model.lora_bias == "none" and load_config().model.modules_to_save == []
 
 
 def test_bad_configuration_files_are_named(tmp_path):
@@ -139,7 +149,7 @@ def test_a_good_configuration_prepares(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     "case",
     ["not a model directory", "missing field", "more clients than examples",
-     "no test split", "given without a directory", "non-empty run directory", "unreadable MMLU file"],
+     "no test split", "given without a directory", "non-empty run directory", "unreadable MMLU file", "tied modules_to_save"],
 )
 def test_bad_run_inputs_are_refused_before_training(case, tiny_model_dir, tmp_path, no_simulation):
     examples = [{"instruction": f"q{k}", "response": f"a{k}"} for k in range(3)]
@@ -159,6 +169,7 @@ def test_bad_run_inputs_are_refused_before_training(case, tiny_model_dir, tmp_pa
         "given without a directory": ([f'data.source="{three}"', 'data.partition="given"'], str(three)),
         "non-empty run directory": ([], str(tmp_path / "run")),
         "unreadable MMLU file": ([f"evaluation.mmlu={json.dumps(str(tmp_path / 'mmlu.json'))}"], str(tmp_path / "mmlu.json")),
+        "tied modules_to_save": (['model.modules_to_save=["lm_head"]'], "lm_head.weight is tied to model.embed_tokens.weight"),
     }[case]
     (tmp_path / "mmlu.json").write_text("{not JSON")
     if case == "non-empty run directory":

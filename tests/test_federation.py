@@ -13,22 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from florist.aggregation import ClientAdapter, GlobalModule, LoraFactors, make_aggregator
+from florist.aggregation import make_aggregator
 from florist.config import RunConfig, load_config
 from florist.evaluation import instruction_loss
-from florist.federation import client_app, payload
-from florist.federation.client_app import UPDATE_PREFIX, train_round
 from florist.federation.datasets import federated_data
 from florist.federation.simulation import run_federation
-from florist.federation.strategy import LoraStrategy
 from florist.files import umask
 from florist.lora.adapters import read_adapter, read_adapters
-from florist.lora.model import frozen_lora_A, lora_layers, read_factors
 from florist.reporting.run_directory import read_rounds
 
 from federations import CLIENT_RANKS, ROUNDS, federation_config

@@ -16,6 +16,7 @@ import florist.cli
 from florist import models
 from florist.aggregation import GlobalModule
 from florist.config import load_config
+from florist.federation.delivery import GlobalUpdate
 from florist.federation.server_model import ServerModel
 from florist.files import follow_umask
 from florist.lora.adapters import read_adapter, write_adapter
@@ -73,10 +74,10 @@ def test_the_final_model_and_adapter_follow_the_umask(tmp_path, umask, tiny_mode
     config = load_config(None, [f"model.name={json.dumps(str(tiny_model_dir))}"])
     server = ServerModel(config)
     generator = torch.Generator().manual_seed(0)
-    adapter = {
+    adapter = GlobalUpdate({
         name: GlobalModule(A=torch.randn(2, module.in_features, generator=generator), B=torch.randn(module.out_features, 2, generator=generator))
         for name, module in server.targets.items()
-    }
+    })
     server.save(tmp_path / "final", [adapter], adapter)
     assert (tmp_path / "final" / "model" / "model.safetensors").is_file()
     assert_follows_umask(tmp_path / "final")

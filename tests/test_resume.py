@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 import tomli_w
 import torch
 
@@ -58,16 +57,6 @@ def kill_everything(process: subprocess.Popen) -> None:
             pass
 
 
-@pytest.fixture
-def server_task(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_a_killed_server_resumes_and_ends_as_the_uninterrupted_run(tiny_model_dir, tmp_path, server_task):

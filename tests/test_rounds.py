@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
-from florist.aggregation import ClientAdapter, make_aggregator
+from florist.aggregation import make_aggregator
 from florist.federation import client_app, payload
 from florist.federation.client_app import build_client_app
-from florist.federation.messages import ADAPTER, IDENTITY, METRICS
+from florist.federation.messages import ADAPTER, METRICS
 from florist.federation.rounds import exchange
 from florist.federation.sampling import NotEnoughNodes, sample
 from florist.federation.server_app import serve
@@ -24,23 +23,14 @@ from florist.federation.strategy import RoundFailed
 from florist.lora.adapters import read_adapter
 from florist.reporting.run_directory import read_rounds
 
-from federations import CLIENT_RANKS, federation_config
+from federations import federation_config
 from local_grid import LocalGrid
+
+pytestmark = pytest.mark.usefixtures("server_task")
 
 NODES = {101: 0, 202: 1, 303: 2}
 FAST = ["federation.round_timeout=1", "federation.connect_timeout=1", "evaluation.base=false"]
 
-
-@pytest.fixture(autouse=True)
-def server_task(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def grid_for(config, nodes=NODES, **node_config) -> LocalGrid:
@@ -145,7 +135,7 @@ def test_exchange_pulls_only_this_stages_replies_and_stops_at_the_deadline():
 
 
 def test_a_restarted_node_gets_the_whole_chain_and_trains_on_the_right_base(tiny_model_dir, tmp_path, monkeypatch):
-    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", *FAST, "federation.rounds=3")
+    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", *FAST, "federation.rounds=3", "federation.round_timeout=60")
     grid = grid_for(config)
     bases: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     train_lora = client_app.train_lora
@@ -424,3 +414,33 @@ def test_resume_refuses_a_changed_method_and_a_directory_that_is_not_a_run(tiny_
     more = federation_config(tiny_model_dir, tmp_path / "run", "florist", *FAST, "federation.rounds=2")
     serve(more, grid_for(more), resume=path)
     assert [r["round"] for r in read_rounds(path)] == [0, 1, 2]
+
+
+def test_automatic_tau_keeps_the_smallest_cut_the_clients_validation_cannot_tell_from_the_best(tiny_model_dir, tmp_path):
+    extra = [*FAST, "federation.round_timeout=60", "data.validation_fraction=0.3", "aggregation.tau_candidates=[0.5, 0.9, 1.0]"]
+    config = federation_config(tiny_model_dir, tmp_path / "strict", "florist", *extra)
+    rounds = read_rounds(serve(config, grid_for(config)))
+    for record in rounds[1:]:
+        selection = record["tau_selection"]
+        assert selection["candidates"] == [0.5, 0.9, 1.0] and len(selection["nodes"]) == 3
+        nodes = selection["nodes"]
+        tokens = sum(n["tokens"] for n in nodes)
+        expected = [sum(n["loss"][i] * n["tokens"] for n in nodes) / tokens for i in range(3)]
+        assert selection["validation_loss"] == pytest.approx(expected)
+        best = min(expected)
+        assert selection["chosen"] == next(t for t, loss in zip([0.5, 0.9, 1.0], expected) if loss <= best)
+        assert sum(record["ranks"].values()) == selection["total_rank"][str(selection["chosen"])]
+        assert record["communication"]["down_bytes"] > sum(c["bytes_down"] for c in record["clients"])  # the exact update, scored
+    # A tolerance of a whole nat: the smallest cut always wins, with the fewest components.
+    loose = federation_config(tiny_model_dir, tmp_path / "loose", "florist", *extra, "aggregation.tau_tolerance=1.0")
+    for record in read_rounds(serve(loose, grid_for(loose)))[1:]:
+        selection = record["tau_selection"]
+        assert selection["chosen"] == 0.5
+        assert sum(record["ranks"].values()) == selection["total_rank"]["0.5"] < selection["total_rank"]["1.0"]
+
+
+def test_automatic_tau_needs_florist_and_validation_examples(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="aggregation.tau_candidates choose FLoRIST's tau; method 'fedit' has none"):
+        federation_config(tiny_model_dir, tmp_path, "fedit", "aggregation.tau_candidates=[0.9]", "data.validation_fraction=0.2")
+    with pytest.raises(ValueError, match=r"aggregation.tau_candidates needs the clients' validation examples: set data.validation_fraction > 0"):
+        federation_config(tiny_model_dir, tmp_path, "florist", "aggregation.tau_candidates=[0.9]")

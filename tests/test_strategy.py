@@ -19,6 +19,8 @@ CLIENT_RANKS = [2, 4, 8]
 MODULES = {"layers.0.q_proj": (6, 5), "layers.0.v_proj": (4, 5)}
 PARTITION_OF = {11: 0, 22: 1, 33: 2}
 
+pytestmark = pytest.mark.usefixtures("server_task")
+
 
 def identity_for(config: RunConfig, digest: str = "model-digest") -> Identity:
     settings = config.shared_settings()
@@ -89,15 +91,6 @@ def assert_modules_equal(received: dict[str, dict], expected: dict[str, GlobalMo
             assert torch.equal(received[name][factor], getattr(module, factor).float())
 
 
-@pytest.fixture(autouse=True)
-def server_task(monkeypatch):
-    """Messages can only be built inside a Flower task; this process plays the ServerApp's."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-
 
 @pytest.mark.parametrize("method", ["florist", "flora"])
 def test_merge_methods_send_each_update_until_a_reply_confirms_it(method):
@@ -112,7 +105,7 @@ def test_merge_methods_send_each_update_until_a_reply_confirms_it(method):
     for message in messages.values():
         assert sent_payloads(message) == [update_key(1)]
         assert Instruction.read(message).chain == strategy.chain.digests[:1]
-        assert_modules_equal(payload.take(message.content, update_key(1)), strategy.chain.updates[0])
+        assert_modules_equal(payload.take(message.content, update_key(1)), strategy.chain.updates[0].modules)
     assert [c.bytes_down for c in report.clients] == [messages[11].content[update_key(1)].count_bytes()] * 3
 
     # Node 33's round-2 reply never came: it is sent update 1 again. A new node 44 gets the whole chain.
@@ -145,7 +138,7 @@ def test_fedit_sends_the_global_adapter_to_every_node():
     assert all(sent_payloads(m) == [] for m in messages.values())
     reference = make_aggregator("fedit").aggregate([ClientAdapter(adapters[k], 10.0 + k) for k in range(3)])
     for name, module in reference.modules.items():
-        assert torch.allclose(strategy.current[name].delta(), module.delta(), atol=1e-5)
+        assert torch.allclose(strategy.current.modules[name].delta(), module.delta(), atol=1e-5)
     messages, _, report = play_round(strategy, 2)
     for message in messages.values():
         assert sent_payloads(message) == [GLOBAL]
@@ -159,12 +152,12 @@ def test_ffa_sends_B_only_and_the_server_rederives_the_shared_A():
     weights = [10.0 + k for k in range(3)]
     reference = make_aggregator("ffa").aggregate([ClientAdapter(adapters[k], weights[k]) for k in range(3)])
     for name, module in reference.modules.items():
-        assert torch.allclose(strategy.current[name].delta(), module.delta(), atol=1e-6)
+        assert torch.allclose(strategy.current.modules[name].delta(), module.delta(), atol=1e-6)
     strategy.begin_round(2, list(PARTITION_OF))
     for message in strategy.configure_train(2, list(PARTITION_OF)):
         assert sent_payloads(message) == [GLOBAL]
         assert all(key.endswith(".B") for key in message.content[GLOBAL])
-        assert_modules_equal(payload.take(message.content, GLOBAL), strategy.current, factors="B")
+        assert_modules_equal(payload.take(message.content, GLOBAL), strategy.current.modules, factors="B")
 
 
 def test_flexlora_sends_each_node_its_own_truncation_and_an_unknown_node_the_shared_one():
@@ -183,7 +176,7 @@ def test_flexlora_sends_each_node_its_own_truncation_and_an_unknown_node_the_sha
             got = module["scale"] * module["B"] @ module["A"]
             assert torch.allclose(got, reference.per_client[partition][name].delta(), atol=1e-5), (node, name)
     # A node the server has not heard from gets the shared (largest) truncation, whose leading components are its own.
-    assert_modules_equal(payload.take(messages[44].content, GLOBAL), strategy.current)
+    assert_modules_equal(payload.take(messages[44].content, GLOBAL), strategy.current.modules)
 
 
 def test_the_server_holds_the_aggregate_as_the_wire_delivers_it():
@@ -192,6 +185,6 @@ def test_the_server_holds_the_aggregate_as_the_wire_delivers_it():
     )
     strategy = LoraStrategy(config, MODULES, identity_for(config))
     play_round(strategy, 1)
-    for module in strategy.chain.updates[0].values():
+    for module in strategy.chain.updates[0].modules.values():
         assert module.A.dtype == torch.float32
         assert torch.equal(module.A, module.A.half().float()) and torch.equal(module.B, module.B.half().float())

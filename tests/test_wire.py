@@ -75,6 +75,27 @@ def test_every_wire_format_counts_its_exact_bytes_and_decodes_within_its_precisi
         assert torch.equal(round_trip[name].A, received[name]["A"]) and torch.equal(round_trip[name].B, received[name]["B"])
 
 
+@pytest.mark.parametrize("wire, travels_as", [("float32", np.float32), ("float16", np.float16), ("bfloat16", np.int16), ("int8", np.float32)])
+def test_tensors_trained_in_full_travel_beside_the_factors_in_a_float_format(wire, travels_as):
+    """A bias and an lm_head in the same payload as the factors: in the wire format, and in float32 when
+    the factors are int8 (per-row int8 is a LoRA component's format)."""
+    generator = torch.Generator().manual_seed(5)
+    dense = {"layers.0.q_proj.base_layer.bias": torch.randn(48, generator=generator), "lm_head.weight": torch.randn(100, 32, generator=generator)}
+    modules = {"layers.0.q_proj": decaying(48, 32, 4, seed=1)}
+    content = RecordDict()
+    sent = payload.put(content, "adapter", modules, wire, dense=dense)
+    alone = payload.put(RecordDict(), "adapter", modules, wire)
+    assert sent - alone == sum(npy_bytes(tuple(t.shape), travels_as) + len(payload.DENSE_PREFIX + n) for n, t in dense.items())
+    assert list(payload.take(content, "adapter")) == list(modules)  # the factors' reader skips them
+    received = payload.take_dense(content, "adapter")
+    assert list(received) == list(dense)
+    expected = payload.round_trip_dense(dense, wire)
+    for name, tensor in dense.items():
+        assert received[name].dtype == torch.float32 and torch.equal(received[name], expected[name])
+        assert torch.equal(received[name], tensor.to(torch.float32 if wire == "int8" else getattr(torch, wire)).float())
+    assert payload.take_global(content, "adapter").dense.keys() == dense.keys()
+
+
 def test_a_payload_in_an_unknown_format_or_missing_its_scales_is_refused():
     content = RecordDict()
     payload.put(content, "adapter", {"m": decaying(4, 4, 2, seed=0)}, "int8")
@@ -115,16 +136,6 @@ def test_bad_wire_settings_are_refused_before_anything_runs():
         load_config(None, ["wire.client_tau=0.9", 'aggregation.method="ffa"'])
 
 
-@pytest.fixture
-def server_task(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(tiny_model_dir, tmp_path, name: str, *extra: str):

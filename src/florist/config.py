@@ -36,6 +36,13 @@ class ModelConfig(Section):
     name: str = "smollm2-135m-instruct"
     """The embedded model's alias, a Hugging Face model id, or a local directory."""
     target_modules: list[str] = ["q_proj", "v_proj"]
+    lora_bias: Literal["none", "lora_only", "all"] = "none"
+    """Biases trained beside the LoRA (peft's `bias`): "lora_only" those of the adapted layers, "all"
+    every bias of the model. The server takes the clients' weighted mean, and the mean replaces the
+    bias on every node: exact, since a bias only adds to its layer's output."""
+    modules_to_save: list[str] = []
+    """Modules trained in full beside the LoRA (peft's `modules_to_save`), e.g. ["lm_head"]: averaged
+    as FedAvg averages dense weights (the clients' weighted mean), which replaces them on every node."""
     autocast: Literal["auto", "none", "bf16"] = "auto"
     """Mixed precision for training. "auto": bf16 on a GPU, none on a CPU, where bf16 autocast
     without native bf16 instructions measured 20x slower than fp32 (BENCHMARKS.md)."""
@@ -44,6 +51,14 @@ class ModelConfig(Section):
     @classmethod
     def _local_model_exists(cls, value: str, info: ValidationInfo) -> str:
         return _check_source("model", value, info)
+
+    @model_validator(mode="after")
+    def _modules_to_save_apart_from_targets(self) -> ModelConfig:
+        for name in self.modules_to_save:
+            if not name or name in self.target_modules or self.modules_to_save.count(name) > 1:
+                why = "is empty" if not name else "is also in model.target_modules" if name in self.target_modules else "is listed twice"
+                raise ValueError(f"model.modules_to_save entry {name!r} {why}")
+        return self
 
     def uses_bf16(self, device_type: str) -> bool:
         return self.autocast == "bf16" or (self.autocast == "auto" and device_type == "cuda")
@@ -154,6 +169,12 @@ class AggregationConfig(Section):
     tau: float = Field(0.9, gt=0, le=1)
     max_rank: int | None = Field(None, ge=1)
     route: str = "gram"
+    tau_candidates: list[float] = []
+    """Automatic tau (FLoRIST): each round, the clients score these truncations of the exact
+    aggregate on their own validation examples and the round keeps the smallest tau whose loss is
+    within `tau_tolerance` of the best. Empty: the fixed `tau`."""
+    tau_tolerance: float = Field(0.0, ge=0)
+    """Nats of validation loss a smaller tau may lose against the best candidate and still win."""
 
     @model_validator(mode="after")
     def _known_names(self) -> AggregationConfig:
@@ -161,12 +182,21 @@ class AggregationConfig(Section):
             raise ValueError(f"aggregation.method {self.method!r} is unknown; choose from {', '.join(METHODS)}")
         if self.route not in ROUTES:
             raise ValueError(f"aggregation.route {self.route!r} is unknown; choose from {', '.join(ROUTES)}")
+        if self.tau_candidates:
+            if self.method != "florist":
+                raise ValueError(f"aggregation.tau_candidates choose FLoRIST's tau; method {self.method!r} has none")
+            if any(not 0 < tau <= 1 for tau in self.tau_candidates):
+                raise ValueError(f"aggregation.tau_candidates must all be in (0, 1], got {self.tau_candidates}")
         return self
 
+    @property
+    def automatic_tau(self) -> bool:
+        return bool(self.tau_candidates)
+
     def options(self) -> dict:
-        """Keyword options of the chosen aggregator."""
+        """Keyword options of the chosen aggregator (automatic tau aggregates exactly, then cuts)."""
         if self.method == "florist":
-            return {"tau": self.tau, "max_rank": self.max_rank, "route": self.route}
+            return {"tau": 1.0 if self.automatic_tau else self.tau, "max_rank": self.max_rank, "route": self.route}
         return {}
 
 
@@ -257,6 +287,8 @@ class OutputConfig(Section):
 
 SHARED_SETTINGS = (
     "model.target_modules",
+    "model.lora_bias",
+    "model.modules_to_save",
     "data.template",
     "data.max_length",
     "federation.alpha_per_rank",
@@ -301,6 +333,14 @@ class RunConfig(Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     validation: ValidationConfig = ValidationConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _automatic_tau_has_validation_data(self) -> RunConfig:
+        if self.aggregation.automatic_tau and not self.data.validation_fraction:
+            raise ValueError(
+                "aggregation.tau_candidates needs the clients' validation examples: set data.validation_fraction > 0"
+            )
+        return self
 
     @model_validator(mode="after")
     def _truncation_keeps_ffa_shared_A(self) -> RunConfig:

@@ -7,7 +7,7 @@ from florist.aggregation.flexlora import FlexLoRA
 from florist.aggregation.flora import FLoRA
 from florist.aggregation.florist import FLoRIST
 from florist.aggregation.norms import adapter_norm, update_norm
-from florist.aggregation.truncation import truncate_update
+from florist.aggregation.truncation import cut, cut_ranks, truncate_update
 from florist.aggregation.spectral import ROUTES, energy_rank
 from florist.aggregation.types import (
     Aggregate,
@@ -47,6 +47,8 @@ __all__ = [
     "LoraFactors",
     "energy_rank",
     "lora_scale",
+    "cut",
+    "cut_ranks",
     "make_aggregator",
     "truncate_update",
 ]

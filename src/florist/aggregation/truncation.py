@@ -1,13 +1,12 @@
-"""A client's own update made smaller before upload: an exact lower-rank decomposition of s B A."""
+"""Smaller updates: a client's own before upload, and an aggregate cut at another energy share."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 
-import torch
-
 from florist.aggregation.spectral import energy_rank, qr_route
-from florist.aggregation.types import AggregationError, LoraFactors
+from florist.aggregation.types import AggregationError, GlobalModule, LoraFactors
 
 
 def truncate_update(factors: LoraFactors, tau: float) -> LoraFactors:
@@ -23,3 +22,26 @@ def truncate_update(factors: LoraFactors, tau: float) -> LoraFactors:
     rank = int(ranks[0])
     dtype = factors.A.dtype
     return LoraFactors(A=a_kept[0, :rank].to(dtype).contiguous(), B=b_kept[0, :, :rank].to(dtype).contiguous(), scale=1.0)
+
+
+def cut_ranks(modules: Mapping[str, GlobalModule], tau: float, max_rank: int | None = None) -> dict[str, int]:
+    """Each module's rank at energy share `tau`, from the whole spectrum the aggregate carries."""
+    ranks = {}
+    for name, module in modules.items():
+        if module.singular_values is None:
+            raise AggregationError("cutting at a tau needs the aggregate's singular values", module=name)
+        ranks[name] = min(int(energy_rank(module.singular_values[None], tau, max_rank)[0]), module.rank)
+    return ranks
+
+
+def cut(modules: Mapping[str, GlobalModule], ranks: Mapping[str, int]) -> dict[str, GlobalModule]:
+    """The leading `ranks[name]` components of each module (FLoRIST's are ordered by singular value)."""
+    return {
+        name: GlobalModule(
+            A=module.A[: ranks[name]].contiguous(),
+            B=module.B[:, : ranks[name]].contiguous(),
+            scale=module.scale,
+            singular_values=module.singular_values,
+        )
+        for name, module in modules.items()
+    }

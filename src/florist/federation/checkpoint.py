@@ -3,12 +3,12 @@
 `<run dir>/checkpoint/` holds one safetensors file per merged update (written once), the
 current global adapter of the continuing methods, and `state.json`, written last and
 atomically: a checkpoint is the state.json on disk, and every file it names is complete.
+An update's file holds its LoRA factors and its tensors trained in full (`@dense:<name>`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +17,8 @@ from safetensors.torch import save
 
 from florist.aggregation import GlobalModule
 from florist.config import RunConfig, first_difference, load_config
+from florist.federation.delivery import GlobalUpdate
+from florist.federation.payload import DENSE_PREFIX
 from florist.reporting.run_directory import write_atomically
 
 DIRECTORY = "checkpoint"
@@ -28,8 +30,8 @@ FORMAT = 1
 class ServerState:
     round: int
     """The last complete round (0: only the base model was evaluated)."""
-    chain: list[dict[str, GlobalModule]] = field(default_factory=list)
-    current: dict[str, GlobalModule] | None = None
+    chain: list[GlobalUpdate] = field(default_factory=list)
+    current: GlobalUpdate | None = None
     truncations: dict[int, dict[str, GlobalModule]] = field(default_factory=dict)
     partition_of: dict[int, int] = field(default_factory=dict)
     confirmed: dict[int, int] = field(default_factory=dict)
@@ -39,37 +41,43 @@ class ServerState:
     sampling_seed: int = 0
 
 
-def _module_bytes(modules: Mapping[str, GlobalModule]) -> bytes:
+def _update_bytes(update: GlobalUpdate) -> bytes:
     tensors = {}
-    for name, module in modules.items():
+    for name, module in update.modules.items():
         tensors[f"{name}.A"], tensors[f"{name}.B"] = module.A.contiguous(), module.B.contiguous()
-    return save(tensors, metadata={"scales": json.dumps({name: module.scale for name, module in modules.items()})})
+    for name, tensor in update.dense.items():
+        tensors[f"{DENSE_PREFIX}{name}"] = tensor.contiguous()
+    scales = json.dumps({name: module.scale for name, module in update.modules.items()})
+    return save(tensors, metadata={"scales": scales, "dense": json.dumps(list(update.dense))})
 
 
-def _read_modules(path: Path) -> dict[str, GlobalModule]:
+def _read_update(path: Path) -> GlobalUpdate:
     with safe_open(path, framework="pt") as handle:
         scales = json.loads(handle.metadata()["scales"])
-        return {
+        modules = {
             name: GlobalModule(A=handle.get_tensor(f"{name}.A"), B=handle.get_tensor(f"{name}.B"), scale=float(scale))
             for name, scale in scales.items()
         }
+        # In the order the update had (safetensors sorts its keys): digests depend on it.
+        dense = {name: handle.get_tensor(f"{DENSE_PREFIX}{name}") for name in json.loads(handle.metadata().get("dense", "[]"))}
+        return GlobalUpdate(modules, dense)
 
 
 def save_state(run_dir: Path, state: ServerState) -> None:
     directory = run_dir / DIRECTORY
     directory.mkdir(parents=True, exist_ok=True)
     files: dict[str, object] = {"chain": [], "current": None, "truncations": {}}
-    for index, modules in enumerate(state.chain, start=1):
+    for index, update in enumerate(state.chain, start=1):
         name = f"update-{index:04d}.safetensors"
         if not (directory / name).exists():  # an update never changes once written
-            write_atomically(directory / name, _module_bytes(modules))
+            write_atomically(directory / name, _update_bytes(update))
         files["chain"].append(name)
     if state.current is not None:
         files["current"] = f"global-round{state.round}.safetensors"
-        write_atomically(directory / files["current"], _module_bytes(state.current))
+        write_atomically(directory / files["current"], _update_bytes(state.current))
     for partition, modules in state.truncations.items():
         name = f"truncation-round{state.round}-client{partition}.safetensors"
-        write_atomically(directory / name, _module_bytes(modules))
+        write_atomically(directory / name, _update_bytes(GlobalUpdate(modules)))
         files["truncations"][str(partition)] = name
     record = {
         "format": FORMAT,
@@ -100,9 +108,9 @@ def load_state(run_dir: Path) -> ServerState | None:
         directory = path.parent
         return ServerState(
             round=int(record["round"]),
-            chain=[_read_modules(directory / name) for name in files["chain"]],
-            current=_read_modules(directory / files["current"]) if files["current"] else None,
-            truncations={int(p): _read_modules(directory / name) for p, name in files["truncations"].items()},
+            chain=[_read_update(directory / name) for name in files["chain"]],
+            current=_read_update(directory / files["current"]) if files["current"] else None,
+            truncations={int(p): _read_update(directory / name).modules for p, name in files["truncations"].items()},
             partition_of={int(node): int(p) for node, p in record["partition_of"].items()},
             confirmed={int(node): int(n) for node, n in record["confirmed"].items()},
             metrics=list(record["metrics"]),

@@ -8,23 +8,28 @@ silently misses an update.
 
 from __future__ import annotations
 
+import json
+
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from florist.aggregation import GlobalModule, truncate_update
 from florist.config import RunConfig
-from florist.evaluation import evaluate
+from florist.evaluation import evaluate, instruction_loss
 from florist.federation import payload
-from florist.federation.delivery import update_digest
+from florist.federation.delivery import GlobalUpdate, apply_update, update_digest
 from florist.federation.messages import (
     ADAPTER,
+    CANDIDATE,
+    CUTS,
     EVALUATED,
     GAP,
     GLOBAL,
     IDENTITY,
     METRICS,
     MISMATCH,
+    SCORED,
     TRAINED,
     UPDATE_PREFIX,
     Instruction,
@@ -34,7 +39,7 @@ from florist.federation.node import NodeSettings, node_data
 from florist.federation.resources import peak_rss_mib
 from florist.federation.settings import config_from_run_config
 from florist.federation.workspace import Update, Workspace, workspace_for
-from florist.lora.model import attach_lora, freeze_shared_A, frozen_lora_A, load_global, merge_into_base, read_factors
+from florist.lora.model import attach_lora, freeze_shared_A, frozen_lora_A, load_dense, load_global, merge_into_base, read_dense, read_factors
 from florist.training import train_lora
 
 CHAIN_DIGESTS = "chain-digests"
@@ -62,12 +67,15 @@ def held_chain(state: RecordDict, digests: list[str]) -> list[Update] | int:
     return chain
 
 
-def _reply(msg: Message, workspace: Workspace, status: str, metrics: dict, adapter: dict | None = None) -> Message:
+def _reply(
+    msg: Message, workspace: Workspace, status: str, metrics: dict, adapter: dict | None = None, dense: dict | None = None
+) -> Message:
+    """The reply; a trained one carries the client's LoRA factors and its tensors trained in full."""
     content = RecordDict({IDENTITY: workspace.identity.record(status), METRICS: MetricRecord(metrics)})
     if adapter is not None:
         # FFA-LoRA's A is frozen and derivable from the shared seed: only B travels.
-        frozen_a = workspace.config.aggregation.method == "ffa"
-        payload.put(content, ADAPTER, adapter, workspace.config.wire.upload, factors="B" if frozen_a else "AB")
+        factors = "B" if workspace.config.aggregation.method == "ffa" else "AB"
+        payload.put(content, ADAPTER, adapter, workspace.config.wire.upload, factors=factors, dense=dense)
     return Message(content, reply_to=msg)
 
 
@@ -102,11 +110,15 @@ def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
     # peft draws the fresh A from torch's global generator, whose state would otherwise depend on
     # which clients this worker process happened to run before: seeding it makes runs repeatable.
     torch.manual_seed(seed)
-    model = attach_lora(model, node.rank, node.alpha, config.model.target_modules, config.federation.use_rslora)
+    settings = config.model
+    model = attach_lora(
+        model, node.rank, node.alpha, settings.target_modules, config.federation.use_rslora, settings.lora_bias, settings.modules_to_save
+    )
     if config.aggregation.method == "ffa":
         freeze_shared_A(model, config.federation.ffa_seed)
     if GLOBAL in msg.content:
         load_global(model, payload.take(msg.content, GLOBAL))
+        load_dense(model, payload.take_dense(msg.content, GLOBAL))
 
     features = workspace.features(node.partition, node_data(config, node).train)
     result = train_lora(
@@ -141,7 +153,7 @@ def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
     factors = read_factors(model)
     if config.wire.client_tau < 1:
         factors = {name: truncate_update(f, config.wire.client_tau) for name, f in factors.items()}
-    return _reply(msg, workspace, TRAINED, metrics, factors)
+    return _reply(msg, workspace, TRAINED, metrics, factors, read_dense(model))
 
 
 def evaluate_round(config: RunConfig, msg: Message, context: Context) -> Message:
@@ -151,8 +163,9 @@ def evaluate_round(config: RunConfig, msg: Message, context: Context) -> Message
         return chain
     model = workspace.base_after(chain)
     if GLOBAL in msg.content:
-        merge_into_base(model, _global_update(config, msg, workspace))
-    held_out = node_data(config, node).held_out
+        apply_update(model, _global_update(config, msg, workspace))
+    data = node_data(config, node)
+    held_out = data.held_out
     scores = {}
     if held_out:
         results = evaluate(
@@ -165,13 +178,54 @@ def evaluate_round(config: RunConfig, msg: Message, context: Context) -> Message
             batch_size=config.evaluation.batch_size,
         )
         scores = {key: value for key, value in results.items() if isinstance(value, (int, float))}
+    if data.validation:
+        loss = instruction_loss(
+            model, workspace.tokenizer, data.validation, template=config.data.template,
+            max_length=config.data.max_length, batch_size=config.evaluation.batch_size,
+        )
+        scores.update(val_loss=loss.mean_nll, val_tokens=loss.tokens)
     metrics = {"round": instruction.round, "partition-id": node.partition, "chain-length": len(chain), "num-examples": len(held_out)}
     print(f"round {instruction.round} client {node.partition}: evaluated on {len(held_out)} held-out examples", flush=True)
     return _reply(msg, workspace, EVALUATED, metrics | scores)
 
 
-def _global_update(config: RunConfig, msg: Message, workspace: Workspace) -> dict:
-    """The global adapter as modules to merge; FFA-LoRA's A is re-derived from the shared seed."""
+def score_round(config: RunConfig, msg: Message, context: Context) -> Message:
+    """Automatic tau: this site's validation loss for every candidate cut of the exact update,
+    from the smallest to the largest (each adds components to the last, merged in turn)."""
+    node, workspace, instruction, chain = _prepare(config, msg, context)
+    if isinstance(chain, Message):
+        return chain
+    model = workspace.base_after(chain)
+    candidate = payload.take_global(msg.content, CANDIDATE)
+    # Every cut comes with the round's tensors trained in full: they are part of whichever update is kept.
+    load_dense(model, candidate.dense)
+    exact = candidate.modules
+    cuts = json.loads(str(msg.content[CUTS]["ranks"]))
+    validation = node_data(config, node).validation
+    metrics = {"round": instruction.round, "partition-id": node.partition, "chain-length": len(chain)}
+    held = {name: 0 for name in exact}
+    tokens = 0
+    for index, ranks in enumerate(cuts):
+        added = {
+            name: GlobalModule(A=module.A[held[name] : ranks[name]], B=module.B[:, held[name] : ranks[name]], scale=module.scale)
+            for name, module in exact.items()
+        }
+        merge_into_base(model, added)
+        held = {name: max(held[name], ranks[name]) for name in held}
+        if validation:
+            loss = instruction_loss(
+                model, workspace.tokenizer, validation, template=config.data.template,
+                max_length=config.data.max_length, batch_size=config.evaluation.batch_size,
+            )
+            metrics[f"loss-{index}"], tokens = loss.mean_nll, loss.tokens
+        else:
+            metrics[f"loss-{index}"] = 0.0
+    print(f"round {instruction.round} client {node.partition}: scored {len(cuts)} cuts on {len(validation)} validation examples", flush=True)
+    return _reply(msg, workspace, SCORED, metrics | {"tokens": tokens})
+
+
+def _global_update(config: RunConfig, msg: Message, workspace: Workspace) -> GlobalUpdate:
+    """The global adapter as an update to merge; FFA-LoRA's A is re-derived from the shared seed."""
     modules = {}
     for name, module in payload.take(msg.content, GLOBAL).items():
         a = module.get("A")
@@ -179,7 +233,7 @@ def _global_update(config: RunConfig, msg: Message, workspace: Workspace) -> dic
             in_features = workspace.model.get_submodule(name).in_features
             a = frozen_lora_A(name, module["B"].shape[1], in_features, config.federation.ffa_seed)
         modules[name] = GlobalModule(A=a, B=module["B"], scale=module["scale"])
-    return modules
+    return GlobalUpdate(modules, payload.take_dense(msg.content, GLOBAL))
 
 
 def build_client_app(config: RunConfig | None = None) -> ClientApp:
@@ -193,6 +247,10 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
         return evaluate_round(config or config_from_run_config(context.run_config, check_sources=False), msg, context)
+
+    @app.query()
+    def score(msg: Message, context: Context) -> Message:
+        return score_round(config or config_from_run_config(context.run_config, check_sources=False), msg, context)
 
     return app
 

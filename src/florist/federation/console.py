@@ -37,6 +37,10 @@ def show_round(record: dict) -> None:
             f"round {record['round']}: {len(record['clients'])} of {len(record['sampled'])} sampled clients aggregated "
             f"(quorum {record['quorum']}) in {record['aggregation_seconds']:.3f} s, total rank kept {record['total_rank']}"
         )
+    selection = record.get("tau_selection")
+    if selection:
+        losses = ", ".join(f"{tau}: {loss:.4f}" for tau, loss in zip(selection["candidates"], selection["validation_loss"]))
+        console.print(f"round {record['round']} automatic tau {selection['chosen']} (validation loss {losses or 'not scored'})")
     for label, scores in (("evaluation", record["evaluation"]), ("federated evaluation", record.get("federated_evaluation", {}).get("combined"))):
         if scores:
             # The headline figures; per-category ones are in metrics.jsonl.

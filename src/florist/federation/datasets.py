@@ -18,7 +18,13 @@ from florist.data import Example, carve_validation, generate_embedded, load_clie
 class FederatedData:
     clients: list[list[Example]]
     test: list[Example]
-    validation: list[Example] = ()
+    client_validation: list[list[Example]] = ()
+    """Each client's validation carve (never trained on): the nodes' own, for choosing tau."""
+
+    @property
+    def validation(self) -> list[Example]:
+        """Every client's validation carve, pooled: the server's validation set."""
+        return [example for examples in self.client_validation for example in examples]
 
 
 def held_out(source: str) -> list[Example]:
@@ -61,7 +67,7 @@ def _cached_split(config_json: str) -> FederatedData:
     if fraction:
         # Carved from every client, so the validation set follows the clients' mixture.
         carved = [carve_validation(examples, fraction, config.training.seed + k) for k, examples in enumerate(split.clients)]
-        split = FederatedData([train for train, _ in carved], split.test, [e for _, val in carved for e in val])
+        split = FederatedData([train for train, _ in carved], split.test, [val for _, val in carved])
     for k, examples in enumerate(split.clients):
         if not examples:
             raise ValueError(f"client {k} has no training examples in {config.data.source}")

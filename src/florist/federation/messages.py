@@ -23,8 +23,11 @@ METRICS = "metrics"
 ADAPTER = "adapter"
 GLOBAL = "global"
 UPDATE_PREFIX = "update:"
+CANDIDATE = "candidate"
+"""Automatic tau: the round's exact update, whose cuts a node scores."""
+CUTS = "cuts"
 
-TRAINED, GAP, MISMATCH, EVALUATED = "trained", "gap", "mismatch", "evaluated"
+TRAINED, GAP, MISMATCH, EVALUATED, SCORED = "trained", "gap", "mismatch", "evaluated", "scored"
 
 
 def update_key(index: int) -> str:

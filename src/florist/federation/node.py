@@ -114,7 +114,10 @@ def _device(node_config: dict) -> str:
 @dataclass(frozen=True)
 class NodeData:
     train: list[Example]
+    validation: list[Example]
+    """Carved from the site's own examples (data.validation_fraction), never trained on."""
     held_out: list[Example]
+    """Test examples: the site's test-data file, else its share of the run's test split."""
 
 
 def node_data(config: RunConfig, node: NodeSettings) -> NodeData:
@@ -127,13 +130,14 @@ def node_data(config: RunConfig, node: NodeSettings) -> NodeData:
 def _node_data(config_json: str, node: NodeSettings) -> NodeData:
     config = RunConfig.model_validate_json(config_json)
     fraction = config.data.validation_fraction
+    held_out: list[Example] = []
     if node.data is not None:
         train = load_examples(node.data)
         if config.data.max_client_examples:
             train = train[: config.data.max_client_examples]
-        held_out: list[Example] = []
+        validation: list[Example] = []
         if fraction:
-            train, held_out = carve_validation(train, fraction, config.training.seed + node.partition)
+            train, validation = carve_validation(train, fraction, config.training.seed + node.partition)
     else:
         split = federated_data(config)
         if node.partition >= len(split.clients):
@@ -142,10 +146,10 @@ def _node_data(config_json: str, node: NodeSettings) -> NodeData:
                 "give the node its own data= file"
             )
         train = split.clients[node.partition]
-        # The run's split keeps no per-client held-out examples: a site scores its share of the test split.
+        validation = split.client_validation[node.partition] if split.client_validation else []
         held_out = split.test[node.partition :: len(split.clients)]
     if node.test_data is not None:
         held_out = load_examples(node.test_data)
     if not train:
         raise ValueError(f"node {node.partition} has no training examples")
-    return NodeData(train, held_out)
+    return NodeData(train, validation, held_out)

@@ -81,18 +81,50 @@ class EvaluationReport(Stage):
     scores: list[NodeScore] = field(default_factory=list)
 
     def combined(self) -> dict[str, float]:
-        """Every node's scores combined: the loss per token over all nodes' tokens, the rest
-        weighted by examples."""
-        scored = [s for s in self.scores if s.examples > 0]
-        if not scored:
-            return {}
-        keys = set.intersection(*(set(s.metrics) for s in scored))
-        examples = sum(s.examples for s in scored)
-        combined = {key: sum(s.metrics[key] * s.examples for s in scored) / examples for key in keys}
-        if {"test_loss", "test_tokens"} <= keys:
-            tokens = sum(s.metrics["test_tokens"] for s in scored)
-            combined["test_loss"] = sum(s.metrics["test_loss"] * s.metrics["test_tokens"] for s in scored) / tokens
-            combined["test_tokens"] = tokens
-            combined["test_perplexity"] = math.exp(combined["test_loss"])
-        combined["examples"] = examples
+        """Every node's scores combined: losses per token over all nodes' tokens, the other
+        metrics weighted by each node's test examples."""
+        combined: dict[str, float] = {}
+        for split in ("test", "val"):
+            loss, count = f"{split}_loss", f"{split}_tokens"
+            counted = [s for s in self.scores if loss in s.metrics and s.metrics.get(count, 0) > 0]
+            if counted:
+                tokens = sum(s.metrics[count] for s in counted)
+                combined[loss] = sum(s.metrics[loss] * s.metrics[count] for s in counted) / tokens
+                combined[count] = tokens
+                combined[f"{split}_perplexity"] = math.exp(combined[loss])
+        tested = [s for s in self.scores if s.examples > 0]
+        if tested:
+            examples = sum(s.examples for s in tested)
+            shared = set.intersection(*(set(s.metrics) for s in tested)) - set(combined)
+            combined |= {key: sum(s.metrics[key] * s.examples for s in tested) / examples for key in shared}
+            combined["examples"] = examples
         return dict(sorted(combined.items()))
+
+
+@dataclass
+class TauSelection(Stage):
+    """Automatic tau: each node's validation loss for every candidate cut, and the choice."""
+
+    candidates: list[float] = field(default_factory=list)
+    ranks: dict[float, dict[str, int]] = field(default_factory=dict)
+    scores: dict[int, tuple[int, int, list[float]]] = field(default_factory=dict)
+    """node -> (partition, validation tokens, loss per candidate)."""
+    loss: list[float] = field(default_factory=list)
+    chosen: float | None = None
+
+    def combined(self) -> list[float]:
+        """Each candidate's validation loss per token over every node that scored."""
+        tokens = sum(t for _, t, _ in self.scores.values())
+        if not tokens:
+            return []
+        return [sum(t * losses[i] for _, t, losses in self.scores.values()) / tokens for i in range(len(self.candidates))]
+
+    def record(self) -> dict:
+        return {
+            "candidates": self.candidates,
+            "validation_loss": self.loss,
+            "chosen": self.chosen,
+            "total_rank": {str(tau): sum(ranks.values()) for tau, ranks in self.ranks.items()},
+            "nodes": [{"node": n, "partition": p, "tokens": t, "loss": losses} for n, (p, t, losses) in sorted(self.scores.items())],
+            "events": [vars(e) for e in self.events],
+        }

@@ -16,7 +16,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from florist.config import FederationConfig
-from florist.federation.reports import EvaluationReport, RoundReport
+from florist.federation.reports import EvaluationReport, RoundReport, TauSelection
 from florist.federation.sampling import nodes_for_round
 from florist.federation.strategy import LoraStrategy
 
@@ -75,3 +75,10 @@ def evaluate_stage(grid: Grid, strategy: LoraStrategy, federation: FederationCon
     nodes = sorted(grid.get_node_ids())
     late = exchange(grid, strategy.configure_evaluate(server_round, nodes), federation.round_timeout, strategy.receive_evaluate)
     return strategy.finish_evaluate(late)
+
+
+def select_stage(grid: Grid, strategy: LoraStrategy, federation: FederationConfig, report: RoundReport) -> TauSelection:
+    """Automatic tau: the round's clients score the candidate cuts of its exact update."""
+    nodes = [client.node for client in report.clients]
+    late = exchange(grid, strategy.configure_select(report.round, nodes), federation.round_timeout, strategy.receive_select)
+    return strategy.finish_select(late)

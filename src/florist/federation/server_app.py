@@ -13,9 +13,9 @@ from florist.evaluation.mmlu import load_mmlu
 from florist.federation import checkpoint
 from florist.federation.console import show_round
 from florist.federation.datasets import FederatedData, federated_data
-from florist.federation.reports import EvaluationReport, RoundReport
+from florist.federation.reports import EvaluationReport, RoundReport, TauSelection
 from florist.federation.resources import peak_rss_mib
-from florist.federation.rounds import evaluate_stage, train_stage
+from florist.federation.rounds import evaluate_stage, select_stage, train_stage
 from florist.federation.server_model import ServerModel
 from florist.federation.settings import config_from_run_config, resume_from_run_config
 from florist.federation.strategy import LoraStrategy
@@ -33,10 +33,11 @@ def round_record(
     evaluation: dict,
     federated: EvaluationReport | None,
     timing: dict,
+    selection: TauSelection | None = None,
 ) -> dict:
     """One line of metrics.jsonl."""
     record: dict = {"round": server_round, **timing}
-    stages = [stage for stage in (report, federated) if stage is not None]
+    stages = [stage for stage in (report, selection, federated) if stage is not None]
     record["communication"] = {
         "down_bytes": sum(sum(stage.bytes_down.values()) for stage in stages),
         "up_bytes": sum(sum(stage.bytes_up.values()) for stage in stages),
@@ -54,6 +55,8 @@ def round_record(
             energy=report.energy,
             total_rank=sum(report.ranks.values()),
         )
+    if selection is not None:
+        record["tau_selection"] = selection.record()
     record["evaluation"] = evaluation
     if federated is not None:
         record["federated_evaluation"] = {
@@ -72,7 +75,7 @@ class Server:
             config = config.model_copy(update={"output": config.output.model_copy(update={"run_dir": str(resume)})})
         self.config = config
         self.model = ServerModel(config)
-        self.strategy = LoraStrategy(config, self.model.shapes, self.model.identity)
+        self.strategy = LoraStrategy(config, self.model.shapes, self.model.identity, self.model.dense_shapes)
         self.data: FederatedData | None = federated_data(config) if config.evaluation.server else None
         self.mmlu = mmlu_questions(config) if config.evaluation.server else None
         state = None
@@ -108,14 +111,22 @@ class Server:
             evaluation = self.model.evaluate(self.data.test, self.mmlu, self.data.validation)
         return evaluation, federated
 
-    def complete(self, server_round: int, report: RoundReport | None, evaluation: dict, federated, seconds: float) -> None:
+    def complete(
+        self,
+        server_round: int,
+        report: RoundReport | None,
+        evaluation: dict,
+        federated: EvaluationReport | None,
+        seconds: float,
+        selection: TauSelection | None = None,
+    ) -> None:
         """Checkpoint first, then the metrics line: a crash between them loses nothing recorded."""
         timing = {
             "evaluation_seconds": seconds,
             "wall_seconds": time.perf_counter() - self.start,
             "server_peak_rss_mib": peak_rss_mib(),
         }
-        record = round_record(server_round, report, evaluation, federated, timing)
+        record = round_record(server_round, report, evaluation, federated, timing, selection)
         if server_round and server_round == self.first_round:
             record["resumed"] = True
         self.run.claim()
@@ -176,9 +187,10 @@ def serve(config: RunConfig, grid: Grid, resume: Path | None = None) -> Path:
     for server_round in range(max(1, server.first_round), federation.rounds + 1):
         first = server_round == max(1, server.first_round)
         report = train_stage(grid, server.strategy, federation, config.training.seed, server_round, first)
+        selection = select_stage(grid, server.strategy, federation, report) if config.aggregation.automatic_tau else None
         evaluation_start = time.perf_counter()
         evaluation, federated = server.evaluate(grid, server_round)
-        server.complete(server_round, report, evaluation, federated, time.perf_counter() - evaluation_start)
+        server.complete(server_round, report, evaluation, federated, time.perf_counter() - evaluation_start, selection)
     return server.finish()
 
 

@@ -5,21 +5,23 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
-from florist.aggregation import ClientAdapter, GlobalModule
-from florist.config import RunConfig
+from florist.aggregation import ClientAdapter
+from florist.config import ModelConfig, RunConfig
 from florist.data import Example
 from florist.evaluation import evaluate, instruction_loss
 from florist.evaluation.mmlu import Question
+from florist.federation.delivery import GlobalUpdate, apply_update
 from florist.federation.identity import identity_of
 from florist.files import follow_umask
 from florist.lora.adapters import write_adapter
-from florist.lora.model import merge_into_base
+from florist.lora.model import model_tensor, trained_in_full_shapes, weightless_model
 from florist.models import best_device, load_model, resolve_model
 from florist.reporting.run_directory import write_atomically
 
@@ -33,6 +35,38 @@ def adapted_modules(model: nn.Module, target_modules: Sequence[str]) -> dict[str
     }
 
 
+def trained_in_full(settings: ModelConfig, model_config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor that `model.lora_bias` and `model.modules_to_save` train in full, by
+    `read_dense` name, found on a weightless copy of the model; settings that would train nothing,
+    or a module tied to another, are refused."""
+    skeleton = weightless_model(model_config)
+    owners: dict[int, list[str]] = {}
+    for name, parameter in skeleton.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(parameter), []).append(name)
+    for names in (names for names in owners.values() if len(names) > 1):
+        for entry in settings.modules_to_save:
+            module = next((n for n in names if _is_module(n.rpartition(".")[0], entry)), None)
+            if module is not None:
+                other = next(n for n in names if n != module)
+                raise ValueError(
+                    f"model.modules_to_save entry {entry!r}: {module} is tied to {other} in model {settings.name}; "
+                    "averaging it would change both, which peft's adapter does not"
+                )
+    shapes = trained_in_full_shapes(skeleton, settings.target_modules, settings.lora_bias, settings.modules_to_save)
+    if settings.lora_bias != "none" and not any(name.endswith(".bias") for name in shapes):
+        layers = "adapted layers" if settings.lora_bias == "lora_only" else "layers"
+        raise ValueError(f"model.lora_bias {settings.lora_bias!r}: the {layers} of model {settings.name} have no bias to train")
+    for entry in settings.modules_to_save:
+        if not any(_is_module(name.rpartition(".")[0], entry) for name in shapes):
+            raise ValueError(f"model.modules_to_save entry {entry!r}: model {settings.name} has no such module")
+    return shapes
+
+
+def _is_module(path: str, entry: str) -> bool:
+    """Whether a modules_to_save entry names the module at `path`, as peft matches it."""
+    return path == entry or path.endswith(f".{entry}")
+
+
 class ServerModel:
     def __init__(self, config: RunConfig):
         self.config = config
@@ -41,7 +75,10 @@ class ServerModel:
         self.targets = adapted_modules(self.model, config.model.target_modules)
         if not self.targets:
             raise ValueError(f"model {config.model.name} has no linear layers named {config.model.target_modules}")
-        self.pristine = {name: module.weight.detach().clone() for name, module in self.targets.items()}
+        self.dense_shapes = trained_in_full(config.model, self.model.config)
+        # Keyed as model_tensor finds them: the adapted weights, and the tensors trained in full.
+        tensors = [f"{name}.weight" for name in self.targets] + list(self.dense_shapes)
+        self.pristine = {name: model_tensor(self.model, name).detach().clone() for name in tensors}
         self.identity = identity_of(config, self.model)
 
     @property
@@ -50,12 +87,13 @@ class ServerModel:
         return {name: (module.out_features, module.in_features) for name, module in self.targets.items()}
 
     @torch.no_grad()
-    def set_state(self, merged: Sequence[Mapping[str, GlobalModule]], adapter: Mapping[str, GlobalModule] | None) -> None:
-        """Weights = base + every merged update + the current adapter's update."""
-        for name, module in self.targets.items():
-            module.weight.copy_(self.pristine[name])
-        for modules in [*merged, *([adapter] if adapter else [])]:
-            merge_into_base(self.model, modules)
+    def set_state(self, merged: Sequence[GlobalUpdate], adapter: GlobalUpdate | None) -> None:
+        """Weights = base + every merged update + the current adapter's update; the tensors trained
+        in full take the last value sent."""
+        for name, value in self.pristine.items():
+            model_tensor(self.model, name).copy_(value)
+        for update in [*merged, *([adapter] if adapter else [])]:
+            apply_update(self.model, update)
 
     def evaluate(self, examples: Sequence[Example], mmlu: Sequence[Question] | None, validation: Sequence[Example] = ()) -> dict:
         """Test metrics, MMLU when given, and the validation loss (`val_` keys) when there is a validation set."""
@@ -82,7 +120,7 @@ class ServerModel:
             progress=progress,
         )
 
-    def save(self, target: Path, merged: Sequence[Mapping[str, GlobalModule]], adapter: Mapping[str, GlobalModule]) -> None:
+    def save(self, target: Path, merged: Sequence[GlobalUpdate], adapter: GlobalUpdate) -> None:
         """`target/model`: base + merged updates, loadable by transformers; `target/adapter`: the
         last global adapter as a PEFT LoRA on top of it. Together they are the final global model."""
         self.set_state(merged, None)
@@ -90,7 +128,7 @@ class ServerModel:
         shutil.rmtree(staging, ignore_errors=True)
         self.model.save_pretrained(staging / "model")
         self.tokenizer.save_pretrained(staging / "model")
-        write_adapter(staging / "adapter", dict(adapter), self.adapter_config)
+        write_adapter(staging / "adapter", dict(adapter.modules), self.adapter_config, dense=adapter.dense)
         follow_umask(staging)
         # A resumed run that goes past a finished one replaces its final model; the old one is
         # removed only once the new one is in place.
@@ -108,12 +146,14 @@ class ServerModel:
             "peft_type": "LORA",
             "base_model_name_or_path": resolve_model(self.config.model.name),
             "target_modules": list(self.config.model.target_modules),
+            "bias": self.config.model.lora_bias,
+            "modules_to_save": list(self.config.model.modules_to_save) or None,
             "task_type": "CAUSAL_LM",
         }
 
     def save_clients(self, target: Path, clients: Sequence[ClientAdapter], partitions: Sequence[int]) -> None:
         """`target/<partition>/`: each client's adapter as received; `target/clients.json`: partitions and weights."""
         for partition, client in zip(partitions, clients, strict=True):
-            write_adapter(target / str(partition), client.modules, self.adapter_config, overwrite=True)
+            write_adapter(target / str(partition), client.modules, self.adapter_config, overwrite=True, dense=client.dense)
         index = [{"partition": p, "weight": c.weight, "adapter": str(p)} for p, c in zip(partitions, clients)]
         write_atomically(target / "clients.json", json.dumps(index, indent=2) + "\n")

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from florist.config import RunConfig, load_config
 from florist.evaluation.mmlu import load_mmlu
@@ -15,6 +16,7 @@ from florist.federation.checkpoint import check_resumable
 from florist.federation.client_app import build_client_app
 from florist.federation.datasets import federated_data
 from florist.federation.server_app import build_server_app
+from florist.federation.server_model import trained_in_full
 from florist.models import resolve_model
 from florist.reporting.run_directory import RunDirectory
 
@@ -27,7 +29,8 @@ def prepare(config: RunConfig, resume: Path | None = None) -> RunConfig:
     """
     if config.data.partition == "given" and not Path(config.data.source).is_dir():
         raise ValueError(f"data.partition 'given' needs a directory of client files, got data.source {config.data.source!r}")
-    resolve_model(config.model.name)
+    model_config = AutoConfig.from_pretrained(resolve_model(config.model.name))
+    trained_in_full(config.model, model_config)
     data = federated_data(config)
     if config.evaluation.server and not data.test:
         raise ValueError(f"data source {config.data.source!r} has no test split; set data.test_source")

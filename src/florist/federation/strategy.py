@@ -10,21 +10,34 @@ live in their own modules; this one connects them.
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from flwr.app import Message, MessageType
+from flwr.app import ConfigRecord, Message, MessageType
 
-from florist.aggregation import Aggregate, ClientAdapter, GlobalModule, LoraFactors, adapter_norm, make_aggregator
+from florist.aggregation import (
+    Aggregate,
+    ClientAdapter,
+    GlobalModule,
+    LoraFactors,
+    adapter_norm,
+    cut,
+    cut_ranks,
+    make_aggregator,
+)
 from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.checkpoint import ServerState
 from florist.federation.console import show_reply
-from florist.federation.delivery import Chain
+from florist.federation.delivery import Chain, GlobalUpdate
 from florist.federation.identity import disagreement
 from florist.federation.messages import (
     ADAPTER,
+    CANDIDATE,
+    CUTS,
     GAP,
     GLOBAL,
     IDENTITY,
@@ -37,7 +50,7 @@ from florist.federation.messages import (
     instruction_content,
     update_key,
 )
-from florist.federation.reports import ClientReport, EvaluationReport, NodeScore, RoundReport, Stage
+from florist.federation.reports import ClientReport, EvaluationReport, NodeScore, RoundReport, Stage, TauSelection
 from florist.federation.validation import ClientUpdate, Limits, Rejected, check_reply, outliers
 from florist.lora.model import frozen_lora_A
 
@@ -52,16 +65,23 @@ that is not converging and is left out of the round."""
 
 
 class LoraStrategy:
-    def __init__(self, config: RunConfig, shapes: Mapping[str, tuple[int, int]], identity: Identity):
-        """`shapes` ((m, n) of each adapted module) and `identity` come from the server's own model."""
+    def __init__(
+        self,
+        config: RunConfig,
+        shapes: Mapping[str, tuple[int, int]],
+        identity: Identity,
+        dense_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    ):
+        """`shapes` ((m, n) of each adapted module), `identity` and `dense_shapes` (of each tensor
+        trained in full, none by default) come from the server's own model."""
         self.config = config
         self.shapes = dict(shapes)
         self.identity = identity
-        self.limits = Limits.for_run(config, self.shapes)
+        self.limits = Limits.for_run(config, self.shapes, dense_shapes)
         self.aggregator = make_aggregator(config.aggregation.method, **config.aggregation.options())
         self.frozen_a = config.aggregation.method == "ffa"
         self.chain = Chain()
-        self.current: dict[str, GlobalModule] | None = None
+        self.current: GlobalUpdate | None = None
         """The global adapter clients continue from, as they receive it (continuing methods)."""
         self.truncations: dict[int, dict[str, GlobalModule]] = {}
         """FlexLoRA: each partition's own truncation of the global update."""
@@ -71,6 +91,8 @@ class LoraStrategy:
         self.received: list[ClientAdapter] = []
         """The last round's client adapters as the server decoded them, in partition order."""
         self._round: _RoundState | None = None
+        self.exact: GlobalUpdate | None = None
+        """Automatic tau: the round's exact update, until the clients' scores choose its cut."""
 
     @property
     def merges(self) -> bool:
@@ -80,7 +102,7 @@ class LoraStrategy:
     def wire(self) -> str:
         return self.config.wire.download
 
-    def global_modules(self) -> tuple[list[dict[str, GlobalModule]], dict[str, GlobalModule] | None]:
+    def global_modules(self) -> tuple[list[GlobalUpdate], GlobalUpdate | None]:
         """The global model as (updates merged into the base, adapter on top), as the nodes see it."""
         if self.merges:
             return list(self.chain.updates), None
@@ -95,12 +117,14 @@ class LoraStrategy:
         sent = 0
         if self.merges:
             for index in self.chain.missing(node, start):
-                sent += payload.put(content, update_key(index), self.chain.updates[index - 1], self.wire)
+                update = self.chain.updates[index - 1]
+                sent += payload.put(content, update_key(index), update.modules, self.wire, dense=update.dense)
         elif self.current is not None:
             # A node whose partition the server does not know yet gets the shared adapter; its
             # first rank-r components are the same truncation, at more bytes.
-            modules = self.truncations.get(self.partition_of.get(node, -1), self.current)
-            sent = payload.put(content, GLOBAL, modules, self.wire, factors="B" if self.frozen_a else "AB")
+            modules = self.truncations.get(self.partition_of.get(node, -1), self.current.modules)
+            factors = "B" if self.frozen_a else "AB"
+            sent = payload.put(content, GLOBAL, modules, self.wire, factors=factors, dense=self.current.dense)
         ttl = self.config.federation.round_timeout
         return Message(content=content, message_type=message_type, dst_node_id=node, ttl=ttl), sent
 
@@ -262,10 +286,12 @@ class LoraStrategy:
             accumulator.add(adapter)
         aggregate = accumulator.result()
         report.aggregation_seconds = time.perf_counter() - start
-        report.ranks = {name: module.rank for name, module in aggregate.modules.items()}
-        report.energy = {name: module.energy for name, module in aggregate.modules.items()}
-        partitions = [update.partition for update in updates.values()]
-        self._advance(aggregate, partitions)
+        if self.config.aggregation.automatic_tau:
+            # The exact update waits for the clients to score its truncations (select_tau).
+            self.exact = self._as_received(aggregate)
+        else:
+            self._advance(aggregate, [update.partition for update in updates.values()])
+            self._record_ranks(report, aggregate.modules)
         for node, update in updates.items():
             self.partition_of[node] = update.partition
             state.report.event(node, "accepted", partition=update.partition)
@@ -275,20 +301,90 @@ class LoraStrategy:
         self._round = None
         return report
 
+    @staticmethod
+    def _record_ranks(report: RoundReport, modules: Mapping[str, GlobalModule]) -> None:
+        report.ranks = {name: module.rank for name, module in modules.items()}
+        report.energy = {name: module.energy for name, module in modules.items()}
+
+    # -- automatic tau ---------------------------------------------------------------------------
+
+    def configure_select(self, server_round: int, nodes: list[int]) -> list[Message]:
+        """Ask `nodes` to score every candidate truncation of the exact update on their own
+        validation examples: each gets the exact update once, and the ranks of every cut."""
+        candidates = sorted(set(self.config.aggregation.tau_candidates))
+        max_rank = self.config.aggregation.max_rank
+        self._selection = TauSelection(server_round, candidates=candidates)
+        self._selection.ranks = {tau: cut_ranks(self.exact.modules, tau, max_rank) for tau in candidates}
+        messages = []
+        for node in nodes:
+            message, sent = self._instruction(server_round, node, MessageType.QUERY)
+            sent += payload.put(message.content, CANDIDATE, self.exact.modules, self.wire, dense=self.exact.dense)
+            message.content[CUTS] = ConfigRecord({"ranks": json.dumps([self._selection.ranks[tau] for tau in candidates])})
+            self._selection.bytes_down[node] = sent
+            messages.append(message)
+        return messages
+
+    def receive_select(self, node: int, reply: Message) -> list[Message]:
+        selection = self._selection
+        if reply.has_error():
+            selection.event(node, "failed", _error_reason(reply))
+            return []
+        try:
+            identity = Identity.from_record(reply.content[IDENTITY])
+            metrics = reply.content[METRICS]
+            losses = [float(metrics[f"loss-{index}"]) for index in range(len(selection.candidates))]
+            tokens = int(metrics["tokens"])
+            reply_round, partition = int(metrics["round"]), int(metrics["partition-id"])
+        except (KeyError, ValueError, TypeError) as error:
+            selection.event(node, "rejected", f"malformed reply: {type(error).__name__}: {error}")
+            return []
+        refusal = disagreement(self.identity, identity)
+        if refusal or reply_round != selection.round or tokens < 0 or not all(math.isfinite(x) for x in losses):
+            selection.event(node, "rejected", refusal or f"scores for round {reply_round}: {tokens} tokens, losses {losses}", partition)
+            return []
+        if tokens:
+            selection.scores[node] = (partition, tokens, losses)
+        return []
+
+    def finish_select(self, late: list[int]) -> TauSelection:
+        """Keep the smallest candidate within tau_tolerance of the best validation loss; without
+        any score, the largest candidate (the closest to exact)."""
+        selection, report = self._selection, self.reports[-1]
+        for node in late:
+            selection.event(node, "late", "no scores within federation.round_timeout")
+        selection.loss = selection.combined()
+        if selection.loss:
+            best = min(selection.loss)
+            tolerance = self.config.aggregation.tau_tolerance
+            selection.chosen = next(tau for tau, loss in zip(selection.candidates, selection.loss) if loss <= best + tolerance)
+        else:
+            selection.chosen = selection.candidates[-1]
+            selection.event(0, "failed", f"no node scored the candidates: tau {selection.chosen} kept")
+        modules = cut(self.exact.modules, selection.ranks[selection.chosen])
+        self.chain.append(GlobalUpdate(modules, self.exact.dense))
+        self._record_ranks(report, modules)
+        self.exact = None
+        return selection
+
+    def _as_received(self, aggregate: Aggregate) -> GlobalUpdate:
+        """The aggregate's shared modules and tensors trained in full as the nodes receive them."""
+        return GlobalUpdate(payload.round_trip(aggregate.modules, self.wire), payload.round_trip_dense(aggregate.dense, self.wire))
+
     def _advance(self, aggregate: Aggregate, partitions: list[int]) -> None:
         """The new global state, round-tripped through the wire dtype: what the nodes will hold."""
-        modules = payload.round_trip(aggregate.modules, self.wire)
+        update = self._as_received(aggregate)
         if self.merges:
-            self.chain.append(modules)
+            self.chain.append(update)
             return
-        self.current = modules
+        self.current = update
         if aggregate.per_client is not None:
             self.truncations = {
                 p: payload.round_trip(m, self.wire) for p, m in zip(partitions, aggregate.per_client, strict=True)
             }
 
     def _adapter(self, update: ClientUpdate) -> ClientAdapter:
-        return ClientAdapter({name: self._factors(name, m) for name, m in update.modules.items()}, float(update.examples))
+        modules = {name: self._factors(name, m) for name, m in update.modules.items()}
+        return ClientAdapter(modules, float(update.examples), update.dense)
 
     def _factors(self, name: str, module: dict) -> LoraFactors:
         if self.frozen_a:

@@ -36,6 +36,8 @@ class Rejected(ValueError):
 class Limits:
     shapes: Mapping[str, tuple[int, int]]
     """(m, n) of every module the server adapts."""
+    dense: Mapping[str, tuple[int, ...]]
+    """The shape of every tensor trained in full that the server's model has for these settings."""
     max_rank: int
     max_bytes: int
     min_examples: int
@@ -43,12 +45,16 @@ class Limits:
     norm_factor: float
 
     @classmethod
-    def for_run(cls, config: RunConfig, shapes: Mapping[str, tuple[int, int]]) -> Limits:
+    def for_run(
+        cls, config: RunConfig, shapes: Mapping[str, tuple[int, int]], dense: Mapping[str, tuple[int, ...]] | None = None
+    ) -> Limits:
         """Limits from the configuration; a size cap below what the configured ranks need is an error."""
-        wire = config.wire.upload
+        wire, dense = config.wire.upload, dict(dense or {})
         needed = sum(m + n for m, n in shapes.values()) * config.rank_cap * payload.VALUE_BYTES[wire]
         arrays_per_module = 4 if wire == "int8" else 2  # int8 factors travel with their row scales
         needed += sum(arrays_per_module * (ARRAY_OVERHEAD + len(name)) + (8 * config.rank_cap if wire == "int8" else 0) for name in shapes)
+        dense_bytes = payload.VALUE_BYTES[payload.dense_format(wire)]
+        needed += sum(math.prod(shape) * dense_bytes + ARRAY_OVERHEAD + len(payload.DENSE_PREFIX + name) for name, shape in dense.items())
         cap_mb = config.validation.max_message_mb
         if cap_mb is not None and cap_mb * MiB < needed:
             raise ValueError(
@@ -57,6 +63,7 @@ class Limits:
             )
         return cls(
             shapes=dict(shapes),
+            dense=dense,
             max_rank=config.rank_cap,
             max_bytes=int(cap_mb * MiB) if cap_mb is not None else needed,
             min_examples=config.validation.min_examples,
@@ -71,6 +78,8 @@ class ClientUpdate:
 
     modules: dict[str, dict]
     """{module: {"A"?, "B", "scale"}} in float32, as `payload.take` reads them."""
+    dense: dict[str, torch.Tensor]
+    """The tensors trained in full, in float32, as `payload.take_dense` reads them."""
     examples: int
     partition: int
     rank: int
@@ -89,6 +98,7 @@ def check_reply(reply: Message, limits: Limits, factors: str = "AB") -> ClientUp
         if size > limits.max_bytes:
             raise Rejected(f"adapter payload is {size / MiB:.3f} MiB, above the cap of {limits.max_bytes / MiB:.3f} MiB")
         modules = payload.take(content, ADAPTER)
+        dense = payload.take_dense(content, ADAPTER)
     except Rejected:
         raise
     except (KeyError, ValueError, TypeError, AttributeError) as error:
@@ -108,8 +118,10 @@ def check_reply(reply: Message, limits: Limits, factors: str = "AB") -> ClientUp
     ranks = set()
     for name, module in modules.items():
         ranks.add(_check_module(name, module, limits, factors))
+    _check_dense(dense, limits)
     return ClientUpdate(
         modules=modules,
+        dense=dense,
         examples=examples,
         partition=partition,
         rank=max(ranks),
@@ -137,6 +149,21 @@ def _check_module(name: str, module: dict, limits: Limits, factors: str) -> int:
         if not torch.isfinite(module[factor]).all():
             raise Rejected(f"module {name}: lora_{factor} holds NaN or Inf values")
     return rank
+
+
+def _check_dense(dense: Mapping[str, torch.Tensor], limits: Limits) -> None:
+    """The tensors trained in full the server's model expects for these settings, at its shapes, finite."""
+    missing, extra = set(limits.dense) - set(dense), set(dense) - set(limits.dense)
+    if missing or extra:
+        name = sorted(missing or extra)[0]
+        if missing:
+            raise Rejected(f"lacks tensor {name}, trained in full with model.lora_bias / model.modules_to_save")
+        raise Rejected(f"sends tensor {name}, which model.lora_bias / model.modules_to_save do not train in full")
+    for name, tensor in dense.items():
+        if tuple(tensor.shape) != tuple(limits.dense[name]):
+            raise Rejected(f"tensor {name} is {tuple(tensor.shape)}, expected {tuple(limits.dense[name])}")
+        if not torch.isfinite(tensor).all():
+            raise Rejected(f"tensor {name} holds NaN or Inf values")
 
 
 def outliers(norms: Mapping[int, float], factor: float) -> dict[int, str]:

@@ -16,17 +16,17 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from florist.aggregation import GlobalModule
 from florist.config import RunConfig
 from florist.data import Example
 from florist.data.tokenize import encode
+from florist.federation.delivery import GlobalUpdate, apply_update
 from florist.federation.identity import identity_of
 from florist.federation.messages import Identity
-from florist.lora.model import merge_into_base
+from florist.lora.model import model_tensor
 from florist.models import load_model
 
-Update = tuple[str, dict[str, GlobalModule]]
-"""(identifier, modules) of one merged global update; identifiers are unique within a run."""
+Update = tuple[str, GlobalUpdate]
+"""(identifier, update) of one merged global update; identifiers are unique within a run."""
 
 
 @dataclass
@@ -50,17 +50,18 @@ class Workspace:
         ids = [identifier for identifier, _ in chain]
         if ids[: len(self.merged)] != self.merged:
             self._restore()
-        for identifier, modules in chain[len(self.merged) :]:
-            for name in modules:
-                self.pristine.setdefault(name, self.model.get_submodule(name).weight.detach().clone())
-            merge_into_base(self.model, modules)
+        for identifier, update in chain[len(self.merged) :]:
+            # Keyed as model_tensor finds them: the adapted weights, and the tensors trained in full.
+            for name in [*(f"{module}.weight" for module in update.modules), *update.dense]:
+                self.pristine.setdefault(name, model_tensor(self.model, name).detach().clone())
+            apply_update(self.model, update)
             self.merged.append(identifier)
         return copy.deepcopy(self.model)
 
     def _restore(self) -> None:
         with torch.no_grad():
-            for name, weight in self.pristine.items():
-                self.model.get_submodule(name).weight.copy_(weight)
+            for name, value in self.pristine.items():
+                model_tensor(self.model, name).copy_(value)
         self.merged = []
 
     def features(self, partition: int, examples: list[Example]) -> list[dict]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from florist.aggregation import GlobalModule, LoraFactors
 
@@ -19,13 +20,43 @@ ADAPTER = "default"
 
 
 def attach_lora(
-    model: nn.Module, rank: int, alpha: float, target_modules: list[str], use_rslora: bool = False
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    target_modules: Sequence[str],
+    use_rslora: bool = False,
+    bias: str = "none",
+    modules_to_save: Sequence[str] = (),
 ) -> PeftModel:
-    """Wrap `model` (in place) with a fresh LoRA: A at peft's random init, B at zero."""
+    """Wrap `model` (in place) with a fresh LoRA: A at peft's random init, B at zero; `bias` and
+    `modules_to_save` (peft's options) also train those tensors in full, from the model's values."""
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=target_modules, use_rslora=use_rslora, lora_dropout=0.0, bias="none"
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(target_modules),
+        use_rslora=use_rslora,
+        lora_dropout=0.0,
+        bias=bias,
+        modules_to_save=list(modules_to_save) or None,
     )
     return get_peft_model(model, config)
+
+
+def weightless_model(model_config: PretrainedConfig) -> PreTrainedModel:
+    """The causal LM a configuration describes, on the meta device: its structure (tied weights
+    included) without its memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def trained_in_full_shapes(
+    model: PreTrainedModel, target_modules: Sequence[str], bias: str, modules_to_save: Sequence[str]
+) -> dict[str, tuple[int, ...]]:
+    """The names and shapes `read_dense` gives for a LoRA with these options, peft's own choice of
+    tensors. `model` is wrapped in place: give it a `weightless_model`."""
+    peft_model = attach_lora(model, 1, 1.0, target_modules, bias=bias, modules_to_save=modules_to_save)
+    state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER)
+    return {key.removeprefix(PEFT_PREFIX): tuple(tensor.shape) for key, tensor in state.items() if ".lora_" not in key}
 
 
 def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
@@ -58,8 +89,9 @@ def read_dense(model: PeftModel) -> dict[str, torch.Tensor]:
     }
 
 
-def _dense_parameter(model: nn.Module, name: str) -> torch.Tensor:
-    """The live tensor behind a `read_dense` name, in a PeftModel (its modules_to_save copy) or in a plain model."""
+def model_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """The live tensor behind a `read_dense` name (or any parameter path of the base model), in a
+    PeftModel (a modules_to_save module's trained copy) or in a plain model."""
     if isinstance(model, PeftModel):
         root = model.get_base_model()
     else:
@@ -83,7 +115,7 @@ def load_dense(model: nn.Module, dense: Mapping[str, torch.Tensor]) -> None:
     """Set each tensor trained in full to its aggregated value, in a PeftModel (clients continuing
     from the global adapter) or in a plain model (the server, or clients merging each update)."""
     for name, value in dense.items():
-        tensor = _dense_parameter(model, name)
+        tensor = model_tensor(model, name)
         if tensor.shape != value.shape:
             raise ValueError(f"{name} is {tuple(tensor.shape)} in the model but {tuple(value.shape)} in the aggregate")
         tensor.copy_(value)
