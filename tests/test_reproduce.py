@@ -106,10 +106,19 @@ def module_names() -> list[str]:
 
 
 def fake_cell(
-    out: Path, model: str, cell, test_loss: float, val_loss: float, rank: int, later_ranks: tuple[int, ...] = (), total_mib: float | None = None
+    out: Path,
+    model: str,
+    cell,
+    test_loss: float,
+    val_loss: float,
+    rank: int,
+    later_ranks: tuple[int, ...] = (),
+    total_mib: float | None = None,
+    chosen: tuple[float, ...] = (),
 ) -> None:
     """A finished run directory as florist run writes it, with made-up metrics: round 1 keeps `rank` in
-    every module, each further round the next of `later_ranks`; `total_mib`: the run's measured bytes."""
+    every module, each further round the next of `later_ranks`; `total_mib`: the run's measured bytes;
+    `chosen`: the tau automatic tau chose in each round."""
     run_dir = cell.path(out)
     overrides = [item for item in cell.overrides(out) if not item.startswith("output.")] + [f'model.name="{model}"']
     config = load_config(CONFIG, overrides)
@@ -125,6 +134,8 @@ def fake_cell(
          "evaluation": evaluation}
         for t, kept in enumerate((rank, *later_ranks), 1)
     ]
+    for record, tau in zip(rounds[1:], chosen):
+        record["tau_selection"] = {"candidates": [0.8, 0.9], "chosen": tau}
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
     summary = {"base": evaluation, "final": evaluation}
     if total_mib is not None:
@@ -218,16 +229,20 @@ def test_paired_table_against_flora_gives_differences_and_the_share_of_flora_byt
     assert (out / "pareto_total.png").stat().st_size > 0
 
 
-def test_the_report_shows_the_rank_florist_keeps_per_round(tmp_path: Path, tiny_model: str):
+def test_the_report_shows_per_round_the_rank_florist_keeps_and_the_tau_automatic_tau_chose(tmp_path: Path, tiny_model: str):
     out = tmp_path / "out"
     fake_cell(out, tiny_model, Cell("heterogeneous", florist(0.9), 0), 2.0, 2.0, rank=6, later_ranks=(4, 3))
     fake_cell(out, tiny_model, Cell("heterogeneous", florist(0.9), 1), 2.0, 2.0, rank=6, later_ranks=(2, 1))
+    automatic = grid.SCALE_ROWS[-1]
+    fake_cell(out, tiny_model, Cell("heterogeneous", automatic, 0), 2.0, 2.0, rank=5, later_ranks=(4, 4), chosen=(0.9, 0.8, 0.8))
 
-    text = report.write_report(out, expected=2).read_text()
+    text = report.write_report(out, expected=3).read_text()
 
     modules = 2 * LAYERS
     kept = f"| FLoRIST (tau 0.90) | {6 * modules:.1f} ± 0.0 | {3 * modules:.1f} ± {statistics.stdev([4 * modules, 2 * modules]):.1f} |"
     assert kept in text
+    assert "| FLoRIST, auto-tau | 0.90 ± 0.00 | 0.80 ± 0.00 | 0.80 ± 0.00 |" in text
+    assert json.loads((out / "results.json").read_text())["rows"]["heterogeneous"]["florist-auto-tau"]["tau"] is None
     assert (out / "spectra.png").stat().st_size > 0
 
 
@@ -259,6 +274,7 @@ def test_every_cell_of_the_scale_grid_is_a_valid_whole_federation(tmp_path: Path
     assert not any(grid.replayable(cell.row, 3) for cell in scale.cells())
     assert {(c.wire.download, c.wire.upload) for c in configs} == {("float32", "float32"), ("bfloat16", "bfloat16"), ("int8", "int8")}
     assert {c.wire.client_tau for c in configs} == {1.0, 0.9}
+    assert sum(c.aggregation.automatic_tau for c in configs) == 3
     assert scale.cells()[0].row == grid.SOURCE
 
 

@@ -172,10 +172,11 @@ SCALE_ROWS = (
     variant(florist(SCALE_TAU), "bf16", 'wire.download="bfloat16"', 'wire.upload="bfloat16"'),
     variant(florist(SCALE_TAU), "int8", 'wire.download="int8"', 'wire.upload="int8"'),
     variant(florist(SCALE_TAU), "client-tau0.90", "wire.client_tau=0.9"),
-    # Rows still to come (issue 10), each a Row with the configuration keys its feature adds once they
-    # exist, for example variant(florist(...), "budget2mb", "aggregation.download_budget_mb=2"):
-    # - budgeted FLoRIST at 2-3 download budgets (item 1);
-    # - automatic tau or budget (item 2).
+    # Each round the clients score these cuts on their validation examples; the smallest within
+    # aggregation.tau_tolerance (default 0 nats) of the best is kept.
+    Row("florist-auto-tau", "florist", extra=("aggregation.tau_candidates=[0.8, 0.9, 0.95, 1.0]",)),
+    # Rows still to come (issue 10 item 1): budgeted FLoRIST at 2-3 download budgets, each a Row with the
+    # configuration key once it exists, e.g. Row("florist-budget2mb", "florist", extra=("aggregation.download_budget_mb=2",)).
 )
 
 # The paper's Dolly setting on a GPU: whole clients, 512 tokens, lr 3e-4, 3 local epochs of the mean

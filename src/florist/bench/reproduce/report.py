@@ -211,18 +211,16 @@ def spectra_lines(records: Sequence[dict]) -> list[str]:
     return lines
 
 
-def kept_rank_lines(records: Sequence[dict]) -> list[str]:
-    """Per round, the rank FLoRIST's rows keep over all modules (mean ± std over seeds): at a fixed tau,
-    fewer directions in later rounds means the same energy sits in fewer of them."""
+def per_round_lines(records: Sequence[dict], field: str, digits: int) -> list[str]:
+    """Per round, a field of FLoRIST's round details (mean ± std over seeds), one line per row that has it."""
     multi = [r for r in records if r["method"] == "florist" and len(r["rounds"]) > 1]
-    if not multi:
-        return []
     rounds = sorted({d["round"] for r in multi for d in r["rounds"]})
     lines = ["| row | " + " | ".join(f"round {t}" for t in rounds) + " |", "|---|" + "---|" * len(rounds)]
     for key in sorted({r["row"] for r in multi}, key=row_order):
-        kept = [cell_text(mean_std(d["total_rank"] for r in multi if r["row"] == key for d in r["rounds"] if d["round"] == t), 1) for t in rounds]
-        lines.append(f"| {row_name(key)} | " + " | ".join(kept) + " |")
-    return lines
+        values = [mean_std(d.get(field) for r in multi if r["row"] == key for d in r["rounds"] if d["round"] == t) for t in rounds]
+        if any(v["n"] for v in values):
+            lines.append(f"| {row_name(key)} | " + " | ".join(cell_text(v, digits) for v in values) + " |")
+    return lines if len(lines) > 2 else []
 
 
 # ---------------------------------------------------------------- the report
@@ -247,9 +245,13 @@ def setting_lines(setting: str, rows: dict[str, dict], selection: dict, records:
     for reference in dict.fromkeys(key for key in (REFERENCE, best) if key in rows):
         why = "the exact aggregate" if reference == REFERENCE else "the best baseline on validation loss"
         lines += [f"Paired by seed, each row minus {row_name(reference)} ({why}):", "", *paired_lines(records, rows, reference), ""]
-    kept = kept_rank_lines(records)
+    # At a fixed tau, fewer directions in later rounds means the same energy sits in fewer of them.
+    kept = per_round_lines(records, "total_rank", 1)
     if kept:
         lines += ["Total rank FLoRIST keeps, per round:", "", *kept, ""]
+    chosen = per_round_lines(records, "tau_chosen", 2)
+    if chosen:
+        lines += ["Tau that automatic tau chose, per round:", "", *chosen, ""]
     spectra = spectra_lines(records)
     if spectra:
         lines += ["Spectra of each round's exact aggregate (FLoRA's stack, from the clients the run saved):", "", *spectra, ""]
