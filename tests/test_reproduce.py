@@ -1,8 +1,7 @@
-"""The pure parts of benchmarks/reproduce.py: tau selection, download accounting, tables from fake run dirs, resuming."""
+"""florist bench reproduce: tau selection, byte accounting, tables from fake run dirs, resuming, replay, spectra."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 import sys
@@ -13,15 +12,13 @@ import pytest
 import tomli_w
 from transformers import LlamaConfig
 
+from florist.bench.reproduce import cells, grid, report, running, spectra
+from florist.bench.reproduce.grid import CONFIG, GRIDS, SETTINGS, Cell, baseline, florist
+from florist.bench.reproduce.replay import Replayer
+from florist.cli import main
 from florist.config import load_config
 from florist.federation.payload import VALUE_BYTES
 from florist.reporting.run_directory import read_rounds
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
-spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
-reproduce = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = reproduce  # dataclasses look their module up there
-spec.loader.exec_module(reproduce)
 
 # A 2-layer Llama: q_proj is 32 x 32, v_proj 16 x 32 (2 key-value heads of 8).
 LAYERS, Q_SHAPE, V_SHAPE = 2, (32, 32), (16, 32)
@@ -33,7 +30,7 @@ def grid_data(tmp_path_factory, monkeypatch):
     configuration naming a local path that does not exist is refused: these tests, which read no
     data, run beside empty stand-ins for it, wherever the checkout is."""
     work = tmp_path_factory.mktemp("grid") / "checkout"
-    grid = tomllib.loads(reproduce.CONFIG.read_text())
+    grid = tomllib.loads(CONFIG.read_text())
     for source in (grid["data"]["source"], grid["evaluation"]["mmlu"]):
         stand_in = work / source
         if stand_in.suffix == ".json":
@@ -58,7 +55,7 @@ def rows_with(val_losses: dict[str, tuple[float, float]]) -> dict[str, dict]:
 
 def test_optimal_tau_has_lowest_validation_loss_and_ties_go_to_the_lower_tau():
     rows = rows_with({"florist-tau0.80": (2.0, 0), "florist-tau0.90": (1.5, 0), "florist-tau0.95": (1.5, 0), "fedit": (1.0, 0)})
-    assert reproduce.select_taus(rows)["optimal"] == 0.90
+    assert report.select_taus(rows)["optimal"] == 0.90
 
 
 def test_efficient_tau_is_the_lowest_within_one_std_of_the_best_baseline():
@@ -72,26 +69,26 @@ def test_efficient_tau_is_the_lowest_within_one_std_of_the_best_baseline():
             "florist-tau0.99": (1.95, 0.0),
         }
     )
-    selection = reproduce.select_taus(rows)
+    selection = report.select_taus(rows)
     assert selection == {"optimal": 0.99, "efficient": 0.85, "best_baseline": "flora"}
 
 
 def test_no_efficient_tau_when_none_matches_the_best_baseline():
     rows = rows_with({"flexlora": (1.0, 0.01), "florist-tau0.80": (1.5, 0), "florist-tau1.00": (1.2, 0)})
-    assert reproduce.select_taus(rows) == {"optimal": 1.0, "efficient": None, "best_baseline": "flexlora"}
+    assert report.select_taus(rows) == {"optimal": 1.0, "efficient": None, "best_baseline": "flexlora"}
 
 
 def test_flexlora_clients_download_their_own_rank_the_others_the_global_modules():
     ranks = {"q": 5, "v": 3}
-    assert reproduce.downloaded_ranks("flexlora", ranks, [2, 4]) == [{"q": 2, "v": 2}, {"q": 4, "v": 4}]
-    assert reproduce.downloaded_ranks("florist", ranks, [2, 4]) == [ranks, ranks]
+    assert cells.downloaded_ranks("flexlora", ranks, [2, 4]) == [{"q": 2, "v": 2}, {"q": 4, "v": 4}]
+    assert cells.downloaded_ranks("florist", ranks, [2, 4]) == [ranks, ranks]
 
 
 def test_download_bytes_counts_both_factors_but_only_b_for_ffa():
     shapes = {"q": (32, 32), "v": (16, 32)}
     per_client = [{"q": 4, "v": 2}]
-    assert reproduce.download_bytes("florist", per_client, shapes, 2) == 2 * (64 * 4 + 48 * 2)
-    assert reproduce.download_bytes("ffa", per_client, shapes, 2) == 2 * (32 * 4 + 16 * 2)
+    assert cells.download_bytes("florist", per_client, shapes, 2) == 2 * (64 * 4 + 48 * 2)
+    assert cells.download_bytes("ffa", per_client, shapes, 2) == 2 * (32 * 4 + 16 * 2)
 
 
 @pytest.fixture
@@ -108,35 +105,52 @@ def module_names() -> list[str]:
     return [f"model.layers.{layer}.self_attn.{kind}" for layer in range(LAYERS) for kind in ("q_proj", "v_proj")]
 
 
-def fake_cell(out: Path, model: str, cell, test_loss: float, val_loss: float, rank: int) -> None:
-    """A finished run directory as florist run writes it, with made-up metrics."""
+def fake_cell(
+    out: Path,
+    model: str,
+    cell,
+    test_loss: float,
+    val_loss: float,
+    rank: int,
+    later_ranks: tuple[int, ...] = (),
+    total_mib: float | None = None,
+    chosen: tuple[float, ...] = (),
+) -> None:
+    """A finished run directory as florist run writes it, with made-up metrics: round 1 keeps `rank` in
+    every module, each further round the next of `later_ranks`; `total_mib`: the run's measured bytes;
+    `chosen`: the tau automatic tau chose in each round."""
     run_dir = cell.path(out)
     overrides = [item for item in cell.overrides(out) if not item.startswith("output.")] + [f'model.name="{model}"']
-    config = load_config(reproduce.CONFIG, overrides)
+    config = load_config(CONFIG, overrides)
     run_dir.mkdir(parents=True)
     (run_dir / "config.toml").write_text(tomli_w.dumps(config.model_dump(exclude_none=True)))
     evaluation = {"test_loss": test_loss, "rouge_l": 0.2, "val_loss": val_loss, "mmlu_accuracy": 0.25,
                   "mmlu_pred_dist": {"A": 3, "B": 1, "C": 0, "D": 0}, "mmlu_always_A": 0.5}
-    client_ranks = reproduce.SETTINGS[cell.setting] * (8 // len(reproduce.SETTINGS[cell.setting]))
+    client_ranks = SETTINGS[cell.setting] * (8 // len(SETTINGS[cell.setting]))
     clients = [{"partition": k, "rank": r, "bytes_up": 1000 * (k + 1)} for k, r in enumerate(client_ranks)]
-    rounds = [
-        {"round": 0, "evaluation": evaluation},
-        {"round": 1, "clients": clients, "ranks": {name: rank for name in module_names()}, "aggregation_seconds": 0.5,
-         "evaluation": evaluation},
+    rounds = [{"round": 0, "evaluation": evaluation}] + [
+        {"round": t, "clients": clients, "ranks": {name: kept for name in module_names()}, "aggregation_seconds": 0.5,
+         "energy": {name: 0.9 for name in module_names()}, "communication": {"down_bytes": 10 * t, "up_bytes": 36000},
+         "evaluation": evaluation}
+        for t, kept in enumerate((rank, *later_ranks), 1)
     ]
+    for record, tau in zip(rounds[1:], chosen):
+        record["tau_selection"] = {"candidates": [0.8, 0.9], "chosen": tau}
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
-    (run_dir / "summary.json").write_text(json.dumps({"base": evaluation, "final": evaluation}))
+    summary = {"base": evaluation, "final": evaluation}
+    if total_mib is not None:
+        summary["communication"] = {"download_mib": total_mib / 2, "upload_mib": total_mib / 2, "total_mib": total_mib}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
 
 
 def test_report_from_fake_run_dirs_gives_mean_and_std_over_seeds(tmp_path: Path, tiny_model: str):
     out = tmp_path / "out"
-    Cell = reproduce.Cell
     losses = [2.0, 2.2, 2.4]
     for seed, loss in enumerate(losses):
-        fake_cell(out, tiny_model, Cell("heterogeneous", "flora", None, seed), loss, loss, rank=3)
-    fake_cell(out, tiny_model, Cell("heterogeneous", "florist", 0.9, 0), 2.1, 2.0, rank=2)
+        fake_cell(out, tiny_model, Cell("heterogeneous", baseline("flora"), seed), loss, loss, rank=3)
+    fake_cell(out, tiny_model, Cell("heterogeneous", florist(0.9), 0), 2.1, 2.0, rank=2)
 
-    results_md = reproduce.write_report(out, expected=8)
+    results_md = report.write_report(out, expected=8)
 
     text = results_md.read_text()
     assert "4 of 8 cells finished (a partial grid)." in text
@@ -145,19 +159,137 @@ def test_report_from_fake_run_dirs_gives_mean_and_std_over_seeds(tmp_path: Path,
     rows = results["rows"]["heterogeneous"]
     assert rows["flora"]["test_loss"]["n"] == 3
     assert rows["florist-tau0.90"]["test_loss"] == {"mean": 2.1, "std": 0.0, "n": 1}
-    wire = VALUE_BYTES[load_config(reproduce.CONFIG).wire.download]
+    wire = VALUE_BYTES[load_config(CONFIG).wire.download]
     per_layer = sum(out_ + in_ for out_, in_ in (Q_SHAPE, V_SHAPE))
-    assert rows["florist-tau0.90"]["download_mb"]["mean"] == pytest.approx(wire * LAYERS * per_layer * 2 / reproduce.MB)
+    assert rows["florist-tau0.90"]["download_mb"]["mean"] == pytest.approx(wire * LAYERS * per_layer * 2 / cells.MB)
     assert rows["florist-tau0.90"]["rank_sent"]["mean"] == 2 * 2 * LAYERS
-    assert rows["flora"]["upload_mb"]["mean"] == pytest.approx(4500 / reproduce.MB)
+    assert rows["flora"]["upload_mb"]["mean"] == pytest.approx(4500 / cells.MB)
     assert results["selection"]["heterogeneous"] == {"optimal": 0.9, "efficient": 0.9, "best_baseline": "flora"}
     assert (out / "pareto.png").stat().st_size > 0
     assert (out / "ranks_per_layer.png").stat().st_size > 0
 
 
+def test_a_report_rebuilds_from_results_json_once_the_run_directories_are_gone(tmp_path: Path, tiny_model: str):
+    """As for the committed results, which keep only results.json: --report over them gives the same rows."""
+    out = tmp_path / "out"
+    for seed, loss in enumerate([2.0, 2.2]):
+        fake_cell(out, tiny_model, Cell("heterogeneous", baseline("flora"), seed), loss, loss, rank=3, total_mib=8.0)
+        fake_cell(out, tiny_model, Cell("heterogeneous", florist(0.9), seed), loss + 0.1, loss, rank=2, total_mib=2.0)
+    report.write_report(out, expected=4)
+    before = json.loads((out / "results.json").read_text())
+    for seed_dir in out.glob("heterogeneous/*/seed*"):
+        for file in seed_dir.iterdir():
+            file.unlink()
+        seed_dir.rmdir()
+
+    report.write_report(out, expected=4)
+
+    after = json.loads((out / "results.json").read_text())
+    assert after["rows"] == before["rows"] and after["cells"] == before["cells"]
+    assert "4 of 4 cells finished." in (out / "results.md").read_text()
+
+
+def test_the_committed_results_are_still_reportable(tmp_path: Path):
+    """benchmarks/results/reproduce keeps only results.json: its rows come back as they were stored."""
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "reproduce" / "results.json"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text(committed.read_text())
+
+    report.write_report(out, expected=60)
+
+    stored, rebuilt = json.loads(committed.read_text()), json.loads((out / "results.json").read_text())
+    assert rebuilt["selection"] == stored["selection"]
+    for setting, rows in stored["rows"].items():
+        assert list(rebuilt["rows"][setting]) == list(rows)
+        for key, row in rows.items():
+            assert {metric: rebuilt["rows"][setting][key][metric] for metric in row} == row, key
+            assert rebuilt["rows"][setting][key]["total_mib"]["n"] == 0  # these cells predate the byte count both ways
+    assert "60 of 60 cells finished." in (out / "results.md").read_text()
+
+
+def test_records_from_before_rows_had_labels_get_their_method_and_tau_as_row():
+    stored = {"method": "florist", "tau": 0.8, "seed": 0}
+    assert cells.stored_record(stored)["row"] == "florist-tau0.80"
+    assert cells.stored_record({"method": "fedit", "tau": None, "seed": 0})["row"] == "fedit"
+    assert cells.stored_record(stored)["total_mib"] is None and cells.stored_record(stored)["spectra"] == []
+
+
+def test_paired_table_against_flora_gives_differences_and_the_share_of_flora_bytes(tmp_path: Path, tiny_model: str):
+    out = tmp_path / "out"
+    for seed, loss in enumerate([2.0, 2.5, 3.0]):
+        fake_cell(out, tiny_model, Cell("heterogeneous", baseline("flora"), seed), loss, loss, rank=3, total_mib=10.0 * (seed + 1))
+        fake_cell(out, tiny_model, Cell("heterogeneous", florist(0.8), seed), loss + 0.01, loss, rank=2, total_mib=1.0 * (seed + 1))
+
+    text = report.write_report(out, expected=6).read_text()
+
+    assert "each row minus FLoRA (the exact aggregate)" in text
+    line = next(line for line in text.splitlines() if line.startswith("| FLoRIST (tau 0.80) | 0.80 | 0.0100 ± 0.0000"))
+    assert "0.100 ± 0.000" in line  # a tenth of FLoRA's bytes in every seed
+    assert (out / "pareto_total.png").stat().st_size > 0
+
+
+def test_the_report_shows_per_round_the_rank_florist_keeps_and_the_tau_automatic_tau_chose(tmp_path: Path, tiny_model: str):
+    out = tmp_path / "out"
+    fake_cell(out, tiny_model, Cell("heterogeneous", florist(0.9), 0), 2.0, 2.0, rank=6, later_ranks=(4, 3))
+    fake_cell(out, tiny_model, Cell("heterogeneous", florist(0.9), 1), 2.0, 2.0, rank=6, later_ranks=(2, 1))
+    automatic = grid.SCALE_ROWS[-1]
+    fake_cell(out, tiny_model, Cell("heterogeneous", automatic, 0), 2.0, 2.0, rank=5, later_ranks=(4, 4), chosen=(0.9, 0.8, 0.8))
+
+    text = report.write_report(out, expected=3).read_text()
+
+    modules = 2 * LAYERS
+    kept = f"| FLoRIST (tau 0.90) | {6 * modules:.1f} ± 0.0 | {3 * modules:.1f} ± {statistics.stdev([4 * modules, 2 * modules]):.1f} |"
+    assert kept in text
+    assert "| FLoRIST, auto-tau | 0.90 ± 0.00 | 0.80 ± 0.00 | 0.80 ± 0.00 |" in text
+    assert json.loads((out / "results.json").read_text())["rows"]["heterogeneous"]["florist-auto-tau"]["tau"] is None
+    assert (out / "spectra.png").stat().st_size > 0
+
+
+def test_row_labels_name_variants_and_only_plain_taus_are_selected_among():
+    bf16 = grid.variant(florist(0.9), "bf16", 'wire.download="bfloat16"')
+    assert bf16.label == "florist-tau0.90-bf16"
+    assert grid.row_name(bf16.label) == "FLoRIST (tau 0.90), bf16"
+    assert grid.row_name("flexlora") == "FlexLoRA"
+    assert grid.is_tau_row("florist-tau0.90") and not grid.is_tau_row(bf16.label) and not grid.is_tau_row("flora")
+    # The bf16 variant has the lowest validation loss, but it is not a tau of FLoRIST's own.
+    rows = rows_with({"florist-tau0.80": (2.0, 0), "florist-tau0.90": (1.9, 0)})
+    rows[bf16.label] = {"val_loss": stats(1.0), "tau": 0.9}
+    assert report.select_taus(rows)["optimal"] == 0.9
+    assert sorted(rows, key=grid.row_order) == ["florist-tau0.80", "florist-tau0.90", bf16.label]
+
+
+def test_one_round_grids_replay_only_rows_that_change_the_aggregation_alone():
+    replayed = {cell.label for cell in GRIDS["full"].cells([0]) if grid.replayable(cell.row, rounds=1)}
+    assert replayed == {"fedit", "flexlora", *(florist(tau).label for tau in grid.TAUS)}
+    assert not grid.replayable(grid.variant(florist(0.9), "int8", 'wire.upload="int8"'), rounds=1)
+
+
+def test_every_cell_of_the_scale_grid_is_a_valid_whole_federation(tmp_path: Path):
+    """Three rounds: round 2's clients train from the server's aggregate, so nothing may be replayed."""
+    scale = GRIDS["scale"]
+    configs = [load_config(CONFIG, [*scale.scale, *cell.overrides(tmp_path)]) for cell in scale.cells()]
+    assert len(configs) == len(scale.rows) * 3
+    assert {c.federation.rounds for c in configs} == {3}
+    assert not any(grid.replayable(cell.row, 3) for cell in scale.cells())
+    assert {(c.wire.download, c.wire.upload) for c in configs} == {("float32", "float32"), ("bfloat16", "bfloat16"), ("int8", "int8")}
+    assert {c.wire.client_tau for c in configs} == {1.0, 0.9}
+    assert sum(c.aggregation.automatic_tau for c in configs) == 3
+    assert scale.cells()[0].row == grid.SOURCE
+
+
+def test_spectrum_summary_gives_the_share_of_directions_each_energy_level_needs():
+    # Energies 9 and 1: the first direction holds 90%.
+    summary = spectra.summarise({"q": [3.0, 1.0], "v": [1.0, 0.0]})
+    assert summary["stack_rank"] == 2
+    assert summary["rank_share"] == {"0.80": 0.5, "0.90": 0.5, "0.99": pytest.approx((1.0 + 0.5) / 2)}
+    assert summary["curve"][-1] == pytest.approx(1.0)
+    assert spectra.cumulative_energy([0.0, 0.0]) == [1.0, 1.0]
+
+
 def test_grid_skips_finished_cells_and_redoes_half_finished_ones(tmp_path: Path, monkeypatch):
     out = tmp_path / "out"
-    done, half, fresh = [cell for cell in reproduce.GRIDS["full"].cells([0]) if not cell.replayed][:3]
+    done, half, fresh = [cell for cell in GRIDS["full"].cells([0]) if not grid.replayable(cell.row, rounds=1)][:3]
     done.path(out).mkdir(parents=True)
     (done.path(out) / "summary.json").write_text("{}")
     half.path(out).mkdir(parents=True)
@@ -172,8 +304,8 @@ def test_grid_skips_finished_cells_and_redoes_half_finished_ones(tmp_path: Path,
         (run_dir / "summary.json").write_text("{}")
         return True
 
-    monkeypatch.setattr(reproduce, "run_federation_cell", fake_run)
-    assert reproduce.run_grid([done, half, fresh], out, reproduce.QUICK_SCALE) == []
+    monkeypatch.setattr(running, "run_federation_cell", fake_run)
+    assert running.run_grid([done, half, fresh], out, grid.QUICK_SCALE) == []
     assert launched == [half.path(out), fresh.path(out)]
 
 
@@ -211,7 +343,7 @@ def test_a_replayed_cell_equals_the_same_cell_run_as_a_federation(tmp_path: Path
     source = run_federation(one_round(tiny_model_dir, tmp_path / "flora", "flora", "output.save_client_adapters=true"))
     direct = run_federation(one_round(tiny_model_dir, tmp_path / "direct", "florist", "aggregation.tau=0.8"))
     replayed_config = one_round(tiny_model_dir, tmp_path / "replayed", "florist", "aggregation.tau=0.8", "evaluation.base=false")
-    replay = reproduce.Replayer()
+    replay = Replayer()
     with open(tmp_path / "replay.log", "w") as log:
         assert replay(replayed_config, source, log), (tmp_path / "replay.log").read_text()
 
@@ -223,23 +355,31 @@ def test_a_replayed_cell_equals_the_same_cell_run_as_a_federation(tmp_path: Path
     # Can fail: FLoRIST at tau 0.8 and FLoRA evaluate differently on these clients.
     flora_loss = read_rounds(source)[1]["evaluation"]["test_loss"]
     assert abs(replayed_round["evaluation"]["test_loss"] - flora_loss) > 1e-5
-    assert json.loads((tmp_path / "replayed" / "summary.json").read_text())["final"] == replayed_round["evaluation"]
+    replayed_summary = json.loads((tmp_path / "replayed" / "summary.json").read_text())
+    assert replayed_summary["final"] == replayed_round["evaluation"]
+    assert replayed_summary["communication"] == json.loads((direct / "summary.json").read_text())["communication"]
+    assert replayed_round["communication"] == direct_round["communication"]
+    # The source's saved clients give the whole spectrum; at tau 0.8 it needs the ranks FLoRIST kept.
+    (by_module,) = spectra.singular_values_by_round(source).values()
+    for name, values in by_module.items():
+        assert len(values) == 2 + 4 + 8
+        assert spectra.rank_share(spectra.cumulative_energy(values), 0.8) * len(values) == direct_round["ranks"][name], name
 
 
 def test_a_replay_without_its_finished_source_fails_and_says_so(tmp_path: Path, tiny_model_dir: Path):
     config = one_round(tiny_model_dir, tmp_path / "replayed", "fedit")
     with open(tmp_path / "replay.log", "w") as log:
-        assert not reproduce.Replayer()(config, tmp_path / "missing", log)
+        assert not Replayer()(config, tmp_path / "missing", log)
     assert "has not finished" in (tmp_path / "replay.log").read_text()
 
 
 def test_paired_differences_subtract_the_reference_seed_by_seed():
     def record(method: str, seed: int, loss: float) -> dict:
-        return {"method": method, "tau": None, "seed": seed, "test_loss": loss}
+        return {"row": method, "method": method, "tau": None, "seed": seed, "test_loss": loss}
 
     # Seeds move every method together by a lot; FedIT is 0.01 worse than FLoRA in every seed.
     records = [record("flora", s, 2.0 + s) for s in range(3)] + [record("fedit", s, 2.01 + s) for s in range(3)]
-    differences = reproduce.paired_differences(records, "flora", "test_loss")
+    differences = report.paired_differences(records, "flora", "test_loss")
     assert differences["fedit"]["mean"] == pytest.approx(0.01)
     assert differences["fedit"]["std"] == pytest.approx(0.0, abs=1e-12)
     assert differences["fedit"]["n"] == 3 and "flora" not in differences
@@ -254,7 +394,7 @@ def test_a_hung_federated_cell_is_stopped_with_every_process_it_started(tmp_path
         f"open({str(child_pid)!r}, 'w').write(str(child.pid)); time.sleep(120)"
     )
     with open(tmp_path / "cell.log", "w") as log:
-        assert not reproduce.run_federation_cell([sys.executable, "-c", hang], log, timeout=5)
+        assert not running.run_federation_cell([sys.executable, "-c", hang], log, timeout=5)
     assert "stopped after 5 s" in (tmp_path / "cell.log").read_text()
     status = Path(f"/proc/{child_pid.read_text()}/status")
     # Gone, or a zombie waiting for init to reap it: either way no longer running.
@@ -263,13 +403,13 @@ def test_a_hung_federated_cell_is_stopped_with_every_process_it_started(tmp_path
 
 def test_a_federated_cell_that_exits_reports_its_status(tmp_path: Path):
     with open(tmp_path / "cell.log", "w") as log:
-        assert reproduce.run_federation_cell([sys.executable, "-c", "print('ran')"], log, timeout=60)
-        assert not reproduce.run_federation_cell([sys.executable, "-c", "raise SystemExit(3)"], log, timeout=60)
+        assert running.run_federation_cell([sys.executable, "-c", "print('ran')"], log, timeout=60)
+        assert not running.run_federation_cell([sys.executable, "-c", "raise SystemExit(3)"], log, timeout=60)
     assert "ran" in (tmp_path / "cell.log").read_text()
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "nan"])
 def test_cell_timeout_must_be_a_positive_number_of_seconds(value: str, capsys):
     with pytest.raises(SystemExit):
-        reproduce.parse_args(["--cell-timeout", value])
+        main(["bench", "reproduce", "--cell-timeout", value])
     assert "--cell-timeout" in capsys.readouterr().err

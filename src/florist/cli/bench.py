@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from florist.cli import reproduce
 from florist.cli.run import add_config_arguments
 
 
@@ -16,6 +17,7 @@ def register(subparsers) -> None:
     benchmarks = parser.add_subparsers(dest="benchmark", required=True)
     _register_aggregate(benchmarks)
     _register_run(benchmarks)
+    reproduce.register(benchmarks)
 
 
 def _positive(value: str) -> int:
