@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from florist.federation.messages import Instruction
+
 Tamper = Callable[[Message, Message], Message | None]
 """(instruction, reply) -> the reply the node really sends, or None for no reply at all."""
 
@@ -64,3 +66,17 @@ class LocalGrid:
 
     def pull_messages(self, message_ids) -> list[Message]:
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+class ServerCrash(Exception):
+    """Raised by `crash_before_round` where the server process would die."""
+
+
+def crash_before_round(server_round: int) -> Callable[[LocalGrid, list[Message]], None]:
+    """A `before_push` hook: the server dies as it sends the first instructions of `server_round`."""
+
+    def crash(grid: LocalGrid, messages: list[Message]) -> None:
+        if messages and Instruction.read(messages[0]).round == server_round:
+            raise ServerCrash()
+
+    return crash

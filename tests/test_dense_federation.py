@@ -31,7 +31,7 @@ from florist.lora.model import load_dense, model_tensor, read_dense
 from florist.reporting.run_directory import read_rounds
 
 from federations import ROUNDS, federation_config
-from local_grid import LocalGrid
+from local_grid import LocalGrid, ServerCrash, crash_before_round
 
 NODES = {101: 0, 202: 1, 303: 2}
 BIASES = {i: [f"model.layers.{i}.self_attn.{m}_proj.base_layer.bias" for m in "qv"] for i in (0, 1)}
@@ -179,15 +179,8 @@ def test_a_resumed_run_equals_the_uninterrupted_one(federation, server_task, tmp
     config = dense_config(federation.config.model.name, tmp_path / "crashed", federation.method)
     grid = grid_for(config)
 
-    class Crash(Exception):
-        pass
-
-    def crash_in_round_two(grid, messages):
-        if messages and Instruction.read(messages[0]).round == 2:
-            raise Crash()
-
-    grid.before_push = crash_in_round_two
-    with pytest.raises(Crash):
+    grid.before_push = crash_before_round(2)
+    with pytest.raises(ServerCrash):
         serve(config, grid)
     path = serve(config, grid_for(config), resume=tmp_path / "crashed")
     ours, theirs = read_rounds(path), read_rounds(federation.path)

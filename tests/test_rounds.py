@@ -24,7 +24,7 @@ from florist.lora.adapters import read_adapter
 from florist.reporting.run_directory import read_rounds
 
 from federations import federation_config
-from local_grid import LocalGrid
+from local_grid import LocalGrid, ServerCrash, crash_before_round
 
 pytestmark = pytest.mark.usefixtures("server_task")
 
@@ -374,17 +374,8 @@ def test_a_crashed_server_resumes_from_its_last_round_and_ends_as_an_uninterrupt
     config = federation_config(tiny_model_dir, tmp_path / "crashed", "florist", *extra)
     grid = grid_for(config)
 
-    class Crash(Exception):
-        pass
-
-    def crash_in_round_two(grid, messages):
-        from florist.federation.messages import Instruction
-
-        if messages and Instruction.read(messages[0]).round == 2:
-            raise Crash()
-
-    grid.before_push = crash_in_round_two
-    with pytest.raises(Crash):
+    grid.before_push = crash_before_round(2)
+    with pytest.raises(ServerCrash):
         serve(config, grid)
     assert [r["round"] for r in read_rounds(tmp_path / "crashed")] == [0, 1]
     # A fresh server process and fresh node processes (a new Flower run: empty node state).

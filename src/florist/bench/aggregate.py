@@ -112,7 +112,7 @@ class Measurement:
     rank_sent_per_client: list[float]
     speedup_vs_flexlora: float | None = None
     error_bound: float | None = None  # the largest GlobalModule.error_bound (streaming rows)
-    cpu_seconds_median: float | None = None  # CPU time of this process: on a shared machine, less noisy than wall time  # the largest GlobalModule.error_bound (streaming rows)
+    cpu_seconds_median: float | None = None  # CPU time of this process: on a shared machine, less noisy than wall time
 
 
 # ---------------------------------------------------------------- synthetic adapters
