@@ -120,13 +120,13 @@ def test_flwr_run_completes_every_round_on_the_three_supernodes(deployed):
 def comparable(record: dict) -> dict:
     """A metrics record as two runs of one federation on any engine must agree on: every node id
     (the engines assign their own) replaced by its site's partition, without wall-clock and memory
-    readings, and with lists in a canonical order (replies are listed as they arrived)."""
+    readings (seconds, rss, unix_time), and with lists in a canonical order (replies are listed as they arrived)."""
     site = {str(client["node"]): f"site{client['partition']}" for client in record.get("clients", [])}
 
     def canonical(value):
         if isinstance(value, dict):
             return {site.get(key, key): canonical(item) for key, item in value.items()
-                    if not any(word in key for word in ("seconds", "rss"))}
+                    if not any(word in key for word in ("seconds", "rss", "time"))}
         if isinstance(value, list):
             return sorted((canonical(item) for item in value), key=lambda item: json.dumps(item, sort_keys=True))
         if isinstance(value, int) and not isinstance(value, bool):
