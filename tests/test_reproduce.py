@@ -275,6 +275,8 @@ def test_every_cell_of_the_scale_grid_is_a_valid_whole_federation(tmp_path: Path
     assert {(c.wire.download, c.wire.upload) for c in configs} == {("float32", "float32"), ("bfloat16", "bfloat16"), ("int8", "int8")}
     assert {c.wire.client_tau for c in configs} == {1.0, 0.9}
     assert sum(c.aggregation.automatic_tau for c in configs) == 3
+    budgets = {(c.aggregation.download_budget_mb, c.aggregation.budget_criterion) for c in configs if c.aggregation.download_budget_mb}
+    assert budgets == {(2, "normalized"), (5, "normalized"), (10, "normalized"), (5, "absolute"), (5, "per-byte")}
     assert scale.cells()[0].row == grid.SOURCE
 
 
