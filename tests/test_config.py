@@ -8,6 +8,7 @@ from pathlib import Path
 
 import flwr.simulation
 import pytest
+import tomli_w
 
 from florist.cli import main
 from florist.config import DEFAULT_CONFIG, RunConfig, load_config
@@ -211,3 +212,13 @@ def test_a_download_budget_replaces_tau_and_counts_the_wire_dtype():
     assert load_config().aggregation.options()["tau"] == 0.9
     message = one_line_error(load_config, None, ["aggregation.download_budget_mb=7.5", "aggregation.tau=0.9"])
     assert "aggregation.tau (0.9) and aggregation.download_budget_mb (7.5) are both set; set one" in message
+
+
+def test_a_budgeted_configuration_as_a_run_directory_stores_it_loads_back(tmp_path):
+    """config.toml holds the model dump; tau's default in it would clash with the budget on resume."""
+    config = load_config(None, ["aggregation.download_budget_mb=2", 'aggregation.budget_criterion="absolute"'])
+    stored = tmp_path / "config.toml"
+    stored.write_text(tomli_w.dumps(config.model_dump(exclude_none=True)))
+    assert load_config(stored) == config
+    assert "tau" not in tomllib.loads(stored.read_text())["aggregation"]
+    assert load_config().model_dump()["aggregation"]["tau"] == 0.9

@@ -233,7 +233,7 @@ def test_the_report_shows_per_round_the_rank_florist_keeps_and_the_tau_automatic
     out = tmp_path / "out"
     fake_cell(out, tiny_model, Cell("heterogeneous", florist(0.9), 0), 2.0, 2.0, rank=6, later_ranks=(4, 3))
     fake_cell(out, tiny_model, Cell("heterogeneous", florist(0.9), 1), 2.0, 2.0, rank=6, later_ranks=(2, 1))
-    automatic = grid.SCALE_ROWS[-1]
+    [automatic] = [row for row in grid.SCALE_ROWS if row.label == "florist-auto-tau"]
     fake_cell(out, tiny_model, Cell("heterogeneous", automatic, 0), 2.0, 2.0, rank=5, later_ranks=(4, 4), chosen=(0.9, 0.8, 0.8))
 
     text = report.write_report(out, expected=3).read_text()

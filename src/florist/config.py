@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_serializer, model_validator
 
 from florist.aggregation import DEFAULT_TAU, METHODS, ROUTES
 from florist.sources import check_source
@@ -209,6 +209,15 @@ class AggregationConfig(Section):
                         f"({self.download_budget_mb}) are both set; set one"
                     )
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_tau_under_a_budget(self, handler) -> dict:
+        """A budget replaces tau: a dumped configuration (a run's config.toml) must load back."""
+        data = handler(self)
+        if self.download_budget_mb is not None:
+            data.pop("tau", None)
+            data.pop("tau_candidates", None)
+        return data
 
     @property
     def automatic_tau(self) -> bool:
