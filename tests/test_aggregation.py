@@ -395,6 +395,11 @@ def test_fp32_tau_one_is_flora_to_fp32_precision_at_the_numerical_rank(route, cl
         assert torch.allclose(module.singular_values[:shared].double(), dense[:shared], rtol=0, atol=rounding)
 
 
+def fp32_gram_resolution(clients: list[ClientAdapter], name: str) -> float:
+    """The energy share fp32 Gram matrices resolve for a module: width^2 eps, width the stacked rank."""
+    return sum(c.modules[name].rank for c in clients) ** 2 * torch.finfo(torch.float32).eps
+
+
 @PROPERTY
 @given(clients=any_federations(dtype=torch.float32), tau=st.floats(0.5, 0.9999))
 def test_fp32_gram_route_resolves_the_energy_share_to_width_squared_eps(clients, tau):
@@ -404,8 +409,7 @@ def test_fp32_gram_route_resolves_the_energy_share_to_width_squared_eps(clients,
     for name, module in result.modules.items():
         dw = dense_update(clients, name)
         dense = torch.linalg.svdvals(dw)
-        width = sum(c.modules[name].rank for c in clients)
-        resolution = width**2 * torch.finfo(torch.float32).eps
+        resolution = fp32_gram_resolution(clients, name)
         p = module.rank
         assert kept_energy(dense, p) >= tau - resolution
         assert kept_energy(dense, p - 1) < tau + resolution
@@ -661,8 +665,7 @@ def test_florist_does_not_depend_on_how_clients_split_their_update_between_b_and
     for name, module in moved.modules.items():
         dw = dense_update(clients, name)
         dense = torch.linalg.svdvals(dw)
-        width = sum(c.modules[name].rank for c in clients)
-        resolution = width**2 * torch.finfo(torch.float32).eps
+        resolution = fp32_gram_resolution(clients, name)
         assert kept_energy(dense, module.rank) >= tau - resolution
         assert kept_energy(dense, module.rank - 1) < tau + resolution
         residual = (dw - module.delta().double()).norm().square().item()

@@ -50,6 +50,7 @@ from florist.federation.messages import (
     Identity,
     Instruction,
     instruction_content,
+    status_of,
     update_key,
 )
 from florist.federation.reports import ClientReport, EvaluationReport, NodeScore, RoundReport, Stage, TauSelection
@@ -156,7 +157,7 @@ class LoraStrategy:
             state.report.event(node, "failed", _error_reason(reply))
             return []
         try:
-            identity, status = Identity.from_record(reply.content[IDENTITY]), str(reply.content[IDENTITY]["status"])
+            identity, status = Identity.from_record(reply.content[IDENTITY]), status_of(reply)
             reply_round = int(reply.content[METRICS]["round"])
         except (KeyError, ValueError, TypeError) as error:
             state.report.event(node, "rejected", f"malformed reply: {type(error).__name__}: {error}")
@@ -433,7 +434,7 @@ class LoraStrategy:
             report.event(node, "failed", _error_reason(reply))
             return []
         try:
-            identity, status = Identity.from_record(reply.content[IDENTITY]), str(reply.content[IDENTITY]["status"])
+            identity, status = Identity.from_record(reply.content[IDENTITY]), status_of(reply)
             metrics = dict(reply.content[METRICS])
             examples, partition = int(metrics.pop("num-examples")), int(metrics.pop("partition-id"))
             reply_round = int(metrics.pop("round"))
