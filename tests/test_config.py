@@ -222,3 +222,14 @@ def test_a_budgeted_configuration_as_a_run_directory_stores_it_loads_back(tmp_pa
     assert load_config(stored) == config
     assert "tau" not in tomllib.loads(stored.read_text())["aggregation"]
     assert load_config().model_dump()["aggregation"]["tau"] == 0.9
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("validation.norm_factor=1", "validation.norm_factor must be > 1, got 1.0"),
+        ("validation.max_rank=32", "validation.max_rank 32 is below the largest configured client rank 64 (federation.ranks)"),
+    ],
+)
+def test_server_limits_that_would_refuse_honest_clients_are_errors_before_the_run(override, expected):
+    assert expected in one_line_error(load_config, None, [override])
