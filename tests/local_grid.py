@@ -1,20 +1,19 @@
-"""A Flower Grid that runs the real ClientApp in this process, one node state per node.
+"""The inline engine's Grid with faults a test can plant: nodes that disconnect, replies that are
+tampered with or never sent, a server that dies before a round.
 
-It exercises the real ServerApp loop (`serve`) and the real ClientApp in seconds, without
-Ray or a SuperLink, so that the logic of dropouts, retries, gaps, refusals and resumes can
-be tested case by case. The Flower engines themselves are tested by the simulation and
-deployment tests.
+It exercises the real ServerApp loop (`serve`) and the real ClientApp in seconds, so that the logic
+of dropouts, retries, gaps, refusals and resumes can be tested case by case. The Flower engines
+themselves are tested by the simulation and deployment tests.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import Message
 
+from florist.federation.inline import InlineGrid, InlineNode
 from florist.federation.messages import Instruction
 
 Tamper = Callable[[Message, Message], Message | None]
@@ -22,21 +21,20 @@ Tamper = Callable[[Message, Message], Message | None]
 
 
 @dataclass
-class LocalNode:
-    node_config: dict
-    state: RecordDict = field(default_factory=RecordDict)
+class LocalNode(InlineNode):
     connected: bool = True
     tamper: Tamper | None = None
     received: list[Message] = field(default_factory=list)
 
 
-class LocalGrid:
-    def __init__(self, client_app: ClientApp, node_configs: dict[int, dict], run_id: int = 7):
-        self.client_app = client_app
-        self.run_id = run_id
-        self.nodes = {node: LocalNode(dict(config)) for node, config in node_configs.items()}
-        self.replies: dict[str, Message] = {}
+class LocalGrid(InlineGrid):
+    def __init__(self, client_app, node_configs: dict[int, dict], run_id: int = 7):
+        super().__init__(client_app, node_configs, run_id)
         self.before_push: Callable[[LocalGrid, list[Message]], None] | None = None
+
+    @staticmethod
+    def make_node(node_config: dict) -> LocalNode:
+        return LocalNode(node_config)
 
     def get_node_ids(self) -> list[int]:
         return [node for node, state in self.nodes.items() if state.connected]
@@ -45,27 +43,15 @@ class LocalGrid:
         messages = list(messages)
         if self.before_push is not None:
             self.before_push(self, messages)
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # what the SuperLink does
-            ids.append(message.metadata.message_id)
-            node = self.nodes[message.metadata.dst_node_id]
-            if not node.connected:
-                continue
-            node.received.append(message)
-            context = Context(self.run_id, message.metadata.dst_node_id, node.node_config, node.state, {})
-            try:
-                reply = self.client_app(message, context)
-            except Exception as error:  # what Flower turns a ClientApp exception into
-                reply = Message(Error(code=1, reason=f"{type(error).__name__}: {error}"), reply_to=message)
-            if node.tamper is not None:
-                reply = node.tamper(message, reply)
-            if reply is not None:
-                self.replies[message.metadata.message_id] = reply
-        return ids
+        return super().push_messages(messages)
 
-    def pull_messages(self, message_ids) -> list[Message]:
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+    def reply_to(self, message: Message) -> Message | None:
+        node = self.nodes[message.metadata.dst_node_id]
+        if not node.connected:
+            return None
+        node.received.append(message)
+        reply = super().reply_to(message)
+        return reply if node.tamper is None else node.tamper(message, reply)
 
 
 class ServerCrash(Exception):

@@ -222,6 +222,33 @@ def test_saved_client_adapters_aggregate_again_to_each_rounds_global_update(fede
         torch.testing.assert_close(module.delta(), expected, atol=1e-6, rtol=1e-5)
 
 
+def test_the_inline_engine_runs_the_same_federation_in_one_process(federation, tmp_path, monkeypatch):
+    """federation.engine = "inline": every client in this process, one after another, no Ray; the rounds,
+    the sampled clients, their losses and the final adapter are the simulation's (up to the rounding of
+    a different number of torch threads)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key in ("_task_id", "_run_id", "_node_id"):  # as in a fresh `florist run` process
+        monkeypatch.setattr(TaskIdentity, key, None)
+    config = federation.config
+    inline = config.model_copy(update={
+        "federation": config.federation.model_copy(update={"engine": "inline"}),
+        "output": config.output.model_copy(update={"run_dir": str(tmp_path / "inline")}),
+    })
+    rounds = read_rounds(run_federation(inline))
+    assert len(rounds) == len(federation.rounds)
+    for ours, theirs in zip(rounds[1:], federation.rounds[1:], strict=True):
+        assert ours["ranks"] == theirs["ranks"]
+        clients = [sorted((c["partition"], c["train_loss"]) for c in r["clients"]) for r in (ours, theirs)]
+        assert [p for p, _ in clients[0]] == [p for p, _ in clients[1]]
+        assert [loss for _, loss in clients[0]] == pytest.approx([loss for _, loss in clients[1]], rel=1e-4)
+    _, ours = read_adapter(tmp_path / "inline" / "final" / "adapter")
+    _, theirs = read_adapter(federation.path / "final" / "adapter")
+    for name, module in theirs.modules.items():
+        delta = module.scale * module.B @ module.A
+        torch.testing.assert_close(ours.modules[name].scale * ours.modules[name].B @ ours.modules[name].A, delta, atol=1e-5, rtol=1e-3)
+
+
 def test_a_hundred_clients_with_a_tenth_sampled_per_round(tiny_model_dir, tmp_path):
     """Flower's simulation engine with 100 SuperNodes: each round trains and aggregates only the
     10 sampled, drawn afresh per round, and the server holds only their replies."""

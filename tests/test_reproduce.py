@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -298,17 +300,75 @@ def test_grid_skips_finished_cells_and_redoes_half_finished_ones(tmp_path: Path,
     (half.path(out) / "leftover").write_text("from an interrupted run")
     launched = []
 
-    def fake_run(command, log, timeout):
-        run_dir = Path(json.loads(next(item for item in command if item.startswith("output.run_dir=")).partition("=")[2]))
-        assert not run_dir.exists(), "a half-finished run directory must be removed before its cell runs again"
-        launched.append(run_dir)
-        run_dir.mkdir(parents=True)
-        (run_dir / "summary.json").write_text("{}")
-        return True
+    class FakeCell:
+        cpu_seconds = 0.0
 
-    monkeypatch.setattr(running, "run_federation_cell", fake_run)
+        def __init__(self, command, log, timeout, cores=None):
+            run_dir = Path(json.loads(next(item for item in command if item.startswith("output.run_dir=")).partition("=")[2]))
+            assert not run_dir.exists(), "a half-finished run directory must be removed before its cell runs again"
+            launched.append(run_dir)
+            run_dir.mkdir(parents=True)
+            (run_dir / "summary.json").write_text("{}")
+
+        def poll(self):
+            return True
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(running, "FederatedCell", FakeCell)
     assert running.run_grid([done, half, fresh], out, grid.QUICK_SCALE) == []
     assert launched == [half.path(out), fresh.path(out)]
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_grid_runs_up_to_jobs_federated_cells_at_once_and_a_replay_after_its_source(tmp_path: Path, monkeypatch, jobs: int):
+    out = tmp_path / "out"
+    cells = GRIDS["full"].cells([0])
+    federated = [cell for cell in cells if not grid.replayable(cell.row, rounds=1)][:3]
+    replayed = next(cell for cell in cells if grid.replayable(cell.row, rounds=1))
+    alive, most, order = [], [0], []
+
+    class SlowCell:
+        cpu_seconds = 0.0
+
+        def __init__(self, command, log, timeout, cores=None):
+            self.run_dir = Path(json.loads(next(item for item in command if item.startswith("output.run_dir=")).partition("=")[2]))
+            self.polls = 0
+            self.cores = cores
+            assert all(other.cores != cores for other in alive), "cells side by side must run on their own cores"
+            alive.append(self)
+            most[0] = max(most[0], len(alive))
+
+        def poll(self):
+            self.polls += 1
+            if self.polls < 3:
+                return None
+            self.run_dir.mkdir(parents=True)
+            (self.run_dir / "summary.json").write_text("{}")
+            alive.remove(self)
+            order.append(self.run_dir)
+            return True
+
+        def stop(self):
+            pass
+
+    def fake_replay(config, source, log):
+        assert (source / "summary.json").exists(), "a replay must wait for its source"
+        run_dir = Path(config.output.run_dir)
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text("{}")
+        order.append(run_dir)
+        return True
+
+    monkeypatch.setattr(running, "FederatedCell", SlowCell)
+    monkeypatch.setattr(running, "Replayer", lambda: fake_replay)
+    monkeypatch.setattr(running.time, "sleep", lambda seconds: None)
+    assert running.run_grid([*federated, replayed], out, grid.QUICK_SCALE, jobs=jobs) == []
+    assert most[0] == jobs
+    assert sorted(order) == sorted(cell.path(out) for cell in [*federated, replayed])
+    assert order.index(replayed.path(out)) > order.index(replayed.source.path(out))
+    assert len((out / "timings.jsonl").read_text().splitlines()) == 4
 
 
 def one_round(model_dir: Path, run_dir: Path, method: str, *extra: str):
@@ -387,6 +447,13 @@ def test_paired_differences_subtract_the_reference_seed_by_seed():
     assert differences["fedit"]["n"] == 3 and "flora" not in differences
 
 
+def run_to_end(command: list[str], log, timeout: float) -> bool:
+    cell = running.FederatedCell(command, log, timeout)
+    while (ok := cell.poll()) is None:
+        time.sleep(0.1)
+    return ok
+
+
 def test_a_hung_federated_cell_is_stopped_with_every_process_it_started(tmp_path: Path):
     """As when Ray's raylet dies on start and the simulation waits forever: the cell fails, nothing is left running."""
     child_pid = tmp_path / "child.pid"
@@ -396,17 +463,35 @@ def test_a_hung_federated_cell_is_stopped_with_every_process_it_started(tmp_path
         f"open({str(child_pid)!r}, 'w').write(str(child.pid)); time.sleep(120)"
     )
     with open(tmp_path / "cell.log", "w") as log:
-        assert not running.run_federation_cell([sys.executable, "-c", hang], log, timeout=5)
+        assert not run_to_end([sys.executable, "-c", hang], log, timeout=5)
     assert "stopped after 5 s" in (tmp_path / "cell.log").read_text()
     status = Path(f"/proc/{child_pid.read_text()}/status")
     # Gone, or a zombie waiting for init to reap it: either way no longer running.
     assert not status.exists() or "\tZ" in status.read_text().split("State:")[1].splitlines()[0]
 
 
+def test_a_federated_cell_runs_on_the_cores_it_was_given(tmp_path: Path):
+    core = min(os.sched_getaffinity(0))
+    show = "import os; print(sorted(os.sched_getaffinity(0)))"
+    with open(tmp_path / "cell.log", "w") as log:
+        cell = running.FederatedCell([sys.executable, "-c", show], log, timeout=60, cores=[core])
+        while (ok := cell.poll()) is None:
+            time.sleep(0.1)
+    assert ok and (tmp_path / "cell.log").read_text().strip() == str([core])
+
+
+def test_cores_are_dealt_into_one_share_per_job():
+    cores = sorted(os.sched_getaffinity(0))
+    shares = running.core_shares(len(cores))
+    assert shares == [[core] for core in cores]
+    assert running.core_shares(1) == [cores]
+    assert len(running.core_shares(2 * len(cores))) == 2 * len(cores)
+
+
 def test_a_federated_cell_that_exits_reports_its_status(tmp_path: Path):
     with open(tmp_path / "cell.log", "w") as log:
-        assert running.run_federation_cell([sys.executable, "-c", "print('ran')"], log, timeout=60)
-        assert not running.run_federation_cell([sys.executable, "-c", "raise SystemExit(3)"], log, timeout=60)
+        assert run_to_end([sys.executable, "-c", "print('ran')"], log, timeout=60)
+        assert not run_to_end([sys.executable, "-c", "raise SystemExit(3)"], log, timeout=60)
     assert "ran" in (tmp_path / "cell.log").read_text()
 
 

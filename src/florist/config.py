@@ -96,8 +96,12 @@ class FederationConfig(Section):
     alpha_per_rank: float = Field(2.0, gt=0)
     """lora_alpha = alpha_per_rank * rank, the paper's heterogeneous setting."""
     use_rslora: bool = False
+    engine: Literal["ray", "inline"] = "ray"
+    """How `florist run` runs the clients: "ray", Flower's simulation engine, `workers` clients in
+    parallel; "inline", every client in the server's process one after another, sharing one copy of
+    the model (no Ray start-up; for a single GPU, where Ray's workers would each hold the model)."""
     workers: int = Field(2, ge=1)
-    """Clients trained in parallel (one simulation worker per core)."""
+    """Clients trained in parallel by the "ray" engine (one worker per core)."""
     ffa_seed: int = 1234
     """Seed of FFA-LoRA's shared frozen A."""
     clients_per_round: int = Field(0, ge=0)
@@ -112,6 +116,10 @@ class FederationConfig(Section):
     """Times a round whose quorum was missed is tried again before the run stops."""
     connect_timeout: float = Field(300.0, gt=0)
     """Seconds to wait for enough nodes to connect before a round, then stop with a message."""
+
+    @property
+    def parallel_clients(self) -> int:
+        return min(self.workers, self.num_clients) if self.engine == "ray" else 1
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
@@ -349,6 +357,7 @@ machines that hold the same model."""
 RESUMABLE_SETTINGS = (
     "validation.*",
     "federation.rounds",
+    "federation.engine",
     "federation.workers",
     "federation.round_timeout",
     "federation.round_retries",

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from florist.cli import reproduce
+from florist.cli.arguments import positive_count
 from florist.cli.run import add_config_arguments
 
 
@@ -18,13 +19,6 @@ def register(subparsers) -> None:
     _register_aggregate(benchmarks)
     _register_run(benchmarks)
     reproduce.register(benchmarks)
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return number
 
 
 def _tau(value: str) -> float:
@@ -46,15 +40,15 @@ def _register_aggregate(benchmarks) -> None:
     parser.add_argument("--preset", choices=[*PRESETS, "all"], default="llama-7b")
     parser.add_argument("--ranks", choices=[*RANK_SETTINGS, "both"], default="hetero")
     parser.add_argument("--tau", type=_tau, default=0.9)
-    parser.add_argument("--repeats", type=_positive, default=5, help="timed runs per method (median reported)")
+    parser.add_argument("--repeats", type=positive_count, default=5, help="timed runs per method (median reported)")
     parser.add_argument(
-        "--flexlora-modules", type=_positive, default=2, help="FlexLoRA is timed on the first N modules and extrapolated"
+        "--flexlora-modules", type=positive_count, default=2, help="FlexLoRA is timed on the first N modules and extrapolated"
     )
     parser.add_argument(
-        "--flexlora-repeats", type=_positive, default=1, help="timed FlexLoRA runs (each holds seconds-long dense SVDs)"
+        "--flexlora-repeats", type=positive_count, default=1, help="timed FlexLoRA runs (each holds seconds-long dense SVDs)"
     )
     parser.add_argument(
-        "--threads", type=_positive, help="torch threads per measurement (default: torch's, one per core); "
+        "--threads", type=positive_count, help="torch threads per measurement (default: torch's, one per core); "
         "on a shared machine 1 avoids threads waiting on each other"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic adapters")

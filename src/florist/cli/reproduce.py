@@ -7,12 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-
-def _positive_seconds(text: str) -> float:
-    seconds = float(text)
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return seconds
+from florist.cli.arguments import positive_count, positive_seconds
 
 
 def register(benchmarks) -> None:
@@ -34,7 +29,16 @@ def register(benchmarks) -> None:
     parser.add_argument("--model", default=PAPER_MODEL, help=f"model of --paper-scale (default {PAPER_MODEL})")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from the cells that exist")
     parser.add_argument(
-        "--cell-timeout", type=_positive_seconds, default=3600, help="seconds after which a federated cell is stopped and counted failed"
+        "--cell-timeout", type=positive_seconds, default=3600, help="seconds after which a federated cell is stopped and counted failed"
+    )
+    parser.add_argument(
+        "--jobs", type=positive_count, default=1,
+        help="federated cells run at once (default 1; on a GPU machine several share the GPU, with "
+        "--set federation.engine=\"inline\" each in one process)",
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="a setting changed in every cell after the grid's scale (repeatable), e.g. federation.engine=\"inline\"",
     )
     parser.set_defaults(func=_reproduce)
 
@@ -50,7 +54,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     failed = []
     if not args.report:
         paper = (*PAPER_SCALE, f"model.name={json.dumps(args.model)}") if args.paper_scale else ()
-        failed = run_grid(cells, out, [*grid.scale, *paper], args.cell_timeout)
+        failed = run_grid(cells, out, [*grid.scale, *paper, *args.overrides], args.cell_timeout, args.jobs)
     print(f"report: {write_report(out, len(cells))}")
     if failed:
         print(f"{len(failed)} cells failed; run the same command again to retry them", file=sys.stderr)

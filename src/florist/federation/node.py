@@ -26,7 +26,7 @@ NODE_KEYS = {
     "rank": "this site's LoRA rank (default: federation.ranks by partition id)",
     "alpha": "this site's lora_alpha (default: federation.alpha_per_rank * rank)",
     "device": "cpu, cuda or cuda:N (default: cuda when available)",
-    "threads": "torch threads for this site's training (default: cores / federation.workers)",
+    "threads": "torch threads for this site's training (default: the cores this process may use / clients training at once)",
 }
 
 
@@ -53,8 +53,8 @@ class NodeSettings:
         threads = (
             _integer(node_config, "threads", minimum=1)
             if "threads" in node_config
-            # One worker per core: more threads per worker oversubscribe the cores (EMBEDDED.md).
-            else max(1, (os.cpu_count() or 1) // config.federation.workers)
+            # The cores shared by the clients training at once: more threads oversubscribe them (EMBEDDED.md).
+            else max(1, len(os.sched_getaffinity(0)) // config.federation.parallel_clients)
         )
         return cls(
             partition=partition,

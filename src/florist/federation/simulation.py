@@ -1,4 +1,4 @@
-"""`florist run` on one machine: Flower's simulation engine, in-process, no SuperLink left behind."""
+"""`florist run` on one machine: Flower's simulation engine, or the inline engine, no SuperLink left behind."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from florist.evaluation.mmlu import load_mmlu
 from florist.federation.checkpoint import check_resumable
 from florist.federation.client_app import build_client_app
 from florist.federation.datasets import federated_data
-from florist.federation.server_app import build_server_app
+from florist.federation.inline import InlineGrid, simulated_nodes
+from florist.federation.server_app import build_server_app, serve
 from florist.federation.server_model import trained_in_full
 from florist.models import resolve_model
 from florist.reporting.run_directory import RunDirectory
@@ -80,18 +81,21 @@ def run_federation(config: RunConfig, resume: Path | None = None, verbose: bool 
     run directory. Without `verbose`, the workers' own output and third-party notices are hidden:
     the server prints a line per client reply and a table per round."""
     config = prepare(config, resume)
-    # Imported here: flwr.simulation pulls in Ray, which a plain `florist aggregate` does not need.
-    from flwr.simulation import run_simulation
-
     if verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     else:
         quiet_third_parties()
+    if config.federation.engine == "inline":
+        nodes = simulated_nodes(config.federation.num_clients)
+        return serve(config, InlineGrid(build_client_app(config), nodes), resume)
+    # Imported here: flwr.simulation pulls in Ray, which a plain `florist aggregate` does not need.
+    from flwr.simulation import run_simulation
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Ray starts workers at niceness 15; the clients' training is the work here, not background.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    workers = min(config.federation.workers, config.federation.num_clients)
+    workers = config.federation.parallel_clients
     # Ray hides the GPU from actors that ask for none: share it between the workers instead.
     gpus = 1.0 / workers if torch.cuda.is_available() else 0.0
     with warnings.catch_warnings():
