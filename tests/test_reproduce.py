@@ -248,6 +248,35 @@ def test_the_report_shows_per_round_the_rank_florist_keeps_and_the_tau_automatic
     assert (out / "spectra.png").stat().st_size > 0
 
 
+def test_a_budgeted_row_has_no_tau(tmp_path: Path, tiny_model: str):
+    out = tmp_path / "out"
+    fake_cell(out, tiny_model, Cell("heterogeneous", grid.budgeted(5), 0), 2.0, 2.0, rank=4)
+    text = report.write_report(out, expected=1).read_text()
+    assert json.loads((out / "results.json").read_text())["rows"]["heterogeneous"]["florist-budget5mb"]["tau"] is None
+    assert any(line.startswith("| FLoRIST, budget5mb |  | ") for line in text.splitlines())
+
+
+def test_spectra_of_a_copy_without_adapter_weights_come_from_the_earlier_report(tmp_path: Path, tiny_model: str):
+    """A grid shipped from another machine without its adapters' weights keeps the spectra its report computed."""
+    out = tmp_path / "out"
+    cell = Cell("heterogeneous", baseline("flora"), 0)
+    fake_cell(out, tiny_model, cell, 2.0, 2.0, rank=3)
+    saved = cell.path(out) / "clients" / "round1"
+    (saved / "0").mkdir(parents=True)
+    (saved / "0" / "adapter_config.json").write_text("{}")
+    (saved / "clients.json").write_text(json.dumps([{"partition": 0, "adapter": "0", "weight": 1}]))
+    report.write_report(out, expected=1)
+    results = json.loads((out / "results.json").read_text())
+    assert results["cells"][0]["spectra"] == []  # no weights: nothing computed here
+    earlier = [{"round": 1, "stack_rank": 3.0, "rank_share": {"0.80": 0.34, "0.90": 0.67, "0.99": 1.0}, "curve": [min(1.0, 0.1 * k) for k in range(1, 21)]}]
+    results["cells"][0]["spectra"] = earlier
+    (out / "results.json").write_text(json.dumps(results))
+
+    report.write_report(out, expected=1)
+
+    assert json.loads((out / "results.json").read_text())["cells"][0]["spectra"] == earlier
+
+
 def test_row_labels_name_variants_and_only_plain_taus_are_selected_among():
     bf16 = grid.variant(florist(0.9), "bf16", 'wire.download="bfloat16"')
     assert bf16.label == "florist-tau0.90-bf16"
@@ -316,8 +345,11 @@ def test_grid_skips_finished_cells_and_redoes_half_finished_ones(tmp_path: Path,
         def stop(self):
             pass
 
+    # A cell another machine ran, recorded in the grid's results.json without its run directory.
+    shipped = [cell for cell in GRIDS["full"].cells([1]) if not grid.replayable(cell.row, rounds=1)][0]
+    (out / "results.json").write_text(json.dumps({"cells": [{"setting": shipped.setting, "row": shipped.label, "seed": 1}]}))
     monkeypatch.setattr(running, "FederatedCell", FakeCell)
-    assert running.run_grid([done, half, fresh], out, grid.QUICK_SCALE) == []
+    assert running.run_grid([done, half, fresh, shipped], out, grid.QUICK_SCALE) == []
     assert launched == [half.path(out), fresh.path(out)]
 
 

@@ -114,7 +114,7 @@ def read_cell(run_dir: Path) -> dict:
         "setting": SETTINGS_BY_RANKS.get(tuple(config.federation.ranks), "custom"),
         "row": run_dir.parent.name,
         "method": method,
-        "tau": config.aggregation.tau if method == "florist" and not config.aggregation.automatic_tau else None,
+        "tau": config.aggregation.tau if method == "florist" and not (config.aggregation.automatic_tau or config.aggregation.download_budget_mb) else None,
         "seed": config.training.seed,
         **{key: final.get(key) for key in QUALITY_KEYS},
         "download_mb": statistics.mean(download_bytes(method, d, shapes, wire) for d in downloads) / MB,
@@ -142,9 +142,17 @@ def stored_record(record: dict) -> dict:
 def finished_cells(out: Path) -> list[dict]:
     """Every finished cell under `out`, from its run directory or, where that is gone, from out/results.json."""
     records = [read_cell(summary.parent) for summary in sorted(out.glob("*/*/seed*/summary.json"))]
-    stored = out / "results.json"
-    if stored.exists():
-        present = {(r["setting"], r["row"], r["seed"]) for r in records}
-        kept = [stored_record(r) for r in json.loads(stored.read_text())["cells"]]
-        records += [r for r in kept if (r["setting"], r["row"], r["seed"]) not in present]
+    stored = {(r["setting"], r["row"], r["seed"]): r for r in map(stored_record, recorded_cells(out))}
+    for record in records:
+        # Spectra need the client adapters' weights, which a shipped copy of the grid may leave out.
+        earlier = stored.pop((record["setting"], record["row"], record["seed"]), None)
+        if earlier and not record["spectra"]:
+            record["spectra"] = earlier["spectra"]
+    records += stored.values()
     return sorted(records, key=lambda r: (r["setting"], r["row"], r["seed"]))
+
+
+def recorded_cells(out: Path) -> list[dict]:
+    """The cells an earlier report of `out` recorded in results.json (none without one)."""
+    stored = out / "results.json"
+    return json.loads(stored.read_text())["cells"] if stored.exists() else []

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from florist.bench.reproduce.cells import recorded_cells
 from florist.bench.reproduce.grid import CONFIG, Cell, replayable
 from florist.bench.reproduce.replay import Replayer
 from florist.config import load_config
@@ -76,8 +77,8 @@ class Job:
 
 
 def run_grid(cells: Sequence[Cell], out: Path, scale: Sequence[str], cell_timeout: float = 3600, jobs: int = 1) -> list[Cell]:
-    """Run every unfinished cell, up to `jobs` federated cells at once; returns the cells that failed
-    (their logs say why).
+    """Run every unfinished cell (no summary.json, not in OUT/results.json), up to `jobs` federated
+    cells at once; returns the cells that failed (their logs say why).
 
     A replayed cell runs in this process once its source has finished. Only the grid's first cell
     evaluates the base model: it is the same for every cell. Timings go to OUT/timings.jsonl, one line
@@ -85,6 +86,8 @@ def run_grid(cells: Sequence[Cell], out: Path, scale: Sequence[str], cell_timeou
     """
     failed: list[Cell] = []
     running: list[Job] = []
+    # A grid's results.json carries its finished cells to another machine without their run directories.
+    recorded = {(r["setting"], r["row"], r["seed"]) for r in recorded_cells(out)}
     replay = Replayer()
     # Cells running side by side each get their own cores: their torch threads would otherwise fight
     # over all of them (a cell's clients size their threads to the cores they may use).
@@ -115,7 +118,7 @@ def run_grid(cells: Sequence[Cell], out: Path, scale: Sequence[str], cell_timeou
     try:
         for index, cell in enumerate(cells, 1):
             target = cell.path(out)
-            if (target / "summary.json").exists():
+            if (target / "summary.json").exists() or (cell.setting, cell.label, cell.seed) in recorded:
                 continue
             shutil.rmtree(target, ignore_errors=True)  # a half-finished run directory is redone from scratch
             overrides = [*scale, *cell.overrides(out, evaluate_base=index == 1)]

@@ -50,7 +50,8 @@ def summarise(spectra: dict[str, Sequence[float]]) -> dict:
 
 def singular_values_by_round(run_dir: Path) -> dict[int, dict[str, list[float]]]:
     """{round: {module: singular values of the round's exact aggregate}} for every round whose client
-    adapters `run_dir` holds (none when the run did not save them)."""
+    adapters `run_dir` holds with their weights (none when the run did not save them, or when its
+    weights were left out of a copy)."""
     from florist.aggregation import make_aggregator
     from florist.lora.adapters import read_adapters
 
@@ -58,6 +59,8 @@ def singular_values_by_round(run_dir: Path) -> dict[int, dict[str, list[float]]]
     spectra = {}
     for index_file in sorted((run_dir / "clients").glob("round*/clients.json")):
         index = json.loads(index_file.read_text())
+        if not all((index_file.parent / c["adapter"] / "adapter_model.safetensors").is_file() for c in index):
+            continue
         adapters = read_adapters([index_file.parent / c["adapter"] for c in index], [c["weight"] for c in index])
         modules = exact.aggregate(adapters).modules
         spectra[int(index_file.parent.name.removeprefix("round"))] = {
