@@ -181,7 +181,7 @@ class AggregationConfig(Section):
     download_budget_mb: float | None = Field(None, gt=0, allow_inf_nan=False)
     """florist: instead of tau, what one client downloads per round (MiB in the wire dtype), spent on
     ranks across all modules at once (README, "Methods and round semantics")."""
-    budget_criterion: Literal["normalized", "absolute", "per-byte"] = "normalized"
+    budget_criterion: Literal["normalized", "absolute", "per-byte"] = "per-byte"
     """How a download budget ranks components: energy share within its module, energy, or energy
     share per byte of its module."""
     min_rank: int = Field(1, ge=1)

@@ -39,7 +39,7 @@ class FLoRIST(Aggregator):
     route: str = "gram"
     memory_budget_mb: float = 1024.0
     download_budget_mb: float | None = None
-    budget_criterion: str = "normalized"
+    budget_criterion: str = "per-byte"
     min_rank: int = 1
     wire_bytes: int = 4
 

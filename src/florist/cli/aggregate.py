@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--budget-criterion", choices=CRITERIA,
-        help="florist with a budget: how components are ranked (default normalized: energy share within the module)",
+        help="florist with a budget: how components are ranked (default per-byte: energy share within the module per byte of it)",
     )
     parser.add_argument("--min-rank", type=int, help="florist with a budget: the rank every module gets (default 1)")
     parser.add_argument("--max-rank", type=int, help="florist: cap on any module's rank")

@@ -47,7 +47,10 @@ def florist(tau: float) -> Row:
 
 
 def budgeted(megabytes: float, criterion: str = "normalized") -> Row:
-    """FLoRIST with a download budget per client and round instead of tau (aggregation.download_budget_mb)."""
+    """FLoRIST with a download budget per client and round instead of tau (aggregation.download_budget_mb).
+
+    The criterion is always set: the grid's plain budget rows were measured with `normalized`, the
+    default then, and keep meaning that whatever the default becomes."""
     suffix = "" if criterion == "normalized" else f"-{criterion}"
     settings = (f"aggregation.download_budget_mb={megabytes:g}", f"aggregation.budget_criterion={json.dumps(criterion)}")
     return Row(f"florist-budget{megabytes:g}mb{suffix}", "florist", extra=settings)
