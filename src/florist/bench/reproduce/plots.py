@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from florist.bench.reproduce.grid import BASELINES, is_tau_row, row_name, row_order  # noqa: E402
 from florist.bench.reproduce.spectra import FRACTIONS  # noqa: E402
@@ -32,7 +33,9 @@ def plot_pareto(table: dict[str, dict[str, dict]], target: Path, bytes_metric: s
     row a point. Rows without that byte count are left out; with none, no file is written."""
     if not any(row[bytes_metric]["n"] for rows in table.values() for row in rows.values()):
         return
-    fig, axes = plt.subplots(len(QUALITY), len(table), figsize=(5.5 * len(table), 3.8 * len(QUALITY)), squeeze=False)
+    # Wide enough for the legend beside the points (inside it hid the points at the largest byte counts).
+    fig, axes = plt.subplots(len(QUALITY), len(table), figsize=(8.5 * len(table), 3.8 * len(QUALITY)), squeeze=False)
+    colours = plt.get_cmap("tab20").colors  # a grid has more rows than tab10's ten colours
     for column, (setting, rows) in enumerate(table.items()):
         for line, (metric, heading) in enumerate(QUALITY):
             ax = axes[line, column]
@@ -44,13 +47,16 @@ def plot_pareto(table: dict[str, dict[str, dict]], target: Path, bytes_metric: s
                 ax.errorbar(x, y, yerr=[row[metric]["std"] for row in taus], fmt="-o", color="k", capsize=3, label="FLoRIST")
                 for row, xi, yi in zip(taus, x, y):
                     ax.annotate(f"{row['tau']:.2f}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
-            for key in sorted((k for k in measured if not is_tau_row(k)), key=row_order):
+            for index, key in enumerate(sorted((k for k in measured if not is_tau_row(k)), key=row_order)):
                 row = measured[key]
                 marker = "s" if key in BASELINES else "^"
-                ax.errorbar(row[bytes_metric]["mean"], row[metric]["mean"], yerr=row[metric]["std"], fmt=marker, capsize=3, label=row_name(key))
+                ax.errorbar(
+                    row[bytes_metric]["mean"], row[metric]["mean"], yerr=row[metric]["std"], fmt=marker, capsize=3,
+                    color=colours[index % len(colours)], label=row_name(key),
+                )
             ax.set_xscale("log")
             ax.set(xlabel=BYTES_AXES[bytes_metric], ylabel=heading, title=f"{setting}: {heading}")
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     _save(fig, target)
 
 
@@ -84,7 +90,7 @@ def plot_spectra(records: Sequence[dict], target: Path) -> None:
     florist = [r for r in records if r["method"] == "florist" and r["rounds"]]
     if not saved and not any(len(r["rounds"]) > 1 for r in florist):
         return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 4.5))
     for setting in sorted({r["setting"] for r in saved}):
         spectra = [s for r in saved if r["setting"] == setting for s in r["spectra"]]
         for t in sorted({s["round"] for s in spectra}):
@@ -92,13 +98,17 @@ def plot_spectra(records: Sequence[dict], target: Path) -> None:
             mean = [sum(values) / len(curves) for values in zip(*curves)]
             left.plot(FRACTIONS, mean, marker=".", label=f"{setting}, round {t}")
     left.set(xlabel="share of the stacked directions", ylabel="share of the energy", title="Spectrum of each round's exact aggregate")
-    for key in sorted({(r["setting"], r["row"]) for r in florist}, key=lambda k: (k[0], row_order(k[1]))):
+    colours = plt.get_cmap("tab20").colors
+    for index, key in enumerate(sorted({(r["setting"], r["row"]) for r in florist}, key=lambda k: (k[0], row_order(k[1])))):
         mine = [r for r in florist if (r["setting"], r["row"]) == key]
         rounds = sorted({d["round"] for r in mine for d in r["rounds"]})
         kept = [sum(d["total_rank"] for r in mine for d in r["rounds"] if d["round"] == t) / len(mine) for t in rounds]
-        right.plot(rounds, kept, marker="o", label=f"{key[0]}: {row_name(key[1])}")
-    right.set(xlabel="round", ylabel="rank kept over all modules", title="Rank FLoRIST keeps per round")
-    for ax in (left, right):
-        if ax.has_data():
-            ax.legend(fontsize=7)
+        right.plot(rounds, kept, marker="o", color=colours[index % len(colours)], label=f"{key[0]}: {row_name(key[1])}")
+    # Log scale: automatic tau at tau 1 keeps ~10x the rank of the budgeted rows.
+    right.set(xlabel="round", ylabel="rank kept over all modules", title="Rank FLoRIST keeps per round", yscale="log")
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if left.has_data():
+        left.legend(fontsize=7)
+    if right.has_data():
+        right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     _save(fig, target)
