@@ -210,6 +210,21 @@ def test_the_committed_results_are_still_reportable(tmp_path: Path):
     assert "60 of 60 cells finished." in (out / "results.md").read_text()
 
 
+def test_the_committed_scale_results_are_still_reportable(tmp_path: Path):
+    """benchmarks/results/scale keeps only results.json (with the spectra computed where the adapters were)."""
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "scale" / "results.json"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text(committed.read_text())
+
+    text = report.write_report(out, expected=len(GRIDS["scale"].cells())).read_text()
+
+    stored, rebuilt = json.loads(committed.read_text()), json.loads((out / "results.json").read_text())
+    assert rebuilt["rows"] == stored["rows"] and rebuilt["selection"] == stored["selection"]
+    assert "30 of 45 cells finished (a partial grid)." in text
+    assert "| FLoRA | 3 | 152 |" in text  # the spectra of round 3, from the saved adapters of three seeds
+
+
 def test_records_from_before_rows_had_labels_get_their_method_and_tau_as_row():
     stored = {"method": "florist", "tau": 0.8, "seed": 0}
     assert cells.stored_record(stored)["row"] == "florist-tau0.80"
