@@ -227,6 +227,19 @@ def test_bad_node_configuration_is_one_clear_line(tiny_model_dir, tmp_path, node
         NodeSettings.from_node_config({"partition-id": 0, "data": str(empty)}, config)
 
 
+@pytest.mark.parametrize(("engine", "workers", "clients_at_once"), [("ray", 2, 2), ("ray", 8, 3), ("inline", 2, 1)])
+def test_a_node_shares_the_cores_it_may_use_with_the_clients_training_beside_it(
+    tiny_model_dir, tmp_path, monkeypatch, engine, workers, clients_at_once
+):
+    """Threads default to this process's cores (its affinity, not the machine's) over the clients that
+    train at once: `workers` on Ray (at most one per client), one at a time inline."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(12)))
+    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", f'federation.engine="{engine}"', f"federation.workers={workers}")
+    assert config.federation.num_clients == 3
+    assert NodeSettings.from_node_config({"partition-id": 0}, config).threads == 12 // clients_at_once
+    assert NodeSettings.from_node_config({"partition-id": 0, "threads": 5}, config).threads == 5
+
+
 @pytest.mark.parametrize("partition", [0, 2], ids=["rank-below-global", "rank-above-global"])
 def test_fedit_client_starts_from_the_global_adapter_at_its_rank(tiny_model_dir, tmp_path, base_model, pristine, observed, partition):
     config = federation_config(tiny_model_dir, tmp_path / "run", "fedit")
