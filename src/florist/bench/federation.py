@@ -120,7 +120,7 @@ def bench_federation(config: RunConfig) -> tuple[Path, dict]:
     started = time.time()
     run_dir = run_federation(config)
     finished = time.time()
-    workers = min(config.federation.workers, config.federation.num_clients)
+    workers = config.federation.parallel_clients  # one with the inline engine
     precision = json.loads((run_dir / "summary.json").read_text())["precision"]
     figures = federation_figures(read_rounds(run_dir), started, finished, workers, precision)
     return run_dir, {

@@ -39,7 +39,6 @@ class FederatedCell:
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
         self.cpu_seconds = 0.0
-        self.cores = cores
         pin = None if cores is None else (lambda: os.sched_setaffinity(0, cores))
         self.process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=CELL_ENV, start_new_session=True, preexec_fn=pin
@@ -49,16 +48,16 @@ class FederatedCell:
         """None while it runs; once it has ended, whether it succeeded. Its CPU time, its waited-for
         children's included, is then in `cpu_seconds`: on a shared machine it says what a cell costs
         better than wall time, and other cells running beside it do not blur it."""
+        pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
+        if pid:
+            self.process.returncode = os.waitstatus_to_exitcode(status)
+            self.cpu_seconds = usage.ru_utime + usage.ru_stime
+            return self.process.returncode == 0
         if time.monotonic() > self.deadline:
             self.log.write(f"\nreproduce: cell stopped after {self.timeout:.0f} s\n")
             self.stop()
             return False
-        pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
-        if pid == 0:
-            return None
-        self.process.returncode = os.waitstatus_to_exitcode(status)
-        self.cpu_seconds = usage.ru_utime + usage.ru_stime
-        return self.process.returncode == 0
+        return None
 
     def stop(self) -> None:
         if self.process.returncode is None:
