@@ -3,7 +3,8 @@ message straight to the ClientApp, node by node, without Ray or a SuperLink.
 
 The clients train one after another and share one copy of the base model. On a single GPU this is
 what Ray would do at a higher cost (an actor per worker, each with its own model and CUDA context,
-and seconds of start-up); the tests use it to drive the real ServerApp loop and ClientApp in seconds.
+and seconds of start-up); on a multi-core CPU Ray's clients side by side train faster (BENCHMARKS.md).
+The tests use it to drive the real ServerApp loop and ClientApp in seconds.
 """
 
 from __future__ import annotations
