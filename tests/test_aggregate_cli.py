@@ -264,6 +264,18 @@ def test_florist_with_a_download_budget_writes_at_most_that_many_bytes_of_factor
     assert "energy kept" in capsys.readouterr().out
 
 
+def test_a_budget_without_a_criterion_uses_the_configuration_default():
+    """`florist aggregate` and `florist run` spend a budget the same way unless told otherwise."""
+    import argparse
+
+    from florist.cli.aggregate import _aggregator
+    from florist.config import AggregationConfig
+
+    given = dict(tau=None, max_rank=None, rank=None, download_budget_mb=5.0, budget_criterion=None, min_rank=None, adapters=[])
+    aggregator = _aggregator(argparse.Namespace(method="florist", **given))
+    assert aggregator.budget_criterion == AggregationConfig().budget_criterion == "per-byte"
+
+
 def test_florist_refuses_a_download_budget_below_the_minimum_ranks(clients, tmp_path, capsys):
     assert_refused(tmp_path, capsys, ["--method", "florist", "--download-budget-mb", "0.0001", "--min-rank", "2", *clients], ["download budget", "below", "rank 2 in each of"])
 

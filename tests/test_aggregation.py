@@ -256,17 +256,11 @@ def test_fedit_with_scales_folded_is_exact_when_clients_share_a(clients, rank):
 
 
 @PROPERTY
-@given(clients=any_federations())
-def test_flexlora_gives_each_client_its_best_rank_approximation(clients):
-    calls = []
-
-    def counted_svd(delta):
-        calls.append(delta.shape)
-        return torch.linalg.svd(delta, full_matrices=False)
-
-    with mock.patch("florist.aggregation.flexlora.dense_svd", counted_svd):
-        result = make_aggregator("flexlora").aggregate(clients)
-    assert len(calls) == len(clients[0].modules)  # once per module, not once per client
+@given(clients=any_federations(), route=st.sampled_from(["qr", "dense"]))
+def test_flexlora_gives_each_client_its_best_rank_approximation(clients, route):
+    """Factored (the SVD of the stacked factors) or dense (the paper's), every client gets the best
+    rank-r approximation of the exact update."""
+    result = make_aggregator("flexlora", route=route).aggregate(clients)
     assert result.per_client is not None and len(result.per_client) == len(clients)
     for k, client in enumerate(clients):
         assert list(result.for_client(k)) == list(client.modules)
@@ -277,6 +271,47 @@ def test_flexlora_gives_each_client_its_best_rank_approximation(clients):
             assert module.rank == r
             residual = (dw - module.delta().double()).norm().square().item()
             assert residual == pytest.approx(s[r:].square().sum().item(), abs=1e-10 * s.square().sum().item())
+
+
+def test_dense_flexlora_decomposes_each_module_once_and_factored_flexlora_never_forms_the_update():
+    calls = []
+
+    def counted_svd(delta):
+        calls.append(delta.shape)
+        return torch.linalg.svd(delta, full_matrices=False)
+
+    clients = two_clients()
+    with mock.patch("florist.aggregation.flexlora.dense_svd", counted_svd):
+        make_aggregator("flexlora", route="dense").aggregate(clients)
+        assert len(calls) == len(clients[0].modules)  # once per module, not once per client
+        make_aggregator("flexlora").aggregate(clients)
+        assert len(calls) == len(clients[0].modules)
+
+
+def test_factored_and_dense_flexlora_agree_on_clients_like_real_ones():
+    """Norms over decades, a decaying spectrum, near-duplicate clients, unequal scales, float32."""
+    generator = torch.Generator().manual_seed(3)
+    decay = torch.logspace(0, -4, 16)
+    base = torch.randn(16, 96, generator=generator) * decay[:, None]
+
+    def client(rank: int, norm: float, scale: float, weight: float, jitter: float) -> ClientAdapter:
+        a = base[:rank] + jitter * torch.randn(rank, 96, generator=generator)
+        b = norm * torch.randn(80, rank, generator=generator)
+        return ClientAdapter({"q": LoraFactors(A=a, B=b, scale=scale)}, weight)
+
+    clients = [client(4, 1e-3, 2.0, 10, 0.0), client(8, 1.0, 0.5, 1, 1e-6), client(16, 1e2, 1.0, 100, 1e-6), client(16, 1e2, 1.0, 99, 0.0)]
+    factored = make_aggregator("flexlora").aggregate(clients)
+    dense = make_aggregator("flexlora", route="dense").aggregate(clients)
+    for k, c in enumerate(clients):
+        mine, reference = factored.for_client(k)["q"], dense.for_client(k)["q"]
+        assert mine.rank == reference.rank == c.modules["q"].rank
+        assert relative_error(mine.delta(), reference.delta().double()) < 1e-5
+        torch.testing.assert_close(mine.singular_values.double(), reference.singular_values.double()[: len(mine.singular_values)], rtol=1e-4, atol=1e-6 * float(reference.singular_values[0]))
+
+
+def test_an_unknown_flexlora_route_is_refused():
+    with pytest.raises(AggregationError, match="unknown FlexLoRA route 'gram'; choose from qr, dense"):
+        make_aggregator("flexlora", route="gram")
 
 
 @PROPERTY

@@ -72,9 +72,12 @@ def test_cli_writes_every_method_to_json(tmp_path):
     assert report["machine"]["torch_threads"] == 1
     (case,) = report["cases"]
     labels = [row["label"] for row in case["rows"]]
-    assert labels == ["florist 0.9", "florist 0.9 qr", "florist 0.9 svd", "flora", "fedit", "ffa", "flexlora"]
+    assert labels == ["florist 0.9", "florist 0.9 qr", "florist 0.9 svd", "flora", "fedit", "ffa", "flexlora qr", "flexlora"]
     rows = {row["label"]: row for row in case["rows"]}
-    assert rows["flexlora"]["speedup_vs_flexlora"] == 1.0
+    assert rows["flexlora"]["speedup_vs_flexlora"] == 1.0  # the paper's dense FlexLoRA is the reference
+    # Factored FlexLoRA sends the same ranks with fewer operations than the dense SVD.
+    assert rows["flexlora qr"]["rank_sent_per_client"] == rows["flexlora"]["rank_sent_per_client"]
+    assert rows["flexlora qr"]["flops"] < rows["flexlora"]["flops"]
     assert rows["flexlora"]["extrapolated_from_modules"] == 2
     for row in case["rows"]:
         assert row["seconds_median"] > 0 and row["peak_extra_bytes"] is not None and row["flops"] > 0

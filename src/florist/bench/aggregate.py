@@ -188,7 +188,9 @@ def module_flops(method: str, route: str, m: int, n: int, ranks: list[int], kept
     if method == "flora":
         return fold
     if method == "flexlora":
-        return fold + 2 * m * n * R + _thin_svd_flops(m, n)
+        if route == "dense":  # the paper's: form the m x n update, then its thin SVD
+            return fold + 2 * m * n * R + _thin_svd_flops(m, n)
+        outputs = 2 * (m + n) * R * R  # the factored route keeps every component, then truncates per client
     if route == "gram":  # two Gram products, two R x R eigh (9 R^3 each), the core's two products
         return fold + 2 * (m + n) * R**2 + 2 * 9 * R**3 + 4 * R**3 + outputs
     if route == "qr":  # Householder QR with thin Q per stack, the core product, an R x R SVD
@@ -308,7 +310,7 @@ def measure(case: Case, run: MethodRun) -> Measurement:
     if run.stream:
         flops, scale = None, len(modules) / len(names)
     else:
-        route = run.options.get("route", "gram")
+        route = getattr(aggregator, "route", "gram")
         per_module = {name: module_flops(run.method, route, *modules[name], client_ranks, result.modules[name].rank) for name in names}
         flops = sum(per_module[name] * weights[name] for name in names)
         scale = flops / sum(per_module.values())
@@ -361,7 +363,9 @@ def method_runs(tau: float, repeats: int, flexlora_modules: int, flexlora_repeat
         MethodRun("flora", "flora", {}, repeats),
         MethodRun("fedit", "fedit", {}, repeats),
         MethodRun("ffa", "ffa", {}, repeats),
-        MethodRun("flexlora", "flexlora", {}, flexlora_repeats, flexlora_modules),
+        MethodRun("flexlora qr", "flexlora", {"route": "qr"}, repeats),
+        # The paper's FlexLoRA (dense SVD per module): the reference the other rows' speed-ups are against.
+        MethodRun("flexlora", "flexlora", {"route": "dense"}, flexlora_repeats, flexlora_modules),
     ]
 
 
@@ -371,7 +375,7 @@ def scaling_runs(tau: float, repeats: int, subset_modules: int, flexlora_repeats
     return [
         MethodRun(f"florist {tau:g} stream", "florist", {"tau": tau}, repeats, stream=True),
         MethodRun(f"florist {tau:g} batched", "florist", {"tau": tau}, 1, subset_modules),
-        MethodRun("flexlora", "flexlora", {}, flexlora_repeats, subset_modules),
+        MethodRun("flexlora", "flexlora", {"route": "dense"}, flexlora_repeats, subset_modules),
     ]
 
 
@@ -389,7 +393,7 @@ def run_case(case: Case, runs: list[MethodRun], threads: int, progress=None) -> 
         if progress:
             progress(f"{case.preset} {case.ranks} {case.count} clients: {run.label}")
         rows.append(measure_in_subprocess(case, run, threads))
-    flexlora = next((row for row in rows if row.method == "flexlora"), None)
+    flexlora = next((row for row in rows if row.label == "flexlora"), None)
     rows = [
         Measurement(**{**asdict(row), "speedup_vs_flexlora": flexlora.seconds_median / row.seconds_median if flexlora else None})
         for row in rows

@@ -108,7 +108,9 @@ def _aggregator(args: argparse.Namespace) -> Aggregator:
     if args.method == "florist":
         options = {"tau": args.tau, "max_rank": args.max_rank, "download_budget_mb": args.download_budget_mb}
         if args.download_budget_mb is not None:
-            options.update(budget_criterion=args.budget_criterion or CRITERIA[0], min_rank=args.min_rank or 1)
+            options.update(min_rank=args.min_rank or 1)
+            if args.budget_criterion:
+                options.update(budget_criterion=args.budget_criterion)
         return make_aggregator("florist", **options)
     if args.method == "flexlora" and args.rank is not None:
         if args.rank < 1:
