@@ -39,9 +39,11 @@ class FederatedCell:
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
         self.cpu_seconds = 0.0
-        pin = None if cores is None else (lambda: os.sched_setaffinity(0, cores))
+        # taskset pins the cell before it starts; a preexec_fn would run Python in a child forked from
+        # this process, whose torch threads (from a replay) may hold a lock the child then waits on.
+        pinned = [] if cores is None else ["taskset", "--cpu-list", ",".join(map(str, cores))]
         self.process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=CELL_ENV, start_new_session=True, preexec_fn=pin
+            [*pinned, *command], stdout=log, stderr=subprocess.STDOUT, env=CELL_ENV, start_new_session=True
         )
 
     def poll(self) -> bool | None:
