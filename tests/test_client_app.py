@@ -11,7 +11,7 @@ import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 from transformers import AutoModelForCausalLM
 
-from florist.aggregation import GlobalModule, LoraFactors
+from florist.aggregation import GlobalModule, LoraFactors, start_of
 from florist.federation import client_app, payload
 from florist.federation.client_app import evaluate_round, train_round
 from florist.federation.delivery import GlobalUpdate, update_digest
@@ -137,6 +137,24 @@ def test_florist_client_merges_every_update_once_and_starts_a_fresh_lora(tiny_mo
     for name, factors in observed[1].end.items():
         assert torch.equal(sent[name]["A"], factors.A) and torch.equal(sent[name]["B"], factors.B)
         assert sent[name]["scale"] == factors.scale
+
+
+def test_a_warm_started_client_moves_the_leading_components_of_the_last_update_into_its_lora(tiny_model_dir, tmp_path, base_model, pristine, observed):
+    """federation.warm_start: round 1 starts fresh; from round 2 the LoRA holds the last update's leading
+    r components and the base lacks exactly them, so the model is base + chain. The process's cached base
+    is not changed: the next client of the round starts from its own rank's components."""
+    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", "federation.warm_start=true")
+    first = random_update(pristine, 6, 1.5, seed=3)
+    train_round(config, instruction(config, base_model, 1, 21, [], {}), context(21, partition=1))
+    for node, partition in ((21, 1), (22, 0)):
+        train_round(config, instruction(config, base_model, 2, node, [first], {update_key(1): first}), context(node, partition))
+    assert not any(f.B.any() for f in observed[0].start.values())
+    for call, partition in zip(observed[1:], (1, 0), strict=True):
+        start = start_of(first, CLIENT_RANKS[partition])
+        for name, factors in call.start.items():
+            assert factors.rank == start[name].rank == CLIENT_RANKS[partition]
+            assert torch.allclose(factors.scale * factors.B @ factors.A, start[name].delta(), atol=1e-6), name
+            assert torch.allclose(call.base[name], pristine[name] + first[name].delta() - start[name].delta(), atol=1e-6), name
 
 
 def test_a_node_that_lost_its_state_asks_for_what_it_lacks_and_never_trains_on_a_partial_base(

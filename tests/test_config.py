@@ -98,6 +98,22 @@ def test_bad_values_and_keys_are_named_in_one_line(override, named):
         assert part in message, (part, message)
 
 
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (['aggregation.method="flora"'], ["federation.warm_start", "'flora'"]),
+        (['aggregation.method="flexlora"'], ["federation.warm_start", "'flexlora'"]),
+        (["wire.client_tau=0.9"], ["wire.client_tau", "federation.warm_start"]),
+    ],
+)
+def test_a_warm_start_needs_florist_and_an_untruncated_upload(overrides, named):
+    message = one_line_error(load_config, None, ["federation.warm_start=true", *overrides])
+    for part in named:
+        assert part in message, (part, message)
+    config = load_config(None, ["federation.warm_start=true"])
+    assert config.shared_settings()["federation.warm_start"] is True  # server and nodes must agree on it
+
+
 def test_what_is_trained_in_full_is_a_setting_every_node_must_share():
     config = load_config(None, ['model.lora_bias="lora_only"', 'model.modules_to_save=["lm_head"]'])
     shared = config.shared_settings()

@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from florist.aggregation import make_aggregator
+from florist.aggregation import make_aggregator, start_of
 from florist.config import RunConfig, load_config
 from florist.evaluation import instruction_loss
 from florist.federation.datasets import federated_data
@@ -267,3 +267,39 @@ def test_a_hundred_clients_with_a_tenth_sampled_per_round(tiny_model_dir, tmp_pa
     assert samples[0] != samples[1]
     # The server's memory does not grow with the round: what it holds is the sampled replies only.
     assert rounds[-1]["server_peak_rss_mib"] - rounds[1]["server_peak_rss_mib"] < 64
+
+
+def test_warm_started_clients_begin_from_the_last_update_and_the_server_aggregates_only_what_they_learned(tiny_model_dir, tmp_path, monkeypatch):
+    """federation.warm_start, end to end: a client's upload is its start (the leading components of update 1
+    at its rank; test_client_app checks the client starts there) plus what it learned, and the server's
+    saved copy carries the start taken off again (rank r + r0, its last r0 components minus the start),
+    from which the round's aggregate follows."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, key, None)
+    config = federation_config(
+        tiny_model_dir, tmp_path / "run", "florist", "federation.warm_start=true", 'federation.engine="inline"',
+        "output.save_client_adapters=true", "evaluation.base=false",
+    )
+    path = run_federation(config)
+    rounds = read_rounds(path)
+    aggregator = make_aggregator("florist", **config.aggregation.options())
+
+    def saved(round_: int):
+        folder = path / "clients" / f"round{round_}"
+        index = json.loads((folder / "clients.json").read_text())
+        return index, read_adapters([folder / c["adapter"] for c in index], [c["weight"] for c in index])
+
+    _, first = saved(1)
+    update = aggregator.aggregate(first).modules
+    index, second = saved(2)
+    for entry, client in zip(index, second, strict=True):
+        rank = CLIENT_RANKS[entry["partition"]]
+        start = start_of(update, rank)
+        for name, factors in client.modules.items():
+            kept = start[name].rank
+            assert factors.rank == rank + kept, name
+            taken_off = factors.scale * factors.B[:, rank:] @ factors.A[rank:]
+            torch.testing.assert_close(taken_off, -start[name].delta(), atol=1e-6, rtol=1e-4)
+    assert {name: m.rank for name, m in aggregator.aggregate(second).modules.items()} == rounds[2]["ranks"]

@@ -18,6 +18,7 @@ from florist.aggregation import GlobalModule, lora_scale
 from florist.data import encode, generate_embedded
 from florist.lora.adapters import read_adapter
 from florist.lora.model import (
+    move_into_lora,
     attach_lora,
     detach_lora,
     freeze_shared_A,
@@ -165,6 +166,26 @@ def test_merge_into_base_adds_scale_B_A_and_the_negative_sign_removes_it(base):
     for other, module in model.named_modules():
         if other != name and hasattr(module, "weight") and other:
             assert torch.equal(module.weight, base.get_submodule(other).weight), other
+
+
+@pytest.mark.parametrize("global_rank", [2, 4, 7], ids=["smaller", "equal", "larger"])
+def test_moving_an_update_into_the_lora_leaves_the_model_unchanged(base, global_rank):
+    """A warm start: the LoRA starts from the update's leading components, the base loses exactly them."""
+    rank, alpha, global_scale = 4, 12.0, 0.5
+    model = attach_lora(copy.deepcopy(base), rank=rank, alpha=alpha, target_modules=TARGETS)
+    adapter = global_adapter(model, global_rank, global_scale, seed=8)
+    update = {name: GlobalModule(A=m["A"], B=m["B"], scale=m["scale"]) for name, m in adapter.items()}
+    kept = {name: GlobalModule(A=m.A[:rank], B=m.B[:, :rank], scale=m.scale) for name, m in update.items()}
+    move_into_lora(model, kept)
+    tokens = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens).logits, base(tokens).logits, atol=1e-5)
+    for name, factors in read_factors(model).items():
+        assert factors.B[:, : min(rank, global_rank)].abs().min() > 0  # not B = 0: training starts from the update
+        # What the LoRA holds is the update's leading components, and the base lost exactly that.
+        assert torch.allclose(factors.scale * factors.B @ factors.A, kept[name].delta(), atol=1e-5)
+        weight = model.get_submodule(f"base_model.model.{name}").get_base_layer().weight
+        assert torch.allclose(weight, base.get_submodule(name).weight - kept[name].delta(), atol=1e-5)
 
 
 @pytest.mark.parametrize("global_rank", [2, 4, 7], ids=["smaller", "equal", "larger"])

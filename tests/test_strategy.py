@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
-from florist.aggregation import ClientAdapter, GlobalModule, LoraFactors, make_aggregator
+from florist.aggregation import ClientAdapter, GlobalModule, LoraFactors, make_aggregator, since_start, start_of
 from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.identity import settings_fingerprint
@@ -188,6 +188,40 @@ def test_the_server_holds_the_aggregate_as_the_wire_delivers_it():
     for module in strategy.chain.updates[0].modules.values():
         assert module.A.dtype == torch.float32
         assert torch.equal(module.A, module.A.half().float()) and torch.equal(module.B, module.B.half().float())
+
+
+def test_a_warm_started_round_aggregates_what_each_client_changed():
+    """From round 2 each client's upload is its start (the leading components of update 1 at its
+    rank) plus what it learned: the server takes each start off before FLoRIST aggregates."""
+    strategy = strategy_for("florist", warm_start=True)
+    _, first, _ = play_round(strategy, 1)
+    update = strategy.chain.updates[0].modules
+    reference = make_aggregator("florist", tau=0.9).aggregate([ClientAdapter(first[k], 10.0 + k) for k in range(3)])
+    for name, module in reference.modules.items():  # round 1 has no start to take off
+        assert torch.allclose(update[name].delta(), module.delta(), atol=1e-5)
+
+    _, second, _ = play_round(strategy, 2)
+    own = [
+        ClientAdapter(since_start(second[k], start_of(update, CLIENT_RANKS[k])), 10.0 + k) for k in range(3)
+    ]
+    reference = make_aggregator("florist", tau=0.9).aggregate(own)
+    for name, module in reference.modules.items():
+        assert torch.allclose(strategy.chain.updates[1].modules[name].delta(), module.delta(), atol=1e-5)
+        plain = make_aggregator("florist", tau=0.9).aggregate([ClientAdapter(second[k], 10.0 + k) for k in range(3)])
+        assert not torch.allclose(plain.modules[name].delta(), module.delta(), atol=1e-2)
+
+
+@pytest.mark.parametrize("rank", [1, 9, 4.0], ids=["below-upload", "above-cap", "float"])
+def test_a_warm_started_reply_must_name_the_rank_it_trained(rank):
+    strategy = strategy_for("florist", warm_start=True)
+    play_round(strategy, 1)
+    strategy.begin_round(2, [22])
+    (instruction,) = strategy.configure_train(2, [22])
+    answer = reply(strategy, instruction, 1, client_factors(CLIENT_RANKS[1], seed=7, method="florist"))
+    answer.content[METRICS]["rank"] = rank
+    strategy.receive_train(22, answer)
+    (event,) = strategy._round.report.events
+    assert event.status == "rejected" and f"metric rank {rank!r}" in event.reason
 
 
 def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in():

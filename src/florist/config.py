@@ -96,6 +96,11 @@ class FederationConfig(Section):
     alpha_per_rank: float = Field(2.0, gt=0)
     """lora_alpha = alpha_per_rank * rank, the paper's heterogeneous setting."""
     use_rslora: bool = False
+    warm_start: bool = False
+    """FLoRIST: each client starts its round's LoRA from the leading components of the last global
+    update (moved out of its base, so its model is unchanged) instead of from B = 0, the way FlexLoRA's
+    clients continue from the global adapter; the server takes the start off the upload, so the
+    aggregate stays exact. False is the paper's fresh LoRA each round."""
     engine: Literal["ray", "inline"] = "ray"
     """How `florist run` runs the clients: "ray", Flower's simulation engine, `workers` clients in
     parallel; "inline", every client in the server's process one after another, sharing one copy of
@@ -344,6 +349,7 @@ SHARED_SETTINGS = (
     "data.max_length",
     "federation.alpha_per_rank",
     "federation.use_rslora",
+    "federation.warm_start",
     "wire.*",
     "federation.ffa_seed",
     "aggregation.*",
@@ -398,6 +404,22 @@ class RunConfig(Section):
     def _truncation_keeps_ffa_shared_A(self) -> RunConfig:
         if self.wire.client_tau < 1 and self.aggregation.method == "ffa":
             raise ValueError("wire.client_tau below 1 would change FFA-LoRA's shared frozen A; use it with another method")
+        return self
+
+    @model_validator(mode="after")
+    def _warm_start_has_ordered_components(self) -> RunConfig:
+        if not self.federation.warm_start:
+            return self
+        if self.aggregation.method != "florist":
+            raise ValueError(
+                f"federation.warm_start needs aggregation.method = \"florist\", whose update is ordered by singular "
+                f"value, not {self.aggregation.method!r} (FedIT, FFA-LoRA and FlexLoRA clients already continue from the global adapter)"
+            )
+        if self.wire.client_tau < 1:
+            raise ValueError(
+                "wire.client_tau below 1 would truncate the warm start together with the client's update; "
+                "use federation.warm_start or wire.client_tau, not both"
+            )
         return self
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ from florist.aggregation.types import (
     LoraFactors,
     lora_scale,
 )
+from florist.aggregation.warm_start import since_start, start_of
 
 METHODS: dict[str, type[Aggregator]] = {cls.name: cls for cls in (FLoRIST, FLoRA, FedIT, FlexLoRA, FFALoRA)}
 
@@ -60,5 +61,7 @@ __all__ = [
     "cut",
     "cut_ranks",
     "make_aggregator",
+    "since_start",
+    "start_of",
     "truncate_update",
 ]

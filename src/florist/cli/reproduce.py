@@ -21,7 +21,7 @@ def register(benchmarks) -> None:
     )
     parser.add_argument(
         "--grid", choices=sorted(GRIDS), default="full",
-        help="full: issue 4's one-round grid; scale: issue 10's 3-round comparison; quick: a pipeline check",
+        help="full: issue 4's one-round grid; scale: issue 10's 3-round comparison; rounds: clients continuing from the global adapter or starting fresh, CPU-sized; quick: a pipeline check",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="results root (resumable)")
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the grid's, 0 1 2; quick: 0)")

@@ -14,7 +14,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from florist.aggregation import GlobalModule, truncate_update
+from florist.aggregation import GlobalModule, start_of, truncate_update
 from florist.config import RunConfig
 from florist.evaluation import evaluate, instruction_loss
 from florist.federation import payload
@@ -39,7 +39,7 @@ from florist.federation.node import NodeSettings, node_data
 from florist.federation.resources import peak_rss_mib
 from florist.federation.settings import config_from_run_config
 from florist.federation.workspace import Update, Workspace, workspace_for
-from florist.lora.model import attach_lora, freeze_shared_A, frozen_lora_A, load_dense, load_global, merge_into_base, read_dense, read_factors
+from florist.lora.model import attach_lora, freeze_shared_A, frozen_lora_A, load_dense, load_global, merge_into_base, move_into_lora, read_dense, read_factors
 from florist.training import train_lora
 
 CHAIN_DIGESTS = "chain-digests"
@@ -105,7 +105,9 @@ def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
     if isinstance(chain, Message):
         return chain
     training = config.training
-    model = workspace.base_to_train(chain)
+    warm = config.federation.warm_start and len(chain) > 0
+    # A warm start changes the base weights: it takes a copy, not the workspace's merged model.
+    model = workspace.base_after(chain) if warm else workspace.base_to_train(chain)
     seed = hash((training.seed, instruction.round, node.partition)) % 2**31
     # peft draws the fresh A from torch's global generator, whose state would otherwise depend on
     # which clients this worker process happened to run before: seeding it makes runs repeatable.
@@ -119,6 +121,8 @@ def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
     if GLOBAL in msg.content:
         load_global(model, payload.take(msg.content, GLOBAL))
         load_dense(model, payload.take_dense(msg.content, GLOBAL))
+    if warm:
+        move_into_lora(model, start_of(chain[-1][1].modules, node.rank))
 
     features = workspace.features(node.partition, node_data(config, node).train)
     result = train_lora(

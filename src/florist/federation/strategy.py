@@ -29,6 +29,8 @@ from florist.aggregation import (
     cut,
     cut_ranks,
     make_aggregator,
+    since_start,
+    start_of,
 )
 from florist.config import RunConfig
 from florist.federation import payload
@@ -54,7 +56,7 @@ from florist.federation.messages import (
     update_key,
 )
 from florist.federation.reports import ClientReport, EvaluationReport, NodeScore, RoundReport, Stage, TauSelection
-from florist.federation.validation import ClientUpdate, Limits, NormScreen, Rejected, check_reply
+from florist.federation.validation import ClientUpdate, Limits, NormScreen, Rejected, check_reply, lora_rank
 from florist.lora.model import frozen_lora_A
 
 
@@ -178,6 +180,7 @@ class LoraStrategy:
             return []
         try:
             update = check_reply(reply, self.limits, factors="B" if self.frozen_a else "AB")
+            adapter = self._adapter(update)
         except Rejected as rejection:
             state.report.event(node, "rejected", str(rejection))
             return []
@@ -189,7 +192,7 @@ class LoraStrategy:
         state.partitions[update.partition] = node
         # The tensors go to the accumulator; the round keeps what it reports about the client.
         state.accepted[node] = replace(update, modules={}, dense={})
-        state.waiting[node] = self._adapter(update)
+        state.waiting[node] = adapter
         metrics = update.metrics
         show_reply(state.report.round, node, update.partition, update.rank, update.examples, metrics["train-loss"], metrics["train-seconds"])
         admitted, rejected = state.screen.offer(node, adapter_norm(state.waiting[node].modules))
@@ -408,7 +411,10 @@ class LoraStrategy:
             }
 
     def _adapter(self, update: ClientUpdate) -> ClientAdapter:
+        """The client's update as the aggregator takes it; a warm-started client's start taken off."""
         modules = {name: self._factors(name, m) for name, m in update.modules.items()}
+        if self.config.federation.warm_start and len(self.chain):
+            modules = since_start(modules, start_of(self.chain.updates[-1].modules, lora_rank(update, self.limits)))
         return ClientAdapter(modules, float(update.examples), update.dense)
 
     def _factors(self, name: str, module: dict) -> LoraFactors:

@@ -130,6 +130,14 @@ def check_reply(reply: Message, limits: Limits, factors: str = "AB") -> ClientUp
     )
 
 
+def lora_rank(update: ClientUpdate, limits: Limits) -> int:
+    """The rank of the LoRA the client trained, which it reports: what a warm start began from."""
+    rank = update.metrics.get("rank")
+    if not (isinstance(rank, int) and update.rank <= rank <= limits.max_rank):
+        raise Rejected(f"metric rank {rank!r} is not an integer in [{update.rank}, {limits.max_rank}] (the uploaded rank, validation.max_rank)")
+    return rank
+
+
 def _check_module(name: str, module: dict, limits: Limits, factors: str) -> int:
     m, n = limits.shapes[name]
     if set(module) != {"scale", *factors}:

@@ -159,6 +159,17 @@ def load_global(model: PeftModel, modules: Mapping[str, Mapping]) -> None:
 
 
 @torch.no_grad()
+def move_into_lora(model: PeftModel, modules: Mapping[str, GlobalModule]) -> None:
+    """Start the LoRA from `modules` (a warm start) and take from each base weight exactly what the
+    LoRA now adds: the model computes what it did, up to rounding, and B is not zero."""
+    load_global(model, {name: {"A": m.A, "B": m.B, "scale": m.scale} for name, m in modules.items()})
+    for name, layer in lora_layers(model).items():
+        weight = layer.get_base_layer().weight
+        a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        weight.sub_(b.to(weight) @ a.to(weight), alpha=float(layer.scaling[ADAPTER]))
+
+
+@torch.no_grad()
 def merge_into_base(model: nn.Module, modules: Mapping[str, GlobalModule], sign: float = 1.0) -> None:
     """W0 <- W0 + sign * scale * B @ A for each module of a plain (un-wrapped) model."""
     for name, module in modules.items():
