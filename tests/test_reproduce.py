@@ -221,7 +221,7 @@ def test_the_committed_scale_results_are_still_reportable(tmp_path: Path):
 
     stored, rebuilt = json.loads(committed.read_text()), json.loads((out / "results.json").read_text())
     assert rebuilt["rows"] == stored["rows"] and rebuilt["selection"] == stored["selection"]
-    assert "30 of 45 cells finished (a partial grid)." in text
+    assert "30 of 48 cells finished (a partial grid)." in text
     assert "| FLoRA | 3 | 152 |" in text  # the spectra of round 3, from the saved adapters of three seeds
 
 

@@ -175,6 +175,9 @@ SCALE = (
 )
 SCALE_TAU = 0.90
 """FLoRIST's tau in the wire and client-side truncation rows."""
+WARM_ROW = variant(florist(SCALE_TAU), "warm", "federation.warm_start=true")
+"""FLoRIST whose clients start each round from the last update's leading components, as FlexLoRA's
+continue from theirs."""
 SCALE_ROWS = (
     *(baseline(method) for method in BASELINES),
     florist(0.80),
@@ -182,6 +185,7 @@ SCALE_ROWS = (
     variant(florist(SCALE_TAU), "bf16", 'wire.download="bfloat16"', 'wire.upload="bfloat16"'),
     variant(florist(SCALE_TAU), "int8", 'wire.download="int8"', 'wire.upload="int8"'),
     variant(florist(SCALE_TAU), "client-tau0.90", "wire.client_tau=0.9"),
+    WARM_ROW,
     # Each round the clients score these cuts on their validation examples; the smallest within
     # aggregation.tau_tolerance (default 0 nats) of the best is kept.
     Row("florist-auto-tau", "florist", extra=("aggregation.tau_candidates=[0.8, 0.9, 0.95, 1.0]",)),
@@ -208,7 +212,7 @@ ROUNDS_SCALE = (
     'wire.download="float32"',
     'wire.upload="float32"',
 )
-ROUNDS_ROWS = (baseline("flora"), baseline("flexlora"), florist(SCALE_TAU), variant(florist(SCALE_TAU), "warm", "federation.warm_start=true"))
+ROUNDS_ROWS = (baseline("flora"), baseline("flexlora"), florist(SCALE_TAU), WARM_ROW)
 
 # The paper's Dolly setting on a GPU: whole clients, 512 tokens, lr 3e-4, 3 local epochs of the mean
 # client (1,680 examples after carving 10% for validation, at batch 16: 315 steps; the trainer has no
