@@ -168,6 +168,29 @@ def test_a_warm_start_is_taken_off_exactly_and_the_aggregate_stays_exact(clients
         assert relative_error(aggregate.modules[name].delta(), expected) < 1e-6
 
 
+def test_where_float32_eigh_fails_to_converge_the_gram_route_solves_in_float64():
+    """LAPACK's float32 eigh failed once on a warm-started round's stack; the route then solves that
+    R x R problem in float64 and gives what an eigh that converged gives."""
+    generator = torch.Generator().manual_seed(11)
+    b, a = torch.randn(2, 40, 12, generator=generator), torch.randn(2, 12, 30, generator=generator)
+    rule = partial(energy_rank, tau=0.9)
+    expected = gram_route(b, a, rule)
+    eigh = torch.linalg.eigh
+
+    def failing_in_float32(matrix):
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return eigh(matrix)
+
+    with mock.patch("torch.linalg.eigh", side_effect=failing_in_float32) as patched:
+        got = gram_route(b, a, rule)
+    assert patched.call_count == 4  # each R x R problem tried in float32, then solved in float64
+    assert all(g.dtype == e.dtype for g, e in zip(got, expected))
+    assert torch.equal(got[3], expected[3])
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[0] @ got[1], expected[0] @ expected[1], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("route", sorted(ROUTES))
 @PROPERTY
 @given(clients=any_federations(), tau=st.floats(0.05, 0.99))

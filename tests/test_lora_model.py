@@ -181,7 +181,10 @@ def test_moving_an_update_into_the_lora_leaves_the_model_unchanged(base, global_
     with torch.no_grad():
         assert torch.allclose(model(tokens).logits, base(tokens).logits, atol=1e-5)
     for name, factors in read_factors(model).items():
-        assert factors.B[:, : min(rank, global_rank)].abs().min() > 0  # not B = 0: training starts from the update
+        kept_rank = min(rank, global_rank)
+        assert factors.B[:, :kept_rank].abs().min() > 0  # not B = 0: training starts from the update
+        # Past the update's rank, peft's fresh init: B = 0 and a random A, so those components still train.
+        assert not factors.B[:, kept_rank:].any() and (factors.A[kept_rank:] != 0).all()
         # What the LoRA holds is the update's leading components, and the base lost exactly that.
         assert torch.allclose(factors.scale * factors.B @ factors.A, kept[name].delta(), atol=1e-5)
         weight = model.get_submodule(f"base_model.model.{name}").get_base_layer().weight

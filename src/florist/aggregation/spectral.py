@@ -53,6 +53,19 @@ def _kept(s: Tensor, ranks: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(keep, s[:, :p], torch.zeros((), dtype=s.dtype, device=s.device)), keep.to(s.dtype)
 
 
+def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """torch.linalg.eigh, in float64 where LAPACK's float32 solver fails to converge. It did once on a
+    warm-started round's stack, which holds clusters of near-duplicate columns (each client's start,
+    the leading components of one update, twice: in its upload and in the correction)."""
+    try:
+        return torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError:
+        if matrix.dtype == torch.float64:
+            raise
+        values, vectors = torch.linalg.eigh(matrix.double())
+        return values.to(matrix.dtype), vectors.to(matrix.dtype)
+
+
 def _whiten(gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Eigen-decompose a PSD Gram matrix; returns (V, sqrt(eigvals) or 0, 1/sqrt(eigvals) or 0).
 
@@ -61,7 +74,7 @@ def _whiten(gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     noise (the guard); a zero root keeps the noise direction out of the core, where in fp32
     its ~sqrt(eps) weight would otherwise surface as a spurious singular value at tau = 1.
     """
-    eigvals, eigvecs = torch.linalg.eigh(gram)
+    eigvals, eigvecs = _eigh(gram)
     floor = eigvals[..., -1:].clamp(min=0) * gram.shape[-1] * torch.finfo(gram.dtype).eps
     resolved = eigvals > floor
     root = torch.where(resolved, eigvals, torch.zeros_like(eigvals)).sqrt()
@@ -139,7 +152,7 @@ def _from_grams(b_gram: Tensor, a_gram: Tensor, choose_rank: RankRule) -> tuple[
     v, root, inverse_root = _whiten(b_gram * inverse_norms[:, :, None] * inverse_norms[:, None, :])
     half = v * root[:, None, :]  # V L^{1/2}
     core = half.mT @ (a_gram * norms[:, :, None] * norms[:, None, :]) @ half
-    eigvals, u = torch.linalg.eigh(core)
+    eigvals, u = _eigh(core)
     eigvals, u = eigvals.flip(-1), u.flip(-1)
     # The core holds squared singular values, so rounding leaves eigenvalues near eps * s_max^2
     # whose roots (~sqrt(eps) * s_max) would pass for real components: below the core's own

@@ -160,13 +160,19 @@ def load_global(model: PeftModel, modules: Mapping[str, Mapping]) -> None:
 
 @torch.no_grad()
 def move_into_lora(model: PeftModel, modules: Mapping[str, GlobalModule]) -> None:
-    """Start the LoRA from `modules` (a warm start) and take from each base weight exactly what the
-    LoRA now adds: the model computes what it did, up to rounding, and B is not zero."""
-    load_global(model, {name: {"A": m.A, "B": m.B, "scale": m.scale} for name, m in modules.items()})
+    """Start each fresh LoRA's leading components from `modules` (a warm start), rescaled to the
+    LoRA's scale, and take from the base weight exactly what they add: the model computes what it did,
+    up to rounding. Components past a module's rank keep peft's init (random A, B = 0), so they train."""
     for name, layer in lora_layers(model).items():
-        weight = layer.get_base_layer().weight
+        if name not in modules:
+            raise ValueError(f"the update to start from has no module {name}")
+        source = modules[name]
         a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-        weight.sub_(b.to(weight) @ a.to(weight), alpha=float(layer.scaling[ADAPTER]))
+        rank = min(a.shape[0], source.rank)
+        a[:rank].copy_(source.A[:rank])
+        b[:, :rank].copy_(source.B[:, :rank] * (source.scale / float(layer.scaling[ADAPTER])))
+        weight = layer.get_base_layer().weight
+        weight.sub_(b[:, :rank].to(weight) @ a[:rank].to(weight), alpha=float(layer.scaling[ADAPTER]))
 
 
 @torch.no_grad()
