@@ -54,9 +54,10 @@ def _kept(s: Tensor, ranks: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """torch.linalg.eigh, in float64 where LAPACK's float32 solver fails to converge. It did once on a
-    warm-started round's stack, which holds clusters of near-duplicate columns (each client's start,
-    the leading components of one update, twice: in its upload and in the correction)."""
+    """torch.linalg.eigh, in float64 where LAPACK's float32 solver fails to converge. It did once, on
+    the stack of an early warm-started round: zero columns (components the clients could not train) and
+    clusters of near-duplicate ones (each client's start, in its upload and in the correction). The
+    aggregation of what clients send must not crash on their numbers."""
     try:
         return torch.linalg.eigh(matrix)
     except torch.linalg.LinAlgError:
