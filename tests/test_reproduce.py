@@ -225,6 +225,21 @@ def test_the_committed_scale_results_are_still_reportable(tmp_path: Path):
     assert "| FLoRA | 3 | 152 |" in text  # the spectra of round 3, from the saved adapters of three seeds
 
 
+def test_the_committed_rounds_results_are_still_reportable(tmp_path: Path):
+    """benchmarks/results/rounds: the warm-start comparison, all 12 cells, rebuilt from its results.json."""
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "rounds" / "results.json"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text(committed.read_text())
+
+    text = report.write_report(out, expected=len(GRIDS["rounds"].cells())).read_text()
+
+    stored, rebuilt = json.loads(committed.read_text()), json.loads((out / "results.json").read_text())
+    assert rebuilt["rows"] == stored["rows"] and rebuilt["selection"] == stored["selection"]
+    assert "12 of 12 cells finished." in text
+    assert "| FLoRIST (tau 0.90), warm | 0.90 | -0.0107 ± 0.0043 |" in text  # paired against FLoRA, three seeds
+
+
 def test_records_from_before_rows_had_labels_get_their_method_and_tau_as_row():
     stored = {"method": "florist", "tau": 0.8, "seed": 0}
     assert cells.stored_record(stored)["row"] == "florist-tau0.80"
