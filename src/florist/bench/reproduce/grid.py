@@ -197,7 +197,7 @@ SCALE_ROWS = (
     budgeted(5, "per-byte"),
 )
 
-# Why FlexLoRA beat exact FLoRA in the scale grid, at a scale this 2-core CPU runs in about an hour:
+# Why FlexLoRA beat exact FLoRA in the scale grid, at a scale this 2-core CPU runs in 1.5 hours (12 cells):
 # 3 rounds of 2 local epochs over 12 examples per client (4 more carved off for validation), 128
 # tokens. FlexLoRA's clients continue from the global adapter; FLoRA's and FLoRIST's merge it and
 # start a fresh LoRA (B = 0) each round. The warm row keeps FLoRIST's merged, exact update and starts
