@@ -4,8 +4,10 @@ It owns the round semantics of every method. FLoRIST and FLoRA: each round's glo
 merged into every client's base, and each node is sent the updates it has not confirmed.
 FedIT, FFA-LoRA and FlexLoRA: clients continue from the current global adapter (FlexLoRA:
 their own truncation when the server knows their partition; FFA-LoRA: B only, since A is
-derived from the shared seed). Reply checks, delivery, sampling and the exchange of messages
-live in their own modules; this one connects them.
+derived from the shared seed). With `federation.warm_start` FLoRIST's clients start from the last
+update's leading components, and each reply has its start taken off before it is aggregated.
+Reply checks, delivery, sampling and the exchange of messages live in their own modules; this one
+connects them.
 """
 
 from __future__ import annotations
