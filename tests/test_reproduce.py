@@ -210,34 +210,27 @@ def test_the_committed_results_are_still_reportable(tmp_path: Path):
     assert "60 of 60 cells finished." in (out / "results.md").read_text()
 
 
-def test_the_committed_scale_results_are_still_reportable(tmp_path: Path):
-    """benchmarks/results/scale keeps only results.json (with the spectra computed where the adapters were)."""
-    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "scale" / "results.json"
+@pytest.mark.parametrize(
+    "grid, finished, excerpt",
+    [
+        # The spectra of round 3, from the saved adapters of three seeds.
+        ("scale", "30 of 48 cells finished (a partial grid).", "| FLoRA | 3 | 152 |"),
+        # The warm start paired against FLoRA over three seeds.
+        ("rounds", "12 of 12 cells finished.", "| FLoRIST (tau 0.90), warm | 0.90 | -0.0107 ± 0.0043 |"),
+    ],
+)
+def test_the_committed_multi_round_results_are_still_reportable(tmp_path: Path, grid, finished, excerpt):
+    """benchmarks/results/<grid> keeps only results.json (with the spectra computed where the adapters were)."""
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / grid / "results.json"
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.json").write_text(committed.read_text())
 
-    text = report.write_report(out, expected=len(GRIDS["scale"].cells())).read_text()
+    text = report.write_report(out, expected=len(GRIDS[grid].cells())).read_text()
 
     stored, rebuilt = json.loads(committed.read_text()), json.loads((out / "results.json").read_text())
     assert rebuilt["rows"] == stored["rows"] and rebuilt["selection"] == stored["selection"]
-    assert "30 of 48 cells finished (a partial grid)." in text
-    assert "| FLoRA | 3 | 152 |" in text  # the spectra of round 3, from the saved adapters of three seeds
-
-
-def test_the_committed_rounds_results_are_still_reportable(tmp_path: Path):
-    """benchmarks/results/rounds: the warm-start comparison, all 12 cells, rebuilt from its results.json."""
-    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "rounds" / "results.json"
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "results.json").write_text(committed.read_text())
-
-    text = report.write_report(out, expected=len(GRIDS["rounds"].cells())).read_text()
-
-    stored, rebuilt = json.loads(committed.read_text()), json.loads((out / "results.json").read_text())
-    assert rebuilt["rows"] == stored["rows"] and rebuilt["selection"] == stored["selection"]
-    assert "12 of 12 cells finished." in text
-    assert "| FLoRIST (tau 0.90), warm | 0.90 | -0.0107 ± 0.0043 |" in text  # paired against FLoRA, three seeds
+    assert finished in text and excerpt in text
 
 
 def test_records_from_before_rows_had_labels_get_their_method_and_tau_as_row():
