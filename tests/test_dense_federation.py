@@ -226,11 +226,18 @@ def _missing(dense):
     del dense[BIASES[0][1]]
 
 
+def _blown_up(dense):
+    for name in dense:
+        dense[name] = dense[name] * 1000
+
+
 HOSTILE = {
     "nan": (_nan, f"tensor {BIASES[0][0]} holds NaN or Inf values"),
     "wrong-shape": (_shape, f"tensor {BIASES[1][1]} is (17,), expected (16,)"),
     "unexpected-name": (_unexpected, "sends tensor model.layers.0.self_attn.k_proj.bias, which model.lora_bias / model.modules_to_save do not train in full"),
     "missing": (_missing, f"lacks tensor {BIASES[0][1]}"),
+    # Well-formed, but 1000x what it trained: the norm screen judges these tensors on their own median.
+    "blown-up": (_blown_up, "tensors trained in full norm"),
 }
 
 

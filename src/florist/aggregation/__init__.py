@@ -7,7 +7,7 @@ from florist.aggregation.ffa import FFALoRA
 from florist.aggregation.flexlora import FlexLoRA
 from florist.aggregation.flora import FLoRA
 from florist.aggregation.florist import DEFAULT_TAU, FLoRIST
-from florist.aggregation.norms import adapter_norm, update_norm
+from florist.aggregation.norms import adapter_norm, tensors_norm, update_norm
 from florist.aggregation.spectral import ROUTES, energy_rank, gram_precision
 from florist.aggregation.stream import StreamingAccumulator, carried_rank_limit, exact_rank_limit
 from florist.aggregation.truncation import cut, cut_ranks, truncate_update
@@ -43,6 +43,7 @@ __all__ = [
     "adapter_norm",
     "allocate_ranks",
     "minimum_download_bytes",
+    "tensors_norm",
     "update_norm",
     "ClientAdapter",
     "FFALoRA",

@@ -1,4 +1,5 @@
-"""Norms of LoRA updates without forming them: ||s B A||_F from the r x r Gram matrices."""
+"""Norms of LoRA updates without forming them (||s B A||_F from the r x r Gram matrices), and of
+tensors trained in full."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import math
 from collections.abc import Mapping
 
 import torch
+
+from torch import Tensor
 
 from florist.aggregation.types import LoraFactors
 
@@ -20,3 +23,8 @@ def update_norm(factors: LoraFactors) -> float:
 def adapter_norm(modules: Mapping[str, LoraFactors]) -> float:
     """The norm of a whole adapter's update: the root of the modules' squared norms."""
     return math.sqrt(sum(update_norm(factors) ** 2 for factors in modules.values()))
+
+
+def tensors_norm(tensors: Mapping[str, Tensor]) -> float:
+    """The Frobenius norm of several tensors taken together, in float64 (0 for none)."""
+    return math.sqrt(sum(torch.sum(tensor.double() ** 2).item() for tensor in tensors.values()))

@@ -27,7 +27,6 @@ from florist.aggregation import (
     ClientAdapter,
     GlobalModule,
     LoraFactors,
-    adapter_norm,
     cut,
     cut_ranks,
     make_aggregator,
@@ -58,7 +57,7 @@ from florist.federation.messages import (
     update_key,
 )
 from florist.federation.reports import ClientReport, EvaluationReport, NodeScore, RoundReport, Stage, TauSelection
-from florist.federation.validation import ClientUpdate, Limits, NormScreen, Rejected, check_reply, lora_rank
+from florist.federation.validation import ClientUpdate, Limits, NormScreen, Rejected, check_reply, lora_rank, screened_norms
 from florist.lora.model import frozen_lora_A
 
 
@@ -197,7 +196,7 @@ class LoraStrategy:
         state.waiting[node] = adapter
         metrics = update.metrics
         show_reply(state.report.round, node, update.partition, update.rank, update.examples, metrics["train-loss"], metrics["train-seconds"])
-        admitted, rejected = state.screen.offer(node, adapter_norm(state.waiting[node].modules))
+        admitted, rejected = state.screen.offer(node, screened_norms(adapter))
         for outlier, reason in rejected.items():
             self._drop(state, outlier, reason)
         self._aggregate(state, admitted)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from flwr.app import Message
 
+from florist.aggregation import ClientAdapter, adapter_norm, tensors_norm
 from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.messages import ADAPTER, METRICS
@@ -174,14 +175,25 @@ def _check_dense(dense: Mapping[str, torch.Tensor], limits: Limits) -> None:
             raise Rejected(f"tensor {name} holds NaN or Inf values")
 
 
+def screened_norms(adapter: ClientAdapter) -> dict[str, float]:
+    """The norms the round's NormScreen judges a reply by, named as its reasons name them."""
+    return {"update": adapter_norm(adapter.modules), "tensors trained in full": tensors_norm(adapter.dense)}
+
+
 class NormScreen:
-    """The round's norm check, as replies arrive: an update whose norm is more than `factor` times
-    the median is rejected.
+    """The round's norm check, as replies arrive: an update with a norm more than `factor` times
+    the median of the same norm is rejected.
+
+    A reply has two norms: its LoRA update's, and that of its tensors trained in full (biases, a
+    `modules_to_save` head; 0 where the settings train none), each judged against its own median,
+    since a head's norm would drown any LoRA update's. The server does not hold the base model's
+    values of those tensors, so their norm is the tensors', not their change's: it catches a
+    scaled or blown-up tensor, not a subtle one.
 
     A median of fewer than three norms says nothing about which one is off, so the first
-    `WARMUP` updates are held and judged together against their own median; each later one is
-    judged on arrival against the median of the updates admitted so far, so the server can fold
-    it into the aggregate and drop it. A round that ends with fewer than `WARMUP` updates admits
+    `WARMUP` replies are held and judged together against their own medians; each later one is
+    judged on arrival against the medians of the replies admitted so far, so the server can fold
+    it into the aggregate and drop it. A round that ends with fewer than `WARMUP` replies admits
     them all.
     """
 
@@ -189,31 +201,35 @@ class NormScreen:
 
     def __init__(self, factor: float):
         self.factor = factor
-        self.held: dict[int, float] = {}
-        self.admitted: list[float] = []
+        self.held: dict[int, Mapping[str, float]] = {}
+        self.admitted: list[Mapping[str, float]] = []
 
-    def offer(self, key: int, norm: float) -> tuple[list[int], dict[int, str]]:
-        """(keys admitted now, {key rejected: reason}) once `key`'s update is judged; both empty while held."""
+    def offer(self, key: int, norms: Mapping[str, float]) -> tuple[list[int], dict[int, str]]:
+        """(keys admitted now, {key rejected: reason}) once `key`'s reply is judged; both empty while held.
+        `norms` names each norm as the reason would (every reply names the same ones)."""
         if len(self.admitted) >= self.WARMUP:
-            return self._judge({key: norm}, statistics.median(self.admitted))
-        self.held[key] = norm
+            return self._judge({key: norms}, self.admitted)
+        self.held[key] = norms
         if len(self.held) < self.WARMUP:
             return [], {}
         held, self.held = self.held, {}
-        return self._judge(held, statistics.median(held.values()))
+        return self._judge(held, list(held.values()))
 
     def flush(self) -> list[int]:
-        """The updates still held at the round's end: too few to judge, all admitted."""
+        """The replies still held at the round's end: too few to judge, all admitted."""
         held, self.held = self.held, {}
         self.admitted += held.values()
         return list(held)
 
-    def _judge(self, norms: Mapping[int, float], median: float) -> tuple[list[int], dict[int, str]]:
+    def _judge(self, offered: Mapping[int, Mapping[str, float]], against: list[Mapping[str, float]]) -> tuple[list[int], dict[int, str]]:
+        medians = {name: statistics.median(norms[name] for norms in against) for name in next(iter(offered.values()))}
         admitted, rejected = [], {}
-        for key, norm in norms.items():
-            if norm <= self.factor * median:
-                admitted.append(key)
-                self.admitted.append(norm)
+        for key, norms in offered.items():
+            over = [name for name, median in medians.items() if not norms[name] <= self.factor * median]
+            if over:
+                name = over[0]
+                rejected[key] = f"{name} norm {norms[name]:.4g} is more than {self.factor:g}x the round's median {medians[name]:.4g} (validation.norm_factor)"
             else:
-                rejected[key] = f"update norm {norm:.4g} is more than {self.factor:g}x the round's median {median:.4g} (validation.norm_factor)"
+                admitted.append(key)
+        self.admitted += [offered[key] for key in admitted]
         return admitted, rejected
