@@ -3,6 +3,8 @@ counts as delivered, and what each method makes of the replies."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
@@ -11,7 +13,7 @@ from florist.aggregation import ClientAdapter, GlobalModule, LoraFactors, make_a
 from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.identity import settings_fingerprint
-from florist.federation.messages import ADAPTER, GAP, GLOBAL, IDENTITY, METRICS, TRAINED, Identity, Instruction, update_key
+from florist.federation.messages import ADAPTER, CANDIDATE, CUTS, GAP, GLOBAL, IDENTITY, METRICS, TRAINED, Identity, Instruction, update_key
 from florist.federation.strategy import LoraStrategy
 from florist.lora.model import frozen_lora_A
 
@@ -222,6 +224,30 @@ def test_a_warm_started_reply_must_name_the_rank_it_trained(rank):
     strategy.receive_train(22, answer)
     (event,) = strategy._round.report.events
     assert event.status == "rejected" and f"metric rank {rank!r}" in event.reason
+
+
+def test_automatic_tau_sends_the_largest_candidate_cut_not_the_exact_update():
+    config = RunConfig.model_validate(
+        {
+            "federation": {"num_clients": 3, "ranks": CLIENT_RANKS},
+            "aggregation": {"method": "florist", "tau_candidates": [0.8, 0.5]},
+            "data": {"validation_fraction": 0.3},
+        }
+    )
+    strategy = LoraStrategy(config, MODULES, identity_for(config))
+    play_round(strategy, 1)
+    exact = strategy.exact.modules
+    queries = strategy.configure_select(1, list(PARTITION_OF))
+    ranks = strategy._selection.ranks
+    assert all(ranks[0.5][name] <= ranks[0.8][name] < exact[name].rank for name in MODULES)  # can fail: 0.8 cuts nothing
+    for query in queries:
+        candidate = payload.take_global(query.content, CANDIDATE)
+        assert {name: module.rank for name, module in candidate.modules.items()} == ranks[0.8]
+        for name, module in candidate.modules.items():
+            assert torch.equal(module.B @ module.A, exact[name].B[:, : ranks[0.8][name]] @ exact[name].A[: ranks[0.8][name]])
+        assert json.loads(str(query.content[CUTS]["ranks"])) == [ranks[0.5], ranks[0.8]]
+        sizes = sum(t.numel() * t.element_size() for m in candidate.modules.values() for t in (m.A, m.B))
+        assert sizes <= strategy._selection.bytes_down[query.metadata.dst_node_id] < sizes + 4096
 
 
 def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in():

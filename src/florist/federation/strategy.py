@@ -339,15 +339,17 @@ class LoraStrategy:
 
     def configure_select(self, server_round: int, nodes: list[int]) -> list[Message]:
         """Ask `nodes` to score every candidate truncation of the exact update on their own
-        validation examples: each gets the exact update once, and the ranks of every cut."""
+        validation examples: each gets the largest cut once (every smaller one is its leading
+        components), and the ranks of every cut."""
         candidates = sorted(set(self.config.aggregation.tau_candidates))
         max_rank = self.config.aggregation.max_rank
         self._selection = TauSelection(server_round, candidates=candidates)
         self._selection.ranks = {tau: cut_ranks(self.exact.modules, tau, max_rank) for tau in candidates}
+        largest = cut(self.exact.modules, self._selection.ranks[candidates[-1]])
         messages = []
         for node in nodes:
             message, sent = self._instruction(server_round, node, MessageType.QUERY)
-            sent += payload.put(message.content, CANDIDATE, self.exact.modules, self.wire, dense=self.exact.dense)
+            sent += payload.put(message.content, CANDIDATE, largest, self.wire, dense=self.exact.dense)
             message.content[CUTS] = ConfigRecord({"ranks": json.dumps([self._selection.ranks[tau] for tau in candidates])})
             self._selection.bytes_down[node] = sent
             messages.append(message)
