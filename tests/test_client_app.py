@@ -348,3 +348,39 @@ def test_a_node_scores_each_cut_of_the_exact_update_on_its_validation_examples(t
         expected = instruction_loss(model, tokenizer, validation, template="chatml", max_length=config.data.max_length)
         assert float(reply.content[METRICS][f"loss-{index}"]) == pytest.approx(expected.mean_nll, abs=1e-5)
     assert int(reply.content[METRICS]["tokens"]) == expected.tokens
+
+
+@pytest.mark.parametrize("wire", ["float32", "bfloat16", "int8"])
+def test_a_node_takes_the_kept_cut_from_the_candidate_it_scored(wire):
+    """The server keeps one cut of the candidate and sends it no more to the nodes that scored it."""
+    from flwr.app import ConfigRecord
+
+    from florist.aggregation import cut
+    from florist.federation.client_app import held_chain, keep_candidate
+    from florist.federation.messages import CANDIDATE, CUTS
+
+    generator = torch.Generator().manual_seed(5)
+    # Components of falling magnitude, as FLoRIST orders them; the server holds them as the wire delivers them.
+    exact = payload.round_trip(
+        {
+            name: GlobalModule(A=torch.randn(6, 7, generator=generator), B=torch.randn(9, 6, generator=generator) * torch.logspace(0, -4, 6), scale=0.5)
+            for name in ("q", "v")
+        },
+        wire,
+    )
+    dense = {"lm_head.bias": torch.randn(9, generator=generator)}
+    cuts = [{"q": 2, "v": 1}, {"q": 4, "v": 5}]
+    content = RecordDict()
+    payload.put(content, CANDIDATE, cut(exact, cuts[-1]), wire, dense=dense)
+    content[CUTS] = ConfigRecord({"ranks": json.dumps(cuts)})
+    state = RecordDict()
+    keep_candidate(state, content)
+
+    kept = GlobalUpdate(cut(exact, cuts[0]), payload.round_trip_dense(dense, wire))
+    assert held_chain(state, ["not-a-cut"]) == 1  # a digest no cut has: the node asks for the update
+    [(digest, update)] = held_chain(state, [update_digest(kept)])
+    assert digest == update_digest(kept) == update_digest(update)
+    for name, module in kept.modules.items():
+        assert torch.equal(update.modules[name].A, module.A) and torch.equal(update.modules[name].B, module.B)
+    assert CANDIDATE not in state  # used once, then dropped
+    assert held_chain(state, [digest])[0][0] == digest  # now held as update 1, like a downloaded one

@@ -422,6 +422,10 @@ def test_automatic_tau_keeps_the_smallest_cut_the_clients_validation_cannot_tell
         assert selection["chosen"] == next(t for t, loss in zip([0.5, 0.9, 1.0], expected) if loss <= best)
         assert sum(record["ranks"].values()) == selection["total_rank"][str(selection["chosen"])]
         assert record["communication"]["down_bytes"] > sum(c["bytes_down"] for c in record["clients"])  # the exact update, scored
+    for record in rounds[2:]:
+        # Every node scored the last round's candidate and takes the kept cut from it: nothing is sent again.
+        assert [c["bytes_down"] for c in record["clients"]] == [0, 0, 0]
+        assert not [e for e in record["events"] if e["status"] in ("resent", "failed")]
     # A tolerance of a whole nat: the smallest cut always wins, with the fewest components.
     loose = federation_config(tiny_model_dir, tmp_path / "loose", "florist", *extra, "aggregation.tau_tolerance=1.0")
     for record in read_rounds(serve(loose, grid_for(loose)))[1:]:

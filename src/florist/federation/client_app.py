@@ -14,7 +14,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from florist.aggregation import GlobalModule, start_of, truncate_update
+from florist.aggregation import GlobalModule, cut, start_of, truncate_update
 from florist.config import RunConfig
 from florist.evaluation import evaluate, instruction_loss
 from florist.federation import payload
@@ -61,10 +61,38 @@ def held_chain(state: RecordDict, digests: list[str]) -> list[Update] | int:
     chain = []
     for index, digest in enumerate(digests, start=1):
         key = update_key(index)
-        if held.get(key) != digest:
+        if held.get(key) != digest and not _cut_of_candidate(state, key, digest):
             return index
         chain.append((digest, payload.take_global(state, key)))
     return chain
+
+
+CANDIDATE_KEYS = (CANDIDATE, f"{CANDIDATE}:scales", CUTS)
+
+
+def keep_candidate(state: RecordDict, content: RecordDict) -> None:
+    """Keep the candidate this node scored: the update the server keeps is one of its cuts, which
+    the node then takes from here instead of downloading it again."""
+    for key in CANDIDATE_KEYS:
+        state[key] = content[key]
+
+
+def _cut_of_candidate(state: RecordDict, key: str, digest: str) -> bool:
+    """Whether the update with this digest is a cut of the kept candidate; if so, it is kept as `key`."""
+    if CANDIDATE not in state:
+        return False
+    candidate = payload.take_global(state, CANDIDATE)
+    for ranks in json.loads(str(state[CUTS]["ranks"])):
+        update = GlobalUpdate(cut(candidate.modules, ranks), candidate.dense)
+        if update_digest(update) == digest:
+            payload.put(state, key, update.modules, "float32", dense=update.dense)  # lossless: the digest holds
+            digests = state.get(CHAIN_DIGESTS, ConfigRecord())
+            digests[key] = digest
+            state[CHAIN_DIGESTS] = digests
+            for kept in CANDIDATE_KEYS:
+                del state[kept]
+            return True
+    return False
 
 
 def _reply(
@@ -201,6 +229,7 @@ def score_round(config: RunConfig, msg: Message, context: Context) -> Message:
         return chain
     model = workspace.base_after(chain)
     candidate = payload.take_global(msg.content, CANDIDATE)
+    keep_candidate(context.state, msg.content)
     # Every cut comes with the round's tensors trained in full: they are part of whichever update is kept.
     load_dense(model, candidate.dense)
     exact = candidate.modules

@@ -344,6 +344,7 @@ class LoraStrategy:
         candidates = sorted(set(self.config.aggregation.tau_candidates))
         max_rank = self.config.aggregation.max_rank
         self._selection = TauSelection(server_round, candidates=candidates)
+        self._candidate_holders: set[int] = set()
         self._selection.ranks = {tau: cut_ranks(self.exact.modules, tau, max_rank) for tau in candidates}
         largest = cut(self.exact.modules, self._selection.ranks[candidates[-1]])
         messages = []
@@ -364,7 +365,7 @@ class LoraStrategy:
             identity = Identity.from_record(reply.content[IDENTITY])
             metrics = reply.content[METRICS]
             losses = [float(metrics[f"loss-{index}"]) for index in range(len(selection.candidates))]
-            tokens = int(metrics["tokens"])
+            tokens, held = int(metrics["tokens"]), int(metrics["chain-length"])
             reply_round, partition = int(metrics["round"]), int(metrics["partition-id"])
         except (KeyError, ValueError, TypeError) as error:
             selection.event(node, "rejected", f"malformed reply: {type(error).__name__}: {error}")
@@ -375,6 +376,8 @@ class LoraStrategy:
             return []
         if tokens:
             selection.scores[node] = (partition, tokens, losses)
+        if held == len(self.chain):
+            self._candidate_holders.add(node)
         return []
 
     def finish_select(self, late: list[int]) -> TauSelection:
@@ -393,6 +396,10 @@ class LoraStrategy:
             selection.event(0, "failed", f"no node scored the candidates: tau {selection.chosen} kept")
         modules = cut(self.exact.modules, selection.ranks[selection.chosen])
         self.chain.append(GlobalUpdate(modules, self.exact.dense))
+        # A node that scored holds the largest cut, whose leading components the kept one is: it
+        # takes the update from its copy (client_app.held_chain), and is sent it only if it reports a gap.
+        for node in self._candidate_holders:
+            self.chain.confirm(node, len(self.chain))
         self._record_ranks(report, modules)
         self.exact = None
         return selection
