@@ -7,7 +7,6 @@ import math
 from collections.abc import Mapping
 
 import torch
-
 from torch import Tensor
 
 from florist.aggregation.types import LoraFactors
