@@ -45,10 +45,12 @@ def client_factors(rank: int, seed: int, method: str) -> dict[str, LoraFactors]:
     return factors
 
 
-def reply(strategy: LoraStrategy, instruction: Message, partition: int, factors: dict[str, LoraFactors], chain_length: int | None = None) -> Message:
+def reply(
+    strategy: LoraStrategy, instruction: Message, partition: int, factors: dict[str, LoraFactors], chain_length: int | None = None, dense: dict | None = None
+) -> Message:
     content = RecordDict({IDENTITY: strategy.identity.record(TRAINED)})
     frozen = strategy.config.aggregation.method == "ffa"
-    payload.put(content, ADAPTER, factors, "float32", factors="B" if frozen else "AB")
+    payload.put(content, ADAPTER, factors, "float32", factors="B" if frozen else "AB", dense=dense)
     held = len(Instruction.read(instruction).chain) if chain_length is None else chain_length
     content[METRICS] = MetricRecord(
         {
@@ -248,6 +250,34 @@ def test_automatic_tau_sends_the_largest_candidate_cut_not_the_exact_update():
         assert json.loads(str(query.content[CUTS]["ranks"])) == [ranks[0.5], ranks[0.8]]
         sizes = sum(t.numel() * t.element_size() for m in candidate.modules.values() for t in (m.A, m.B))
         assert sizes <= strategy._selection.bytes_down[query.metadata.dst_node_id] < sizes + 4096
+
+
+@pytest.mark.parametrize("method", ["florist", "fedit"])
+def test_from_round_2_the_norm_screen_judges_how_much_a_tensor_trained_in_full_changed(method):
+    """A head's own norm hides a change 50 times the others': its change from the round's start does not."""
+    strategy = LoraStrategy(
+        RunConfig.model_validate({"federation": {"num_clients": 3, "ranks": CLIENT_RANKS}, "aggregation": {"method": method}}),
+        MODULES, identity_for(RunConfig.model_validate({"aggregation": {"method": method}})), {"lm_head.weight": (8, 5)},
+    )
+    generator = torch.Generator().manual_seed(4)
+    start = torch.randn(8, 5, generator=generator) * 10
+    nodes = list(PARTITION_OF)
+    for server_round in (1, 2):
+        strategy.begin_round(server_round, nodes)
+        messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(server_round, nodes)}
+        for node, partition in PARTITION_OF.items():
+            change = torch.randn(8, 5, generator=generator) * 1e-2 * (50 if (server_round, partition) == (2, 2) else 1)
+            factors = client_factors(CLIENT_RANKS[partition], seed=10 * server_round + partition, method=method)
+            strategy.receive_train(node, reply(strategy, messages[node], partition, factors, dense={"lm_head.weight": start + change}))
+        report = strategy.finish_round()
+        start = (strategy.chain.updates[-1] if strategy.merges else strategy.current).dense["lm_head.weight"]
+        outcome = {event.node: event.status for event in report.events}
+        if server_round == 1:
+            assert list(outcome.values()) == ["accepted"] * 3
+        else:
+            assert outcome[33] == "rejected" and [outcome[11], outcome[22]] == ["accepted", "accepted"]
+            [reason] = [event.reason for event in report.events if event.node == 33]
+            assert reason.startswith("tensors trained in full norm")
 
 
 def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in():

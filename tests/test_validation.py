@@ -58,8 +58,11 @@ def test_the_screened_norms_are_the_update_and_the_tensors_trained_in_full():
     b, a = torch.randn(12, 3, generator=generator) * 1e-3, torch.randn(3, 20, generator=generator) * 1e2
     head, bias = torch.randn(40, 8, generator=generator), torch.randn(12, generator=generator) * 1e-4
     adapter = ClientAdapter({"q": LoraFactors(A=a, B=b, scale=2.5)}, 5.0, {"lm_head.weight": head, "q.bias": bias})
-    screened = screened_norms(adapter)
+    screened = screened_norms(adapter, {})
     assert math.isclose(screened["update"], torch.linalg.matrix_norm(2.5 * b.double() @ a.double()).item(), rel_tol=1e-9)
     expected = math.hypot(torch.linalg.vector_norm(head.double()).item(), torch.linalg.vector_norm(bias.double()).item())
     assert math.isclose(screened["tensors trained in full"], expected, rel_tol=1e-12)
-    assert screened_norms(ClientAdapter(adapter.modules, 5.0))["tensors trained in full"] == 0.0
+    assert screened_norms(ClientAdapter(adapter.modules, 5.0), {})["tensors trained in full"] == 0.0
+    # From round 2 the nodes started from known values: the norm is of the change from them.
+    start = {"lm_head.weight": head - 1e-3, "q.bias": bias}
+    assert math.isclose(screened_norms(adapter, start)["tensors trained in full"], 1e-3 * math.sqrt(head.numel()), rel_tol=1e-3)

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from flwr.app import ConfigRecord, Message, MessageType
+from torch import Tensor
 
 from florist.aggregation import (
     Accumulator,
@@ -196,11 +197,18 @@ class LoraStrategy:
         state.waiting[node] = adapter
         metrics = update.metrics
         show_reply(state.report.round, node, update.partition, update.rank, update.examples, metrics["train-loss"], metrics["train-seconds"])
-        admitted, rejected = state.screen.offer(node, screened_norms(adapter))
+        admitted, rejected = state.screen.offer(node, screened_norms(adapter, self._dense_start()))
         for outlier, reason in rejected.items():
             self._drop(state, outlier, reason)
         self._aggregate(state, admitted)
         return []
+
+    def _dense_start(self) -> Mapping[str, Tensor]:
+        """The tensors trained in full as every node starts this round: the last global values
+        (a merged update's replace the model's; none before the first aggregate)."""
+        if self.merges:
+            return self.chain.updates[-1].dense if len(self.chain) else {}
+        return self.current.dense if self.current is not None else {}
 
     def _aggregate(self, state: _RoundState, nodes: list[int]) -> None:
         """Add the admitted updates to the round's aggregate; an update the aggregator refuses is rejected."""

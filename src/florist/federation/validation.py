@@ -175,20 +175,22 @@ def _check_dense(dense: Mapping[str, torch.Tensor], limits: Limits) -> None:
             raise Rejected(f"tensor {name} holds NaN or Inf values")
 
 
-def screened_norms(adapter: ClientAdapter) -> dict[str, float]:
-    """The norms the round's NormScreen judges a reply by, named as its reasons name them."""
-    return {"update": adapter_norm(adapter.modules), "tensors trained in full": tensors_norm(adapter.dense)}
+def screened_norms(adapter: ClientAdapter, start: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """The norms the round's NormScreen judges a reply by, named as its reasons name them: the LoRA
+    update's, and the change of the tensors trained in full from `start`, the values every node
+    began the round with (none in round 1: the server does not hold the base model's weights, so
+    there the tensors' own norm is judged)."""
+    changes = {name: tensor.double() - start[name].double() if name in start else tensor for name, tensor in adapter.dense.items()}
+    return {"update": adapter_norm(adapter.modules), "tensors trained in full": tensors_norm(changes)}
 
 
 class NormScreen:
     """The round's norm check, as replies arrive: an update with a norm more than `factor` times
     the median of the same norm is rejected.
 
-    A reply has two norms: its LoRA update's, and that of its tensors trained in full (biases, a
-    `modules_to_save` head; 0 where the settings train none), each judged against its own median,
-    since a head's norm would drown any LoRA update's. The server does not hold the base model's
-    values of those tensors, so their norm is the tensors', not their change's: it catches a
-    scaled or blown-up tensor, not a subtle one.
+    A reply has two norms (`screened_norms`): its LoRA update's, and that of the change of its
+    tensors trained in full (biases, a `modules_to_save` head; 0 where the settings train none),
+    each judged against its own median, since a head's norm would drown any LoRA update's.
 
     A median of fewer than three norms says nothing about which one is off, so the first
     `WARMUP` replies are held and judged together against their own medians; each later one is
