@@ -255,10 +255,8 @@ def test_automatic_tau_sends_the_largest_candidate_cut_not_the_exact_update():
 @pytest.mark.parametrize("method", ["florist", "fedit"])
 def test_from_round_2_the_norm_screen_judges_how_much_a_tensor_trained_in_full_changed(method):
     """A head's own norm hides a change 50 times the others': its change from the round's start does not."""
-    strategy = LoraStrategy(
-        RunConfig.model_validate({"federation": {"num_clients": 3, "ranks": CLIENT_RANKS}, "aggregation": {"method": method}}),
-        MODULES, identity_for(RunConfig.model_validate({"aggregation": {"method": method}})), {"lm_head.weight": (8, 5)},
-    )
+    config = RunConfig.model_validate({"federation": {"num_clients": 3, "ranks": CLIENT_RANKS}, "aggregation": {"method": method}})
+    strategy = LoraStrategy(config, MODULES, identity_for(config), {"lm_head.weight": (8, 5)})
     generator = torch.Generator().manual_seed(4)
     start = torch.randn(8, 5, generator=generator) * 10
     nodes = list(PARTITION_OF)

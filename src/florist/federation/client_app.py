@@ -48,10 +48,15 @@ CHAIN_DIGESTS = "chain-digests"
 
 def remember_updates(state: RecordDict, content: RecordDict) -> None:
     """Keep the merged updates this message brings in the node's state, with their digests."""
-    digests = state.get(CHAIN_DIGESTS, ConfigRecord())
     for key in payload.payload_keys(content, UPDATE_PREFIX):
         state[key], state[f"{key}:scales"] = content[key], content[f"{key}:scales"]
-        digests[key] = update_digest(payload.take_global(content, key))
+        _hold(state, key, update_digest(payload.take_global(content, key)))
+
+
+def _hold(state: RecordDict, key: str, digest: str) -> None:
+    """Record in the node's state that it holds update `key`, with this digest."""
+    digests = state.get(CHAIN_DIGESTS, ConfigRecord())
+    digests[key] = digest
     state[CHAIN_DIGESTS] = digests
 
 
@@ -86,9 +91,7 @@ def _cut_of_candidate(state: RecordDict, key: str, digest: str) -> bool:
         update = GlobalUpdate(cut(candidate.modules, ranks), candidate.dense)
         if update_digest(update) == digest:
             payload.put(state, key, update.modules, "float32", dense=update.dense)  # lossless: the digest holds
-            digests = state.get(CHAIN_DIGESTS, ConfigRecord())
-            digests[key] = digest
-            state[CHAIN_DIGESTS] = digests
+            _hold(state, key, digest)
             for kept in CANDIDATE_KEYS:
                 del state[kept]
             return True
