@@ -16,20 +16,19 @@ from florist.aggregation import (
     ROUTES,
     AggregationError,
     ClientAdapter,
-    FLoRIST,
     LoraFactors,
     allocate_ranks,
     carried_rank_limit,
     energy_rank,
     exact_rank_limit,
-    gram_precision,
+
     lora_scale,
     make_aggregator,
     minimum_download_bytes,
     since_start,
     start_of,
 )
-from florist.aggregation.spectral import fold_route, gram_route
+from florist.aggregation.spectral import fold_route, gram_route, gram_share, working_dtype
 
 PROPERTY = settings(max_examples=15, deadline=None)
 
@@ -174,7 +173,7 @@ def test_where_float32_eigh_fails_to_converge_the_gram_route_solves_in_float64()
     generator = torch.Generator().manual_seed(11)
     b, a = torch.randn(2, 40, 12, generator=generator), torch.randn(2, 12, 30, generator=generator)
     rule = partial(energy_rank, tau=0.9)
-    expected = gram_route(b, a, rule)
+    expected = gram_route(b, a, rule, tolerance=0.1)
     eigh = torch.linalg.eigh
 
     def failing_in_float32(matrix):
@@ -183,7 +182,7 @@ def test_where_float32_eigh_fails_to_converge_the_gram_route_solves_in_float64()
         return eigh(matrix)
 
     with mock.patch("torch.linalg.eigh", side_effect=failing_in_float32) as patched:
-        got = gram_route(b, a, rule)
+        got = gram_route(b, a, rule, tolerance=0.1)
     assert patched.call_count == 4  # each R x R problem tried in float32, then solved in float64
     assert all(g.dtype == e.dtype for g, e in zip(got, expected))
     assert torch.equal(got[3], expected[3])
@@ -448,84 +447,154 @@ def rounding_scale(clients: list[ClientAdapter], name: str) -> float:
     )
 
 
-def numerical_rank_bounds(dense: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> tuple[int, int]:
-    """The numerical rank of dW as torch.linalg.matrix_rank counts it in the compute dtype (float32
-    for half inputs), with a factor 2 either side of its floor for rounding at the edge."""
-    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-    floor = max(shape) * eps * dense[0].item()
-    return max(1, int((dense > 2 * floor).sum())), max(1, int((dense > floor / 2).sum()))
-
-
 @pytest.mark.parametrize("route", sorted(ROUTES))
 @PROPERTY
 @given(clients=any_federations(dtype=torch.float32))
-def test_fp32_tau_one_is_flora_to_fp32_precision_at_the_numerical_rank(route, clients):
-    """At tau = 1 every route keeps the numerical rank of dW and is, up to fp32 rounding, the best
-    update of that rank (Eckart-Young), that is FLoRA's update less what is below the floor. The
-    Gram route squares the spectrum, so in fp32 it would keep only what is above sqrt(R eps): at
-    tau = 1 its Gram matrices are float64 (`gram_precision`)."""
+def test_fp32_tau_one_is_flora_to_fp32_precision(route, clients):
+    """At tau = 1 every route keeps every component it resolves, in float64 where float32 cannot
+    resolve them: FLoRIST is FLoRA's update to fp32 precision, on ill-conditioned adapters too,
+    never of more rank than dW can have, and within the error bound it reports."""
     result = make_aggregator("florist", tau=1.0, route=route).aggregate(clients)
     flora = make_aggregator("flora").aggregate(clients)
     for name, module in result.modules.items():
         dw = dense_update(clients, name)
-        dense = torch.linalg.svdvals(dw)
         assert module.A.dtype == torch.float32
-        low, high = numerical_rank_bounds(dense, tuple(dw.shape), torch.float32)
-        assert low <= module.rank <= high
-        rounding = 1e-5 * rounding_scale(clients, name)
-        best = dense[module.rank :].square().sum().sqrt().item()
-        assert (module.delta().double() - dw).norm().item() <= best + rounding
-        assert (module.delta().double() - flora.modules[name].delta().double()).norm().item() <= best + 2 * rounding
-        shared = min(len(dense), len(module.singular_values))
-        assert torch.allclose(module.singular_values[:shared].double(), dense[:shared], rtol=0, atol=rounding)
+        assert module.rank <= min(*dw.shape, sum(c.modules[name].rank for c in clients))
+        rounding = 8 * torch.finfo(torch.float32).eps * rounding_scale(clients, name)
+        error = (module.delta().double() - dw).norm().item()
+        assert error <= 1e-6 * dw.norm().item() + rounding
+        assert (module.delta().double() - flora.modules[name].delta().double()).norm().item() <= 1e-6 * dw.norm().item() + 2 * rounding
+        assert error <= module.error_bound * module.singular_values.double().norm().item() + rounding
 
 
-def fp32_gram_resolution(clients: list[ClientAdapter], name: str) -> float:
-    """The energy share fp32 Gram matrices resolve for a module: width^2 eps, width the stacked rank."""
-    return sum(c.modules[name].rank for c in clients) ** 2 * torch.finfo(torch.float32).eps
+def orthonormal(generator: torch.Generator, size: int, rank: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(size, rank, generator=generator, dtype=torch.float64))[0]
+
+
+def spectral_client(generator, m: int, n: int, spectrum: torch.Tensor, scale: float, weight: float, dtype=torch.float32) -> ClientAdapter:
+    """One module "x" whose update scale * B @ A has exactly the singular values `spectrum` (in float64)."""
+    root = spectrum.double().sqrt()
+    B = orthonormal(generator, m, len(root)) * root / scale
+    A = (orthonormal(generator, n, len(root)) * root).T
+    return ClientAdapter({"x": LoraFactors(A=A.to(dtype).contiguous(), B=B.to(dtype).contiguous(), scale=scale)}, weight)
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tau_one_keeps_a_client_at_1e_4_of_the_update_and_every_ill_conditioned_client(route, seed):
+    """Two cases a reviewer found the old rank floor (max(m, n) eps of the largest) failed at m = 1024:
+    a client whose update is 1e-4 of dW was dropped whole (error 1e-4 against FLoRA's 1e-7), and of 8
+    heterogeneous clients with norms over three decades and decaying spectra FLoRIST kept 140 of 152
+    components (error 2.4e-5). FLoRIST at tau = 1 must be FLoRA's update to fp32 precision."""
+    generator = torch.Generator().manual_seed(seed)
+    m = n = 1024
+    decaying = lambda rank, norm: norm * (0.7 ** torch.arange(rank, dtype=torch.float64)) / (0.7 ** torch.arange(rank, dtype=torch.float64)).norm()
+    small = [spectral_client(generator, m, n, decaying(8, 1.0), 2.0, 100.0), spectral_client(generator, m, n, decaying(4, 1e-4), 2.0, 100.0)]
+    ranks = [4, 4, 8, 8, 16, 16, 32, 64]
+    hetero = [spectral_client(generator, m, n, decaying(r, 10 ** (-3 * k / 7)), 16 / r, 50.0 + 37 * k) for k, r in enumerate(ranks)]
+    for clients in (small, hetero):
+        dw = dense_update(clients, "x")
+        florist = make_aggregator("florist", tau=1.0, route=route).aggregate(clients).modules["x"]
+        flora = make_aggregator("flora").aggregate(clients).modules["x"]
+        assert relative_error(florist.delta(), dw) <= 1e-6
+        assert relative_error(florist.delta(), flora.delta().double()) <= 1e-6
+        assert florist.error_bound <= 1e-5
+        # Every component above fp32 precision of the largest is kept (the small client's are 1e-4).
+        assert florist.rank >= int((torch.linalg.svdvals(dw) > 1e-6 * torch.linalg.svdvals(dw)[0]).sum())
 
 
 @PROPERTY
 @given(clients=any_federations(dtype=torch.float32), tau=st.floats(0.5, 0.9999))
-def test_fp32_gram_route_resolves_the_energy_share_to_width_squared_eps(clients, tau):
-    """Below tau = 1 the Gram matrices stay in fp32 as long as width^2 eps <= 1 - tau: the rank the
-    route picks then meets tau on the exact spectrum within that resolution."""
+def test_below_tau_one_the_rank_meets_tau_on_the_true_spectrum_within_the_stated_resolution(clients, tau):
+    """Below tau = 1 a route may compute in fp32, as long as what it leaves unresolved, which it
+    states as error_bound, is at most a tenth of what tau's cut drops: the rank it picks then meets
+    tau on the exact spectrum within that, and the cut is the best update of its rank within it."""
     result = make_aggregator("florist", tau=tau).aggregate(clients)
     for name, module in result.modules.items():
         dw = dense_update(clients, name)
         dense = torch.linalg.svdvals(dw)
-        resolution = fp32_gram_resolution(clients, name)
+        resolution = module.error_bound**2
+        assert resolution <= (1 - tau) / 10
         p = module.rank
-        assert kept_energy(dense, p) >= tau - resolution
-        assert kept_energy(dense, p - 1) < tau + resolution
+        assert kept_energy(dense, p) >= tau - resolution - 1e-12
+        assert kept_energy(dense, p - 1) < tau + resolution + 1e-12
         residual = (dw - module.delta().double()).norm().square().item()
         discarded = dense[p:].square().sum().item()
-        assert residual == pytest.approx(discarded, abs=resolution * dense.square().sum().item())
+        assert residual == pytest.approx(discarded, abs=(resolution + 1e-12) * dense.square().sum().item())
 
 
-def test_gram_precision_is_fp64_exactly_when_fp32_cannot_resolve_tau():
-    assert gram_precision(152, 0.99, torch.float32) == torch.float32  # 152^2 eps = 2.8e-3 <= 1e-2
-    assert gram_precision(152, 0.999, torch.float32) == torch.float64
-    assert gram_precision(512, 0.99, torch.float32) == torch.float64  # 3.1e-2 > 1e-2
-    assert gram_precision(512, 0.9, torch.float32) == torch.float32
-    assert gram_precision(1, 1.0, torch.float32) == torch.float64
-    assert gram_precision(10, 1 - 1e-4, torch.float32) == torch.float32  # 100 eps = 1.2e-5
-    assert gram_precision(10, 1 - 1e-5, torch.float32) == torch.float64
-    assert gram_precision(2, 0.5, torch.float64) == torch.float64
+def test_the_gram_route_stays_in_fp32_exactly_where_its_width_resolves_the_tolerance():
+    share = gram_share(152)  # the paper's 8 heterogeneous clients: 2 152^2 eps = 5.5e-3
+    assert working_dtype(torch.float32, 0.01, share) == torch.float32
+    assert working_dtype(torch.float32, 0.005, share) == torch.float64
+    assert working_dtype(torch.float32, 0.1, gram_share(512)) == torch.float32  # 6.3e-2
+    assert working_dtype(torch.float32, 0.05, gram_share(512)) == torch.float64
+    assert working_dtype(torch.float32, 0.0, gram_share(1)) == torch.float64  # tau = 1
+    assert working_dtype(torch.float64, 0.5, share) == torch.float64
+
+
+def warm_started_stack(generator, ratio: float, ranks: list[int], m: int = 256, start_rank: int = 24):
+    """What a warm-started round's server stacks, built here from its definition: client k trained
+    its LoRA from the leading r_k components of the last update (B0, A0, spectrum 0.9^i) and learned
+    an update `ratio` times the start's norm, so it uploads B = B0 s0/s + dB, A = A0 + dA (float32),
+    and the server takes its start off as the pair [B | -B0 s0/s] [A ; A0]: a stack whose terms
+    cancel. Returns (the clients as stacked pairs, what they learned in float64)."""
+    n = m
+    u0, v0 = orthonormal(generator, m, start_rank), orthonormal(generator, n, start_rank)
+    s0 = 0.9 ** torch.arange(start_rank, dtype=torch.float64)
+    stacked, learned = [], []
+    for k, r in enumerate(ranks):
+        scale, weight = 2.0, 10.0 + 7 * k
+        b0, a0 = (u0[:, :r] * s0[:r] / scale).float(), v0[:, :r].T.float()
+        db, da = torch.randn(m, r, generator=generator, dtype=torch.float64), torch.randn(r, n, generator=generator, dtype=torch.float64)
+        step = ratio * s0[:r].norm() / (scale * (db @ a0.double() + b0.double() @ da)).norm()
+        b, a = (b0.double() + step * db).float(), (a0.double() + step * da).float()
+        own = scale * (b.double() @ a.double() - b0.double() @ a0.double())
+        stacked.append(ClientAdapter({"x": LoraFactors(A=torch.cat([a, a0]), B=torch.cat([b, -b0], 1), scale=scale)}, weight))
+        learned.append((weight, own))
+    total = sum(w for w, _ in learned)
+    return stacked, sum(w / total * own for w, own in learned)
+
+
+@pytest.mark.parametrize("ratio", [0.03, 0.004, 1e-3])
+@pytest.mark.parametrize("tau", [0.5, 0.9, 0.99])
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_a_stack_whose_terms_cancel_keeps_the_true_rank_at_any_tau(ratio, tau, route):
+    """A warm start's stack [B | -B0] cancels by construction: its terms are 1/ratio times what the
+    clients learned. In float32 Gram matrices the learned directions drowned (a reviewer measured
+    rank 19 for 20 at ratio 0.023, 12 for 20 at 0.004, keeping 0.59 of the energy at tau 0.9); the
+    route must see the cancellation and resolve it, at every tau, whatever split the clients used."""
+    generator = torch.Generator().manual_seed(int(ratio * 1e4) + int(tau * 100))
+    clients, dw = warm_started_stack(generator, ratio, [4, 8, 16, 24, 24])
+    module = make_aggregator("florist", tau=tau, route=route).aggregate(clients).modules["x"]
+    true = torch.linalg.svdvals(dw)
+    # What the route states it resolved (error_bound, as a share of the energy), at most a tenth of
+    # what tau's cut drops.
+    resolution = module.error_bound**2 + 1e-9
+    assert resolution <= (1 - tau) / 10
+    assert kept_energy(true, module.rank) >= tau - resolution
+    assert kept_energy(true, module.rank - 1) < tau + resolution
+    # The cut is the best update of its rank, within that resolution and the rounding of its
+    # factors to float32.
+    residual = (dw - module.delta().double()).norm().item()
+    energy, discarded = true.square().sum().item(), true[module.rank :].square().sum().item()
+    rounding = 4 * torch.finfo(torch.float32).eps * energy**0.5
+    assert max(discarded - resolution * energy, 0) ** 0.5 - rounding <= residual <= (discarded + resolution * energy) ** 0.5 + rounding
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("route", sorted(ROUTES))
 @FEW
 @given(data=st.data())
-def test_tau_one_keeps_the_numerical_rank(route, dtype, data):
-    """More stacked directions than dW has (R > min(m, n)): the surplus is rounding noise, never kept."""
+def test_tau_one_keeps_no_more_than_the_update_holds(route, dtype, data):
+    """More stacked directions than dW has (R > min(m, n)): the surplus is rounding noise, never kept,
+    and every component above fp32 precision is."""
     clients = data.draw(federations(max_side=6, dtype=dtype))
     result = make_aggregator("florist", tau=1.0, route=route).aggregate(clients)
     for name, module in result.modules.items():
         dw = dense_update(clients, name)
-        low, high = numerical_rank_bounds(torch.linalg.svdvals(dw), tuple(dw.shape), dtype)
-        assert low <= module.rank <= high
+        dense = torch.linalg.svdvals(dw)
+        assert int((dense > 1e-6 * dense[0]).sum()) <= module.rank <= min(dw.shape)
 
 
 # ---------------------------------------------------------------- batching
@@ -750,7 +819,7 @@ def test_florist_does_not_depend_on_how_clients_split_their_update_between_b_and
     for name, module in moved.modules.items():
         dw = dense_update(clients, name)
         dense = torch.linalg.svdvals(dw)
-        resolution = fp32_gram_resolution(clients, name)
+        resolution = module.error_bound**2 + 1e-12
         assert kept_energy(dense, module.rank) >= tau - resolution
         assert kept_energy(dense, module.rank - 1) < tau + resolution
         residual = (dw - module.delta().double()).norm().square().item()
@@ -792,7 +861,8 @@ def test_accumulator_is_the_exact_route_while_the_stacks_are_narrower_than_the_l
     if narrow:
         exact = make_aggregator("florist", tau=tau).aggregate(clients)
         for name, module in result.modules.items():
-            assert torch.equal(module.delta(), exact.modules[name].delta()) and module.error_bound == 0.0
+            assert torch.equal(module.delta(), exact.modules[name].delta())
+            assert module.error_bound == exact.modules[name].error_bound
 
 
 @PROPERTY
@@ -809,14 +879,96 @@ def test_folding_stays_within_the_error_it_reports(clients, tau, columns):
         cut = s[module.rank :].square().sum().sqrt().item()
         allowed = module.error_bound * s.norm().item() + cut + 1e-9 * rounding_scale(clients, name)
         assert (dw - module.delta().double()).norm().item() <= allowed
-        assert (module.error_bound == 0.0) or accumulator.folding
+
+
+@st.composite
+def orthogonal_federations(draw, dtype=torch.float32):
+    """Up to 63 clients of rank 1-4 on mutually orthogonal directions (nothing one client holds can
+    be recovered from another, so whatever a fold drops is lost), update norms falling geometrically
+    over up to six decades in random order, each spectrum decaying, unequal weights and scales."""
+    count = draw(st.integers(8, 63))
+    m, n = draw(st.integers(64, 160)), draw(st.integers(64, 160))
+    ranks = draw(st.lists(st.integers(1, 4), min_size=count, max_size=count))
+    decades = draw(st.floats(1.0, 6.0))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    columns = sum(ranks)
+    if columns > min(m, n):
+        ranks = [1] * min(count, min(m, n))
+        columns = len(ranks)
+    left, right = orthonormal(generator, m, columns), orthonormal(generator, n, columns)
+    norms = 10 ** (-decades * torch.randperm(len(ranks), generator=generator).double() / len(ranks))
+    clients, start = [], 0
+    for k, (r, norm) in enumerate(zip(ranks, norms.tolist())):
+        spectrum = norm * 0.5 ** torch.arange(r, dtype=torch.float64)
+        scale, weight = 0.5 + k % 3, 1.0 + (k * 7) % 11
+        root = (spectrum / weight).sqrt()
+        B = left[:, start : start + r] * root / scale
+        A = (right[:, start : start + r] * root).T
+        clients.append(ClientAdapter({"x": LoraFactors(A=A.to(dtype).contiguous(), B=B.to(dtype).contiguous(), scale=scale)}, weight))
+        start += r
+    return clients
+
+
+@PROPERTY
+@given(clients=orthogonal_federations(), tau=st.sampled_from([0.5, 0.9, 0.99, 0.999, 1.0]), columns=st.integers(2, 16))
+def test_in_float32_the_folds_report_everything_they_drop_and_honour_tau_within_it(clients, tau, columns):
+    """The stream in float32 with a tiny memory budget (2-16 columns of every module, so many folds)
+    on clients it cannot compress: what each fold drops, its rounding floor included, is in the
+    bound (a reviewer found a bound of 0 with 4.4% of the energy lost, tau 0.999, a budget of 16
+    ranks, 63 orthogonal small clients). With b the bound, ||dW - D|| <= b ||D||, and the kept
+    share of the true update's energy is at least 1 - ((b + sqrt(1 - tau)) / (1 - b))^2. Against
+    the exact route: the streamed cut is within 2 b ||D|| of the best update of its rank."""
+    accumulator, result = streamed(clients, tau=tau, memory_budget_mb=budget_mb(clients, columns))
+    exact = make_aggregator("florist", tau=tau).aggregate(clients).modules["x"]
+    module, dw = result.modules["x"], dense_update(clients, "x")
+    true = torch.linalg.svdvals(dw)
+    norm_d = module.singular_values.double().norm().item()
+    b = module.error_bound
+    rounding = 16 * torch.finfo(torch.float32).eps * rounding_scale(clients, "x")
+    residual = (dw - module.delta().double()).norm().item()
+    d_tail = module.singular_values.double()[module.rank :].norm().item()
+    assert residual <= b * norm_d + d_tail + rounding
+    best = true[module.rank :].norm().item()
+    assert residual <= best + 2 * b * norm_d + rounding
+    assert relative_error(exact.delta(), dw) <= true[exact.rank :].norm().item() / true.norm().item() + 1e-6
+    if b < 1:
+        kept = 1 - (residual / true.norm().item()) ** 2
+        assert kept >= 1 - ((b + (1 - tau) ** 0.5) / (1 - b)) ** 2 - 1e-6
+    if not accumulator.folding:
+        assert module.rank == exact.rank
+
+
+@pytest.mark.parametrize("tau", [0.9, 0.999])
+@pytest.mark.parametrize("small", [1e-3, 1.3e-3])
+def test_small_orthogonal_clients_under_a_folds_rounding_floor_are_in_its_bound(tau, small):
+    """A client of rank 8 and 63 small ones of rank 4 on directions of their own, folded sixteen
+    columns at a time from float32 adapters. A fold keeps 8 components; in float32 Gram matrices
+    the small clients' (singular values 1e-3 of the largest) fell below the rounding floor, sqrt(16
+    eps) = 1.4e-3, were zeroed and counted nowhere: the old code reported a bound of 0 with an
+    error of 0.56% of the update."""
+    generator = torch.Generator().manual_seed(int(small * 1e4))
+    m = n = 512
+    left, right = orthonormal(generator, m, 8 + 4 * 63), orthonormal(generator, n, 8 + 4 * 63)
+
+    def client(columns: slice, value: float) -> ClientAdapter:
+        root = value**0.5
+        return ClientAdapter({"x": LoraFactors(A=(right[:, columns] * root).T.float().contiguous(), B=(left[:, columns] * root).float().contiguous(), scale=1.0)}, 1.0)
+
+    clients = [client(slice(0, 8), 1.0)] + [client(slice(8 + 4 * k, 12 + 4 * k), small) for k in range(63)]
+    accumulator, result = streamed(clients, tau=tau, memory_budget_mb=budget_mb(clients, 16))
+    assert accumulator.folding
+    module, dw = result.modules["x"], dense_update(clients, "x")
+    norm_d = module.singular_values.double().norm().item()
+    d_tail = module.singular_values.double()[module.rank :].norm().item()
+    rounding = 16 * torch.finfo(torch.float32).eps * rounding_scale(clients, "x")
+    assert (dw - module.delta().double()).norm().item() <= module.error_bound * norm_d + d_tail + rounding
 
 
 @FEW
 @given(clients=any_federations(), data=st.data())
 def test_folding_is_lossless_at_tau_one_while_the_carried_rank_holds_the_numerical_rank(clients, data):
-    """Stacks wider than small layers fold, but a fold at tau = 1 keeps four times the numerical
-    rank, up to min(m, n): nothing above the floor is dropped."""
+    """Stacks wider than small layers fold, but a fold at tau = 1 keeps four times what it resolves,
+    up to min(m, n): nothing it resolves is dropped, and what it cannot resolve is within its bound."""
     shape = st.tuples(st.integers(2, 6), st.integers(2, 6))
     m, n = data.draw(shape)
     clients = [
@@ -830,10 +982,10 @@ def test_folding_is_lossless_at_tau_one_while_the_carried_rank_holds_the_numeric
     for name, module in result.modules.items():
         dw = dense_update(clients * 3, name)
         dense = torch.linalg.svdvals(dw)
-        low, high = numerical_rank_bounds(dense, (m, n), torch.float64)
-        assert low <= module.rank <= high
-        best = dense[module.rank :].square().sum().sqrt().item()
-        assert (module.delta().double() - dw).norm().item() <= best + 1e-9 * rounding_scale(clients, name)
+        assert int((dense > 1e-6 * dense[0]).sum()) <= module.rank <= min(m, n)
+        assert module.error_bound < 1e-5
+        bound = module.error_bound * module.singular_values.double().norm().item()
+        assert (module.delta().double() - dw).norm().item() <= bound + 1e-9 * rounding_scale(clients, name)
 
 
 def sharing_directions(count: int, m: int = 48, n: int = 40, rank: int = 8, seed: int = 0) -> list[ClientAdapter]:
@@ -874,9 +1026,9 @@ def test_folding_holds_a_bounded_width_whatever_the_number_of_clients():
     widths = {}
     for count in (30, 120):
         seen = []
-        def recorded(carried, new, rule, precision):
+        def recorded(carried, new, rule, tolerance):
             seen.append(carried[0].shape[-1] + new[0].shape[-1])
-            return fold_route(carried, new, rule, precision)
+            return fold_route(carried, new, rule, tolerance)
 
         with mock.patch("florist.aggregation.stream.fold_route", side_effect=recorded):
             accumulator, _ = streamed(sharing_directions(count), tau=0.9)
@@ -949,11 +1101,11 @@ def test_budget_buys_components_in_the_criterion_order_within_the_exact_bytes(bu
     assert sum(sum(BUDGET_SHAPES[name]) * 2 * rank for name, rank in ranks.items()) <= budget
 
 
-def test_budget_respects_min_rank_max_rank_and_the_numerical_floor():
+def test_budget_respects_min_rank_max_rank_and_never_buys_an_unresolved_component():
     assert allocate_ranks(BUDGET_SPECTRA, BUDGET_SHAPES, 112, 2, min_rank=2) == {"q": 2, "v": 2}
     assert allocate_ranks(BUDGET_SPECTRA, BUDGET_SHAPES, 1000, 2, max_rank=1) == {"q": 1, "v": 1}
     spectra = {"q": torch.tensor([1.0, 1e-9, 0.0]), "v": torch.tensor([0.0, 0.0, 0.0])}
-    assert allocate_ranks(spectra, BUDGET_SHAPES, 1000, 2, rtol={"q": 1e-6, "v": 1e-6}) == {"q": 1, "v": 1}
+    assert allocate_ranks(spectra, BUDGET_SHAPES, 1000, 2) == {"q": 2, "v": 1}
     assert minimum_download_bytes(BUDGET_SHAPES, 2, 2) == 112
     with pytest.raises(AggregationError, match=r"^download budget of .* \(111 bytes\) is below the .* \(112 bytes\) that rank 2 in each of 2 modules needs$"):
         allocate_ranks(BUDGET_SPECTRA, BUDGET_SHAPES, 111, 2, min_rank=2)
@@ -1005,8 +1157,8 @@ def test_a_budget_is_never_exceeded_and_left_unspent_only_where_nothing_fits(cli
     assert spent <= budget
     for name, module in result.modules.items():
         s = module.singular_values
-        more = module.rank < len(s) and s[module.rank] > FLoRIST.rtol(shapes[name], torch.float32) * s[0]
-        # Any module with a component left above its floor could not afford it.
+        more = module.rank < len(s) and s[module.rank] > 0
+        # Any module with a resolved component left could not afford it.
         assert not more or spent + sum(shapes[name]) * 4 > budget
 
 
@@ -1050,8 +1202,9 @@ def test_fold_route_is_the_gram_route_of_the_stack_it_never_forms(clients, split
         A = torch.cat([c.weight * c.modules[name].scale * c.modules[name].A for c in clients], -2)[None]
         cut = min(split, B.shape[-1])
         rule = partial(energy_rank, tau=tau)
-        b_fold, a_fold, s_fold, ranks_fold = fold_route((B[..., :cut], A[:, :cut]), (B[..., cut:], A[:, cut:]), rule)
-        b_gram, a_gram, s_gram, ranks_gram = gram_route(B, A, rule)
+        b_fold, a_fold, s_fold, ranks_fold, unresolved_fold = fold_route((B[..., :cut], A[:, :cut]), (B[..., cut:], A[:, cut:]), rule)
+        b_gram, a_gram, s_gram, ranks_gram, unresolved_gram = gram_route(B, A, rule)
+        assert torch.allclose(unresolved_fold, unresolved_gram, rtol=1e-6)
         assert torch.equal(ranks_fold, ranks_gram)
         # Both square the spectrum: each resolves singular values down to about sqrt(eps) of the largest.
         assert torch.allclose(s_fold, s_gram, rtol=1e-10, atol=1e-8 * s_gram[0, 0].item())

@@ -8,7 +8,7 @@ from florist.aggregation.flexlora import FlexLoRA
 from florist.aggregation.flora import FLoRA
 from florist.aggregation.florist import DEFAULT_TAU, FLoRIST
 from florist.aggregation.norms import adapter_norm, tensors_norm, update_norm
-from florist.aggregation.spectral import ROUTES, energy_rank, gram_precision
+from florist.aggregation.spectral import ROUTES, energy_rank
 from florist.aggregation.stream import StreamingAccumulator, carried_rank_limit, exact_rank_limit
 from florist.aggregation.truncation import cut, cut_ranks, truncate_update
 from florist.aggregation.types import (
@@ -57,7 +57,6 @@ __all__ = [
     "exact_rank_limit",
     "LoraFactors",
     "energy_rank",
-    "gram_precision",
     "lora_scale",
     "cut",
     "cut_ranks",

@@ -89,13 +89,16 @@ class ModuleBatch:
         scales = self.folded_scale()
         return self.padded_average("B", self.coefficients() / scales[:, None]), scales
 
-    def module(self, g: int, B: Tensor, A: Tensor, scale: float = 1.0, singular_values: Tensor | None = None) -> GlobalModule:
+    def module(
+        self, g: int, B: Tensor, A: Tensor, scale: float = 1.0, singular_values: Tensor | None = None, error_bound: float = 0.0
+    ) -> GlobalModule:
         """Package one module's result in the input dtype (singular values stay in the compute dtype)."""
         return GlobalModule(
             A=A.to(self.output_dtype).contiguous(),
             B=B.to(self.output_dtype).contiguous(),
             scale=scale,
             singular_values=singular_values,
+            error_bound=error_bound,
         )
 
 

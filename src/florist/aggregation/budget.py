@@ -54,12 +54,11 @@ def allocate_ranks(
     criterion: str = "per-byte",
     min_rank: int = 1,
     max_rank: int | None = None,
-    rtol: Mapping[str, float] | None = None,
 ) -> dict[str, int]:
     """The rank of every module: the most valuable components under `criterion` whose bytes fit.
 
-    `spectra` are each module's singular values, descending. A component at or below its module's
-    numerical floor (`rtol` times the largest) is never bought; `min_rank` is given to every
+    `spectra` are each module's singular values, descending. A zero one (a component the route
+    could not tell from zero) is never bought; `min_rank` is given to every
     module whatever its spectrum (at most its length), `max_rank` caps any module.
     """
     if criterion not in CRITERIA:
@@ -70,8 +69,7 @@ def allocate_ranks(
         s = s.double()
         cap = len(s) if max_rank is None else min(len(s), max_rank)
         ranks[name] = min(min_rank, cap)
-        floor = (rtol or {}).get(name, 0.0) * (s[0].item() if len(s) else 0.0)
-        usable = min(cap, int((s > floor).sum()))
+        usable = min(cap, int((s > 0).sum()))
         power = s[ranks[name] : usable].square()
         if criterion != "absolute":
             total = s.square().sum()

@@ -55,7 +55,9 @@ class FlexLoRA(Aggregator):
         """(g, name, (U S, V^T, singular values)) per module, every component kept."""
         b_stack, a_stack = batch.stacked()
         if self.route == "qr":
-            left, right, s, _ = qr_route(b_stack, a_stack, lambda values: torch.full(values.shape[:-1], values.shape[-1]))
+            # In the compute dtype, as the paper's dense SVD: each client's truncation drops far more
+            # than its rounding (tolerance 1 never asks for float64).
+            left, right, s, _, _ = qr_route(b_stack, a_stack, lambda values: torch.full(values.shape[:-1], values.shape[-1]), tolerance=1.0)
             yield from ((g, name, (left[g], right[g], s[g])) for g, name in enumerate(batch.names))
             return
         # One module at a time: a dense update is m x n, the memory this route cannot avoid.

@@ -12,12 +12,14 @@ from torch import Tensor
 
 from florist.aggregation.base import Aggregator, ModuleBatch
 from florist.aggregation.budget import CRITERIA, allocate_ranks, component_bytes
-from florist.aggregation.spectral import ROUTES, RankRule, energy_rank, gram_precision
+from florist.aggregation.spectral import ROUTES, RankRule, energy_rank
 from florist.aggregation.stream import StreamingAccumulator
 from florist.aggregation.truncation import cut
-from florist.aggregation.types import Aggregate, AggregationError, ClientAdapter, GlobalModule
+from florist.aggregation.types import Aggregate, AggregationError, ClientAdapter, GlobalModule, relative_bound
 
 DEFAULT_TAU = 0.9
+RESOLVED_SHARE = 0.1
+"""How finely the route resolves the energy share, as a share of what tau's cut drops."""
 
 
 @dataclass(frozen=True)
@@ -77,33 +79,28 @@ class FLoRIST(Aggregator):
     def budget_bytes(self) -> int | None:
         return None if self.download_budget_mb is None else int(self.download_budget_mb * 2**20)
 
-    @staticmethod
-    def rtol(shape: tuple[int, int], dtype: torch.dtype) -> float:
-        """Below max(m, n) eps of the largest singular value a component is rounding noise of dW in
-        the compute dtype (torch.linalg.matrix_rank's floor): tau = 1 keeps the numerical rank."""
-        return max(shape) * torch.finfo(dtype).eps
-
     def affordable(self, shape: tuple[int, int]) -> int:
         """The most components of a module of this shape that the whole download budget buys."""
         return max(self.min_rank, self.budget_bytes // component_bytes(shape, self.wire_bytes))
 
-    def rank_rule(self, shape: tuple[int, int], dtype: torch.dtype) -> RankRule:
-        """Per module: tau's rank; with a budget, every component above the floor it could buy
-        (at least min_rank), to be cut by `spend_budget` once every module's spectrum is known."""
-        rtol = self.rtol(shape, dtype)
+    @property
+    def tolerance(self) -> float:
+        """The share of each module's energy its route may leave unresolved (aggregation/spectral.py):
+        a tenth of what tau's cut drops, so the rank meets tau on the true spectrum to within that;
+        none at tau = 1 or with a budget, which may buy any component."""
+        return 0.0 if self.tau is None else (1.0 - self.tau) * RESOLVED_SHARE
+
+    def rank_rule(self, shape: tuple[int, int]) -> RankRule:
+        """Per module: tau's rank; with a budget, every resolved component it could buy (at least
+        min_rank), to be cut by `spend_budget` once every module's spectrum is known."""
         if self.budget_bytes is None:
-            return partial(energy_rank, tau=self.tau, max_rank=self.max_rank, rtol=rtol)
+            return partial(energy_rank, tau=self.tau, max_rank=self.max_rank)
         cap = min(self.affordable(shape), self.max_rank or self.affordable(shape))
 
         def rule(s: Tensor) -> Tensor:
-            usable = energy_rank(s, 1.0, rtol=rtol)
-            return usable.clamp(min=min(self.min_rank, s.shape[-1]), max=cap)
+            return energy_rank(s, 1.0).clamp(min=min(self.min_rank, s.shape[-1]), max=cap)
 
         return rule
-
-    def precision(self, width: int, dtype: torch.dtype) -> torch.dtype:
-        """A budget may buy any component, so its spectra are computed as finely as tau = 1's."""
-        return gram_precision(width, 1.0 if self.tau is None else self.tau, dtype)
 
     def spend_budget(self, modules: Mapping[str, GlobalModule]) -> dict[str, GlobalModule]:
         """Cut every module to the rank `allocate_ranks` gives it; without a budget, as they are."""
@@ -118,7 +115,6 @@ class FLoRIST(Aggregator):
             self.budget_criterion,
             self.min_rank,
             self.max_rank,
-            {name: self.rtol(shapes[name], m.singular_values.dtype) for name, m in modules.items()},
         )
         return cut(modules, ranks)
 
@@ -130,12 +126,15 @@ class FLoRIST(Aggregator):
 
     def combine(self, batch: ModuleBatch):
         b_stack, a_stack = batch.stacked()
-        route = ROUTES[self.route]
-        if self.route == "gram":
-            route = partial(route, precision=self.precision(sum(batch.ranks), batch.compute_dtype))
-        b_global, a_global, s, ranks = route(b_stack, a_stack, self.rank_rule(batch.shape, batch.compute_dtype))
+        factored = ROUTES[self.route](b_stack, a_stack, self.rank_rule(batch.shape), tolerance=self.tolerance)
         modules = {
-            name: batch.module(g, b_global[g, :, :p], a_global[g, :p], singular_values=s[g])
-            for g, (name, p) in enumerate(zip(batch.names, ranks.tolist()))
+            name: batch.module(
+                g,
+                factored.left[g, :, :p],
+                factored.right[g, :p],
+                singular_values=factored.singular_values[g],
+                error_bound=relative_bound(factored.unresolved[g], factored.singular_values[g]),
+            )
+            for g, (name, p) in enumerate(zip(batch.names, factored.ranks.tolist()))
         }
         return modules, None

@@ -1,16 +1,23 @@
 """Spectral decomposition of stacked LoRA factors, batched over modules.
 
 Every route factors the product `B @ A` of a stack B (G x m x R) and A (G x R x n) without
-forming it, and returns the rank-`p` truncation of its SVD as a pair (U_p S_p, V_p^T) for the
-per-module rank that `choose_rank` picks from the singular values. The routes are exact and
-differ only in speed and rounding (see BENCHMARKS.md); `gram` is the default.
+forming it, and returns a `Factored`: the rank-`p` truncation of its SVD as a pair (U_p S_p, V_p^T)
+for the per-module rank that `choose_rank` picks from the singular values, the singular values
+themselves, and a bound on what the route could not resolve. The routes differ in speed and
+rounding (see BENCHMARKS.md); `gram` is the default.
 
-Every route returns the singular values in descending order, in the dtype it computed them in.
+Precision. `tolerance` is the share of the update's energy that a caller may leave unresolved:
+FLoRIST passes 1 - tau (below the cut the rank rule never looks) and 0 where every component
+counts (tau = 1, a budget, a fold of the stream). A route computes in its input dtype where that
+resolves the stack so finely, judged before from the stack's width and after from how much its
+terms cancelled, and in float64 otherwise. A component it cannot tell from zero is returned as a
+zero singular value, never kept, and bounded in `unresolved`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -19,22 +26,35 @@ RankRule = Callable[[Tensor], Tensor]
 """Maps singular values (G x R, descending) to the rank to keep per module (G,)."""
 
 
-def energy_rank(singular_values: Tensor, tau: float, max_rank: int | None = None, rtol: float | None = None) -> Tensor:
+class Factored(NamedTuple):
+    """A route's answer for a batch of G modules."""
+
+    left: Tensor
+    """G x m x p: U_p S_p, zero past each module's rank (p the largest rank), in B's dtype."""
+    right: Tensor
+    """G x p x n: V_p^T, zero past each module's rank, in A's dtype."""
+    singular_values: Tensor
+    """G x R, descending, in the dtype the route computed in: 0 where it could not tell a component from zero."""
+    ranks: Tensor
+    """(G,): the rank `choose_rank` picked."""
+    unresolved: Tensor
+    """(G,), float64: ||B A - D||_F <= unresolved for the decomposition D with these singular values."""
+
+
+def energy_rank(singular_values: Tensor, tau: float, max_rank: int | None = None) -> Tensor:
     """Smallest p per module whose leading singular values hold a share >= tau of the energy.
 
-    Components at or below `rtol` times the largest (the numerical floor, as in
-    `torch.linalg.matrix_rank`; default: the count of values times their dtype's epsilon) never
-    count, so tau = 1 keeps the numerical rank rather than rounding noise. At least one is kept.
+    A zero singular value (a component the route could not tell from zero) never counts, so tau = 1
+    keeps every component the route resolved and nothing else. At least one is kept.
     """
     s = singular_values.double()
-    power = s.square()
-    cumulative = power.cumsum(-1)
-    total = cumulative[..., -1:]
-    # The relative slack absorbs float64 rounding in the cumulative sum, nothing more.
-    rank = (cumulative < tau * total * (1 - 1e-12)).sum(-1) + 1
-    if rtol is None:
-        rtol = s.shape[-1] * torch.finfo(singular_values.dtype).eps
-    rank = torch.minimum(rank, (s > s[..., :1] * rtol).sum(-1))
+    rank = (s > 0).sum(-1)
+    if tau < 1:
+        cumulative = s.square().cumsum(-1)
+        # The relative slack absorbs float64 rounding in the cumulative sum, nothing more. At tau = 1
+        # it would cut a tail of up to 1e-12 of the energy (1e-6 of the norm): there every resolved
+        # component is counted instead.
+        rank = torch.minimum(rank, (cumulative < tau * cumulative[..., -1:] * (1 - 1e-12)).sum(-1) + 1)
     if max_rank is not None:
         rank = rank.clamp(max=max_rank)
     return rank.clamp(min=1)
@@ -67,129 +87,223 @@ def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
         return values.to(matrix.dtype), vectors.to(matrix.dtype)
 
 
-def _whiten(gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Eigen-decompose a PSD Gram matrix; returns (V, sqrt(eigvals) or 0, 1/sqrt(eigvals) or 0).
-
-    Directions whose eigenvalue is below the rounding floor of the Gram matrix carry no
-    information: both their root and its inverse are zero. A zero inverse avoids amplifying
-    noise (the guard); a zero root keeps the noise direction out of the core, where in fp32
-    its ~sqrt(eps) weight would otherwise surface as a spurious singular value at tau = 1.
-    """
-    eigvals, eigvecs = _eigh(gram)
-    floor = eigvals[..., -1:].clamp(min=0) * gram.shape[-1] * torch.finfo(gram.dtype).eps
-    resolved = eigvals > floor
-    root = torch.where(resolved, eigvals, torch.zeros_like(eigvals)).sqrt()
-    inverse_root = torch.where(resolved, root.reciprocal(), torch.zeros_like(root))
-    return eigvecs, root, inverse_root
-
-
-def gram_precision(width: int, tau: float, dtype: torch.dtype) -> torch.dtype:
-    """The dtype in which the gram route forms its Gram matrices for a stack `width` columns wide.
-
-    The route squares the spectrum: with Gram matrices of machine epsilon eps it cannot resolve
-    an energy share below about width^2 * eps (fp32, 8 clients: 2.8e-3; 32 clients of rank 16:
-    3.1e-2; tests/test_aggregation.py measures it). When tau asks for finer than that (always at
-    tau = 1), the Gram matrices and all R x R work are in float64 instead: only the two Gram
-    products get dearer, the large products stay in `dtype`.
-    """
-    if dtype == torch.float64:
+def working_dtype(dtype: torch.dtype, tolerance: float, share: Callable[[float], float]) -> torch.dtype:
+    """`dtype` where a route whose rounding leaves `share(eps)` of the energy unresolved meets
+    `tolerance` in it, else float64."""
+    if dtype == torch.float64 or share(torch.finfo(dtype).eps) <= tolerance:
         return dtype
-    return dtype if width * width * torch.finfo(dtype).eps <= 1 - tau else torch.float64
+    return torch.float64
 
 
-def gram_route(B: Tensor, A: Tensor, choose_rank: RankRule, precision: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Two R x R eigendecompositions and three large matrix products.
+def gram_share(width: int) -> Callable[[float], float]:
+    """What the gram route leaves unresolved on a stack `width` columns wide whose terms do not
+    cancel: it squares the spectrum, so it resolves each component to about sqrt(width eps) of
+    the largest, up to 2 width^2 eps of the energy in all (fp32, 8 clients: 5.5e-3; 32 clients of
+    rank 16: 6.3e-2). A stack that cancels resolves less; `gram_route` measures it."""
+    return lambda eps: 2 * width * width * eps
 
-    With B = B_1 D (D the column norms of B) and B_1^T B_1 = V L V^T, the columns of
-    B_1 V L^{-1/2} are orthonormal and B A = (B_1 V L^{-1/2}) (L^{1/2} V^T D A). The singular
-    values of B A are those of the R x n factor, whose left vectors U_P come from the R x R
-    matrix M = L^{1/2} V^T (D A A^T D) V L^{1/2}. `precision` (default: B's dtype) is the dtype
-    of the Gram matrices and of every R x R step.
-    """
-    precision = precision or B.dtype
+
+def svd_share(width: int) -> Callable[[float], float]:
+    """What the qr and svd routes leave unresolved, terms not cancelling: each component to about
+    2 width eps of the largest, up to 4 width^3 eps^2 of the energy in all."""
+    return lambda eps: 4 * width**3 * eps * eps
+
+
+def _wide_products(B: Tensor, A: Tensor, to_left: Tensor, to_right: Tensor) -> tuple[Tensor, Tensor]:
+    """B @ to_left and to_right @ A in the precision of the small factors, returned in B's and A's
+    dtype: where the route needed float64, the terms of the stack cancel, and so would the rounding
+    of a float32 product."""
+    wide = to_left.dtype
+    if wide == B.dtype:
+        return B @ to_left, to_right @ A
+    return (B.to(wide) @ to_left).to(B.dtype), (to_right @ A.to(wide)).to(A.dtype)
+
+
+# ---------------------------------------------------------------- the gram route
+
+
+class _GramSpectrum(NamedTuple):
+    norms: Tensor  # the column norms D of B
+    v: Tensor  # eigenvectors of B's Gram matrix with unit columns
+    root: Tensor  # their eigenvalues' roots, 0 where unresolved
+    inverse_root: Tensor  # the inverse roots, 0 where unresolved
+    u: Tensor  # the core's eigenvectors, by descending eigenvalue
+    s: Tensor  # singular values of B A, 0 where unresolved
+    unresolved: Tensor  # (G,) float64
+
+
+def _grams(B: Tensor, A: Tensor, precision: torch.dtype) -> tuple[Tensor, Tensor]:
     b_wide = B.to(precision)
     b_gram = b_wide.mT @ b_wide
     del b_wide
     a_wide = A.to(precision)
-    a_gram = a_wide @ a_wide.mT
-    del a_wide
-    to_left, to_right, s, ranks = _from_grams(b_gram, a_gram, choose_rank)
-    return B @ to_left.to(B.dtype), to_right.to(A.dtype) @ A, s, ranks
+    return b_gram, a_wide @ a_wide.mT
 
 
-def fold_route(
-    carried: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor], choose_rank: RankRule, precision: torch.dtype | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _gram_spectrum(b_gram: Tensor, a_gram: Tensor) -> _GramSpectrum:
+    """The spectrum of B A from B^T B and A A^T alone, and a bound on what their rounding hides.
+
+    Unit columns in B, their norms D moved into A's rows: the whitening then sees the directions of
+    the stack alone, not the scales of its clients (which spread over decades), so a client whose B
+    is small but whose A is large is not dropped under B's rounding floor. With B_1 = B D^-1 and
+    B_1^T B_1 = V L V^T, the columns of B_1 V L^{-1/2} are orthonormal and the singular values of
+    B A are the roots of the eigenvalues of the core L^{1/2} V^T (D A A^T D) V L^{1/2}.
+
+    Two floors, each `width eps` times the scale of the matrix it is read from, bound what the
+    rounding of that matrix can hide:
+    - a direction of B_1 whose eigenvalue is below its floor carries no information: its inverse
+      root would amplify noise and its root would surface as a spurious singular value, so both
+      are zero. Its true eigenvalue is below twice the floor, and the part of B A it held, whose
+      square is its eigenvalue times its row of V^T D A squared, is bounded by that.
+    - the core's rounding scales with its largest eigenvalue and with sum_i ||b_i||^2 ||a_i||^2,
+      the energy of the stack's terms one by one, which exceeds the update's energy as far as the
+      terms cancel. An eigenvalue below that floor is zero, and each of the `width` may be off by
+      up to twice the floor: that much energy per component is unresolved.
+    """
+    eps, width = torch.finfo(b_gram.dtype).eps, b_gram.shape[-1]
+    norms = b_gram.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
+    inverse_norms = torch.where(norms > 0, norms.reciprocal(), torch.zeros_like(norms))
+    scaled_a = a_gram * norms[:, :, None] * norms[:, None, :]  # D A A^T D
+    eigvals_b, v = _eigh(b_gram * inverse_norms[:, :, None] * inverse_norms[:, None, :])
+    floor_b = eigvals_b[..., -1:].clamp(min=0) * width * eps
+    resolved_b = eigvals_b > floor_b
+    root = torch.where(resolved_b, eigvals_b, torch.zeros_like(eigvals_b)).sqrt()
+    inverse_root = torch.where(resolved_b, root.reciprocal(), torch.zeros_like(root))
+    half = v * root[:, None, :]  # V L^{1/2}
+    eigvals, u = _eigh(half.mT @ scaled_a @ half)
+    eigvals, u = eigvals.flip(-1), u.flip(-1)
+    stack_energy = scaled_a.diagonal(dim1=-2, dim2=-1).clamp(min=0).sum(-1, keepdim=True)
+    floor_core = width * eps * torch.maximum(eigvals[..., :1], stack_energy)
+    resolved = eigvals > floor_core
+    s = torch.where(resolved, eigvals, torch.zeros_like(eigvals)).sqrt()
+    held = ((v.mT @ scaled_a) * v.mT).sum(-1)  # per direction of B_1: its row of V^T D A, squared
+    hidden = 2 * floor_b[:, 0] * (held * ~resolved_b).sum(-1) + 2 * floor_core[:, 0] * width
+    return _GramSpectrum(norms, v, root, inverse_root, u, s, hidden.double().clamp(min=0).sqrt())
+
+
+def _gram_factors(spectrum: _GramSpectrum, ranks: Tensor) -> tuple[Tensor, Tensor]:
+    """(to_left, to_right) with B @ to_left = U_p S_p and to_right @ A = V_p^T."""
+    norms, v, root, inverse_root, u, s, _ = spectrum
+    p = int(ranks.max())
+    s_kept, keep = _kept(s, ranks)
+    inverse_norms = torch.where(norms > 0, norms.reciprocal(), torch.zeros_like(norms))
+    to_left = inverse_norms[:, :, None] * ((v * inverse_root[:, None, :]) @ u[:, :, :p]) * s_kept[:, None, :]
+    # A_g = S^-1 U_p^T (B A) = S^-1 U_P^T L^{1/2} V^T D A; zero singular values stay zero.
+    inverse_s = torch.where(keep > 0, s[:, :p].reciprocal(), torch.zeros_like(s_kept))
+    to_right = (u[:, :, :p].mT @ (v * root[:, None, :]).mT) * inverse_s[:, :, None] * norms[:, None, :]
+    return to_left, to_right
+
+
+def _resolved_spectrum(grams: Callable[[torch.dtype], tuple[Tensor, Tensor]], dtype: torch.dtype, width: int, tolerance: float) -> _GramSpectrum:
+    """The spectrum from Gram matrices in `dtype` where they resolve `tolerance`, else in float64:
+    decided before from the width, and after from what the spectrum left unresolved (a stack
+    whose terms cancel, as a warm start's [B | -B0] does, needs float64 at any width)."""
+    precision = working_dtype(dtype, tolerance, gram_share(width))
+    spectrum = _gram_spectrum(*grams(precision))
+    if precision != torch.float64:
+        resolved = spectrum.s.double().square().sum(-1)
+        unresolved = spectrum.unresolved.square()
+        if (unresolved > tolerance * (resolved + unresolved)).any():
+            spectrum = _gram_spectrum(*grams(torch.float64))
+    return spectrum
+
+
+def gram_route(B: Tensor, A: Tensor, choose_rank: RankRule, tolerance: float = 0.0) -> Factored:
+    """Two R x R eigendecompositions and three large matrix products (see `_gram_spectrum`)."""
+    spectrum = _resolved_spectrum(lambda precision: _grams(B, A, precision), B.dtype, B.shape[-1], tolerance)
+    ranks = choose_rank(spectrum.s)
+    to_left, to_right = _gram_factors(spectrum, ranks)
+    return Factored(*_wide_products(B, A, to_left, to_right), spectrum.s, ranks, spectrum.unresolved)
+
+
+def fold_route(carried: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor], choose_rank: RankRule, tolerance: float = 0.0) -> Factored:
     """`gram_route` of the stack [B_c | B_n] [A_c ; A_n] without forming it: the Gram matrices by
     blocks (the cross block once), the outputs as sums of two products. A running decomposition
     (carried, c columns, possibly none) folds in the clients waiting (new) without a copy of itself."""
     (b_carried, a_carried), (b_new, a_new) = carried, new
-    precision = precision or b_new.dtype
     c = b_carried.shape[-1]
 
-    def gram(left: Tensor, right: Tensor) -> Tensor:
-        return left.to(precision).mT @ right.to(precision)
+    def grams(precision: torch.dtype) -> tuple[Tensor, Tensor]:
+        def gram(left: Tensor, right: Tensor) -> Tensor:
+            return left.to(precision).mT @ right.to(precision)
 
-    def blocks(top: Tensor, cross: Tensor, bottom: Tensor) -> Tensor:
-        return torch.cat([torch.cat([top, cross], -1), torch.cat([cross.mT, bottom], -1)], -2)
+        def blocks(top: Tensor, cross: Tensor, bottom: Tensor) -> Tensor:
+            return torch.cat([torch.cat([top, cross], -1), torch.cat([cross.mT, bottom], -1)], -2)
 
-    b_gram = blocks(gram(b_carried, b_carried), gram(b_carried, b_new), gram(b_new, b_new))
-    a_gram = blocks(gram(a_carried.mT, a_carried.mT), gram(a_carried.mT, a_new.mT), gram(a_new.mT, a_new.mT))
-    to_left, to_right, s, ranks = _from_grams(b_gram, a_gram, choose_rank)
-    to_left, to_right = to_left.to(b_new.dtype), to_right.to(a_new.dtype)
-    b_global = torch.baddbmm(b_new @ to_left[:, c:], b_carried, to_left[:, :c])
-    a_global = torch.baddbmm(to_right[:, :, c:] @ a_new, to_right[:, :, :c], a_carried)
-    return b_global, a_global, s, ranks
+        b_gram = blocks(gram(b_carried, b_carried), gram(b_carried, b_new), gram(b_new, b_new))
+        a_gram = blocks(gram(a_carried.mT, a_carried.mT), gram(a_carried.mT, a_new.mT), gram(a_new.mT, a_new.mT))
+        return b_gram, a_gram
 
-
-def _from_grams(b_gram: Tensor, a_gram: Tensor, choose_rank: RankRule) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The gram route's R x R work: (to_left, to_right, s, ranks) with B @ to_left = U_p S_p and
-    to_right @ A = V_p^T, from B^T B and A A^T alone."""
-    # Unit columns in B, their norms moved into A's rows: the whitening then sees the directions
-    # of the stack alone, not the scales of its clients (which spread over decades), so a client
-    # whose B is small but whose A is large is not dropped under B's rounding floor.
-    norms = b_gram.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
-    inverse_norms = torch.where(norms > 0, norms.reciprocal(), torch.zeros_like(norms))
-    v, root, inverse_root = _whiten(b_gram * inverse_norms[:, :, None] * inverse_norms[:, None, :])
-    half = v * root[:, None, :]  # V L^{1/2}
-    core = half.mT @ (a_gram * norms[:, :, None] * norms[:, None, :]) @ half
-    eigvals, u = _eigh(core)
-    eigvals, u = eigvals.flip(-1), u.flip(-1)
-    # The core holds squared singular values, so rounding leaves eigenvalues near eps * s_max^2
-    # whose roots (~sqrt(eps) * s_max) would pass for real components: below the core's own
-    # rounding floor they are zero. This is the gram route's resolution (see gram_precision).
-    floor = eigvals[..., :1] * core.shape[-1] * torch.finfo(core.dtype).eps
-    s = torch.where(eigvals > floor, eigvals, torch.zeros_like(eigvals)).sqrt()
-    ranks = choose_rank(s)
-    p = int(ranks.max())
-    s_kept, keep = _kept(s, ranks)
-    to_left = inverse_norms[:, :, None] * ((v * inverse_root[:, None, :]) @ u[:, :, :p]) * s_kept[:, None, :]
-    # A_g = S^-1 U_p^T (B A) = S^-1 U_P^T L^{1/2} V^T D A; zero singular values stay zero.
-    inverse_s = torch.where(keep > 0, s[:, :p].reciprocal(), torch.zeros_like(s_kept))
-    to_right = (u[:, :, :p].mT @ half.mT) * inverse_s[:, :, None] * norms[:, None, :]
-    return to_left, to_right, s, ranks
+    spectrum = _resolved_spectrum(grams, b_new.dtype, c + b_new.shape[-1], tolerance)
+    ranks = choose_rank(spectrum.s)
+    to_left, to_right = _gram_factors(spectrum, ranks)
+    b_global, a_global = _wide_products(b_new, a_new, to_left[:, c:], to_right[:, :, c:])
+    carried_left, carried_right = _wide_products(b_carried, a_carried, to_left[:, :c], to_right[:, :, :c])
+    return Factored(b_global + carried_left, a_global + carried_right, spectrum.s, ranks, spectrum.unresolved)
 
 
-def qr_route(B: Tensor, A: Tensor, choose_rank: RankRule) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+# ---------------------------------------------------------------- the qr and svd routes
+
+
+def _core_spectrum(core_svd: Callable[[torch.dtype], tuple[Tensor, Tensor, Tensor, Tensor]], dtype: torch.dtype, width: int, tolerance: float):
+    """(precision, the SVD parts, singular values with what is below the floor zeroed, unresolved)
+    for a route whose R x R core is decomposed by an SVD. Its rounding scales with the largest
+    singular value and with the root of sum_i ||b_i||^2 ||a_i||^2 (the stack's terms one by one,
+    larger as far as they cancel): below `width eps` times that, a value is zero, and each of the
+    `width` may be off by up to twice that floor."""
+
+    def attempt(precision: torch.dtype):
+        *parts, s, stack_energy = core_svd(precision)
+        floor = width * torch.finfo(precision).eps * torch.maximum(s[..., :1], stack_energy.sqrt()[..., None])
+        resolved = s > floor
+        unresolved = (2 * floor[:, 0]).double() * width**0.5
+        return precision, parts, torch.where(resolved, s, torch.zeros_like(s)), unresolved
+
+    precision, parts, s, unresolved = attempt(working_dtype(dtype, tolerance, svd_share(width)))
+    energy = s.double().square().sum(-1) + unresolved.square()
+    if precision != torch.float64 and (unresolved.square() > tolerance * energy).any():
+        precision, parts, s, unresolved = attempt(torch.float64)
+    return precision, parts, s, unresolved
+
+
+def _stack_energy(B: Tensor, A: Tensor) -> Tensor:
+    return (B.square().sum(-2) * A.square().sum(-1)).sum(-1)
+
+
+def qr_route(B: Tensor, A: Tensor, choose_rank: RankRule, tolerance: float = 0.0) -> Factored:
     """B = Q_B R_B and A^T = Q_A R_A; the SVD of the R x R core R_B R_A^T gives that of B A."""
-    q_b, r_b = torch.linalg.qr(B)
-    q_a, r_a = torch.linalg.qr(A.mT)
-    u, s, vh = torch.linalg.svd(r_b @ r_a.mT)
+
+    def core_svd(precision: torch.dtype):
+        b, a = B.to(precision), A.to(precision)
+        q_b, r_b = torch.linalg.qr(b)
+        q_a, r_a = torch.linalg.qr(a.mT)
+        u, s, vh = torch.linalg.svd(r_b @ r_a.mT)
+        return q_b, q_a, u, vh, s, _stack_energy(b, a)
+
+    precision, (q_b, q_a, u, vh), s, unresolved = _core_spectrum(core_svd, B.dtype, B.shape[-1], tolerance)
     ranks = choose_rank(s)
     s_kept, keep = _kept(s, ranks)
     p = s_kept.shape[-1]
-    return q_b @ (u[:, :, :p] * s_kept[:, None, :]), (vh[:, :p, :] * keep[:, :, None]) @ q_a.mT, s, ranks
+    left, right = q_b @ (u[:, :, :p] * s_kept[:, None, :]), (vh[:, :p, :] * keep[:, :, None]) @ q_a.mT
+    return Factored(left.to(B.dtype), right.to(A.dtype), s, ranks, unresolved)
 
 
-def svd_route(B: Tensor, A: Tensor, choose_rank: RankRule) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def svd_route(B: Tensor, A: Tensor, choose_rank: RankRule, tolerance: float = 0.0) -> Factored:
     """The paper's pipeline: thin SVD of each stack, then of P = S_B (V_B^T U_A) S_A."""
-    u_b, s_b, vh_b = torch.linalg.svd(B, full_matrices=False)
-    u_a, s_a, vh_a = torch.linalg.svd(A, full_matrices=False)
-    u, s, vh = torch.linalg.svd(s_b[:, :, None] * (vh_b @ u_a) * s_a[:, None, :])
+
+    def core_svd(precision: torch.dtype):
+        b, a = B.to(precision), A.to(precision)
+        u_b, s_b, vh_b = torch.linalg.svd(b, full_matrices=False)
+        u_a, s_a, vh_a = torch.linalg.svd(a, full_matrices=False)
+        u, s, vh = torch.linalg.svd(s_b[:, :, None] * (vh_b @ u_a) * s_a[:, None, :])
+        return u_b, vh_a, u, vh, s, _stack_energy(b, a)
+
+    precision, (u_b, vh_a, u, vh), s, unresolved = _core_spectrum(core_svd, B.dtype, B.shape[-1], tolerance)
     ranks = choose_rank(s)
     s_kept, keep = _kept(s, ranks)
     p = s_kept.shape[-1]
-    return u_b @ (u[:, :, :p] * s_kept[:, None, :]), (vh[:, :p, :] * keep[:, :, None]) @ vh_a, s, ranks
+    left, right = u_b @ (u[:, :, :p] * s_kept[:, None, :]), (vh[:, :p, :] * keep[:, :, None]) @ vh_a
+    return Factored(left.to(B.dtype), right.to(A.dtype), s, ranks, unresolved)
 
 
 ROUTES = {"gram": gram_route, "qr": qr_route, "svd": svd_route}

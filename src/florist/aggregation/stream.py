@@ -13,7 +13,6 @@ sum (CARRY_FACTOR), at most `carried_rank_limit`; what it drops is summed into
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -34,6 +33,7 @@ from florist.aggregation.types import (
     ClientAdapter,
     GlobalModule,
     check_total_weight,
+    relative_bound,
     check_weight,
 )
 
@@ -180,41 +180,45 @@ class StreamingAccumulator(Accumulator):
                 start = stop
         empty = (b_new[:, :, :0], a_new[:, :0])
         carried = self.carried.pop(index, empty)
-        rule = self.aggregator.rank_rule(shape, self.dtype) if final else self._carry_rule(names, shape)
-        precision = self.aggregator.precision(carried[0].shape[-1] + b_new.shape[-1], self.dtype)
-        b_global, a_global, s, ranks = fold_route(carried, (b_new, a_new), rule, precision)
+        rule = self.aggregator.rank_rule(shape) if final else self._carry_rule(names, shape)
+        # Every fold in float64: what a fold cannot resolve adds up over the folds, so no fold may
+        # leave the share of 1 - tau that one exact decomposition may.
+        factored = fold_route(carried, (b_new, a_new), rule, tolerance=0.0)
         del carried, b_new, a_new
+        s, eps = factored.singular_values, torch.finfo(self.dtype).eps
         out = {}
-        for g, (name, p) in enumerate(zip(names, ranks.tolist())):
-            dropped = self.dropped.get(name, 0.0)
+        for g, (name, p) in enumerate(zip(names, factored.ranks.tolist())):
+            dropped = self.dropped.get(name, 0.0) + factored.unresolved[g].item()
             if final:
                 # sum_k n_k s_k B_k A_k / sum_k n_k: the weights p_k are known only now.
-                norm = s[g].double().square().sum().sqrt().item()
-                bound = 0.0 if dropped == 0 else (dropped / norm if norm > 0 else math.inf)
                 out[name] = GlobalModule(
-                    A=a_global[g, :p].to(self.output_dtype).contiguous(),
-                    B=(b_global[g, :, :p] / self.total_weight).to(self.output_dtype).contiguous(),
+                    A=factored.right[g, :p].to(self.output_dtype).contiguous(),
+                    B=(factored.left[g, :, :p] / self.total_weight).to(self.output_dtype).contiguous(),
                     singular_values=s[g] / self.total_weight,
-                    error_bound=bound,
+                    error_bound=relative_bound(dropped, s[g]),
                 )
             else:
-                self.dropped[name] = dropped + s[g, p:].double().square().sum().sqrt().item()
+                # The tail the fold cut, and the rounding of the factors it carries in the compute
+                # dtype: (U S, V^T) rounded moves their product by at most eps sqrt(p) s_max.
+                tail = s[g, p:].double().square().sum().sqrt().item()
+                rounding = eps * p**0.5 * s[g, 0].double().item()
+                self.dropped[name] = dropped + tail + rounding
         if not final:
             # Past each module's rank the factors are zero (aggregation/spectral.py, _kept).
-            self.carried[index] = (b_global, a_global)
+            self.carried[index] = (factored.left, factored.right)
         return out
 
     def _carry_rule(self, names: list[str], shape: tuple[int, int]) -> Callable[[Tensor], Tensor]:
         """CARRY_FACTOR times the rank tau would keep of the running sum; with a download budget,
         all that the budget could buy of the module. At most the carried limit."""
         limits = torch.tensor([self.carry_limit[name] for name in names])
-        aggregator, rtol = self.aggregator, self.aggregator.rtol(shape, self.dtype)
+        aggregator = self.aggregator
 
         def rule(s: Tensor) -> Tensor:
             if aggregator.tau is None:
                 carried = torch.full(s.shape[:-1], aggregator.affordable(shape))
             else:
-                carried = CARRY_FACTOR * energy_rank(s, aggregator.tau, rtol=rtol)
+                carried = CARRY_FACTOR * energy_rank(s, aggregator.tau)
             return torch.minimum(carried, limits).clamp(max=s.shape[-1])
 
         return rule

@@ -19,10 +19,10 @@ def truncate_update(factors: LoraFactors, tau: float) -> LoraFactors:
     if not 0 < tau <= 1:
         raise AggregationError(f"client-side tau must be in (0, 1], got {tau}")
     b, a = factors.B.double()[None], (factors.A.double() * factors.scale)[None]
-    b_kept, a_kept, _, ranks = qr_route(b, a, partial(energy_rank, tau=tau))
-    rank = int(ranks[0])
+    factored = qr_route(b, a, partial(energy_rank, tau=tau))
+    rank = int(factored.ranks[0])
     dtype = factors.A.dtype
-    return LoraFactors(A=a_kept[0, :rank].to(dtype).contiguous(), B=b_kept[0, :, :rank].to(dtype).contiguous(), scale=1.0)
+    return LoraFactors(A=factored.right[0, :rank].to(dtype).contiguous(), B=factored.left[0, :, :rank].to(dtype).contiguous(), scale=1.0)
 
 
 def cut_ranks(modules: Mapping[str, GlobalModule], tau: float, max_rank: int | None = None) -> dict[str, int]:

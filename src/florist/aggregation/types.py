@@ -69,8 +69,9 @@ class GlobalModule:
     singular values that the kept rank holds.
 
     `error_bound` bounds how far the decomposition that `singular_values` come from may be
-    from the exact aggregate dW: ||dW - D||_F <= error_bound * ||D||_F. It is 0 when D was
-    computed exactly (up to rounding); FLoRIST's streaming route reports what its folds dropped.
+    from the exact aggregate dW: ||dW - D||_F <= error_bound * ||D||_F, up to the rounding of the
+    factors to their dtype. FLoRIST reports what its route could not resolve (aggregation/spectral.py)
+    and, streaming, what its folds dropped; 0 where nothing was lost.
     """
 
     A: Tensor
@@ -110,6 +111,16 @@ class Aggregate:
 
     def for_client(self, k: int) -> dict[str, GlobalModule]:
         return self.modules if self.per_client is None else self.per_client[k]
+
+
+def relative_bound(absolute: float | Tensor, singular_values: Tensor) -> float:
+    """An error bound in units of the update, as a share of the norm of the decomposition whose
+    spectrum is `singular_values` (GlobalModule.error_bound); infinite where that is zero."""
+    absolute = float(absolute)
+    if absolute == 0:
+        return 0.0
+    norm = singular_values.double().square().sum().sqrt().item()
+    return absolute / norm if norm > 0 else math.inf
 
 
 def check_weight(weight: float, k: int) -> None:
