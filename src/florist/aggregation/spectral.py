@@ -6,12 +6,12 @@ for the per-module rank that `choose_rank` picks from the singular values, the s
 themselves, and a bound on what the route could not resolve. The routes differ in speed and
 rounding (see BENCHMARKS.md); `gram` is the default.
 
-Precision. `tolerance` is the share of the update's energy that a caller may leave unresolved:
-FLoRIST passes 1 - tau (below the cut the rank rule never looks) and 0 where every component
-counts (tau = 1, a budget, a fold of the stream). A route computes in its input dtype where that
-resolves the stack so finely, judged before from the stack's width and after from how much its
-terms cancelled, and in float64 otherwise. A component it cannot tell from zero is returned as a
-zero singular value, never kept, and bounded in `unresolved`.
+Precision. `tolerance` is the share of the update's energy by which a caller lets the spectrum be
+uncertain: FLoRIST passes a tenth of 1 - tau, and 0 where every component counts (tau = 1, a
+budget, a fold of the stream). A route computes in its input dtype where that resolves the stack so
+finely, judged before from the stack's width and after from how much its terms cancelled, and in
+float64 otherwise. A component it cannot tell from zero is returned as a zero singular value, never
+kept, and bounded in `unresolved`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class Factored(NamedTuple):
     ranks: Tensor
     """(G,): the rank `choose_rank` picked."""
     unresolved: Tensor
-    """(G,), float64: ||B A - D||_F <= unresolved for the decomposition D with these singular values."""
+    """(G,), float64: ||B A - D||_F <= unresolved for the decomposition D with these singular values,
+    up to the rounding of the components it resolved."""
 
 
 def energy_rank(singular_values: Tensor, tau: float, max_rank: int | None = None) -> Tensor:
@@ -129,7 +130,8 @@ class _GramSpectrum(NamedTuple):
     inverse_root: Tensor  # the inverse roots, 0 where unresolved
     u: Tensor  # the core's eigenvectors, by descending eigenvalue
     s: Tensor  # singular values of B A, 0 where unresolved
-    unresolved: Tensor  # (G,) float64
+    unresolved: Tensor  # (G,) float64: the norm of what the zeroed components may have held
+    uncertainty: Tensor  # (G,) float64: the energy by which the spectrum may be off in all
 
 
 def _grams(B: Tensor, A: Tensor, precision: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -157,8 +159,8 @@ def _gram_spectrum(b_gram: Tensor, a_gram: Tensor) -> _GramSpectrum:
       square is its eigenvalue times its row of V^T D A squared, is bounded by that.
     - the core's rounding scales with its largest eigenvalue and with sum_i ||b_i||^2 ||a_i||^2,
       the energy of the stack's terms one by one, which exceeds the update's energy as far as the
-      terms cancel. An eigenvalue below that floor is zero, and each of the `width` may be off by
-      up to twice the floor: that much energy per component is unresolved.
+      terms cancel. An eigenvalue below that floor is zero, its true value below twice the floor;
+      and each of the `width` eigenvalues may be off by up to that much (the uncertainty).
     """
     eps, width = torch.finfo(b_gram.dtype).eps, b_gram.shape[-1]
     norms = b_gram.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
@@ -177,13 +179,14 @@ def _gram_spectrum(b_gram: Tensor, a_gram: Tensor) -> _GramSpectrum:
     resolved = eigvals > floor_core
     s = torch.where(resolved, eigvals, torch.zeros_like(eigvals)).sqrt()
     held = ((v.mT @ scaled_a) * v.mT).sum(-1)  # per direction of B_1: its row of V^T D A, squared
-    hidden = 2 * floor_b[:, 0] * (held * ~resolved_b).sum(-1) + 2 * floor_core[:, 0] * width
-    return _GramSpectrum(norms, v, root, inverse_root, u, s, hidden.double().clamp(min=0).sqrt())
+    hidden = 2 * floor_b[:, 0] * (held * ~resolved_b).sum(-1) + 2 * floor_core[:, 0] * (~resolved).sum(-1)
+    uncertainty = hidden.double() + 2 * floor_core[:, 0].double() * width
+    return _GramSpectrum(norms, v, root, inverse_root, u, s, hidden.double().clamp(min=0).sqrt(), uncertainty)
 
 
 def _gram_factors(spectrum: _GramSpectrum, ranks: Tensor) -> tuple[Tensor, Tensor]:
     """(to_left, to_right) with B @ to_left = U_p S_p and to_right @ A = V_p^T."""
-    norms, v, root, inverse_root, u, s, _ = spectrum
+    norms, v, root, inverse_root, u, s, _, _ = spectrum
     p = int(ranks.max())
     s_kept, keep = _kept(s, ranks)
     inverse_norms = torch.where(norms > 0, norms.reciprocal(), torch.zeros_like(norms))
@@ -200,12 +203,15 @@ def _resolved_spectrum(grams: Callable[[torch.dtype], tuple[Tensor, Tensor]], dt
     whose terms cancel, as a warm start's [B | -B0] does, needs float64 at any width)."""
     precision = working_dtype(dtype, tolerance, gram_share(width))
     spectrum = _gram_spectrum(*grams(precision))
-    if precision != torch.float64:
-        resolved = spectrum.s.double().square().sum(-1)
-        unresolved = spectrum.unresolved.square()
-        if (unresolved > tolerance * (resolved + unresolved)).any():
-            spectrum = _gram_spectrum(*grams(torch.float64))
+    if precision != torch.float64 and _too_uncertain(spectrum.s, spectrum.unresolved, spectrum.uncertainty, tolerance):
+        spectrum = _gram_spectrum(*grams(torch.float64))
     return spectrum
+
+
+def _too_uncertain(s: Tensor, unresolved: Tensor, uncertainty: Tensor, tolerance: float) -> bool:
+    """Whether any module's spectrum may be off by more than `tolerance` of its energy."""
+    energy = s.double().square().sum(-1) + unresolved.square()
+    return bool((uncertainty > tolerance * energy).any())
 
 
 def gram_route(B: Tensor, A: Tensor, choose_rank: RankRule, tolerance: float = 0.0) -> Factored:
@@ -246,24 +252,23 @@ def fold_route(carried: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor], choos
 
 
 def _core_spectrum(core_svd: Callable[[torch.dtype], tuple[Tensor, Tensor, Tensor, Tensor]], dtype: torch.dtype, width: int, tolerance: float):
-    """(precision, the SVD parts, singular values with what is below the floor zeroed, unresolved)
+    """(the SVD parts, singular values with what is below the floor zeroed, unresolved)
     for a route whose R x R core is decomposed by an SVD. Its rounding scales with the largest
     singular value and with the root of sum_i ||b_i||^2 ||a_i||^2 (the stack's terms one by one,
-    larger as far as they cancel): below `width eps` times that, a value is zero, and each of the
-    `width` may be off by up to twice that floor."""
+    larger as far as they cancel): below `width eps` times that, a value is zero, its true value
+    below twice that floor, and each of the `width` may be off by up to that much."""
 
     def attempt(precision: torch.dtype):
         *parts, s, stack_energy = core_svd(precision)
-        floor = width * torch.finfo(precision).eps * torch.maximum(s[..., :1], stack_energy.sqrt()[..., None])
-        resolved = s > floor
-        unresolved = (2 * floor[:, 0]).double() * width**0.5
-        return precision, parts, torch.where(resolved, s, torch.zeros_like(s)), unresolved
+        floor = (width * torch.finfo(precision).eps * torch.maximum(s[..., :1], stack_energy.sqrt()[..., None]))[:, 0].double()
+        resolved = s > floor[:, None]
+        unresolved = 2 * floor * (~resolved).sum(-1).double().sqrt()
+        return precision, parts, torch.where(resolved, s, torch.zeros_like(s)), unresolved, 4 * floor.square() * width
 
-    precision, parts, s, unresolved = attempt(working_dtype(dtype, tolerance, svd_share(width)))
-    energy = s.double().square().sum(-1) + unresolved.square()
-    if precision != torch.float64 and (unresolved.square() > tolerance * energy).any():
-        precision, parts, s, unresolved = attempt(torch.float64)
-    return precision, parts, s, unresolved
+    precision, parts, s, unresolved, uncertainty = attempt(working_dtype(dtype, tolerance, svd_share(width)))
+    if precision != torch.float64 and _too_uncertain(s, unresolved, uncertainty, tolerance):
+        precision, parts, s, unresolved, _ = attempt(torch.float64)
+    return parts, s, unresolved
 
 
 def _stack_energy(B: Tensor, A: Tensor) -> Tensor:
@@ -280,7 +285,7 @@ def qr_route(B: Tensor, A: Tensor, choose_rank: RankRule, tolerance: float = 0.0
         u, s, vh = torch.linalg.svd(r_b @ r_a.mT)
         return q_b, q_a, u, vh, s, _stack_energy(b, a)
 
-    precision, (q_b, q_a, u, vh), s, unresolved = _core_spectrum(core_svd, B.dtype, B.shape[-1], tolerance)
+    (q_b, q_a, u, vh), s, unresolved = _core_spectrum(core_svd, B.dtype, B.shape[-1], tolerance)
     ranks = choose_rank(s)
     s_kept, keep = _kept(s, ranks)
     p = s_kept.shape[-1]
@@ -298,7 +303,7 @@ def svd_route(B: Tensor, A: Tensor, choose_rank: RankRule, tolerance: float = 0.
         u, s, vh = torch.linalg.svd(s_b[:, :, None] * (vh_b @ u_a) * s_a[:, None, :])
         return u_b, vh_a, u, vh, s, _stack_energy(b, a)
 
-    precision, (u_b, vh_a, u, vh), s, unresolved = _core_spectrum(core_svd, B.dtype, B.shape[-1], tolerance)
+    (u_b, vh_a, u, vh), s, unresolved = _core_spectrum(core_svd, B.dtype, B.shape[-1], tolerance)
     ranks = choose_rank(s)
     s_kept, keep = _kept(s, ranks)
     p = s_kept.shape[-1]
