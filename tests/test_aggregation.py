@@ -19,13 +19,13 @@ from florist.aggregation import (
     LoraFactors,
     allocate_ranks,
     carried_rank_limit,
+    change_since_start,
     energy_rank,
     exact_rank_limit,
-
+    learned_since_start,
     lora_scale,
     make_aggregator,
     minimum_download_bytes,
-    since_start,
     start_of,
 )
 from florist.aggregation.spectral import fold_route, gram_route, gram_share, working_dtype
@@ -144,26 +144,31 @@ def test_florist_at_tau_one_reproduces_dense_update_and_flora(route, clients):
 
 @PROPERTY
 @given(clients=any_federations(), tau=st.floats(0.5, 1.0))
-def test_a_warm_start_is_taken_off_exactly_and_the_aggregate_stays_exact(clients, tau):
-    """Each client started from the leading components of the last update (FLoRIST's, at some tau)
-    and uploaded start + update: the server's stacked correction leaves FLoRIST at tau 1 exact."""
-    # The last update: half of the clients' own (a client's upload is its start plus what it learned).
+def test_a_warm_start_is_added_back_exactly_and_the_aggregate_stays_exact(clients, tau):
+    """Each client's LoRA started from the leading components of the last update (FLoRIST's, at some
+    tau), trained to the factors drawn here, and uploaded its change since that start: the server
+    recovers s B A - s0 B0 A0, so FLoRIST at tau 1 aggregates exactly what the clients learned."""
     halves = [ClientAdapter({n: replace(f, scale=f.scale / 2) for n, f in c.modules.items()}, c.weight) for c in clients[::-1]]
     last = make_aggregator("florist", tau=tau).aggregate(halves).modules
-    starts = [start_of(last, max(f.rank for f in c.modules.values())) for c in clients]
-    corrected = [ClientAdapter(since_start(c.modules, start), c.weight) for c, start in zip(clients, starts)]
-    total = sum(c.weight for c in clients)
-    aggregate = make_aggregator("florist", tau=1.0).aggregate(corrected)
-    for name, module in last.items():
-        for client, start, fixed in zip(clients, starts, corrected):
-            rank = client.modules[name].rank
-            assert start[name].rank == min(rank, module.rank)
-            assert torch.equal(start[name].A, module.A[: start[name].rank])  # the leading components, as sent
-            assert fixed.modules[name].rank == rank + start[name].rank
-            own, sent = fixed.modules[name], client.modules[name]
-            expected_own = sent.scale * sent.B @ sent.A - start[name].delta()
+    recovered, starts = [], []
+    for client in clients:
+        start = start_of(last, max(f.rank for f in client.modules.values()))
+        change = change_since_start(client.modules, start)
+        recovered.append(ClientAdapter(learned_since_start(change, start), client.weight))
+        starts.append({})
+        for name, module in last.items():
+            trained, kept = client.modules[name], min(client.modules[name].rank, module.rank)
+            assert (change[name].A.shape, change[name].B.shape) == (trained.A.shape, trained.B.shape)  # no byte more
+            # The start: the leading components of the update as sent, B0 A0 of scale s0.
+            starts[-1][name] = module.scale * module.B[:, :kept].double() @ module.A[:kept].double()
+            own = recovered[-1].modules[name]
+            assert own.rank == trained.rank + kept
+            expected_own = trained.scale * trained.B.double() @ trained.A.double() - starts[-1][name]
             assert relative_error(own.scale * own.B @ own.A, expected_own) < 1e-12
-        expected = dense_update(clients, name) - sum((c.weight / total) * start[name].delta() for c, start in zip(clients, starts))
+    total = sum(c.weight for c in clients)
+    aggregate = make_aggregator("florist", tau=1.0).aggregate(recovered)
+    for name in last:
+        expected = dense_update(clients, name) - sum((c.weight / total) * start[name] for c, start in zip(clients, starts))
         assert relative_error(aggregate.modules[name].delta(), expected) < 1e-6
 
 

@@ -141,20 +141,33 @@ def test_florist_client_merges_every_update_once_and_starts_a_fresh_lora(tiny_mo
 
 def test_a_warm_started_client_moves_the_leading_components_of_the_last_update_into_its_lora(tiny_model_dir, tmp_path, base_model, pristine, observed):
     """federation.warm_start: round 1 starts fresh; from round 2 the LoRA holds the last update's leading
-    r components and the base lacks exactly them, so the model is base + chain. The process's cached base
-    is not changed: the next client of the round starts from its own rank's components."""
+    r components (all 6 at rank 8, whose other 2 start fresh) and the base lacks exactly them, so the
+    model is base + chain. The process's cached base is not changed: the next client of the round starts
+    from its own rank's components. Each uploads its change since its start: B - B0, and A - A0 in the
+    start's rows (the fresh rows' A as trained)."""
     config = federation_config(tiny_model_dir, tmp_path / "run", "florist", "federation.warm_start=true")
     first = random_update(pristine, 6, 1.5, seed=3)
     train_round(config, instruction(config, base_model, 1, 21, [], {}), context(21, partition=1))
-    for node, partition in ((21, 1), (22, 0)):
+    partitions = {21: 1, 22: 0, 23: 2}
+    answers = [
         train_round(config, instruction(config, base_model, 2, node, [first], {update_key(1): first}), context(node, partition))
+        for node, partition in partitions.items()
+    ]
     assert not any(f.B.any() for f in observed[0].start.values())
-    for call, partition in zip(observed[1:], (1, 0), strict=True):
-        start = start_of(first, CLIENT_RANKS[partition])
+    for call, answer, partition in zip(observed[1:], answers, partitions.values(), strict=True):
+        rank = CLIENT_RANKS[partition]
+        sent = payload.take(answer.content, ADAPTER)
         for name, factors in call.start.items():
-            assert factors.rank == start[name].rank == CLIENT_RANKS[partition]
-            assert torch.allclose(factors.scale * factors.B @ factors.A, start[name].delta(), atol=1e-6), name
-            assert torch.allclose(call.base[name], pristine[name] + first[name].delta() - start[name].delta(), atol=1e-6), name
+            kept = min(rank, first[name].rank)
+            assert factors.rank == rank and start_of(first, rank)[name].rank == kept
+            assert torch.equal(factors.A[:kept], first[name].A[:kept]) and not factors.B[:, kept:].any()
+            start = first[name].scale * first[name].B[:, :kept] @ first[name].A[:kept]
+            assert torch.allclose(factors.scale * factors.B @ factors.A, start, atol=1e-6), name
+            assert torch.allclose(call.base[name], pristine[name] + first[name].delta() - start, atol=1e-6), name
+            end = call.end[name]
+            torch.testing.assert_close(sent[name]["B"], end.B - factors.B, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(sent[name]["A"], torch.cat([end.A[:kept] - factors.A[:kept], end.A[kept:]]), rtol=1e-6, atol=1e-9)
+            assert sent[name]["scale"] == end.scale
 
 
 def test_a_node_that_lost_its_state_asks_for_what_it_lacks_and_never_trains_on_a_partial_base(

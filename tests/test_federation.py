@@ -16,13 +16,15 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from florist.aggregation import make_aggregator, start_of
+from florist.aggregation import make_aggregator
 from florist.config import RunConfig, load_config
 from florist.evaluation import instruction_loss
+from florist.federation import client_app
 from florist.federation.datasets import federated_data
 from florist.federation.simulation import run_federation
 from florist.files import umask
 from florist.lora.adapters import read_adapter, read_adapters
+from florist.lora.model import read_factors
 from florist.reporting.run_directory import read_rounds
 
 from federations import CLIENT_RANKS, ROUNDS, federation_config
@@ -270,14 +272,25 @@ def test_a_hundred_clients_with_a_tenth_sampled_per_round(tiny_model_dir, tmp_pa
 
 
 def test_warm_started_clients_begin_from_the_last_update_and_the_server_aggregates_only_what_they_learned(tiny_model_dir, tmp_path, monkeypatch):
-    """federation.warm_start, end to end: a client's upload is its start (the leading components of update 1
-    at its rank; test_client_app checks the client starts there) plus what it learned, and the server's
-    saved copy carries the start taken off again (rank r + r0, its last r0 components minus the start),
+    """federation.warm_start, end to end: a client starts from the leading components of update 1 at its
+    rank (test_client_app checks it starts there) and uploads its change since then; the server's saved
+    copy is what the client learned, s B A - s B0 A0 from its LoRA at the start and the end of training,
+    stacked as [B - B0 | B0] @ [A ; A0's change] (rank r + r0, its last r0 columns of B the start's),
     from which the round's aggregate follows."""
     from flwr.supercore.task_identity import TaskIdentity
 
     for key in ("_task_id", "_run_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, key, None)
+    trainings = []  # (LoRA at the start, LoRA at the end) of every client, in the order they train
+    train_lora = client_app.train_lora
+
+    def spy(model, features, **options):
+        began = read_factors(model)
+        result = train_lora(model, features, **options)
+        trainings.append((began, read_factors(model)))
+        return result
+
+    monkeypatch.setattr(client_app, "train_lora", spy)
     config = federation_config(
         tiny_model_dir, tmp_path / "run", "florist", "federation.warm_start=true", 'federation.engine="inline"',
         "output.save_client_adapters=true", "evaluation.base=false",
@@ -294,12 +307,18 @@ def test_warm_started_clients_begin_from_the_last_update_and_the_server_aggregat
     _, first = saved(1)
     update = aggregator.aggregate(first).modules
     index, second = saved(2)
+    # Round 2's clients are the warm-started ones, each of its own rank.
+    warm = {next(iter(end.values())).rank: (began, end) for began, end in trainings if any(f.B.any() for f in began.values())}
+    assert sorted(warm) == sorted(CLIENT_RANKS[entry["partition"]] for entry in index)
     for entry, client in zip(index, second, strict=True):
         rank = CLIENT_RANKS[entry["partition"]]
-        start = start_of(update, rank)
+        began, end = warm[rank]
         for name, factors in client.modules.items():
-            kept = start[name].rank
+            kept = min(rank, update[name].rank)
             assert factors.rank == rank + kept, name
-            taken_off = factors.scale * factors.B[:, rank:] @ factors.A[rank:]
-            torch.testing.assert_close(taken_off, -start[name].delta(), atol=1e-6, rtol=1e-4)
+            start = update[name].scale * update[name].B[:, :kept]
+            torch.testing.assert_close(factors.scale * factors.B[:, rank:], start, atol=1e-6, rtol=1e-4)
+            learned = end[name].scale * (end[name].B.double() @ end[name].A.double() - began[name].B.double() @ began[name].A.double())
+            got = factors.scale * factors.B.double() @ factors.A.double()
+            assert ((got - learned).norm() / learned.norm()).item() < 1e-5, name
     assert {name: m.rank for name, m in aggregator.aggregate(second).modules.items()} == rounds[2]["ranks"]

@@ -191,6 +191,15 @@ def test_moving_an_update_into_the_lora_leaves_the_model_unchanged(base, global_
         assert torch.allclose(weight, base.get_submodule(name).weight - kept[name].delta(), atol=1e-5)
 
 
+def test_a_start_with_more_components_than_the_lora_is_refused(base):
+    """The start is cut to the LoRA's rank before it is moved in (start_of), as the server cuts it: a
+    larger one is a caller's mistake, not silently cut a second way."""
+    model = attach_lora(copy.deepcopy(base), rank=4, alpha=12.0, target_modules=TARGETS)
+    update = {name: GlobalModule(A=m["A"], B=m["B"], scale=m["scale"]) for name, m in global_adapter(model, 7, 0.5, seed=8).items()}
+    with pytest.raises(ValueError, match=r"module .*: the start has 7 components, more than the LoRA's rank 4"):
+        move_into_lora(model, update)
+
+
 @pytest.mark.parametrize("global_rank", [2, 4, 7], ids=["smaller", "equal", "larger"])
 def test_load_global_takes_the_first_components_at_the_clients_scale(base, global_rank):
     rank, alpha, global_scale = 4, 12.0, 0.5

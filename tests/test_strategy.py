@@ -4,17 +4,19 @@ counts as delivered, and what each method makes of the replies."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
-from florist.aggregation import ClientAdapter, GlobalModule, LoraFactors, make_aggregator, since_start, start_of
+from florist.aggregation import ClientAdapter, GlobalModule, LoraFactors, make_aggregator
 from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.identity import settings_fingerprint
 from florist.federation.messages import ADAPTER, CANDIDATE, CUTS, GAP, GLOBAL, IDENTITY, METRICS, TRAINED, Identity, Instruction, update_key
 from florist.federation.strategy import LoraStrategy
+from florist.federation.validation import screened_norms
 from florist.lora.model import frozen_lora_A
 
 CLIENT_RANKS = [2, 4, 8]
@@ -194,25 +196,83 @@ def test_the_server_holds_the_aggregate_as_the_wire_delivers_it():
         assert torch.equal(module.A, module.A.half().float()) and torch.equal(module.B, module.B.half().float())
 
 
-def test_a_warm_started_round_aggregates_what_each_client_changed():
-    """From round 2 each client's upload is its start (the leading components of update 1 at its
-    rank) plus what it learned: the server takes each start off before FLoRIST aggregates."""
-    strategy = strategy_for("florist", warm_start=True)
-    _, first, _ = play_round(strategy, 1)
-    update = strategy.chain.updates[0].modules
-    reference = make_aggregator("florist", tau=0.9).aggregate([ClientAdapter(first[k], 10.0 + k) for k in range(3)])
-    for name, module in reference.modules.items():  # round 1 has no start to take off
-        assert torch.allclose(update[name].delta(), module.delta(), atol=1e-5)
+def exact_factors(update: torch.Tensor) -> LoraFactors:
+    """Factors whose product is `update` (float64), from its SVD."""
+    u, s, vh = torch.linalg.svd(update, full_matrices=False)
+    return LoraFactors(A=vh, B=u * s, scale=1.0)
 
-    _, second, _ = play_round(strategy, 2)
-    own = [
-        ClientAdapter(since_start(second[k], start_of(update, CLIENT_RANKS[k])), 10.0 + k) for k in range(3)
-    ]
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def warm_strategy(download: str = "float32") -> LoraStrategy:
+    config = RunConfig.model_validate(
+        {
+            "federation": {"num_clients": 3, "ranks": CLIENT_RANKS, "warm_start": True},
+            "aggregation": {"method": "florist", "tau": 0.9},
+            "wire": {"download": download},
+            "output": {"save_client_adapters": True},
+        }
+    )
+    return LoraStrategy(config, MODULES, identity_for(config))
+
+
+def test_a_warm_started_round_aggregates_what_each_client_learned():
+    """From round 2 each client's LoRA starts from the leading components of update 1 at its rank, as
+    its node received it (over an int8 download), and it uploads its change since that start: the
+    server recovers s B A - s0 B0 A0 of each client and FLoRIST aggregates those."""
+    strategy = warm_strategy(download="int8")
+    _, first, _ = play_round(strategy, 1)
+    reference = make_aggregator("florist", tau=0.9).aggregate([ClientAdapter(first[k], 10.0 + k) for k in range(3)])
+    for name, module in reference.modules.items():  # round 1 has no start to add back
+        assert relative_error(strategy.chain.updates[0].modules[name].delta(), module.delta()) < 2e-2  # int8's rounding
+
+    strategy.begin_round(2, list(PARTITION_OF))
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(2, list(PARTITION_OF))}
+    learned, fresh = {}, 0
+    for node, partition in PARTITION_OF.items():
+        received = payload.take(messages[node].content, update_key(1))
+        change = client_factors(CLIENT_RANKS[partition], seed=200 + partition, method="florist")
+        learned[partition] = {}
+        for name, step in change.items():
+            start, rank = received[name], step.rank
+            kept = min(rank, start["B"].shape[1])
+            fresh += rank - kept
+            b0, a0 = start["B"][:, :kept].double(), start["A"][:kept].double()
+            began_B = torch.cat([b0 * start["scale"] / step.scale, torch.zeros(b0.shape[0], rank - kept, dtype=torch.float64)], dim=1)
+            began_A = torch.cat([a0, torch.zeros(rank - kept, a0.shape[1], dtype=torch.float64)])
+            trained_B, trained_A = began_B + step.B.double(), began_A + step.A.double()
+            learned[partition][name] = step.scale * trained_B @ trained_A - start["scale"] * b0 @ a0
+        strategy.receive_train(node, reply(strategy, messages[node], partition, change))
+    strategy.finish_round()
+    assert fresh > 0  # the rank-8 client starts some components fresh
+
+    for partition, adapter in enumerate(strategy.received):
+        for name, factors in adapter.modules.items():
+            assert relative_error(factors.scale * factors.B @ factors.A, learned[partition][name]) < 1e-5, (partition, name)
+        # The norm screen judges the same adapter: what the client learned, not its start.
+        learned_norm = math.sqrt(sum(dw.norm().item() ** 2 for dw in learned[partition].values()))
+        assert screened_norms(adapter, {})["update"] == pytest.approx(learned_norm, rel=1e-5)
+    own = [ClientAdapter({name: exact_factors(dw) for name, dw in learned[k].items()}, 10.0 + k) for k in range(3)]
     reference = make_aggregator("florist", tau=0.9).aggregate(own)
     for name, module in reference.modules.items():
-        assert torch.allclose(strategy.chain.updates[1].modules[name].delta(), module.delta(), atol=1e-5)
-        plain = make_aggregator("florist", tau=0.9).aggregate([ClientAdapter(second[k], 10.0 + k) for k in range(3)])
-        assert not torch.allclose(plain.modules[name].delta(), module.delta(), atol=1e-2)
+        assert relative_error(strategy.chain.updates[1].modules[name].delta(), module.delta()) < 2e-2
+
+
+def test_a_warm_started_upload_below_its_start_is_rejected():
+    """A module uploaded at a rank below the start's cannot carry the start's rows: the reply is rejected."""
+    strategy = warm_strategy()
+    play_round(strategy, 1)
+    strategy.begin_round(2, [33])
+    (instruction,) = strategy.configure_train(2, [33])
+    factors = client_factors(CLIENT_RANKS[2], seed=7, method="florist")
+    name = "layers.0.q_proj"
+    factors[name] = LoraFactors(A=factors[name].A[:1], B=factors[name].B[:, :1], scale=factors[name].scale)
+    answer = reply(strategy, instruction, 2, factors)
+    strategy.receive_train(33, answer)
+    (event,) = strategy._round.report.events
+    assert event.status == "rejected" and name in event.reason and "below the warm start's" in event.reason
 
 
 @pytest.mark.parametrize("rank", [1, 9, 4.0], ids=["below-upload", "above-cap", "float"])

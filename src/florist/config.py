@@ -99,8 +99,9 @@ class FederationConfig(Section):
     warm_start: bool = False
     """FLoRIST: each client starts its round's LoRA from the leading components of the last global
     update (moved out of its base, so its model is unchanged) instead of from B = 0, the way FlexLoRA's
-    clients continue from the global adapter; the server takes the start off the upload, so the
-    aggregate stays exact. False is the paper's fresh LoRA each round."""
+    clients continue from the global adapter; the client uploads its change since the start and the
+    server adds the start back, so the aggregate stays exact and the wire's error is relative to what
+    was learned. False is the paper's fresh LoRA each round."""
     engine: Literal["ray", "inline"] = "ray"
     """How `florist run` runs the clients: "ray", Flower's simulation engine, `workers` clients in
     parallel; "inline", every client in the server's process one after another, sharing one copy of
@@ -417,7 +418,7 @@ class RunConfig(Section):
             )
         if self.wire.client_tau < 1:
             raise ValueError(
-                "wire.client_tau below 1 would truncate the warm start together with the client's update; "
+                "wire.client_tau below 1 would truncate a warm-started client's change since its start, whose rows the server pairs with the start; "
                 "use federation.warm_start or wire.client_tau, not both"
             )
         return self

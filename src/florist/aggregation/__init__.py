@@ -19,7 +19,7 @@ from florist.aggregation.types import (
     LoraFactors,
     lora_scale,
 )
-from florist.aggregation.warm_start import since_start, start_of
+from florist.aggregation.warm_start import change_since_start, learned_since_start, lora_start, start_of
 
 METHODS: dict[str, type[Aggregator]] = {cls.name: cls for cls in (FLoRIST, FLoRA, FedIT, FlexLoRA, FFALoRA)}
 
@@ -58,10 +58,12 @@ __all__ = [
     "LoraFactors",
     "energy_rank",
     "lora_scale",
+    "change_since_start",
     "cut",
     "cut_ranks",
+    "learned_since_start",
+    "lora_start",
     "make_aggregator",
-    "since_start",
     "start_of",
     "truncate_update",
 ]

@@ -14,7 +14,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from florist.aggregation import GlobalModule, cut, start_of, truncate_update
+from florist.aggregation import GlobalModule, change_since_start, cut, start_of, truncate_update
 from florist.config import RunConfig
 from florist.evaluation import evaluate, instruction_loss
 from florist.federation import payload
@@ -152,8 +152,9 @@ def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
     if GLOBAL in msg.content:
         load_global(model, payload.take(msg.content, GLOBAL))
         load_dense(model, payload.take_dense(msg.content, GLOBAL))
-    if warm:
-        move_into_lora(model, start_of(chain[-1][1].modules, node.rank))
+    start = start_of(chain[-1][1].modules, node.rank) if warm else None
+    if start is not None:
+        move_into_lora(model, start)
 
     features = workspace.features(node.partition, node_data(config, node).train)
     result = train_lora(
@@ -186,6 +187,9 @@ def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
         flush=True,
     )
     factors = read_factors(model)
+    if start is not None:
+        # The server derives the start itself: on the wire, factors of the size of what was learned.
+        factors = change_since_start(factors, start)
     if config.wire.client_tau < 1:
         factors = {name: truncate_update(f, config.wire.client_tau) for name, f in factors.items()}
     return _reply(msg, workspace, TRAINED, metrics, factors, read_dense(model))

@@ -5,7 +5,8 @@ merged into every client's base, and each node is sent the updates it has not co
 FedIT, FFA-LoRA and FlexLoRA: clients continue from the current global adapter (FlexLoRA:
 their own truncation when the server knows their partition; FFA-LoRA: B only, since A is
 derived from the shared seed). With `federation.warm_start` FLoRIST's clients start from the last
-update's leading components, and each reply has its start taken off before it is aggregated.
+update's leading components and upload their change since it, from which the server recovers what
+each learned before it is aggregated.
 Reply checks, delivery, sampling and the exchange of messages live in their own modules; this one
 connects them.
 """
@@ -30,8 +31,8 @@ from florist.aggregation import (
     LoraFactors,
     cut,
     cut_ranks,
+    learned_since_start,
     make_aggregator,
-    since_start,
     start_of,
 )
 from florist.config import RunConfig
@@ -183,7 +184,7 @@ class LoraStrategy:
         try:
             update = check_reply(reply, self.limits, factors="B" if self.frozen_a else "AB")
             adapter = self._adapter(update)
-        except Rejected as rejection:
+        except (Rejected, AggregationError) as rejection:
             state.report.event(node, "rejected", str(rejection))
             return []
         if update.partition in state.partitions:
@@ -429,10 +430,11 @@ class LoraStrategy:
             }
 
     def _adapter(self, update: ClientUpdate) -> ClientAdapter:
-        """The client's update as the aggregator takes it; a warm-started client's start taken off."""
+        """The client's update as the aggregator takes it; a warm-started client's upload is its change
+        since the start, to which the start, as the node received it, is added back."""
         modules = {name: self._factors(name, m) for name, m in update.modules.items()}
         if self.config.federation.warm_start and len(self.chain):
-            modules = since_start(modules, start_of(self.chain.updates[-1].modules, lora_rank(update, self.limits)))
+            modules = learned_since_start(modules, start_of(self.chain.updates[-1].modules, lora_rank(update, self.limits)))
         return ClientAdapter(modules, float(update.examples), update.dense)
 
     def _factors(self, name: str, module: dict) -> LoraFactors:

@@ -14,7 +14,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from florist.aggregation import GlobalModule, LoraFactors
+from florist.aggregation import GlobalModule, LoraFactors, lora_start
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER = "default"
@@ -159,20 +159,22 @@ def load_global(model: PeftModel, modules: Mapping[str, Mapping]) -> None:
 
 
 @torch.no_grad()
-def move_into_lora(model: PeftModel, modules: Mapping[str, GlobalModule]) -> None:
-    """Start each fresh LoRA's leading components from `modules` (a warm start), rescaled to the
-    LoRA's scale, and take from the base weight exactly what they add: the model computes what it did,
-    up to rounding. Components past a module's rank keep peft's init (random A, B = 0), so they train."""
+def move_into_lora(model: PeftModel, start: Mapping[str, GlobalModule]) -> None:
+    """Start each fresh LoRA's leading components from `start` (a warm start: `lora_start`, from which
+    the server recovers what the client learned) and take from the base weight exactly what they add:
+    the model computes what it did, up to rounding. Components past a module's start keep peft's init
+    (random A, B = 0), so they train."""
     for name, layer in lora_layers(model).items():
-        if name not in modules:
+        if name not in start:
             raise ValueError(f"the update to start from has no module {name}")
-        source = modules[name]
         a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-        rank = min(a.shape[0], source.rank)
-        a[:rank].copy_(source.A[:rank])
-        b[:, :rank].copy_(source.B[:, :rank] * (source.scale / float(layer.scaling[ADAPTER])))
+        begun = lora_start(start[name], float(layer.scaling[ADAPTER]))
+        if begun.rank > a.shape[0]:
+            raise ValueError(f"module {name}: the start has {begun.rank} components, more than the LoRA's rank {a.shape[0]}")
+        a[: begun.rank].copy_(begun.A)
+        b[:, : begun.rank].copy_(begun.B)
         weight = layer.get_base_layer().weight
-        weight.sub_(b[:, :rank].to(weight) @ a[:rank].to(weight), alpha=float(layer.scaling[ADAPTER]))
+        weight.sub_(b[:, : begun.rank].to(weight) @ a[: begun.rank].to(weight), alpha=begun.scale)
 
 
 @torch.no_grad()
