@@ -292,8 +292,8 @@ def sharing_one_a(clients: list[ClientAdapter], rank: int) -> list[ClientAdapter
 @PROPERTY
 @given(clients=any_federations(), rank=st.integers(1, 6))
 def test_fedit_with_scales_folded_is_exact_when_clients_share_a(clients, rank):
-    """Why FedIT folds s_k into B: with a shared A the folded average is the exact update whatever
-    the scales, while averaging raw B (and the scales apart) is off as soon as scales differ."""
+    """Why FedIT folds s_k into B: at one rank with a shared A the folded average is the exact update
+    whatever the scales, while averaging raw B (and the scales apart) is off as soon as scales differ."""
     clients = sharing_one_a(clients, rank)
     result = make_aggregator("fedit").aggregate(clients)
     total = sum(c.weight for c in clients)
@@ -307,6 +307,41 @@ def test_fedit_with_scales_folded_is_exact_when_clients_share_a(clients, rank):
             assert relative_error(raw, dw) > 1e-6
         else:
             assert relative_error(raw, dw) < 1e-10
+
+
+@pytest.mark.parametrize("ranks", [(8, 8, 8, 8), (2, 4, 8, 8), (1, 2, 4, 8)])
+def test_fedit_with_a_shared_a_is_exact_only_when_ranks_are_equal(ranks):
+    """With one A shared (client k's is its first r_k rows), zero-padding averages A's row j to P_j
+    times itself, P_j the weight share of the clients whose rank exceeds j: FedIT's update is
+    sum_k p_k s_k B_k diag(P_1..P_rk) A_k, the exact one only when every P_j is 1 (equal ranks).
+    float32 clients, as the server receives them, with norms over two decades, spectra decaying
+    like 0.7^j and unequal scales (rsLoRA)."""
+    m, n = 48, 40
+    generator = torch.Generator().manual_seed(7)
+    shared_a = torch.randn(max(ranks), n, generator=generator, dtype=torch.float64)
+    examples = [50.0, 400.0, 120.0, 900.0]
+    clients = []
+    for k, (rank, count) in enumerate(zip(ranks, examples)):
+        decay = 0.7 ** torch.arange(rank, dtype=torch.float64)
+        B = torch.randn(m, rank, generator=generator, dtype=torch.float64) * decay * 10.0 ** (k - 2)
+        factors = LoraFactors(A=shared_a[:rank].float(), B=B.float(), scale=lora_scale(16 * (k + 1), rank, use_rslora=k % 2 == 0))
+        clients.append(ClientAdapter(modules={"layers.0.proj": factors}, weight=count))
+
+    module = make_aggregator("fedit").aggregate(clients).modules["layers.0.proj"]
+
+    p = torch.tensor(examples, dtype=torch.float64) / sum(examples)
+    share = torch.tensor([sum(p[k] for k, r in enumerate(ranks) if r > j) for j in range(max(ranks))], dtype=torch.float64)
+    expected = sum(
+        p[k] * c.modules["layers.0.proj"].scale * (c.modules["layers.0.proj"].B.double() * share[:r]) @ shared_a[:r]
+        for k, (c, r) in enumerate(zip(clients, ranks))
+    )
+    delta = module.scale * (module.B.double() @ module.A.double())
+    assert relative_error(delta, expected) < 1e-5
+    off = relative_error(delta, dense_update(clients, "layers.0.proj"))
+    if len(set(ranks)) == 1:
+        assert off < 1e-5
+    else:
+        assert off > 0.05
 
 
 @PROPERTY

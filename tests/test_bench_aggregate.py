@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -63,11 +66,27 @@ def test_downloads_and_ranks_are_extrapolated_from_a_subset():
     ]
 
 
-def test_cli_writes_every_method_to_json(tmp_path):
-    target = tmp_path / "out" / "bench.json"
+def test_cli_writes_every_method_to_json_and_prints_every_figure_whole_into_a_file(tmp_path):
+    """Run as `florist ... > file` or `| tee`: no standard stream is a terminal and COLUMNS is unset, where
+    rich alone assumes 80 columns and this table's figures came out as `0.07…`."""
+    target, printed = tmp_path / "out" / "bench.json", tmp_path / "printed.txt"
     arguments = ["bench", "aggregate", "--preset", "smollm2-135m", "--repeats", "1", "--threads", "1", "--json", str(target)]
-    assert main(arguments) == 0
+    environment = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    with printed.open("w") as out:
+        done = subprocess.run([sys.executable, "-m", "florist.cli", *arguments], stdin=subprocess.DEVNULL, stdout=out,
+                              stderr=subprocess.STDOUT, env=environment, timeout=600)
+    text = printed.read_text()
+    assert done.returncode == 0, text
     report = json.loads(target.read_text())
+    assert "…" not in text
+    table = {cells[0].rstrip("*"): cells for cells in (
+        [cell.strip() for cell in line.strip("│").split("│")] for line in text.splitlines() if line.startswith("│")
+    )}
+    rows = report["cases"][0]["rows"]
+    assert set(table) == {row["label"] for row in rows}
+    for row in rows:
+        figures = [f"{row['seconds_median']:.3g}", f"{row['cpu_seconds_median']:.3g}", f"{row['flops'] / 1e9:,.2f}"]
+        assert set(figures) <= set(table[row["label"]]), (figures, table[row["label"]])
     assert list(target.parent.iterdir()) == [target]  # no temporary file left behind
     assert report["machine"]["torch_threads"] == 1
     (case,) = report["cases"]

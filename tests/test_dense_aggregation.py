@@ -10,6 +10,8 @@ import torch
 from florist.aggregation import METHODS, AggregationError, ClientAdapter, LoraFactors, make_aggregator
 from florist.aggregation.dense import weighted_mean
 
+# Examples per client, far from equal: the clients' plain mean is 8-10 times the reference's norm
+# away from their weighted mean, so every test against the reference fails for a plain mean.
 WEIGHTS = [1579.0, 685.0, 3.0, 711.0]
 # Per client: how far its trained tensors moved from the shared start; decades apart, and two
 # clients nearly identical (equal up to 1e-7), as real sites with overlapping data can be.
@@ -53,13 +55,6 @@ def test_weighted_mean_is_the_float64_reference_in_the_inputs_dtype(dtype, toler
         assert mean[name].dtype == dtype and mean[name].shape == expected.shape
         error = (mean[name].double() - expected).norm() / expected.norm()
         assert error < tolerance, (name, error.item())
-
-
-def test_weighted_mean_is_not_the_plain_mean():
-    # Can fail: the weights are far from equal, so a plain mean is far from the weighted one.
-    adapters = clients()
-    plain = torch.stack([a.dense["lm_head.weight"] for a in adapters]).mean(0).double()
-    assert (plain - reference(adapters)["lm_head.weight"]).norm() > 1.0
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -117,10 +117,11 @@ def fake_cell(
     later_ranks: tuple[int, ...] = (),
     total_mib: float | None = None,
     chosen: tuple[float, ...] = (),
+    communication: dict | None = None,
 ) -> None:
     """A finished run directory as florist run writes it, with made-up metrics: round 1 keeps `rank` in
-    every module, each further round the next of `later_ranks`; `total_mib`: the run's measured bytes;
-    `chosen`: the tau automatic tau chose in each round."""
+    every module, each further round the next of `later_ranks`; `total_mib`: the run's bytes sent;
+    `chosen`: the tau automatic tau chose in each round; `communication`: summary.json's, given whole."""
     run_dir = cell.path(out)
     overrides = [item for item in cell.overrides(out) if not item.startswith("output.")] + [f'model.name="{model}"']
     config = load_config(CONFIG, overrides)
@@ -141,7 +142,9 @@ def fake_cell(
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
     summary = {"base": evaluation, "final": evaluation}
     if total_mib is not None:
-        summary["communication"] = {"download_mib": total_mib / 2, "upload_mib": total_mib / 2, "total_mib": total_mib}
+        communication = {"download_mib": total_mib / 2, "upload_mib": total_mib / 2, "total_mib": total_mib, "unsent_final_download_mib": 1.0}
+    if communication is not None:
+        summary["communication"] = communication
     (run_dir / "summary.json").write_text(json.dumps(summary))
 
 
@@ -206,7 +209,8 @@ def test_the_committed_results_are_still_reportable(tmp_path: Path):
         assert list(rebuilt["rows"][setting]) == list(rows)
         for key, row in rows.items():
             assert {metric: rebuilt["rows"][setting][key][metric] for metric in row} == row, key
-            assert rebuilt["rows"][setting][key]["total_mib"]["n"] == 0  # these cells predate the byte count both ways
+            for metric in ("total_mib", "total_with_final_download_mib"):  # these cells predate the byte count both ways
+                assert rebuilt["rows"][setting][key][metric]["n"] == 0
     assert "60 of 60 cells finished." in (out / "results.md").read_text()
 
 
@@ -229,8 +233,49 @@ def test_the_committed_multi_round_results_are_still_reportable(tmp_path: Path, 
     text = report.write_report(out, expected=len(GRIDS[grid].cells())).read_text()
 
     stored, rebuilt = json.loads(committed.read_text()), json.loads((out / "results.json").read_text())
-    assert rebuilt["rows"] == stored["rows"] and rebuilt["selection"] == stored["selection"]
+    assert rebuilt["selection"] == stored["selection"]
+    for setting, rows in stored["rows"].items():
+        assert list(rebuilt["rows"][setting]) == list(rows)
+        for key, row in rows.items():
+            mine = rebuilt["rows"][setting][key]
+            assert {metric: mine[metric] for metric in row if metric != "total_mib"} == {k: v for k, v in row.items() if k != "total_mib"}
+            # These cells' stored total held the final model's download: it is kept, under the name that says so.
+            assert mine["total_with_final_download_mib"] == row["total_mib"], key
+            # What they sent: their rounds' own byte counts.
+            sent = [sum(r["down_bytes"] + r["up_bytes"] for r in cell["rounds"]) / 2**20
+                    for cell in stored["cells"] if cell["setting"] == setting and cell["row"] == key]
+            assert mine["total_mib"]["mean"] == pytest.approx(statistics.mean(sent), rel=1e-12), key
+            assert mine["total_mib"]["mean"] < row["total_mib"]["mean"], key
     assert finished in text and excerpt in text
+
+
+def test_run_mib_counts_what_was_sent_with_the_final_download_beside_it_in_either_summary_format(tmp_path: Path, tiny_model: str):
+    """summary.json before the totals counted only what was sent held the final download inside them."""
+    out = tmp_path / "out"
+    before = {"download_mib": 7.0, "upload_mib": 4.0, "total_mib": 11.0, "final_download_mib": 3.0}
+    now = {"download_mib": 4.0, "upload_mib": 4.0, "total_mib": 8.0, "unsent_final_download_mib": 3.0}
+    for seed, communication in enumerate((before, now)):
+        fake_cell(out, tiny_model, Cell("heterogeneous", baseline("flora"), seed), 2.0, 2.0, rank=3, communication=communication)
+
+    text = report.write_report(out, expected=2).read_text()
+
+    row = json.loads((out / "results.json").read_text())["rows"]["heterogeneous"]["flora"]
+    assert row["total_mib"] == {"mean": 8.0, "std": 0.0, "n": 2}
+    assert row["total_with_final_download_mib"] == {"mean": 11.0, "std": 0.0, "n": 2}
+    assert "| FLoRA |  | 2.0000 ± 0.0000 |" in text and "| 8.00 ± 0.00 | 11.00 ± 0.00 |" in text
+
+
+def test_a_stored_record_from_before_keeps_its_total_as_the_one_with_the_final_download():
+    mib = cells.MIB
+    rounds = [{"round": 1, "down_bytes": 3 * mib, "up_bytes": 2 * mib}, {"round": 2, "down_bytes": 5 * mib, "up_bytes": 2 * mib}]
+    stored = {"method": "flora", "tau": None, "seed": 0, "row": "flora", "rounds": rounds,
+              "download_mib": 14.0, "upload_mib": 4.0, "total_mib": 18.0}
+
+    record = cells.stored_record(stored)
+
+    assert (record["download_mib"], record["upload_mib"], record["total_mib"]) == (8.0, 4.0, 12.0)
+    assert (record["unsent_final_download_mib"], record["total_with_final_download_mib"]) == (6.0, 18.0)
+    assert cells.stored_record(record) == record  # a record written now is read as it is
 
 
 def test_records_from_before_rows_had_labels_get_their_method_and_tau_as_row():
@@ -238,6 +283,7 @@ def test_records_from_before_rows_had_labels_get_their_method_and_tau_as_row():
     assert cells.stored_record(stored)["row"] == "florist-tau0.80"
     assert cells.stored_record({"method": "fedit", "tau": None, "seed": 0})["row"] == "fedit"
     assert cells.stored_record(stored)["total_mib"] is None and cells.stored_record(stored)["spectra"] == []
+    assert cells.stored_record(stored)["total_with_final_download_mib"] is None
 
 
 def test_paired_table_against_flora_gives_differences_and_the_share_of_flora_bytes(tmp_path: Path, tiny_model: str):

@@ -161,10 +161,12 @@ def test_smaller_wires_and_client_truncation_cut_the_bytes_counted_both_ways(tin
     for record in cut[1:]:
         for client, reference in zip(record["clients"], full[1]["clients"]):
             assert client["bytes_up"] < reference["bytes_up"]
+    # The totals are what the rounds sent; the final model's download, which none sent, stands beside them.
     totals = full_summary["communication"]
-    down = sum(r["communication"]["down_bytes"] for r in full) + totals["final_download_mib"] * 2**20
+    down = sum(r["communication"]["down_bytes"] for r in full)
     up = sum(r["communication"]["up_bytes"] for r in full)
-    assert totals["total_mib"] == pytest.approx((down + up) / 2**20)
-    # Without federated evaluation no node received the last update: it is counted as due.
+    assert totals["download_mib"] == down / 2**20 and totals["upload_mib"] == up / 2**20
+    assert totals["total_mib"] == (down + up) / 2**20
+    # Without federated evaluation no node received the last update: its download is left unsent.
     last_update = full[-1]["clients"][0]["bytes_down"]  # round 2 sent update 1, of the same shapes
-    assert totals["final_download_mib"] > 0 and math.isfinite(last_update)
+    assert totals["unsent_final_download_mib"] > 0 and math.isfinite(last_update)

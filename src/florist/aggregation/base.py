@@ -80,11 +80,15 @@ class ModuleBatch:
         return out
 
     def folded_b_average(self) -> tuple[Tensor, Tensor]:
-        """(sum_k p_k s_k B_k / S, S) with S = sum_k p_k |s_k|: each client's scale folded into its B.
+        """(sum_k p_k s_k B_k / S, S) with S = sum_k p_k |s_k|: each client's scale folded into its B,
+        every B zero-padded to the largest rank.
 
-        With one A shared by every client, S * B_avg @ A = sum_k p_k s_k B_k A is the exact update
-        whatever the scales (rsLoRA, alpha not proportional to r); an average of raw B would weigh
-        a client of scale 2 like one of scale 0.5.
+        With one A shared by every client (client k's A the first r_k rows of A, of the largest
+        rank), S * B_avg @ A = sum_k p_k s_k B_k A_k is the exact update whatever the scales (rsLoRA,
+        alpha not proportional to r) and the ranks: B_k's padding meets the rows client k lacks.
+        That holds with A itself, not with an average of the padded A_k, which shrinks the rows
+        beyond the smallest rank (FedIT's case). An average of raw B would weigh a client of scale 2
+        like one of scale 0.5.
         """
         scales = self.folded_scale()
         return self.padded_average("B", self.coefficients() / scales[:, None]), scales

@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from florist.aggregation import CRITERIA, METHODS, Aggregate, AggregationError, Aggregator, ClientAdapter, make_aggregator
 from florist.lora.adapters import adapter_bytes, find_duplicate, read_adapters, read_config, write_adapter
+from florist.printing import make_console
 
 EPILOG = """\
 Each DIR is a directory written by PeftModel.save_pretrained (adapter_config.json and
@@ -156,7 +156,7 @@ def _report(aggregate: Aggregate, clients: Sequence[ClientAdapter], bytes_read: 
         table.add_row(Text(name), ranks, str(module.rank), energy)
     for name in aggregate.dense:
         table.add_row(Text(name), "trained in full", "weighted mean", "-")
-    console = Console()
+    console = make_console()
     console.print(table)
     # Paths are data, not rich markup; one unwrapped line keeps the summary greppable.
     summary = f"read {len(clients)} adapters: {bytes_read:,} bytes; wrote {out}: {bytes_written:,} bytes"

@@ -6,11 +6,10 @@ import argparse
 from datetime import datetime, timezone
 from pathlib import Path
 
-from rich.console import Console
-
 from florist.cli import reproduce
 from florist.cli.arguments import positive_count
 from florist.cli.run import add_config_arguments
+from florist.printing import make_console
 
 
 def register(subparsers) -> None:
@@ -101,7 +100,7 @@ def _aggregate(args: argparse.Namespace) -> int:
 
     if args.plot and not args.clients:
         raise ValueError("--plot needs --clients: it draws time and memory against the client count")
-    console = Console()
+    console = make_console()
     threads = args.threads or torch.get_num_threads()
     presets = list(PRESETS) if args.preset == "all" else [args.preset]
     rank_settings = list(RANK_SETTINGS) if args.ranks == "both" else [args.ranks]
@@ -119,7 +118,7 @@ def _aggregate(args: argparse.Namespace) -> int:
         for ranks in rank_settings:
             for clients in args.clients or [None]:
                 case = Case(preset, ranks, args.tau, args.seed, clients)
-                case = run_case(case, runs, threads, progress=lambda line: console.log(line))
+                case = run_case(case, runs, threads, progress=lambda line: console.print(f"{datetime.now():%H:%M:%S} {line}"))
                 report["cases"].append(case)
                 console.print(render(case))
                 if args.json:  # after every case, so a long run keeps what it measured
@@ -159,7 +158,7 @@ def _run(args: argparse.Namespace) -> int:
     table.add_column("share", justify="right")
     for stage, seconds in figures["stage_seconds"].items():
         table.add_row(stage, f"{seconds:.1f}", f"{figures['stage_share'][stage]:.1%}")
-    console = Console()
+    console = make_console()
     console.print(table)
     machine = figures["machine"]
     console.print(

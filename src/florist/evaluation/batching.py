@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 from rich.progress import track
 
+from florist.printing import make_console
+
 
 @contextmanager
 def evaluating(model: torch.nn.Module) -> Iterator[torch.device]:
@@ -55,4 +57,4 @@ def length_sorted_batches(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    yield from track(batches, description=description, disable=not progress, transient=True)
+    yield from track(batches, description=description, disable=not progress, transient=True, console=make_console())

@@ -3,10 +3,11 @@ plain success, and a table per round."""
 
 from __future__ import annotations
 
-from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=True)
+from florist.printing import make_console
+
+console = make_console(stderr=True)
 
 
 def show_reply(server_round: int, node: int, partition: int, rank: int, examples: int, loss: float, seconds: float) -> None:

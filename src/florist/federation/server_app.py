@@ -158,17 +158,18 @@ class Server:
         return self.run.path
 
 
-def communication(rounds: list[dict], final_download: int) -> dict:
-    """The run's bytes both ways as FlowerTune's leaderboard counts them (payload bytes sent plus
-    received, MiB), with the download of the final global model that the last round leaves due."""
-    down = sum(r["communication"]["down_bytes"] for r in rounds) + final_download
+def communication(rounds: list[dict], unsent_final_download: int) -> dict:
+    """The payload bytes the run sent both ways, summed over its rounds (MiB), and beside them, in
+    none of the totals, the final global model's download that no round sent (FlowerTune's
+    leaderboard adds it to the total: `total_mib + unsent_final_download_mib`)."""
+    down = sum(r["communication"]["down_bytes"] for r in rounds)
     up = sum(r["communication"]["up_bytes"] for r in rounds)
     mib = 2**20
     return {
         "download_mib": down / mib,
         "upload_mib": up / mib,
         "total_mib": (down + up) / mib,
-        "final_download_mib": final_download / mib,
+        "unsent_final_download_mib": unsent_final_download / mib,
     }
 
 

@@ -22,6 +22,7 @@ MB = 1e6
 MIB = 2**20
 QUALITY_KEYS = ("test_loss", "rouge_l", "mmlu_accuracy", "val_loss")
 SETTINGS_BY_RANKS = {tuple(ranks): name for name, ranks in SETTINGS.items()}
+BYTE_KEYS = ("download_mib", "upload_mib", "total_mib", "unsent_final_download_mib", "total_with_final_download_mib")
 
 
 @lru_cache(maxsize=4)
@@ -96,6 +97,30 @@ def round_details(trained: Sequence[dict]) -> list[dict]:
     return details
 
 
+def run_bytes(communication: dict) -> dict:
+    """A run's bytes over all its rounds (MiB): sent both ways (`download_mib`, `upload_mib`,
+    `total_mib`), the final model's download that no round sent, and the total with it
+    (FlowerTune's leaderboard count). Reads summary.json's `communication` as written now and as
+    written before the totals counted only what was sent, when they included the final download
+    (then named `final_download_mib`); an empty one (cells before the count) gives None for each."""
+    if not communication:
+        return dict.fromkeys(BYTE_KEYS)
+    if "final_download_mib" in communication:
+        final = communication["final_download_mib"]
+        down, up, with_final = communication["download_mib"] - final, communication["upload_mib"], communication["total_mib"]
+    else:
+        final = communication["unsent_final_download_mib"]
+        down, up = communication["download_mib"], communication["upload_mib"]
+        with_final = communication["total_mib"] + final
+    return {
+        "download_mib": down,
+        "upload_mib": up,
+        "total_mib": down + up,
+        "unsent_final_download_mib": final,
+        "total_with_final_download_mib": with_final,
+    }
+
+
 def read_cell(run_dir: Path) -> dict:
     """One finished cell (OUT/<setting>/<row>/seed<k>) as a flat record."""
     config = load_config(run_dir / "config.toml", check_sources=False)  # a finished cell: its data may be gone
@@ -109,7 +134,6 @@ def read_cell(run_dir: Path) -> dict:
         downloaded_ranks(method, r["ranks"], [c["rank"] for c in sorted(r["clients"], key=lambda c: c["partition"])])
         for r in trained
     ]
-    measured = summary.get("communication", {})
     return {
         "setting": SETTINGS_BY_RANKS.get(tuple(config.federation.ranks), "custom"),
         "row": run_dir.parent.name,
@@ -119,7 +143,7 @@ def read_cell(run_dir: Path) -> dict:
         **{key: final.get(key) for key in QUALITY_KEYS},
         "download_mb": statistics.mean(download_bytes(method, d, shapes, wire) for d in downloads) / MB,
         "upload_mb": statistics.mean(c["bytes_up"] for r in trained for c in r["clients"]) / MB,
-        **{key: measured.get(key) for key in ("download_mib", "upload_mib", "total_mib")},
+        **run_bytes(summary.get("communication", {})),
         "rank_sent": statistics.mean(statistics.mean(sum(k.values()) for k in d) for d in downloads),
         "aggregation_seconds": statistics.mean(r["aggregation_seconds"] for r in trained),
         "ranks": trained[-1]["ranks"],
@@ -133,9 +157,18 @@ def read_cell(run_dir: Path) -> dict:
 
 
 def stored_record(record: dict) -> dict:
-    """A record from an earlier report's results.json, with the fields it predates left empty."""
+    """A record from an earlier report's results.json, with the fields it predates left empty.
+
+    A record from before the totals counted only what was sent holds the final model's download in
+    `download_mib` and `total_mib`: its bytes are split again, the sent part from its trained rounds'
+    own byte counts (a grid never evaluates on the nodes, so its round 0 moves no bytes), and the total
+    it stored is kept, unchanged, as the total with the final download."""
     row = record.get("row") or (florist(record["tau"]) if record["method"] == "florist" else baseline(record["method"])).label
-    empty = {"download_mib": None, "upload_mib": None, "total_mib": None, "rounds": [], "spectra": []}
+    empty = {**dict.fromkeys(BYTE_KEYS), "rounds": [], "spectra": []}
+    if record.get("download_mib") is not None and "unsent_final_download_mib" not in record:
+        sent_down = sum(r["down_bytes"] for r in record["rounds"]) / MIB
+        communication = {key: record[key] for key in ("download_mib", "upload_mib", "total_mib")}
+        record = {**record, **run_bytes({**communication, "final_download_mib": record["download_mib"] - sent_down})}
     return {**empty, **record, "row": row}
 
 

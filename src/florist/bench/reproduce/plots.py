@@ -18,7 +18,7 @@ from florist.reporting.plots import rank_matrix  # noqa: E402
 QUALITY = (("test_loss", "Dolly test loss"), ("rouge_l", "ROUGE-L"))
 BYTES_AXES = {
     "download_mb": "download MB per client per round (log)",
-    "total_mib": "MiB over the run, both directions, all clients (log)",
+    "total_mib": "MiB sent over the run, both directions, all clients (log)",
 }
 
 

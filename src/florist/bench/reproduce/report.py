@@ -22,7 +22,8 @@ METRICS = (
     ("val_loss", "val. loss", 4, True),
     ("download_mb", "down MB/client/round", 3, True),
     ("upload_mb", "up MB/client/round", 3, True),
-    ("total_mib", "run MiB both ways", 2, True),
+    ("total_mib", "run MiB sent both ways", 2, True),
+    ("total_with_final_download_mib", "run MiB + final download", 2, True),
     ("rank_sent", "total rank sent", 1, True),
     ("aggregation_seconds", "server agg. s", 4, True),
 )
@@ -164,11 +165,11 @@ def paired_differences(records: Sequence[dict], reference: str, metric: str) -> 
 
 def paired_lines(records: Sequence[dict], rows: dict[str, dict], reference: str) -> list[str]:
     """Each row against `reference`, paired by seed: a difference of zero within its std is a tie.
-    The last column: the row's measured bytes over the run, both ways, as a share of the reference's."""
+    The last column: the row's bytes sent over the run, both ways, as a share of the reference's."""
     metrics = [m for m in METRICS if m[0] in (*QUALITY, "val_loss")]
     differences = {metric: paired_differences(records, reference, metric) for metric, *_ in metrics}
     bytes_share = paired(records, reference, "total_mib", lambda mine, theirs: mine / theirs)
-    headings = [f"Δ {heading}" for _, heading, *_ in metrics] + [f"run MiB / {row_name(reference)}'s"]
+    headings = [f"Δ {heading}" for _, heading, *_ in metrics] + [f"run MiB sent / {row_name(reference)}'s"]
     lines = ["| method | tau | " + " | ".join(headings) + " | n |", "|---|---|" + "---|" * len(headings) + "---|"]
     for key in (k for k in rows if k != reference):
         values = [cell_text(differences[metric][key], digits) for metric, _, digits, _ in metrics]
@@ -269,8 +270,10 @@ def write_report(out: Path, expected: int) -> Path:
         lines += scale_lines(records)
     lines += ["", "Mean ± sample std over seeds; n = seeds. Download: the aggregate's factors one client receives",
               "after a round (FLoRA: the whole stack; FlexLoRA: the client's own truncation; FFA-LoRA: B only).",
-              "Run MiB both ways: the payload bytes the run measured, every client, every round, both directions,",
-              "with the final model's download (FlowerTune's count; — for cells that predate the count).",
+              "Run MiB sent both ways: the payload bytes the run sent, every client, every round, both directions",
+              "(— for cells that predate the count). Run MiB + final download: the same plus the final model's",
+              "download to every client, which no round sent (FlowerTune's leaderboard count). Cells recorded",
+              "before the two were apart stored the latter as their total; their sent bytes are their rounds' own counts.",
               "Tau rule: FLoRIST-O = lowest mean validation loss; FLoRIST-E = lowest tau whose mean validation loss",
               "is within one std of the best baseline's (validation carved from the training clients; test never used)."]
     for setting, rows in table.items():
