@@ -361,3 +361,20 @@ def test_factors_only_refuses_tensors_trained_in_full_in_one_line(qwen, tmp_path
     save_trained_in_full(qwen, tmp_path / "b", seed=61, r=4, lora_alpha=8, modules_to_save=["lm_head"])
     argv = ["--method", "florist", "--factors-only", tmp_path / "a", tmp_path / "b"]
     assert_refused(tmp_path, capsys, argv, [str(tmp_path / "a"), "lm_head.weight", "trained in full"])
+
+
+def test_a_download_budget_counts_the_tensors_trained_in_full_the_adapter_file_holds(qwen, tmp_path):
+    """Biases and an lm_head are written beside the factors: the tensors of the file stay within the
+    budget, and it is spent to within one component."""
+    paths = []
+    for k, options in enumerate(CLIENTS[:2]):
+        paths.append(tmp_path / f"client_{k}")
+        save_trained_in_full(qwen, paths[-1], seed=70 + k, scale=1.0, bias="lora_only", modules_to_save=["lm_head"], **options)
+    first = read_adapters(paths, [1.0, 1.0])[0]
+    dense = sum(t.numel() * t.element_size() for t in first.dense.values())
+    component = {name: sum(f.shape) * f.A.element_size() for name, f in first.modules.items()}
+    budget = dense + 3 * sum(component.values())
+    out = tmp_path / "out"
+    assert run("--method", "florist", "--download-budget-mb", budget / 2**20, "--out", out, *paths) == 0
+    written = sum(t.numel() * t.element_size() for t in load_file(out / "adapter_model.safetensors").values())
+    assert budget - max(component.values()) < written <= budget

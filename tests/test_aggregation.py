@@ -1115,6 +1115,7 @@ def test_accumulator_refuses_no_clients_zero_weights_and_a_bad_budget():
 
 # q: 8 x 8 (a component costs (8 + 8) x 2 = 32 bytes in fp16), v: 4 x 8 (24 bytes).
 BUDGET_SHAPES = {"q": (8, 8), "v": (4, 8)}
+BUDGET_COSTS = {"q": 32, "v": 24}
 BUDGET_SPECTRA = {"q": torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64), "v": torch.tensor([3.0, 1.3, 0.2], dtype=torch.float64)}
 # Energy shares q: .762 .190 .048, v: .839 .158 .004; absolute q: 4 1 .25, v: 9 1.69 .04.
 
@@ -1132,21 +1133,25 @@ BUDGET_SPECTRA = {"q": torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64), "v": 
     ],
 )
 def test_budget_buys_components_in_the_criterion_order_within_the_exact_bytes(budget, criterion, expected):
-    ranks = allocate_ranks(BUDGET_SPECTRA, BUDGET_SHAPES, budget, 2, criterion)
+    ranks = allocate_ranks(BUDGET_SPECTRA, BUDGET_COSTS, budget, criterion=criterion)
     assert ranks == expected
     assert sum(sum(BUDGET_SHAPES[name]) * 2 * rank for name, rank in ranks.items()) <= budget
+    # Bytes sent whatever the ranks come off the budget first: the same choice, 500 bytes higher.
+    assert allocate_ranks(BUDGET_SPECTRA, BUDGET_COSTS, budget + 500, 500, criterion) == expected
 
 
 def test_budget_respects_min_rank_max_rank_and_never_buys_an_unresolved_component():
-    assert allocate_ranks(BUDGET_SPECTRA, BUDGET_SHAPES, 112, 2, min_rank=2) == {"q": 2, "v": 2}
-    assert allocate_ranks(BUDGET_SPECTRA, BUDGET_SHAPES, 1000, 2, max_rank=1) == {"q": 1, "v": 1}
+    assert allocate_ranks(BUDGET_SPECTRA, BUDGET_COSTS, 112, min_rank=2) == {"q": 2, "v": 2}
+    assert allocate_ranks(BUDGET_SPECTRA, BUDGET_COSTS, 1000, max_rank=1) == {"q": 1, "v": 1}
     spectra = {"q": torch.tensor([1.0, 1e-9, 0.0]), "v": torch.tensor([0.0, 0.0, 0.0])}
-    assert allocate_ranks(spectra, BUDGET_SHAPES, 1000, 2) == {"q": 2, "v": 1}
-    assert minimum_download_bytes(BUDGET_SHAPES, 2, 2) == 112
+    assert allocate_ranks(spectra, BUDGET_COSTS, 1000) == {"q": 2, "v": 1}
+    assert minimum_download_bytes(BUDGET_COSTS, 2) == 112 and minimum_download_bytes(BUDGET_COSTS, 2, 300) == 412
     with pytest.raises(AggregationError, match=r"^download budget of .* \(111 bytes\) is below the .* \(112 bytes\) that rank 2 in each of 2 modules needs$"):
-        allocate_ranks(BUDGET_SPECTRA, BUDGET_SHAPES, 111, 2, min_rank=2)
+        allocate_ranks(BUDGET_SPECTRA, BUDGET_COSTS, 111, min_rank=2)
+    with pytest.raises(AggregationError, match=r"\(411 bytes\) is below the .* \(412 bytes\) that rank 2 in each of 2 modules needs \(300 of them sent whatever the ranks\)$"):
+        allocate_ranks(BUDGET_SPECTRA, BUDGET_COSTS, 411, 300, min_rank=2)
     with pytest.raises(AggregationError, match="unknown budget criterion 'loss'"):
-        allocate_ranks(BUDGET_SPECTRA, BUDGET_SHAPES, 1000, 2, "loss")
+        allocate_ranks(BUDGET_SPECTRA, BUDGET_COSTS, 1000, criterion="loss")
 
 
 def known_spectrum_clients(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]) -> list[ClientAdapter]:
@@ -1166,7 +1171,7 @@ def known_spectrum_clients(spectra: dict[str, torch.Tensor], shapes: dict[str, t
 def test_florist_with_a_budget_sends_what_allocate_ranks_buys(criterion, budget):
     clients = known_spectrum_clients(BUDGET_SPECTRA, BUDGET_SHAPES)
     options = {"download_budget_mb": budget / 2**20, "wire_bytes": 2, "budget_criterion": criterion}
-    expected = allocate_ranks(BUDGET_SPECTRA, BUDGET_SHAPES, budget, 2, criterion)
+    expected = allocate_ranks(BUDGET_SPECTRA, BUDGET_COSTS, budget, criterion=criterion)
     for result in (make_aggregator("florist", **options).aggregate(clients), streamed(clients, **options)[1]):
         assert {name: module.rank for name, module in result.modules.items()} == expected
         assert sum(sum(BUDGET_SHAPES[name]) * 2 * module.rank for name, module in result.modules.items()) <= budget
@@ -1182,7 +1187,7 @@ def test_florist_with_a_budget_sends_what_allocate_ranks_buys(criterion, budget)
 @given(clients=any_federations(dtype=torch.float32), fraction=st.floats(0.0, 1.0), criterion=st.sampled_from(["normalized", "absolute", "per-byte"]), columns=st.sampled_from([None, 6]))
 def test_a_budget_is_never_exceeded_and_left_unspent_only_where_nothing_fits(clients, fraction, criterion, columns):
     shapes = {name: f.shape for name, f in clients[0].modules.items()}
-    least = minimum_download_bytes(shapes, 1, 4)
+    least = minimum_download_bytes({name: sum(shape) * 4 for name, shape in shapes.items()}, 1)
     most = sum(sum(shape) * 4 * min(shape) for shape in shapes.values())
     budget = int(least + fraction * (most - least))
     options = {"download_budget_mb": budget / 2**20, "budget_criterion": criterion}
@@ -1207,6 +1212,8 @@ def test_budget_options_are_checked():
         ({"download_budget_mb": 1.0, "budget_criterion": "loss"}, "unknown budget criterion 'loss'"),
         ({"download_budget_mb": 1.0, "min_rank": 0}, "min_rank must be >= 1, got 0"),
         ({"download_budget_mb": 1.0, "wire_bytes": 3}, "wire_bytes must be 1, 2, 4 or 8, got 3"),
+        ({"download_budget_mb": 1.0, "fixed_download_bytes": -1}, "fixed_download_bytes must be >= 0, got -1"),
+        ({"download_budget_mb": 1.0, "component_overhead_bytes": -8}, "component_overhead_bytes must be >= 0, got -8"),
     ]:
         with pytest.raises(AggregationError, match=re.escape(message)):
             make_aggregator("florist", **options)
@@ -1214,6 +1221,22 @@ def test_budget_options_are_checked():
     clients = known_spectrum_clients(BUDGET_SPECTRA, BUDGET_SHAPES)
     with pytest.raises(AggregationError, match=r"\(55 bytes\) is below the .* \(56 bytes\)"):
         make_aggregator("florist", download_budget_mb=55 / 2**20, wire_bytes=2).aggregate(clients)
+
+
+def test_florist_spends_what_is_left_after_the_fixed_bytes_at_each_components_full_cost():
+    """int8-like costs: 1 byte a value and 8 beside each component (q: 24 bytes, v: 20), 300 bytes
+    sent whatever the ranks; 88 left buy q's .190 then v's .158 in energy-share order, with 0 left."""
+    clients = known_spectrum_clients(BUDGET_SPECTRA, BUDGET_SHAPES)
+    costs = {"wire_bytes": 1, "component_overhead_bytes": 8, "fixed_download_bytes": 300, "budget_criterion": "normalized"}
+    for budget, expected in [(388, {"q": 2, "v": 2}), (387, {"q": 2, "v": 1}), (344, {"q": 1, "v": 1})]:
+        options = {"download_budget_mb": budget / 2**20, **costs}
+        for result in (make_aggregator("florist", **options).aggregate(clients), streamed(clients, **options)[1]):
+            assert {name: module.rank for name, module in result.modules.items()} == expected, budget
+    florist = make_aggregator("florist", download_budget_mb=388 / 2**20, **costs)
+    assert florist.component_bytes((8, 8)) == 24 and florist.affordable((8, 8)) == 88 // 24
+    florist.check_budget(BUDGET_SHAPES)
+    with pytest.raises(AggregationError, match=r"^download budget of .* \(343 bytes\) is below the .* \(344 bytes\) that rank 1 in each of 2 modules needs \(300 of them sent whatever the ranks\)$"):
+        replace(florist, download_budget_mb=343 / 2**20).check_budget(BUDGET_SHAPES)
 
 
 def test_folding_keeps_the_weighted_mean_of_tensors_trained_in_full():

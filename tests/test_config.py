@@ -219,15 +219,16 @@ def test_cli_reports_a_bad_model_before_training(capsys, no_simulation, tmp_path
     assert not (tmp_path / "run").exists()
 
 
-def test_a_download_budget_replaces_tau_and_counts_the_wire_dtype():
+def test_a_download_budget_replaces_tau_and_is_florists_alone():
+    """The wire's costs are the federation's to add (test_strategy.py); the configuration gives the budget."""
     config = load_config(None, ["aggregation.download_budget_mb=7.5", "aggregation.budget_criterion=per-byte"])
-    options = config.aggregation.options("float16")
-    assert "tau" not in options and options["download_budget_mb"] == 7.5 and options["wire_bytes"] == 2
-    assert options["budget_criterion"] == "per-byte" and options["min_rank"] == 1
-    assert config.aggregation.options()["wire_bytes"] == 4
+    options = config.aggregation.options()
+    assert options == {"max_rank": None, "route": "gram", "memory_budget_mb": 1024.0, "download_budget_mb": 7.5, "budget_criterion": "per-byte", "min_rank": 1}
     assert load_config().aggregation.options()["tau"] == 0.9
     message = one_line_error(load_config, None, ["aggregation.download_budget_mb=7.5", "aggregation.tau=0.9"])
     assert "aggregation.tau (0.9) and aggregation.download_budget_mb (7.5) are both set; set one" in message
+    message = one_line_error(load_config, None, ["aggregation.download_budget_mb=7.5", 'aggregation.method="flora"'])
+    assert "aggregation.download_budget_mb chooses FLoRIST's ranks; method 'flora' has none" in message
 
 
 def test_a_budgeted_configuration_as_a_run_directory_stores_it_loads_back(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Message, RecordDict
+from flwr.app import Array, Message, RecordDict
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -203,7 +203,10 @@ def _tampered(change):
         change(dense)
         del content[ADAPTER], content[f"{ADAPTER}:scales"]
         factors = {name: LoraFactors(A=m["A"], B=m["B"], scale=m["scale"]) for name, m in modules.items()}
-        payload.put(content, ADAPTER, factors, "float32", dense=dense)
+        payload.put(content, ADAPTER, factors, "float32")
+        # Raw arrays: payload.put refuses a NaN, and a hostile node need not use it.
+        for name, tensor in dense.items():
+            content[ADAPTER][f"{payload.DENSE_PREFIX}{name}"] = Array(tensor.numpy())
         return Message(content, reply_to=instruction)
 
     return tamper

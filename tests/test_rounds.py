@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Array, Message, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
 from florist.aggregation import make_aggregator
@@ -255,10 +255,13 @@ def _drop_module(content: RecordDict) -> None:
     payload.put(content, ADAPTER, {n: LoraFactors(A=m["A"], B=m["B"], scale=m["scale"]) for n, m in modules.items()}, "float32")
 
 
-def _nan(module):
-    module["B"] = module["B"].clone()
-    module["B"][0, 0] = math.nan
-    return module
+def _nan(content: RecordDict) -> None:
+    """A NaN in a factor, as a raw array: payload.put refuses it, and a hostile node need not use it."""
+    record = content[ADAPTER]
+    key = sorted(key for key in record if key.endswith(".B"))[0]
+    values = record[key].numpy().copy()
+    values[0, 0] = math.nan
+    record[key] = Array(values)
 
 
 def _wide(module):  # rank 9 > the cap of 8
@@ -279,7 +282,7 @@ def _huge(module):
 
 
 HOSTILE = {
-    "nan": (_factors(_nan), "holds NaN or Inf values"),
+    "nan": (_nan, "holds NaN or Inf values"),
     "inflated-rank": (_factors(_wide), "rank 9 is outside [1, 8]"),
     "wrong-shape": (_factors(_shape), "lora_A is"),
     "forged-examples": (_metric("num-examples", 10**9), "num-examples 1000000000 is outside [1, 1000000]"),

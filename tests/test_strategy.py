@@ -402,3 +402,95 @@ def test_a_round_of_many_clients_is_folded_as_replies_arrive_and_stays_exact():
     module = update.modules["layers.0.q_proj"]
     torch.testing.assert_close((module.scale * module.B @ module.A).double(), expected / total, rtol=1e-4, atol=1e-5)
     assert module.rank == 6
+
+
+# ---------------------------------------------------------------- what a download costs on the wire
+
+WIDE = {"layers.0.q_proj": (64, 48), "layers.0.v_proj": (32, 48)}
+DENSE = {"lm_head.weight": (8, 48), "layers.0.q_proj.base_layer.bias": (64,)}
+VALUE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+
+
+def message_bytes(message: Message) -> int:
+    """Every record of a message as Flower counts it, the instruction's own record included."""
+    return sum(record.count_bytes() for record in message.content.values())
+
+
+def wide_strategy(wire: str, aggregation: dict, **federation) -> LoraStrategy:
+    """FLoRIST on WIDE modules with DENSE tensors trained in full, for a run of one round."""
+    config = RunConfig.model_validate(
+        {
+            "federation": {"num_clients": 3, "ranks": CLIENT_RANKS, "rounds": 1, **federation},
+            "aggregation": {"method": "florist", **aggregation},
+            "wire": {"download": wire},
+        }
+    )
+    return LoraStrategy(config, WIDE, identity_for(config), DENSE)
+
+
+def final_instruction(strategy: LoraStrategy) -> Message:
+    """Round 1 with replies that carry tensors trained in full; then the instruction that delivers its update."""
+    nodes = list(PARTITION_OF)
+    strategy.begin_round(1, nodes)
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, nodes)}
+    for node, partition in PARTITION_OF.items():
+        generator = torch.Generator().manual_seed(partition)
+        rank = CLIENT_RANKS[partition]
+        factors = {
+            name: LoraFactors(A=torch.randn(rank, n, generator=generator), B=torch.randn(m, rank, generator=generator), scale=2.0)
+            for name, (m, n) in WIDE.items()
+        }
+        dense = {name: torch.randn(shape, generator=generator) for name, shape in DENSE.items()}
+        assert strategy.receive_train(node, reply(strategy, messages[node], partition, factors, dense=dense)) == []
+    assert [event.status for event in strategy.finish_round().events] == ["accepted"] * 3
+    (message,) = strategy.configure_evaluate(1, [11])
+    assert sent_payloads(message) == [update_key(1)]
+    return message
+
+
+@pytest.mark.parametrize("wire", payload.WIRE_FORMATS)
+def test_a_download_budget_bounds_every_byte_of_the_message_that_delivers_the_update(wire):
+    """Four-fifths of the bytes of the exact update's message: the budgeted message, with its
+    factors (int8: and their row scales), every array's header and key, the tensors trained in full
+    and the records, is within the budget, and leaves less than one component of it unspent."""
+    exact = message_bytes(final_instruction(wide_strategy(wire, {"tau": 1.0})))
+    budget = int(0.8 * exact)
+    strategy = wide_strategy(wire, {"download_budget_mb": budget / 2**20})
+    message = final_instruction(strategy)
+    sent = message_bytes(message)
+    ranks = {name: module.rank for name, module in strategy.chain.updates[0].modules.items()}
+    component = {name: (m + n) * VALUE_BYTES[wire] + (8 if wire == "int8" else 0) for name, (m, n) in WIDE.items()}
+    assert sent <= budget, (sent, budget, ranks)
+    assert budget - sent < max(component.values()), (sent, budget, ranks)
+    assert 2 < sum(ranks.values()) < 2 * sum(CLIENT_RANKS)  # the budget bought components, and not all 14 of each
+    # The strategy's own count (bytes_down) is the update's arrays; the message holds its records too.
+    assert strategy._evaluation.bytes_down[11] == message.content[update_key(1)].count_bytes() < sent
+
+
+@pytest.mark.parametrize("wire", ["float32", "int8"])
+def test_a_download_budget_that_cannot_pay_for_rank_1_everywhere_is_refused_before_round_1(wire):
+    """The smallest budget is the message of a rank-1 update (tau so small it keeps one component per module)."""
+    least = message_bytes(final_instruction(wide_strategy(wire, {"tau": 1e-9})))
+    strategy = wide_strategy(wire, {"download_budget_mb": least / 2**20})
+    assert message_bytes(final_instruction(strategy)) == least
+    with pytest.raises(ValueError) as refused:
+        wide_strategy(wire, {"download_budget_mb": (least - 1) / 2**20})
+    message = str(refused.value)
+    assert message.startswith(f"aggregation.download_budget_mb {(least - 1) / 2**20:g}: download budget of ") and "\n" not in message
+    rank_1 = sum(VALUE_BYTES[wire] * (m + n) + (8 if wire == "int8" else 0) for m, n in WIDE.values())
+    assert message.endswith(f"({least:,} bytes) that rank 1 in each of 2 modules needs ({least - rank_1:,} of them sent whatever the ranks)")
+
+
+def test_a_merged_update_travels_balanced_but_for_the_components_a_warm_start_begins_from():
+    """float16: FLoRIST splits its update as B = U S, A = V^T (A's rows of norm 1). Every component
+    travels balanced (its norms in B and A within a factor of 2), except under a warm start the
+    leading 8 (the largest client rank), which clients start their LoRA from as the method split them."""
+    for warm, kept in ((False, 0), (True, max(CLIENT_RANKS))):
+        strategy = wide_strategy("float16", {"tau": 1.0}, warm_start=warm)
+        final_instruction(strategy)
+        for name, module in strategy.chain.updates[0].modules.items():
+            assert module.rank == sum(CLIENT_RANKS)
+            b_norm, a_norm = module.B.double().norm(dim=0), module.A.double().norm(dim=1)
+            assert torch.allclose(a_norm[:kept], torch.ones(kept, dtype=torch.float64), atol=1e-3), name
+            ratio = b_norm[kept:] / a_norm[kept:]
+            assert ((ratio > 0.49) & (ratio < 2.01)).all(), (name, ratio)

@@ -5,16 +5,19 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 from florist.aggregation import GlobalModule, LoraFactors, truncate_update
 from florist.config import load_config
 from florist.federation import payload
 from florist.federation.client_app import build_client_app
+from florist.federation.delivery import GlobalUpdate, update_digest
 from florist.federation.server_app import serve
 from florist.reporting.run_directory import read_rounds
 
@@ -50,8 +53,11 @@ def test_every_wire_format_counts_its_exact_bytes_and_decodes_within_its_precisi
             if wire == "int8":  # one float32 scale per LoRA component
                 expected += npy_bytes((f.rank,), np.float32) + len(f"{name}.{factor}{payload.ROW_SCALE}")
     assert sent == expected == content["adapter"].count_bytes()
-    data_bytes = sum((f.B.shape[0] + f.A.shape[1]) * f.rank for f in modules.values()) * payload.VALUE_BYTES[wire]
-    assert data_bytes < sent
+    # What a download budget counts for these modules at these ranks is what the payload's records hold.
+    cost = payload.update_cost({name: f.shape for name, f in modules.items()}, {}, wire)
+    per_component = {name: sum(f.shape) * cost.value_bytes + cost.component_overhead_bytes for name, f in modules.items()}
+    records = sent + content["adapter:scales"].count_bytes()
+    assert records == cost.fixed_bytes + sum(per_component[name] * f.rank for name, f in modules.items())
 
     received = payload.take(content, "adapter")
     # int8 rounds each component to 1/254 of its largest entry; the half formats to their mantissa.
@@ -94,6 +100,126 @@ def test_tensors_trained_in_full_travel_beside_the_factors_in_a_float_format(wir
         assert received[name].dtype == torch.float32 and torch.equal(received[name], expected[name])
         assert torch.equal(received[name], tensor.to(torch.float32 if wire == "int8" else getattr(torch, wire)).float())
     assert payload.take_global(content, "adapter").dense.keys() == dense.keys()
+    shapes = {name: f.shape for name, f in modules.items()}
+    dense_shapes = {name: tuple(t.shape) for name, t in dense.items()}
+    assert payload.update_cost(shapes, dense_shapes, wire).fixed_bytes - payload.update_cost(shapes, {}, wire).fixed_bytes == sent - alone
+
+
+@pytest.mark.parametrize("shape", [(7,), (151936,), (4096, 64), (64, 4096), (1, 1), (0, 151936), (151936, 0), (3, 5, 4)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int16, np.int8])
+def test_flowers_bytes_for_an_array_are_its_values_its_key_and_one_header_size(shape, dtype):
+    """ARRAY_HEADER_BYTES, measured on an empty array, is what Flower's count_bytes adds to any
+    array's values and key: biases, factors at any rank, an lm_head of a 151936-token vocabulary."""
+    key = "base_model.model.model.layers.0.self_attn.q_proj.B:rowscale"
+    counted = ArrayRecord({key: torch.from_numpy(np.zeros(shape, dtype=dtype))}).count_bytes()
+    values = math.prod(shape) * np.dtype(dtype).itemsize
+    assert counted == values + len(key) + payload.ARRAY_HEADER_BYTES
+    assert npy_bytes(shape, dtype) == values + payload.ARRAY_HEADER_BYTES  # numpy's own .npy file
+
+
+def florist_like(m: int, n: int, spectrum: torch.Tensor, seed: int) -> GlobalModule:
+    """B = U S, A = V^T in float32, as FLoRIST's global update is split."""
+    generator = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(m, len(spectrum), generator=generator, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, len(spectrum), generator=generator, dtype=torch.float64))[0]
+    return GlobalModule(A=v.T.float().contiguous(), B=(u * spectrum).float(), scale=2.0, singular_values=spectrum.float())
+
+
+def component_errors(received: GlobalModule, sent: GlobalModule) -> torch.Tensor:
+    """Per component i, ||b'_i a'_i - b_i a_i||_F / ||b_i a_i||_F, in float64."""
+    got = received.B.double().mT[:, :, None] * received.A.double()[:, None, :]
+    want = sent.B.double().mT[:, :, None] * sent.A.double()[:, None, :]
+    return (got - want).flatten(1).norm(dim=1) / want.flatten(1).norm(dim=1)
+
+
+@pytest.mark.parametrize("wire, unit", [("float16", 2.0**-11), ("bfloat16", 2.0**-8)])
+def test_a_merged_update_keeps_components_a_million_times_below_its_largest_in_the_half_formats(wire, unit):
+    """Singular values from 1 down to 1e-6, in B as FLoRIST splits them: float16 holds the smallest
+    columns (entries ~1e-7) in its subnormals, which cost the last component 14% of its product.
+    Balanced, each component's product is within twice the format's unit roundoff."""
+    spectrum = torch.logspace(0, -6, 13, dtype=torch.float64)
+    module = florist_like(64, 48, spectrum, seed=3)
+    received = payload.round_trip({"q": module}, wire, split_used=0)["q"]
+    errors = component_errors(received, module)
+    assert errors.max().item() <= 2 * unit * (1 + unit), errors
+    assert torch.equal(received.singular_values, module.singular_values) and received.scale == module.scale
+    # The same update kept as the method split it (an adapter clients continue from) is sent as it is.
+    as_is = payload.round_trip({"q": module}, wire)["q"]
+    assert torch.equal(as_is.B, module.B.to(getattr(torch, wire)).float())
+
+
+def test_balancing_moves_powers_of_two_between_b_and_a_and_changes_no_product():
+    """Components from `first` on end with norms within a factor of 2 of each other (their
+    geometric mean, sqrt(s_i)); every product b_ji a_il is the same float; components before
+    `first` are untouched."""
+    spectrum = torch.tensor([1e4, 3.0, 1e-3, 2e-7, 0.0], dtype=torch.float64)
+    module = florist_like(40, 24, spectrum, seed=8)
+    module = replace(module, A=module.A * torch.tensor([1.0, 1e-3, 5.0, 1e6, 1.0])[:, None])
+    for first in (0, 2):
+        result = payload.balanced(module, first)
+        b_norm, a_norm = result.B.double().norm(dim=0), result.A.double().norm(dim=1)
+        assert torch.equal(result.B[:, :first], module.B[:, :first]) and torch.equal(result.A[:first], module.A[:first])
+        live = b_norm[first:4] / a_norm[first:4]
+        assert ((live >= 0.5) & (live <= 2)).all(), live
+        assert torch.equal(result.B[:, 4], module.B[:, 4]) and torch.equal(result.A[4], module.A[4])  # nothing to balance
+        products = result.B.double().mT[:, :, None] * result.A.double()[:, None, :]
+        assert torch.equal(products, module.B.double().mT[:, :, None] * module.A.double()[:, None, :])
+
+
+@pytest.mark.parametrize("wire", payload.WIRE_FORMATS)
+@pytest.mark.parametrize("split_used", [None, 0, 3])
+def test_what_the_server_keeps_is_what_a_node_decodes_to_the_bit(wire, split_used):
+    """The chain's digests are computed on both sides: the server keeps `round_trip`'s values and
+    sends them with `put`, and the node must decode exactly those values, in every format (a rank-1
+    module among them, whose B a digest once could not read for its transposed strides)."""
+    spectrum = torch.logspace(1, -7, 9, dtype=torch.float64)
+    modules = {"q": florist_like(32, 24, spectrum, seed=1), "v": florist_like(16, 24, spectrum[:6] * 300, seed=2), "o": florist_like(8, 24, spectrum[:1], seed=3)}
+    kept = payload.round_trip(modules, wire, split_used)
+    content = RecordDict()
+    payload.put(content, "update:1", kept, wire)
+    received = payload.take_global(content, "update:1").modules
+    assert update_digest(GlobalUpdate(received)) == update_digest(GlobalUpdate({n: GlobalModule(A=m.A, B=m.B, scale=m.scale) for n, m in kept.items()}))
+    if split_used == 3 and wire in ("float16", "bfloat16"):
+        plain = payload.round_trip(modules, wire)
+        for name, module in kept.items():
+            assert torch.equal(module.B[:, :3], plain[name].B[:, :3]) and torch.equal(module.B, plain[name].B) == (module.rank <= 3)
+
+
+@pytest.mark.parametrize(
+    "wire, value, refusal",
+    [
+        ("float16", 65520.0, "layers.0.q_proj.B cannot travel in float16: it holds values beyond float16's largest finite value 65504"),
+        ("float16", -1e6, "layers.0.q_proj.B cannot travel in float16: it holds values beyond float16's largest finite value 65504"),
+        ("bfloat16", 3.4e38, "layers.0.q_proj.B cannot travel in bfloat16: it holds values beyond bfloat16's largest finite value 3.38953e+38"),
+        ("float32", float("inf"), "layers.0.q_proj.B cannot travel: it holds non-finite values"),
+        ("int8", float("nan"), "layers.0.q_proj.B cannot travel: it holds non-finite values"),
+    ],
+)
+def test_a_value_that_would_arrive_as_inf_is_refused_naming_its_factor(wire, value, refusal):
+    module = decaying(8, 6, 2, seed=0)
+    module.B[3, 1] = value
+    for send in (
+        lambda: payload.put(RecordDict(), "adapter", {"layers.0.q_proj": module}, wire),
+        lambda: payload.round_trip({"layers.0.q_proj": GlobalModule(A=module.A, B=module.B)}, wire),
+    ):
+        with pytest.raises(ValueError) as refused:
+            send()
+        assert str(refused.value) == refusal
+    # The largest value float16 holds still travels, as itself.
+    module.B[3, 1] = 65504.0
+    assert payload.round_trip({"m": GlobalModule(A=module.A, B=module.B)}, "float16")["m"].B[3, 1].item() == 65504.0
+
+
+@pytest.mark.parametrize("wire", ["float16", "bfloat16"])
+def test_a_tensor_trained_in_full_that_would_arrive_as_inf_is_refused_by_name(wire):
+    head = torch.ones(4, 6)
+    head[2, 2] = 3.4e38
+    modules = {"m": decaying(8, 6, 2, seed=0)}
+    message = f"tensor trained in full lm_head.weight cannot travel in {wire}: it holds values beyond {wire}'s largest finite value"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        payload.put(RecordDict(), "adapter", modules, wire, dense={"lm_head.weight": head})
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        payload.round_trip_dense({"lm_head.weight": head}, wire)
 
 
 def test_a_payload_in_an_unknown_format_or_missing_its_scales_is_refused():

@@ -176,17 +176,14 @@ class WireConfig(Section):
     keeps this share of its spectral energy, instead of its full-rank factors."""
 
 
-WIRE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
-"""Bytes per value of each wire format: what a download budget counts (int8's per-row scales are extra)."""
-
-
 class AggregationConfig(Section):
     method: str = "florist"
     tau: float = Field(DEFAULT_TAU, gt=0, le=1)
     max_rank: int | None = Field(None, ge=1)
     download_budget_mb: float | None = Field(None, gt=0, allow_inf_nan=False)
-    """florist: instead of tau, what one client downloads per round (MiB in the wire dtype), spent on
-    ranks across all modules at once (README, "Methods and round semantics")."""
+    """florist: instead of tau, the most one client downloads per round (MiB): every byte of the
+    instruction that carries the round's update, as Flower counts them. The rest of it after min_rank
+    is spent on ranks across all modules at once (README, "A download budget instead of tau")."""
     budget_criterion: Literal["normalized", "absolute", "per-byte"] = "per-byte"
     """How a download budget ranks components: energy share within its module, energy, or energy
     share per byte of its module."""
@@ -216,6 +213,8 @@ class AggregationConfig(Section):
             if any(not 0 < tau <= 1 for tau in self.tau_candidates):
                 raise ValueError(f"aggregation.tau_candidates must all be in (0, 1], got {self.tau_candidates}")
         if self.download_budget_mb is not None:
+            if self.method != "florist":
+                raise ValueError(f"aggregation.download_budget_mb chooses FLoRIST's ranks; method {self.method!r} has none")
             for key in ("tau", "tau_candidates"):
                 if key in self.model_fields_set:
                     raise ValueError(
@@ -237,9 +236,9 @@ class AggregationConfig(Section):
     def automatic_tau(self) -> bool:
         return bool(self.tau_candidates)
 
-    def options(self, wire_format: str = "float32") -> dict:
+    def options(self) -> dict:
         """Keyword options of the chosen aggregator (automatic tau aggregates exactly, then cuts);
-        a download budget counts bytes of `wire_format` (wire.download)."""
+        the bytes a download budget counts are the wire's, which the federation adds."""
         if self.method != "florist":
             return {}
         options = {"max_rank": self.max_rank, "route": self.route, "memory_budget_mb": self.memory_budget_mb}
@@ -250,7 +249,6 @@ class AggregationConfig(Section):
             "download_budget_mb": self.download_budget_mb,
             "budget_criterion": self.budget_criterion,
             "min_rank": self.min_rank,
-            "wire_bytes": WIRE_BYTES[wire_format],
         }
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from florist.aggregation.base import Aggregator, ModuleBatch
-from florist.aggregation.budget import CRITERIA, allocate_ranks, component_bytes
+from florist.aggregation.budget import CRITERIA, allocate_ranks, check_budget, component_bytes
 from florist.aggregation.spectral import ROUTES, RankRule, energy_rank
 from florist.aggregation.stream import StreamingAccumulator
 from florist.aggregation.truncation import cut
@@ -26,9 +26,11 @@ RESOLVED_SHARE = 0.1
 class FLoRIST(Aggregator):
     """tau in (0, 1]: share of spectral energy kept per module; max_rank caps any module's rank.
 
-    `download_budget_mb`, instead of tau: what one client downloads per round (MiB, counted at
-    `wire_bytes` per value), spent on ranks across all modules at once, at least `min_rank` each,
-    in the order of `budget_criterion` (aggregation/budget.py). Give tau or a budget, not both;
+    `download_budget_mb`, instead of tau: what one client downloads per round (MiB), spent on ranks
+    across all modules at once, at least `min_rank` each, in the order of `budget_criterion`
+    (aggregation/budget.py). It counts `fixed_download_bytes` whatever the ranks, and per component
+    of an m x n module (m + n) * `wire_bytes` plus `component_overhead_bytes`: the caller states
+    what its medium costs (federation/payload.py, `update_cost`). Give tau or a budget, not both;
     with neither, tau is DEFAULT_TAU.
 
     `memory_budget_mb` bounds what `accumulator()` holds of a round (aggregation/stream.py):
@@ -44,6 +46,8 @@ class FLoRIST(Aggregator):
     budget_criterion: str = "per-byte"
     min_rank: int = 1
     wire_bytes: int = 4
+    component_overhead_bytes: int = 0
+    fixed_download_bytes: int = 0
 
     name = "florist"
     continues_from_global = False
@@ -63,6 +67,9 @@ class FLoRIST(Aggregator):
             raise AggregationError(f"min_rank must be >= 1, got {self.min_rank}")
         if self.wire_bytes not in (1, 2, 4, 8):
             raise AggregationError(f"wire_bytes must be 1, 2, 4 or 8, got {self.wire_bytes}")
+        for key in ("component_overhead_bytes", "fixed_download_bytes"):
+            if getattr(self, key) < 0:
+                raise AggregationError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.max_rank is not None and self.max_rank < 1:
             raise AggregationError(f"max_rank must be >= 1, got {self.max_rank}")
         if self.route not in ROUTES:
@@ -79,9 +86,18 @@ class FLoRIST(Aggregator):
     def budget_bytes(self) -> int | None:
         return None if self.download_budget_mb is None else int(self.download_budget_mb * 2**20)
 
+    def component_bytes(self, shape: tuple[int, int]) -> int:
+        """Bytes one kept component of a module of this shape adds to the download."""
+        return component_bytes(shape, self.wire_bytes, self.component_overhead_bytes)
+
     def affordable(self, shape: tuple[int, int]) -> int:
         """The most components of a module of this shape that the whole download budget buys."""
-        return max(self.min_rank, self.budget_bytes // component_bytes(shape, self.wire_bytes))
+        return max(self.min_rank, (self.budget_bytes - self.fixed_download_bytes) // self.component_bytes(shape))
+
+    def check_budget(self, shapes: Mapping[str, tuple[int, int]]) -> None:
+        """Refuse a download budget below what min_rank in every module of these shapes costs."""
+        costs = {name: self.component_bytes(shape) for name, shape in shapes.items()}
+        check_budget(self.budget_bytes, costs, self.min_rank, self.fixed_download_bytes)
 
     @property
     def tolerance(self) -> float:
@@ -109,9 +125,9 @@ class FLoRIST(Aggregator):
         shapes = {name: (m.B.shape[0], m.A.shape[1]) for name, m in modules.items()}
         ranks = allocate_ranks(
             {name: m.singular_values for name, m in modules.items()},
-            shapes,
+            {name: self.component_bytes(shape) for name, shape in shapes.items()},
             self.budget_bytes,
-            self.wire_bytes,
+            self.fixed_download_bytes,
             self.budget_criterion,
             self.min_rank,
             self.max_rank,

@@ -42,7 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tau", type=float, help="florist: share of spectral energy kept per module, in (0, 1] (default 0.9)")
     parser.add_argument(
         "--download-budget-mb", type=float, metavar="MB",
-        help="florist, instead of --tau: MiB of the output adapter (in the adapters' dtype), spent on ranks across all modules",
+        help=(
+            "florist, instead of --tau: MiB of tensor values in the output adapter, in the adapters' dtype (its LoRA factors "
+            "and tensors trained in full; not the safetensors header or adapter_config.json), spent on ranks across all modules"
+        ),
     )
     parser.add_argument(
         "--budget-criterion", choices=CRITERIA,
@@ -174,8 +177,11 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "flexlora" and args.rank is None:
         _require_common_ranks(clients)
     if args.download_budget_mb is not None:
-        # The budget counts the bytes of the adapter written, which keeps the adapters' dtype.
-        aggregator = replace(aggregator, wire_bytes=next(iter(clients[0].modules.values())).A.element_size())
+        # The budget counts the values the adapter file holds, in the adapters' dtype, which it keeps.
+        first = clients[0]
+        value_bytes = next(iter(first.modules.values())).A.element_size()
+        dense_bytes = sum(tensor.numel() * tensor.element_size() for tensor in first.dense.values())
+        aggregator = replace(aggregator, wire_bytes=value_bytes, fixed_download_bytes=dense_bytes)
     aggregate = _aggregate(aggregator, clients, args.adapters)
     config = read_config(args.adapters[0])
     written = write_adapter(args.out, aggregate.modules, config, overwrite=args.overwrite, dense=aggregate.dense)

@@ -39,7 +39,8 @@ def apply_update(model: nn.Module, update: GlobalUpdate) -> None:
 
 def _digest_tensor(digest, label: str, tensor: Tensor) -> None:
     digest.update(f"{label}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-    digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    # flatten, not contiguous: a (m, 1) column may keep a transpose's strides, which no byte view reads.
+    digest.update(tensor.detach().cpu().flatten().view(torch.uint8).numpy().tobytes())
 
 
 def update_digest(update: GlobalUpdate) -> str:

@@ -11,11 +11,28 @@ Wire formats:
 Tensors trained in full (biases, modules_to_save) travel in the same ArrayRecord as
 `@dense:<name>`, in the wire format when it is a float format and in float32 when it is int8:
 per-row int8 is a LoRA component's format, not a bias's or an lm_head's.
+
+A value the format cannot hold is refused, naming its factor or tensor: a non-finite one, and in
+float16 and bfloat16 one past the format's largest finite value (it would arrive as inf).
+
+The half formats keep 11 and 8 bits of mantissa but a limited range: float16 holds nothing below
+6e-8 and is coarse below 6e-5. Where the receiver uses a module only through B @ A (a merged update
+of the chain, the part of it no warm start begins from), `round_trip` first splits each component's
+magnitude evenly between B's column and A's row, by a power of two, so a component far below the
+largest keeps its precision instead of vanishing into B. The server keeps and sends those values,
+which every format then holds exactly: `put` sends factors as they are, since the split of an
+adapter a client continues from, or of a client's upload, is the method's own.
+
+What a download costs, as Flower counts it (`count_bytes` of each record): per array its values,
+its .npy header (ARRAY_HEADER_BYTES) and its key; per entry of the scales record its key and 8 bytes
+(the format: its name). `update_cost` gives it for a merged update, for a download budget.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -31,6 +48,20 @@ FORMAT_KEY = "@wire"
 """The scales record's entry naming the wire format (no module path starts with @)."""
 DENSE_PREFIX = "@dense:"
 """The array key prefix of a tensor trained in full."""
+ROW_SCALE_BYTES = torch.finfo(torch.float32).bits // 8
+"""Bytes of one int8 row scale (float32)."""
+
+
+def _array_header_bytes() -> int:
+    key = "x"
+    return ArrayRecord({key: torch.zeros(0, 0)}).count_bytes() - len(key)
+
+
+ARRAY_HEADER_BYTES = _array_header_bytes()
+"""What Flower counts for an array beyond its values and its key: the .npy header numpy writes,
+measured here on an empty array. numpy pads the header to a multiple of 64 bytes, leaving room for
+the first dimension to grow, so it is this size for every shape a model's arrays have
+(tests/test_wire.py measures it on biases, factors and a 151936-row lm_head)."""
 
 
 def dense_format(wire: str) -> str:
@@ -42,15 +73,25 @@ def _rank_major(tensor: Tensor, factor: str) -> Tensor:
     return tensor.mT if factor == "B" else tensor
 
 
-def encode(tensor: Tensor, factor: str, wire: str) -> dict[str, Tensor]:
-    """The arrays one factor travels as, by suffix ("" for the data)."""
-    tensor = tensor.detach().float()
+def _in_range(values: Tensor, label: str, wire: str) -> Tensor:
+    """`values` in a float format, or a one-line refusal naming what would arrive as inf."""
+    if not torch.isfinite(values).all():
+        largest = torch.finfo(values.dtype).max
+        raise ValueError(f"{label} cannot travel in {wire}: it holds values beyond {wire}'s largest finite value {largest:.6g}")
+    return values
+
+
+def encode(tensor: Tensor, factor: str, wire: str, label: str) -> dict[str, Tensor]:
+    """The arrays one factor travels as, by suffix ("" for the data); `label` names it in a refusal."""
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{label} cannot travel: it holds non-finite values")
+    tensor = _in_range(tensor.detach().float(), label, "float32")
     if wire == "float32":
         return {"": tensor.contiguous()}
     if wire == "float16":
-        return {"": tensor.half().contiguous()}
+        return {"": _in_range(tensor.half(), label, wire).contiguous()}
     if wire == "bfloat16":
-        return {"": tensor.bfloat16().view(torch.int16).contiguous()}
+        return {"": _in_range(tensor.bfloat16(), label, wire).view(torch.int16).contiguous()}
     rows = _rank_major(tensor, factor)
     scale = rows.abs().amax(dim=1, keepdim=True) / 127
     quantised = torch.where(scale > 0, rows / torch.where(scale > 0, scale, 1), 0).round().clamp(-127, 127).to(torch.int8)
@@ -68,6 +109,18 @@ def decode(arrays: Mapping[str, Tensor], factor: str, wire: str) -> Tensor:
     return _rank_major(rows, factor).contiguous()
 
 
+def _factor_label(name: str, factor: str) -> str:
+    return f"{name}.{factor}"
+
+
+def _dense_label(name: str) -> str:
+    return f"tensor trained in full {name}"
+
+
+def _scales(wire: str, scales: Mapping[str, float]) -> ConfigRecord:
+    return ConfigRecord({FORMAT_KEY: wire, **scales})
+
+
 def put(
     content: RecordDict,
     key: str,
@@ -76,20 +129,20 @@ def put(
     factors: str = "AB",
     dense: Mapping[str, Tensor] | None = None,
 ) -> int:
-    """Store the chosen factors in the wire format, the scales, and the tensors trained in full;
-    returns the arrays' bytes."""
+    """Store the chosen factors as they are in the wire format, the scales, and the tensors trained
+    in full; returns the arrays' bytes."""
     if wire not in WIRE_FORMATS:
         raise ValueError(f"unknown wire format {wire!r}; choose from {', '.join(WIRE_FORMATS)}")
     arrays = {}
     for name, module in modules.items():
         for factor in factors:
-            for suffix, tensor in encode(getattr(module, factor), factor, wire).items():
+            for suffix, tensor in encode(getattr(module, factor), factor, wire, _factor_label(name, factor)).items():
                 arrays[f"{name}.{factor}{suffix}"] = tensor
     for name, tensor in (dense or {}).items():
-        arrays[f"{DENSE_PREFIX}{name}"] = encode(tensor, "", dense_format(wire))[""]
+        arrays[f"{DENSE_PREFIX}{name}"] = encode(tensor, "", dense_format(wire), _dense_label(name))[""]
     record = ArrayRecord(arrays)
     content[key] = record
-    content[f"{key}:scales"] = ConfigRecord({FORMAT_KEY: wire, **{name: float(module.scale) for name, module in modules.items()}})
+    content[f"{key}:scales"] = _scales(wire, {name: float(module.scale) for name, module in modules.items()})
     return record.count_bytes()
 
 
@@ -150,17 +203,62 @@ def payload_keys(content: RecordDict, prefix: str) -> list[str]:
 def round_trip_dense(dense: Mapping[str, Tensor], wire: str) -> dict[str, Tensor]:
     """The tensors trained in full as a node receives them."""
     form = dense_format(wire)
-    return {name: decode(encode(tensor, "", form), "", form) for name, tensor in dense.items()}
+    return {name: decode(encode(tensor, "", form, _dense_label(name)), "", form) for name, tensor in dense.items()}
 
 
-def round_trip(modules: Mapping[str, GlobalModule], wire: str) -> dict[str, GlobalModule]:
-    """The modules as a node receives them: encoded in the wire format and decoded to float32."""
+def balanced(module: GlobalModule, first: int) -> GlobalModule:
+    """The module with each component from index `first` on split evenly between B's column and
+    A's row, their norms within a factor of 2: b_i divided and a_i multiplied by the power of two
+    nearest sqrt(||b_i|| / ||a_i||), which leaves every product b_ji a_il as it was (short of
+    float32's own underflow)."""
+    b_norm, a_norm = module.B.double().norm(dim=0), module.A.double().norm(dim=1)
+    both = (b_norm > 0) & (a_norm > 0)
+    ratio = torch.where(both, b_norm, 1) / torch.where(both, a_norm, 1)
+    shift = (ratio.log2() / 2).round().to(torch.int32)
+    shift[:first] = 0
+    return replace(module, B=torch.ldexp(module.B, -shift), A=torch.ldexp(module.A, shift[:, None]))
+
+
+def round_trip(modules: Mapping[str, GlobalModule], wire: str, split_used: int | None = None) -> dict[str, GlobalModule]:
+    """The modules as a node receives them: encoded in the wire format and decoded to float32.
+
+    `split_used`: how many leading components the receiver uses as separate B and A (a warm start
+    begins from them); it uses the rest only through B @ A, so in float16 and bfloat16 those are
+    `balanced` first. None: it uses all of them as they are (an adapter a client continues from).
+    `put` sends the result exactly.
+    """
+    if split_used is not None and wire in ("float16", "bfloat16"):
+        modules = {name: balanced(module, split_used) for name, module in modules.items()}
     return {
-        name: GlobalModule(
-            A=decode(encode(module.A, "A", wire), "A", wire),
-            B=decode(encode(module.B, "B", wire), "B", wire),
-            scale=module.scale,
-            singular_values=module.singular_values,
+        name: replace(
+            module,
+            A=decode(encode(module.A, "A", wire, _factor_label(name, "A")), "A", wire),
+            B=decode(encode(module.B, "B", wire, _factor_label(name, "B")), "B", wire),
         )
         for name, module in modules.items()
     }
+
+
+@dataclass(frozen=True)
+class UpdateCost:
+    """What a merged update's payload costs, in bytes as Flower counts them: `fixed_bytes` whatever
+    its ranks (each array's header and key, the tensors trained in full, the scales record), plus
+    per component kept of an m x n module, (m + n) * `value_bytes` + `component_overhead_bytes`."""
+
+    value_bytes: int
+    component_overhead_bytes: int
+    fixed_bytes: int
+
+
+def update_cost(shapes: Mapping[str, tuple[int, int]], dense_shapes: Mapping[str, tuple[int, ...]], wire: str) -> UpdateCost:
+    """The cost of a merged update of these modules and tensors trained in full in this wire format."""
+    suffixes = ("", ROW_SCALE) if wire == "int8" else ("",)
+    arrays = sum(ARRAY_HEADER_BYTES + len(f"{name}.{factor}{suffix}") for name in shapes for factor in "AB" for suffix in suffixes)
+    dense_bytes = VALUE_BYTES[dense_format(wire)]
+    dense = sum(
+        math.prod(shape) * dense_bytes + ARRAY_HEADER_BYTES + len(f"{DENSE_PREFIX}{name}") for name, shape in dense_shapes.items()
+    )
+    scales = _scales(wire, dict.fromkeys(shapes, 0.0)).count_bytes()
+    # int8: one float32 scale for the component's column of B, one for its row of A.
+    overhead = 2 * ROW_SCALE_BYTES if wire == "int8" else 0
+    return UpdateCost(VALUE_BYTES[wire], overhead, arrays + dense + scales)

@@ -39,7 +39,7 @@ from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.checkpoint import ServerState
 from florist.federation.console import show_reply
-from florist.federation.delivery import Chain, GlobalUpdate
+from florist.federation.delivery import Chain, GlobalUpdate, update_digest
 from florist.federation.identity import disagreement
 from florist.federation.messages import (
     ADAPTER,
@@ -86,7 +86,13 @@ class LoraStrategy:
         self.shapes = dict(shapes)
         self.identity = identity
         self.limits = Limits.for_run(config, self.shapes, dense_shapes)
-        self.aggregator = make_aggregator(config.aggregation.method, **config.aggregation.options())
+        options = config.aggregation.options() | self._download_costs(dense_shapes or {})
+        self.aggregator = make_aggregator(config.aggregation.method, **options)
+        if config.aggregation.download_budget_mb is not None:
+            try:
+                self.aggregator.check_budget(self.shapes)
+            except AggregationError as error:
+                raise ValueError(f"aggregation.download_budget_mb {config.aggregation.download_budget_mb:g}: {error}") from None
         self.frozen_a = config.aggregation.method == "ffa"
         self.chain = Chain()
         self.current: GlobalUpdate | None = None
@@ -110,6 +116,31 @@ class LoraStrategy:
     @property
     def wire(self) -> str:
         return self.config.wire.download
+
+    def _download_costs(self, dense_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+        """What a download budget counts, as the aggregator's options: a merged update's payload on
+        this wire, and the instruction's own record around it at its longest (the last round's, which
+        lists every update's digest)."""
+        if self.config.aggregation.download_budget_mb is None:
+            return {}
+        cost = payload.update_cost(self.shapes, dense_shapes, self.wire)
+        rounds = self.config.federation.rounds
+        digests = [update_digest(GlobalUpdate({}))] * rounds
+        instruction = Instruction(rounds, digests, self.identity.fingerprint, self.identity.model_digest).record().count_bytes()
+        return {
+            "wire_bytes": cost.value_bytes,
+            "component_overhead_bytes": cost.component_overhead_bytes,
+            "fixed_download_bytes": cost.fixed_bytes + instruction,
+        }
+
+    @property
+    def _split_used(self) -> int | None:
+        """How many leading components of a global update the nodes use as separate B and A
+        (payload.round_trip): all of an adapter clients continue from; of a merged update, those a
+        warm start may begin from (up to the largest client rank), none without one."""
+        if not self.merges:
+            return None
+        return self.limits.max_rank if self.config.federation.warm_start else 0
 
     def global_modules(self) -> tuple[list[GlobalUpdate], GlobalUpdate | None]:
         """The global model as (updates merged into the base, adapter on top), as the nodes see it."""
@@ -415,7 +446,8 @@ class LoraStrategy:
 
     def _as_received(self, aggregate: Aggregate) -> GlobalUpdate:
         """The aggregate's shared modules and tensors trained in full as the nodes receive them."""
-        return GlobalUpdate(payload.round_trip(aggregate.modules, self.wire), payload.round_trip_dense(aggregate.dense, self.wire))
+        modules = payload.round_trip(aggregate.modules, self.wire, self._split_used)
+        return GlobalUpdate(modules, payload.round_trip_dense(aggregate.dense, self.wire))
 
     def _advance(self, aggregate: Aggregate, partitions: list[int]) -> None:
         """The new global state, round-tripped through the wire dtype: what the nodes will hold."""
