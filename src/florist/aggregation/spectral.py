@@ -112,8 +112,8 @@ def svd_share(width: int) -> Callable[[float], float]:
 
 def _wide_products(B: Tensor, A: Tensor, to_left: Tensor, to_right: Tensor) -> tuple[Tensor, Tensor]:
     """B @ to_left and to_right @ A in the precision of the small factors, returned in B's and A's
-    dtype: where the route needed float64, the terms of the stack cancel, and so would the rounding
-    of a float32 product."""
+    dtype: where the route needed float64 (to resolve every component, or a stack whose terms
+    cancel), a float32 product would lose again what the float64 Gram matrices resolved."""
     wide = to_left.dtype
     if wide == B.dtype:
         return B @ to_left, to_right @ A
