@@ -81,7 +81,7 @@ class Server:
         state = None
         if resume is not None:
             checkpoint.check_resumable(resume, config)
-            state = checkpoint.load_state(resume)
+            state = checkpoint.load_state(resume, self.model.shapes, self.model.dense_shapes, self.strategy.merges)
         if state is None:
             self.run = RunDirectory.create(config) if resume is None else RunDirectory.reopen(resume, config, [])
             self.first_round = 0
