@@ -84,8 +84,47 @@ class Instruction:
         return cls(int(record["round"]), chain.split(",") if chain else [], str(record["fingerprint"]), str(record["model-digest"]))
 
 
-def status_of(reply: Message) -> str:
-    return str(reply.content[IDENTITY]["status"])
+class Malformed(ValueError):
+    """A reply the server cannot read; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A node's reply, decoded once: who it says it is, its status, the round and partition it
+    answers for, and its metrics."""
+
+    identity: Identity
+    status: str
+    round: int
+    partition: int
+    metrics: dict
+
+    @classmethod
+    def read(cls, message: Message) -> Reply:
+        try:
+            record = message.content[IDENTITY]
+            metrics = dict(message.content[METRICS])
+            return cls(Identity.from_record(record), str(record["status"]), int(metrics["round"]), int(metrics["partition-id"]), metrics)
+        except (KeyError, ValueError, TypeError) as error:
+            raise Malformed(f"malformed reply: {type(error).__name__}: {error}") from None
+
+    def integer(self, key: str) -> int:
+        try:
+            return int(self.metrics[key])
+        except (KeyError, ValueError, TypeError) as error:
+            raise Malformed(f"malformed reply: {type(error).__name__}: {error}") from None
+
+    def number(self, key: str) -> float:
+        try:
+            return float(self.metrics[key])
+        except (KeyError, ValueError, TypeError) as error:
+            raise Malformed(f"malformed reply: {type(error).__name__}: {error}") from None
+
+
+def error_reason(message: Message) -> str:
+    """The last line of an error reply's reason, or its code."""
+    reason = (message.error.reason or "").strip()
+    return reason.splitlines()[-1] if reason else f"error code {message.error.code}"
 
 
 def instruction_content(instruction: Instruction) -> RecordDict:

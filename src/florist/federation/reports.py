@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from florist.federation.console import show_event
+
+if TYPE_CHECKING:
+    from florist.federation.validation import ClientUpdate
 
 
 @dataclass
@@ -47,6 +51,22 @@ class ClientReport:
     bytes_down: int
     bytes_up: int
     peak_rss_mib: float
+
+    @classmethod
+    def from_update(cls, node: int, update: ClientUpdate, bytes_down: int) -> ClientReport:
+        metrics = update.metrics
+        return cls(
+            partition=update.partition,
+            node=node,
+            rank=update.rank,
+            examples=update.examples,
+            train_loss=float(metrics["train-loss"]),
+            train_seconds=float(metrics["train-seconds"]),
+            train_tokens=int(metrics["train-tokens"]),
+            bytes_down=bytes_down,
+            bytes_up=update.bytes_up,
+            peak_rss_mib=float(metrics["peak-rss-mib"]),
+        )
 
 
 @dataclass

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 from flwr.app import Message
 
-from florist.aggregation import ClientAdapter, adapter_norm, tensors_norm
+from florist.aggregation import ClientAdapter, GlobalModule, LoraFactors, adapter_norm, learned_since_start, start_of, tensors_norm
 from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.messages import ADAPTER, METRICS
+from florist.lora.model import frozen_lora_A
 
 MiB = 2**20
 ARRAY_OVERHEAD = 256
@@ -137,6 +138,19 @@ def lora_rank(update: ClientUpdate, limits: Limits) -> int:
     if not (isinstance(rank, int) and update.rank <= rank <= limits.max_rank):
         raise Rejected(f"metric rank {rank!r} is not an integer in [{update.rank}, {limits.max_rank}] (the uploaded rank, validation.max_rank)")
     return rank
+
+
+def client_adapter(update: ClientUpdate, limits: Limits, ffa_seed: int | None, start: Mapping[str, GlobalModule] | None) -> ClientAdapter:
+    """The client's update as the aggregator takes it. FFA-LoRA (`ffa_seed`): A derived from the
+    shared seed. A warm start (`start`, the update the client began from as the node received it):
+    the upload is the change since the start, to which the start is added back."""
+    modules = {}
+    for name, module in update.modules.items():
+        a = frozen_lora_A(name, module["B"].shape[1], limits.shapes[name][1], ffa_seed) if ffa_seed is not None else module["A"]
+        modules[name] = LoraFactors(A=a, B=module["B"], scale=module["scale"])
+    if start is not None:
+        modules = learned_since_start(modules, start_of(start, lora_rank(update, limits)))
+    return ClientAdapter(modules, float(update.examples), update.dense)
 
 
 def _check_module(name: str, module: dict, limits: Limits, factors: str) -> int:

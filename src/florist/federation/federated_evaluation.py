@@ -1,0 +1,52 @@
+"""Federated evaluation: every connected node scores the global model on its own held-out
+examples, and the server records each node's scores."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import Message
+
+from florist.federation.messages import EVALUATED, Reply
+from florist.federation.reports import EvaluationReport, NodeScore
+
+Instruct = Callable[[int], tuple[Message, int]]
+"""node -> its instruction and the payload bytes it carries."""
+
+SENT_ABOUT_THE_REPLY = ("round", "partition-id", "num-examples", "chain-length")
+"""Metrics every evaluation reply carries about itself, not scores."""
+
+
+class FederatedEvaluation:
+    """One evaluation stage, from its instructions to the report of every node's scores."""
+
+    def __init__(self, server_round: int, max_examples: int, round_timeout: float):
+        self.report = EvaluationReport(server_round)
+        self.max_examples = max_examples
+        self.round_timeout = round_timeout
+
+    def configure(self, nodes: list[int], instruct: Instruct) -> list[Message]:
+        messages = []
+        for node in nodes:
+            message, sent = instruct(node)
+            self.report.bytes_down[node] = sent
+            messages.append(message)
+        return messages
+
+    def receive(self, node: int, reply: Reply) -> bool:
+        """Record the node's scores, or why they are rejected; whether they were recorded."""
+        report = self.report
+        examples = reply.integer("num-examples")
+        if reply.status != EVALUATED or reply.round != report.round or not 0 <= examples <= self.max_examples:
+            report.event(node, "rejected", f"evaluation reply: status {reply.status!r}, round {reply.round}, {examples} examples", reply.partition)
+            return False
+        scores = {key: float(value) for key, value in reply.metrics.items() if key not in SENT_ABOUT_THE_REPLY}
+        report.scores.append(NodeScore(node, reply.partition, examples, scores))
+        return True
+
+    def finish(self, late: list[int]) -> EvaluationReport:
+        report = self.report
+        for node in late:
+            report.event(node, "late", f"no evaluation reply within federation.round_timeout = {self.round_timeout:g} s")
+        report.scores.sort(key=lambda score: score.partition)
+        return report
