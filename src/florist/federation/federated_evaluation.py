@@ -1,5 +1,10 @@
 """Federated evaluation: every connected node scores the global model on its own held-out
-examples, and the server records each node's scores."""
+examples, and the server records each node's scores.
+
+Scores are whatever metrics a node sends beside those about the reply itself, each a finite number
+(`Reply.read`); the ones the server combines by tokens are checked further: a split's loss is a
+mean negative log-likelihood whose perplexity exp(loss) is a float, and its token count an integer.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,11 @@ Instruct = Callable[[int], tuple[Message, int]]
 
 SENT_ABOUT_THE_REPLY = ("round", "partition-id", "num-examples", "chain-length")
 """Metrics every evaluation reply carries about itself, not scores."""
+SPLITS = ("test", "val")
+"""The splits whose `<split>_loss` is combined over `<split>_tokens` (EvaluationReport.combined)."""
+MAX_LOSS = 700.0
+"""The largest loss a node may report: exp(700) = 1e304 is still a float, so the combined
+perplexity is."""
 
 
 class FederatedEvaluation:
@@ -37,9 +47,15 @@ class FederatedEvaluation:
         """Record the node's scores, or why they are rejected; whether they were recorded."""
         report = self.report
         examples = reply.integer("num-examples")
-        if reply.status != EVALUATED or reply.round != report.round or not 0 <= examples <= self.max_examples:
-            report.event(node, "rejected", f"evaluation reply: status {reply.status!r}, round {reply.round}, {examples} examples", reply.partition)
+        if reply.status != EVALUATED or not 0 <= examples <= self.max_examples:
+            report.event(node, "rejected", f"evaluation reply: status {reply.status!r}, {examples} examples", reply.partition)
             return False
+        for split in SPLITS:
+            if f"{split}_tokens" in reply.metrics:
+                reply.integer(f"{split}_tokens")
+            if f"{split}_loss" in reply.metrics and not 0 <= reply.number(f"{split}_loss") <= MAX_LOSS:
+                report.event(node, "rejected", f"{split}_loss {reply.number(f'{split}_loss')!r} is outside [0, {MAX_LOSS:g}]", reply.partition)
+                return False
         scores = {key: float(value) for key, value in reply.metrics.items() if key not in SENT_ABOUT_THE_REPLY}
         report.scores.append(NodeScore(node, reply.partition, examples, scores))
         return True

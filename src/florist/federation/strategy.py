@@ -33,7 +33,7 @@ from florist.federation.checkpoint import ServerState
 from florist.federation.console import show_reply
 from florist.federation.delivery import Chain, GlobalUpdate, update_digest
 from florist.federation.federated_evaluation import FederatedEvaluation
-from florist.federation.intake import identified
+from florist.federation.intake import guarded, identified
 from florist.federation.messages import (
     ADAPTER,
     GAP,
@@ -41,7 +41,6 @@ from florist.federation.messages import (
     TRAINED,
     Identity,
     Instruction,
-    Malformed,
     Reply,
     instruction_content,
     update_key,
@@ -49,7 +48,7 @@ from florist.federation.messages import (
 from florist.federation.reports import EvaluationReport, RoundReport, Stage, TauSelection
 from florist.federation.tau_selection import AutomaticTau
 from florist.federation.train_round import RoundFailed, TrainRound
-from florist.federation.validation import Limits, NormScreen, Rejected, check_reply, client_adapter, screened_norms
+from florist.federation.validation import Limits, NormScreen, check_reply, client_adapter, screened_norms
 
 __all__ = ["LoraStrategy", "RoundFailed"]
 
@@ -176,6 +175,9 @@ class LoraStrategy:
     def receive_train(self, node: int, message: Message) -> list[Message]:
         """Check one train reply and keep its update, or record why not; returns a resend for a gap."""
         state = self._active()
+        return guarded(state.report, node, lambda: self._take_update(state, node, message))
+
+    def _take_update(self, state: TrainRound, node: int, message: Message) -> list[Message]:
         reply = identified(state.report, node, message, self.identity)
         if reply is None:
             return []
@@ -186,14 +188,10 @@ class LoraStrategy:
         if reply.status != TRAINED:
             state.report.event(node, "rejected", f"unexpected reply status {reply.status!r}", reply.partition)
             return []
-        try:
-            update = check_reply(message, self.limits, factors="B" if self.frozen_a else "AB")
-            start = self.chain.updates[-1].modules if self.config.federation.warm_start and len(self.chain) else None
-            adapter = client_adapter(update, self.limits, self.config.federation.ffa_seed if self.frozen_a else None, start)
-            held = reply.integer("chain-length")
-        except (Rejected, AggregationError, Malformed) as rejection:
-            state.report.event(node, "rejected", str(rejection), reply.partition)
-            return []
+        held = reply.integer("chain-length", high=len(self.chain))
+        update = check_reply(message, reply, self.limits, factors="B" if self.frozen_a else "AB")
+        start = self.chain.updates[-1].modules if self.config.federation.warm_start and len(self.chain) else None
+        adapter = client_adapter(update, self.limits, self.config.federation.ffa_seed if self.frozen_a else None, start)
         if update.partition in state.partitions:
             first = state.partitions[update.partition]
             state.report.event(node, "rejected", f"partition-id {update.partition} was already sent this round by node {first}", update.partition)
@@ -213,11 +211,7 @@ class LoraStrategy:
 
     def _resend(self, node: int, reply: Reply, stage: Stage, message_type: str) -> list[Message]:
         """The updates a node with a gap in its chain lacks, sent again within the same stage."""
-        try:
-            start = reply.integer("needs-update")
-        except Malformed:
-            stage.event(node, "rejected", "gap reply without a valid needs-update")
-            return []
+        start = reply.integer("needs-update")
         resends = stage.resends.get(node, 0)
         if resends >= MAX_RESENDS or not 1 <= start <= len(self.chain):
             stage.event(node, "failed", f"chain gap at update {start} not closed after {resends} resends")
@@ -314,12 +308,12 @@ class LoraStrategy:
         return self.tau.configure(server_round, nodes, lambda node: self._instruction(server_round, node, MessageType.QUERY))
 
     def receive_select(self, node: int, message: Message) -> list[Message]:
+        return guarded(self.tau.selection, node, lambda: self._take_scores(node, message))
+
+    def _take_scores(self, node: int, message: Message) -> list[Message]:
         reply = identified(self.tau.selection, node, message, self.identity)
         if reply is not None:
-            try:
-                self.tau.receive(node, reply, len(self.chain))
-            except Malformed as error:
-                self.tau.selection.event(node, "rejected", str(error), reply.partition)
+            self.tau.receive(node, reply, len(self.chain))
         return []
 
     def finish_select(self, late: list[int]) -> TauSelection:
@@ -356,18 +350,17 @@ class LoraStrategy:
         return self.evaluation.configure(nodes, lambda node: self._instruction(server_round, node, MessageType.EVALUATE))
 
     def receive_evaluate(self, node: int, message: Message) -> list[Message]:
-        stage = self.evaluation.report
-        reply = identified(stage, node, message, self.identity)
+        return guarded(self.evaluation.report, node, lambda: self._take_evaluation(node, message))
+
+    def _take_evaluation(self, node: int, message: Message) -> list[Message]:
+        reply = identified(self.evaluation.report, node, message, self.identity)
         if reply is None:
             return []
         if reply.status == GAP:
-            return self._resend(node, reply, stage, MessageType.EVALUATE)
-        try:
-            held = reply.integer("chain-length")
-            if self.evaluation.receive(node, reply):
-                self._confirm(node, held)
-        except Malformed as error:
-            stage.event(node, "rejected", str(error), reply.partition)
+            return self._resend(node, reply, self.evaluation.report, MessageType.EVALUATE)
+        held = reply.integer("chain-length", high=len(self.chain))
+        if self.evaluation.receive(node, reply):
+            self._confirm(node, held)
         return []
 
     def finish_evaluate(self, late: list[int]) -> EvaluationReport:

@@ -4,7 +4,6 @@ on their own validation examples; the smallest cut within tolerance of the best 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 
 from flwr.app import ConfigRecord, Message
@@ -13,7 +12,7 @@ from florist.aggregation import cut, cut_ranks
 from florist.config import AggregationConfig
 from florist.federation import payload
 from florist.federation.delivery import GlobalUpdate
-from florist.federation.messages import CANDIDATE, CUTS, Reply
+from florist.federation.messages import CANDIDATE, CUTS, SCORED, Reply
 from florist.federation.reports import TauSelection
 
 Instruct = Callable[[int], tuple[Message, int]]
@@ -51,11 +50,11 @@ class AutomaticTau:
     def receive(self, node: int, reply: Reply, chain_length: int) -> None:
         """Record the node's scores, or why they are rejected; `chain_length`: the server's chain."""
         selection = self.selection
-        losses = [reply.number(f"loss-{index}") for index in range(len(selection.candidates))]
-        tokens, held = reply.integer("tokens"), reply.integer("chain-length")
-        if reply.round != selection.round or tokens < 0 or not all(math.isfinite(x) for x in losses):
-            selection.event(node, "rejected", f"scores for round {reply.round}: {tokens} tokens, losses {losses}", reply.partition)
+        if reply.status != SCORED:
+            selection.event(node, "rejected", f"unexpected reply status {reply.status!r}", reply.partition)
             return
+        losses = [reply.number(f"loss-{index}") for index in range(len(selection.candidates))]
+        tokens, held = reply.integer("tokens"), reply.integer("chain-length", high=chain_length)
         if tokens:
             selection.scores[node] = (reply.partition, tokens, losses)
         if held == chain_length:

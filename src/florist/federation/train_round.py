@@ -47,14 +47,15 @@ class TrainRound:
         self.aggregate(admitted)
 
     def aggregate(self, nodes: list[int]) -> None:
-        """Add the admitted updates to the round's aggregate; an update the aggregator refuses is rejected."""
+        """Add the admitted updates to the round's aggregate; an update the aggregator cannot take,
+        for whatever reason, is rejected."""
         for node in nodes:
             adapter, partition = self.waiting.pop(node), self.accepted[node].partition
             start = time.perf_counter()
             try:
                 self.accumulator.add(adapter, key=partition)
-            except AggregationError as error:
-                self.drop(node, str(error))
+            except Exception as error:  # part of the reply boundary (intake.guarded): the round goes on
+                self.drop(node, str(error) if isinstance(error, AggregationError) else f"{type(error).__name__}: {error}")
                 continue
             finally:
                 self.report.aggregation_seconds += time.perf_counter() - start
