@@ -41,10 +41,10 @@ MAX_SETTINGS_DEPTH = 16
 MAX_METRICS = 4096
 """Entries of a reply's metrics: the most florist's evaluation sends is about 70 (MMLU's subjects)."""
 MAX_MAGNITUDE = 1e300
-"""The largest magnitude of a metric: beyond any score or count, and far enough below float's
+"""The largest magnitude of a float metric: beyond any score, and far enough below float's
 largest that a weighted mean of any number of them stays finite."""
 MAX_INTEGER = 2**63 - 1
-"""The largest integer Flower's records carry."""
+"""The largest integer metric: what Flower's records carry (int64)."""
 
 
 def update_key(index: int) -> str:
@@ -198,9 +198,10 @@ def _metrics(record: MetricRecord) -> dict[str, Metric]:
             raise Malformed(f"a metric's name is {len(key)} characters long, above {MAX_TEXT}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise Malformed(f"metric {key} is a {type(value).__name__}, not a number")
+        if isinstance(value, int) and not -MAX_INTEGER - 1 <= value <= MAX_INTEGER:
+            raise Malformed(f"metric {key} is an integer of {value.bit_length()} bits, beyond the 64 Flower's records carry")
         if not abs(value) <= MAX_MAGNITUDE:  # NaN fails it too
-            shown = repr(value) if isinstance(value, float) else f"an integer of {value.bit_length()} bits"
-            raise Malformed(f"metric {key} is {shown}, not a finite number of magnitude at most {MAX_MAGNITUDE:g}")
+            raise Malformed(f"metric {key} is {value!r}, not a finite number of magnitude at most {MAX_MAGNITUDE:g}")
         metrics[key] = value
     return metrics
 
