@@ -21,6 +21,7 @@ from flwr.common.constant import SType
 from florist.aggregation import LoraFactors
 from florist.config import RunConfig
 from florist.federation import payload
+from florist.federation.client_app import build_client_app
 from florist.federation.identity import settings_fingerprint
 from florist.federation.messages import (
     ADAPTER,
@@ -36,8 +37,13 @@ from florist.federation.messages import (
 )
 from florist.federation.console import show_round
 from florist.federation.reports import MAX_REASON, EvaluationReport, NodeScore
-from florist.federation.server_app import round_record
+from florist.federation.server_app import round_record, serve
 from florist.federation.strategy import LoraStrategy
+from florist.lora.adapters import read_adapter
+from florist.reporting.run_directory import read_rounds
+
+from federations import federation_config
+from local_grid import LocalGrid
 
 pytestmark = pytest.mark.usefixtures("server_task")
 
@@ -530,3 +536,79 @@ def test_a_node_supplied_metric_name_is_recorded_and_printed_as_sent(capsys):
     report = EvaluationReport(1, scores=[NodeScore(HOSTILE, HOSTILE_PARTITION, 2, {name: 0.5})])
     show_round(round_record(1, None, {}, report, {}))
     assert f"round 1 federated evaluation: {{{name!r}: 0.5}}" in capsys.readouterr().err
+
+
+# -- the whole federation, with a hostile node among honest ones -----------------------------------
+
+HOSTILE_TRAIN = [
+    (set_metric("chain-length", MISSING), "metric chain-length is missing"),
+    (replace_array(is_b, claiming((2**20, 2**20))), "header declares (1048576, 1048576)"),
+    (set_metric("round", math.inf), "metric round is inf"),
+    (set_identity("status", MARKUP), "unexpected reply status '[/][bold red]x[/bold red] \\x1b[31m:smile:'"),
+]
+HOSTILE_EVALUATE = [
+    (set_metric("rouge_l", [0.5, 0.5]), "metric rouge_l is a list, not a number"),
+    (set_metric("test_loss", 1000.0), "test_loss 1000.0 is outside [0, 700]"),
+    (settings_with(lambda settings: "[" * 200_000 + "]" * 200_000), "identity settings are nested too deeply"),
+    (settings_with(lambda settings: "[1]"), "identity settings are a JSON list, not an object"),
+]
+
+
+def hostile_node():
+    """A node that trains and evaluates like the others, then breaks its reply: each message in
+    turn, one of the ways above."""
+    sent = {TRAINED: 0, EVALUATED: 0}
+
+    def tamper(instruction: Message, reply: Message) -> Message:
+        status = reply.content[IDENTITY]["status"]
+        mutations = HOSTILE_TRAIN if status == TRAINED else HOSTILE_EVALUATE
+        mutate, _ = mutations[sent[status] % len(mutations)]
+        sent[status] += 1
+        return mutate(Message(RecordDict(dict(reply.content.items())), reply_to=instruction))
+
+    return tamper
+
+
+def strict_json(text: str) -> object:
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_federation_with_a_hostile_node_completes_as_the_federation_without_it(tiny_model_dir, tmp_path):
+    """Four sites, the fourth hostile: every round's train reply and evaluation reply it sends is
+    broken in one of the ways that used to end the run. The run completes, every hostile reply is
+    refused, metrics.jsonl is strict JSON, and the global adapter and the honest sites' scores are
+    those of the same federation run without the hostile node."""
+    extra = [
+        "federation.num_clients=4", "federation.ranks=[2, 4, 8, 4]", "federation.rounds=4", "federation.round_timeout=30",
+        "federation.connect_timeout=1", "evaluation.base=false", "evaluation.server=false", "evaluation.federated=true",
+        "evaluation.every_round=true",
+    ]
+    runs = {}
+    for name, nodes in (("honest", {101: 0, 202: 1, 303: 2}), ("hostile", {101: 0, 202: 1, 303: 2, 404: 3})):
+        config = federation_config(tiny_model_dir, tmp_path / name, "florist", *extra)
+        grid = LocalGrid(build_client_app(config), {node: {"partition-id": p} for node, p in nodes.items()})
+        if 404 in nodes:
+            grid.nodes[404].tamper = hostile_node()
+        runs[name] = serve(config, grid)
+
+    rounds = [strict_json(line) for line in (runs["hostile"] / "metrics.jsonl").read_text().splitlines()]
+    honest = read_rounds(runs["honest"])
+    assert [record["round"] for record in rounds] == [record["round"] for record in honest] == [0, 1, 2, 3, 4]
+    for record, reference, (_, train_reason), (_, evaluate_reason) in zip(rounds[1:], honest[1:], HOSTILE_TRAIN, HOSTILE_EVALUATE, strict=True):
+        [train_event] = [e for e in record["events"] if e["node"] == 404]
+        [evaluate_event] = [e for e in record["federated_evaluation"]["events"] if e["node"] == 404]
+        assert train_event["status"] == evaluate_event["status"] == "rejected", (train_event, evaluate_event)
+        assert train_reason in train_event["reason"] and evaluate_reason in evaluate_event["reason"]
+        assert [c["partition"] for c in record["clients"]] == [0, 1, 2]
+        assert [c["train_loss"] for c in record["clients"]] == [c["train_loss"] for c in reference["clients"]]
+        assert record["ranks"] == reference["ranks"]
+        assert record["federated_evaluation"]["combined"] == reference["federated_evaluation"]["combined"]
+        assert record["federated_evaluation"]["nodes"] == reference["federated_evaluation"]["nodes"]
+    _, final = read_adapter(runs["hostile"] / "final" / "adapter")
+    _, expected = read_adapter(runs["honest"] / "final" / "adapter")
+    assert list(final.modules) == list(expected.modules)
+    for name, module in expected.modules.items():
+        assert torch.equal(final.modules[name].A, module.A) and torch.equal(final.modules[name].B, module.B), name
