@@ -44,7 +44,8 @@ class FederatedEvaluation:
         return messages
 
     def receive(self, node: int, reply: Reply) -> bool:
-        """Record the node's scores, or why they are rejected; whether they were recorded."""
+        """Record the node's scores, or why they are rejected (a reply that cannot be read raises
+        `Malformed`); whether they were recorded. Everything is read before anything is recorded."""
         report = self.report
         examples = reply.integer("num-examples")
         if reply.status != EVALUATED or not 0 <= examples <= self.max_examples:
@@ -52,7 +53,7 @@ class FederatedEvaluation:
             return False
         for split in SPLITS:
             if f"{split}_tokens" in reply.metrics:
-                reply.integer(f"{split}_tokens")
+                reply.integer(f"{split}_tokens")  # a count: Malformed unless an integer >= 0
             if f"{split}_loss" in reply.metrics and not 0 <= reply.number(f"{split}_loss") <= MAX_LOSS:
                 report.event(node, "rejected", f"{split}_loss {reply.number(f'{split}_loss')!r} is outside [0, {MAX_LOSS:g}]", reply.partition)
                 return False

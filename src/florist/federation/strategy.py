@@ -178,6 +178,7 @@ class LoraStrategy:
         return guarded(state.report, node, lambda: self._take_update(state, node, message))
 
     def _take_update(self, state: TrainRound, node: int, message: Message) -> list[Message]:
+        """The train reply read and checked whole, then kept: the round changes only once nothing can fail."""
         reply = identified(state.report, node, message, self.identity)
         if reply is None:
             return []

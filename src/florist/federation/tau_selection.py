@@ -48,7 +48,8 @@ class AutomaticTau:
         return messages
 
     def receive(self, node: int, reply: Reply, chain_length: int) -> None:
-        """Record the node's scores, or why they are rejected; `chain_length`: the server's chain."""
+        """Record the node's scores, or why they are rejected (a reply that cannot be read raises
+        `Malformed`); `chain_length`: the server's chain."""
         selection = self.selection
         if reply.status != SCORED:
             selection.event(node, "rejected", f"unexpected reply status {reply.status!r}", reply.partition)
