@@ -332,7 +332,10 @@ def poisoned(values: np.ndarray, value: float) -> np.ndarray:
     return values
 
 
-is_b = lambda key: key.endswith(".B")  # noqa: E731
+def is_b(key: str) -> bool:
+    return key.endswith(".B")
+
+
 ADAPTER_CASES = {
     "adapter-missing": set_record(ADAPTER, MISSING),
     "adapter-as-config": set_record(ADAPTER, ConfigRecord({"layers.0.q_proj.B": MARKUP})),
