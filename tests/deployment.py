@@ -205,6 +205,8 @@ class SuperNode:
     port: int
     node_id: int | None
     """Given by the SuperLink at registration; None for a key never registered."""
+    env: Mapping[str, str] | None = None
+    """The environment its processes run with, when not the deployment's."""
     started: Started | None = None
 
 
@@ -241,10 +243,10 @@ class Deployment:
 
     # -- processes -------------------------------------------------------------------------------
 
-    def _start(self, name: str, argv: list[str]) -> Started:
+    def _start(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> Started:
         log = self.logs / f"{name}.log"
         with open(log, "ab") as stream:
-            popen = subprocess.Popen(argv, env=self.env, cwd=self.root, stdout=stream, stderr=subprocess.STDOUT,
+            popen = subprocess.Popen(argv, env=env or self.env, cwd=self.root, stdout=stream, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True,
                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         started = Started(name, popen, log)
@@ -317,11 +319,14 @@ class Deployment:
         reply = self.flwr("supernode", "register", str(key.with_name(key.name + ".pub")), CONNECTION, "--format", "json")
         return int(json.loads(reply)["node-id"])
 
-    def add_supernode(self, name: str, node_config: Mapping[str, object], register: bool = True) -> SuperNode:
-        """A new site: its key (registered unless told otherwise), then its SuperNode started."""
+    def add_supernode(
+        self, name: str, node_config: Mapping[str, object], register: bool = True, env: Mapping[str, str] | None = None
+    ) -> SuperNode:
+        """A new site: its key (registered unless told otherwise), then its SuperNode started, with
+        `env` instead of the deployment's environment if given."""
         key = self.node_key(name)
         node_id = self.register(key) if register else None
-        node = SuperNode(name, key, dict(node_config), free_port(), node_id)
+        node = SuperNode(name, key, dict(node_config), free_port(), node_id, env)
         self.supernodes[name] = node
         self.start_supernode(name)
         return node
@@ -338,6 +343,7 @@ class Deployment:
                 "--node-config", node_config_argument(node.node_config),
                 "--host", "127.0.0.1", "--port", str(node.port),
             ],
+            node.env,
         )
         return node.started
 

@@ -300,3 +300,55 @@ def test_a_killed_supernode_is_left_behind_and_a_restarted_one_gets_the_chain_it
     clean = load_file(reference / "final" / "adapter" / "adapter_model.safetensors")
     for name, tensor in faulty.items():
         assert torch.equal(tensor, clean[name]), name
+
+
+# ---------------------------------------------------------------------------------------------
+# A hostile site: a real SuperNode that runs its own code (hostile_site/sitecustomize.py).
+
+HOSTILE_SITE = Path(__file__).parent / "hostile_site"
+
+
+def test_a_hostile_supernode_is_refused_reply_by_reply_and_the_run_ends_as_without_it(tiny_model_dir, site_data, simulated, tmp_path):
+    """Four SuperNodes, the fourth running code of its own that breaks each reply it sends (its
+    train replies in rounds 1 and 2, its evaluation replies in rounds 0 and 2) in a way that used to
+    end the run. The run completes, each of those replies is refused with its reason, the server's
+    log prints the node's "[/]" as text, metrics.jsonl is strict JSON, and the final adapter is the
+    three honest sites' (the simulation of the same federation without the fourth)."""
+    four = ["federation.num_clients=4", "federation.ranks=[2, 4, 8, 4]", "evaluation.federated=true"]
+    config = write_config(federation_config(tiny_model_dir, tmp_path / "run", "florist", *four), tmp_path / "florist.toml")
+    run_dir = tmp_path / "run"
+    with Deployment(tmp_path / "deployment") as deployment:
+        deployment.start_superlink()
+        for site in range(SITES):
+            deployment.add_supernode(f"site{site}", {"partition-id": site, "data": str(site_data / f"client_{site}.json")})
+        hostile_env = dict(deployment.env, PYTHONPATH=f"{HOSTILE_SITE}:{deployment.env['PYTHONPATH']}")
+        hostile = deployment.add_supernode("hostile", {"partition-id": SITES, "data": str(site_data / "client_0.json")}, env=hostile_env)
+        deployment.wait_for_nodes()
+        run_id = deployment.submit({"config-file": str(config)})
+        status = deployment.wait(run_id, RUN_TIMEOUT_SECONDS)
+        log = deployment.log(run_id)
+        assert status == "finished:completed", log[-4000:]
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} in metrics.jsonl")
+
+    rounds = [json.loads(line, parse_constant=refuse) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [record["round"] for record in rounds] == list(range(ROUNDS + 1))
+
+    def reason(events: list[dict]) -> str:
+        [event] = [e for e in events if e["node"] == hostile.node_id]
+        assert event["status"] == "rejected", event
+        return event["reason"]
+
+    assert reason(rounds[1]["events"]) == "malformed reply: metric chain-length is missing"
+    assert "header declares (1048576, 1048576) float32 (4398046511104 bytes)" in reason(rounds[2]["events"])
+    assert reason(rounds[0]["federated_evaluation"]["events"]) == "test_loss 1000.0 is outside [0, 700]"
+    assert reason(rounds[2]["federated_evaluation"]["events"]).startswith("evaluation reply: status '[/]'")
+    assert f"node {hostile.node_id} rejected: evaluation reply: status '[/]'" in log
+    for record in rounds[1:]:
+        assert sorted(client["partition"] for client in record["clients"]) == list(range(SITES))
+    weights = "adapter/adapter_model.safetensors"
+    final, honest = load_file(run_dir / "final" / weights), load_file(simulated / "final" / weights)
+    assert final.keys() == honest.keys()
+    for name, tensor in final.items():
+        torch.testing.assert_close(tensor, honest[name], rtol=1e-5, atol=1e-6, msg=name)

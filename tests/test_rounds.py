@@ -288,7 +288,7 @@ HOSTILE = {
     "forged-examples": (_metric("num-examples", 10**9), "num-examples 1000000000 is outside [1, 1000000]"),
     "duplicate-partition": (_metric("partition-id", 0), "partition-id 0 was already sent this round"),
     "missing-module": (_drop_module, "lacks module"),
-    "malformed": (_metric("train-loss", None), "metric train-loss is None"),
+    "malformed": (_metric("train-loss", None), "metric train-loss is missing"),
     "no-metrics": (lambda content: content.__delitem__(METRICS), "malformed reply"),
     "outlier-norm": (_factors(_huge), "more than 10x the round's median"),
 }

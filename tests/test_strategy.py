@@ -298,9 +298,9 @@ def test_automatic_tau_sends_the_largest_candidate_cut_not_the_exact_update():
     )
     strategy = LoraStrategy(config, MODULES, identity_for(config))
     play_round(strategy, 1)
-    exact = strategy.exact.modules
+    exact = strategy.tau.exact.modules
     queries = strategy.configure_select(1, list(PARTITION_OF))
-    ranks = strategy._selection.ranks
+    ranks = strategy.tau.selection.ranks
     assert all(ranks[0.5][name] <= ranks[0.8][name] < exact[name].rank for name in MODULES)  # can fail: 0.8 cuts nothing
     for query in queries:
         candidate = payload.take_global(query.content, CANDIDATE)
@@ -309,7 +309,7 @@ def test_automatic_tau_sends_the_largest_candidate_cut_not_the_exact_update():
             assert torch.equal(module.B @ module.A, exact[name].B[:, : ranks[0.8][name]] @ exact[name].A[: ranks[0.8][name]])
         assert json.loads(str(query.content[CUTS]["ranks"])) == [ranks[0.5], ranks[0.8]]
         sizes = sum(t.numel() * t.element_size() for m in candidate.modules.values() for t in (m.A, m.B))
-        assert sizes <= strategy._selection.bytes_down[query.metadata.dst_node_id] < sizes + 4096
+        assert sizes <= strategy.tau.selection.bytes_down[query.metadata.dst_node_id] < sizes + 4096
 
 
 @pytest.mark.parametrize("method", ["florist", "fedit"])
@@ -464,7 +464,7 @@ def test_a_download_budget_bounds_every_byte_of_the_message_that_delivers_the_up
     assert budget - sent < max(component.values()), (sent, budget, ranks)
     assert 2 < sum(ranks.values()) < 2 * sum(CLIENT_RANKS)  # the budget bought components, and not all 14 of each
     # The strategy's own count (bytes_down) is the update's arrays; the message holds its records too.
-    assert strategy._evaluation.bytes_down[11] == message.content[update_key(1)].count_bytes() < sent
+    assert strategy.evaluation.report.bytes_down[11] == message.content[update_key(1)].count_bytes() < sent
 
 
 @pytest.mark.parametrize("wire", ["float32", "int8"])

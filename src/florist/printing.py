@@ -15,10 +15,11 @@ UNCAPPED_WIDTH = 10_000
 the console's width (rich's `Console.log` would, which is why florist does not use it)."""
 
 
-def make_console(stderr: bool = False) -> Console:
+def make_console(stderr: bool = False, markup: bool = True) -> Console:
     """A rich console on stdout (stderr with `stderr`), whose width is the terminal's on a terminal and
-    uncapped anywhere else."""
-    console = Console(stderr=stderr)
+    uncapped anywhere else. Without `markup` it prints every string as it is: no `[style]` tags, no
+    `:emoji:` codes, for text that others wrote."""
+    console = Console(stderr=stderr, markup=markup, emoji=markup)
     if not console.is_terminal:
         console.width = UNCAPPED_WIDTH
     return console

@@ -1,5 +1,7 @@
 """What the server prints: one line per client reply as it arrives, one per event that was not a
-plain success, and a table per round."""
+plain success, and a table per round.
+
+Much of it quotes what nodes sent (a reason, a metric's name), so the console reads no markup."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from rich.table import Table
 
 from florist.printing import make_console
 
-console = make_console(stderr=True)
+console = make_console(stderr=True, markup=False)
 
 
 def show_reply(server_round: int, node: int, partition: int, rank: int, examples: int, loss: float, seconds: float) -> None:

@@ -23,6 +23,11 @@ largest keeps its precision instead of vanishing into B. The server keeps and se
 which every format then holds exactly: `put` sends factors as they are, since the split of an
 adapter a client continues from, or of a client's upload, is the method's own.
 
+Nothing is allocated for an array before its .npy header has been read (`declared`) and found to
+describe exactly the bytes that follow it: a header cannot make the receiver allocate more than the
+message holds. A server reading a node's upload also checks each header's shape and dtype against
+what it expects (validation.py) first.
+
 What a download costs, as Flower counts it (`count_bytes` of each record): per array its values,
 its .npy header (ARRAY_HEADER_BYTES) and its key; per entry of the scales record its key and 8 bytes
 (the format: its name). `update_cost` gives it for a merged update, for a download budget.
@@ -30,12 +35,15 @@ its .npy header (ARRAY_HEADER_BYTES) and its key; per entry of the scales record
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.constant import SType
 from torch import Tensor
 
 from florist.aggregation import GlobalModule, LoraFactors
@@ -50,6 +58,8 @@ DENSE_PREFIX = "@dense:"
 """The array key prefix of a tensor trained in full."""
 ROW_SCALE_BYTES = torch.finfo(torch.float32).bits // 8
 """Bytes of one int8 row scale (float32)."""
+NUMPY_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<i2"), "int8": np.dtype("i1")}
+"""The dtype of an array's values in each wire format, as its .npy header names it."""
 
 
 def _array_header_bytes() -> int:
@@ -146,30 +156,84 @@ def put(
     return record.count_bytes()
 
 
-def _wire_format(content: RecordDict, key: str) -> str:
+def wire_format(content: RecordDict, key: str) -> str:
+    """The wire format payload `key` names."""
     if key not in content or f"{key}:scales" not in content:
         raise ValueError(f"message has no LoRA payload {key!r}")
-    wire = content[f"{key}:scales"].get(FORMAT_KEY)
-    if wire not in WIRE_FORMATS:
+    scales = content[f"{key}:scales"]
+    if not isinstance(scales, ConfigRecord):
+        raise ValueError(f"payload {key!r}: its scales are a {type(scales).__name__}, not a ConfigRecord")
+    wire = scales.get(FORMAT_KEY)
+    if not isinstance(wire, str) or wire not in WIRE_FORMATS:
         raise ValueError(f"payload {key!r} has an unknown wire format {wire!r}")
     return wire
+
+
+def array_dtype(wire: str, array_key: str) -> np.dtype:
+    """The dtype array `array_key` of a payload in `wire` has: a row scale's float32, a tensor
+    trained in full's dense format, a factor's wire format."""
+    if array_key.endswith(ROW_SCALE):
+        return NUMPY_DTYPES["float32"]
+    return NUMPY_DTYPES[dense_format(wire) if array_key.startswith(DENSE_PREFIX) else wire]
+
+
+def declared(array: Array) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype an array's .npy header declares, read without allocating anything; a
+    ValueError unless the bytes after the header hold exactly that many values of that dtype."""
+    if array.stype != SType.NUMPY:
+        raise ValueError(f"serialised as {array.stype!r}, not as a .npy array")
+    stream = io.BytesIO(array.data)
+    version = np.lib.format.read_magic(stream)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f".npy format version {version} is not one numpy writes for these arrays")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(stream)
+    if dtype.hasobject or dtype.itemsize == 0:
+        raise ValueError(f"dtype {dtype} holds no plain values")
+    expected, held = math.prod(shape) * dtype.itemsize, len(array.data) - stream.tell()
+    if expected != held:
+        raise ValueError(f"its header declares {shape} {dtype} ({expected} bytes), and {held} bytes follow it")
+    return shape, dtype
+
+
+def _tensor(array: Array, array_key: str) -> Tensor:
+    try:
+        declared(array)
+    except ValueError as error:
+        raise ValueError(f"array {array_key!r}: {error}") from None
+    return torch.from_numpy(array.numpy())
 
 
 def _arrays(content: RecordDict, key: str, dense: bool) -> dict[str, Tensor]:
     """The payload's arrays as tensors: those of the tensors trained in full, or the others."""
     record = content[key]
-    return {k: torch.from_numpy(record[k].numpy()) for k in record if k.startswith(DENSE_PREFIX) == dense}
+    if not isinstance(record, ArrayRecord):
+        raise ValueError(f"payload {key!r} is a {type(record).__name__}, not an ArrayRecord")
+    return {k: _tensor(record[k], k) for k in record if k.startswith(DENSE_PREFIX) == dense}
+
+
+def _scale(scales: Mapping, name: str) -> float:
+    value = scales[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"the scale of {name} is a {type(value).__name__}, not a number")
+    return float(value)
+
+
+def factor_parts(array_key: str) -> tuple[str, str, str]:
+    """(module, factor, suffix) of a factor's array key: `<module>.<factor><suffix>`."""
+    base, suffix = (array_key[: -len(ROW_SCALE)], ROW_SCALE) if array_key.endswith(ROW_SCALE) else (array_key, "")
+    name, _, factor = base.rpartition(".")
+    return name, factor, suffix
 
 
 def take(content: RecordDict, key: str) -> dict[str, dict]:
     """{module: {"A"?: tensor, "B"?: tensor, "scale": float}} in float32, in the sender's order."""
-    wire = _wire_format(content, key)
+    wire = wire_format(content, key)
     scales = dict(content[f"{key}:scales"])
     del scales[FORMAT_KEY]
     parts: dict[tuple[str, str], dict[str, Tensor]] = {}
     for array_key, tensor in _arrays(content, key, dense=False).items():
-        base, suffix = (array_key[: -len(ROW_SCALE)], ROW_SCALE) if array_key.endswith(ROW_SCALE) else (array_key, "")
-        name, _, factor = base.rpartition(".")
+        name, factor, suffix = factor_parts(array_key)
         if factor not in ("A", "B") or name not in scales:
             raise ValueError(f"payload {key!r} holds an unexpected array {array_key!r}")
         parts.setdefault((name, factor), {})[suffix] = tensor
@@ -177,13 +241,13 @@ def take(content: RecordDict, key: str) -> dict[str, dict]:
     for (name, factor), arrays in parts.items():
         if "" not in arrays or (wire == "int8") != (ROW_SCALE in arrays):
             raise ValueError(f"payload {key!r}: {name}.{factor} is incomplete for wire format {wire}")
-        modules.setdefault(name, {"scale": float(scales[name])})[factor] = decode(arrays, factor, wire)
+        modules.setdefault(name, {"scale": _scale(scales, name)})[factor] = decode(arrays, factor, wire)
     return modules
 
 
 def take_dense(content: RecordDict, key: str) -> dict[str, Tensor]:
     """{name: tensor} in float32: the tensors trained in full that payload `key` carries, in the sender's order."""
-    wire = _wire_format(content, key)
+    wire = wire_format(content, key)
     return {
         array_key.removeprefix(DENSE_PREFIX): decode({"": tensor}, "", dense_format(wire))
         for array_key, tensor in _arrays(content, key, dense=True).items()

@@ -1,11 +1,36 @@
-"""What each stage of a round did, as recorded in the run's metrics file."""
+"""What each stage of a round did, as recorded in the run's metrics file.
+
+A reason may quote what a node sent; it is recorded as one line of printable characters of bounded
+length. The means combine per-node figures with weights that sum to 1, so that finite figures give
+a finite mean however large the counts behind the weights.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from florist.federation.console import show_event
+
+if TYPE_CHECKING:
+    from florist.federation.validation import ClientUpdate
+
+
+MAX_REASON = 500
+"""Characters of a recorded reason, beyond which it is cut."""
+
+
+def one_line(text: str) -> str:
+    """`text` as one line of printable characters (the others escaped), cut at MAX_REASON."""
+    line = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[: MAX_REASON + 1])
+    return line if len(line) <= MAX_REASON else f"{line[:MAX_REASON]}... ({len(text)} characters)"
+
+
+def weighted_mean(values: list[float], counts: list[int | float]) -> float:
+    """The mean of `values` weighted by `counts`; every weight is divided by the total first."""
+    total = sum(counts)
+    return math.fsum(value * (count / total) for value, count in zip(values, counts, strict=True))
 
 
 @dataclass
@@ -31,6 +56,7 @@ class Stage:
     resends: dict[int, int] = field(default_factory=dict)
 
     def event(self, node: int, status: str, reason: str = "", partition: int | None = None) -> None:
+        reason = one_line(reason)
         self.events.append(Event(node, status, reason, partition))
         show_event(self.round, node, status, reason)
 
@@ -48,6 +74,22 @@ class ClientReport:
     bytes_up: int
     peak_rss_mib: float
 
+    @classmethod
+    def from_update(cls, node: int, update: ClientUpdate, bytes_down: int) -> ClientReport:
+        metrics = update.metrics
+        return cls(
+            partition=update.partition,
+            node=node,
+            rank=update.rank,
+            examples=update.examples,
+            train_loss=float(metrics["train-loss"]),
+            train_seconds=float(metrics["train-seconds"]),
+            train_tokens=int(metrics["train-tokens"]),
+            bytes_down=bytes_down,
+            bytes_up=update.bytes_up,
+            peak_rss_mib=float(metrics["peak-rss-mib"]),
+        )
+
 
 @dataclass
 class RoundReport(Stage):
@@ -63,7 +105,7 @@ class RoundReport(Stage):
 
     @property
     def train_loss(self) -> float:
-        return sum(c.train_loss * c.examples for c in self.clients) / sum(c.examples for c in self.clients)
+        return weighted_mean([c.train_loss for c in self.clients], [c.examples for c in self.clients])
 
 
 @dataclass
@@ -88,16 +130,15 @@ class EvaluationReport(Stage):
             loss, count = f"{split}_loss", f"{split}_tokens"
             counted = [s for s in self.scores if loss in s.metrics and s.metrics.get(count, 0) > 0]
             if counted:
-                tokens = sum(s.metrics[count] for s in counted)
-                combined[loss] = sum(s.metrics[loss] * s.metrics[count] for s in counted) / tokens
-                combined[count] = tokens
+                combined[loss] = weighted_mean([s.metrics[loss] for s in counted], [s.metrics[count] for s in counted])
+                combined[count] = sum(s.metrics[count] for s in counted)
                 combined[f"{split}_perplexity"] = math.exp(combined[loss])
         tested = [s for s in self.scores if s.examples > 0]
         if tested:
-            examples = sum(s.examples for s in tested)
+            examples = [s.examples for s in tested]
             shared = set.intersection(*(set(s.metrics) for s in tested)) - set(combined)
-            combined |= {key: sum(s.metrics[key] * s.examples for s in tested) / examples for key in shared}
-            combined["examples"] = examples
+            combined |= {key: weighted_mean([s.metrics[key] for s in tested], examples) for key in shared}
+            combined["examples"] = sum(examples)
         return dict(sorted(combined.items()))
 
 
@@ -114,10 +155,10 @@ class TauSelection(Stage):
 
     def combined(self) -> list[float]:
         """Each candidate's validation loss per token over every node that scored."""
-        tokens = sum(t for _, t, _ in self.scores.values())
-        if not tokens:
+        tokens = [t for _, t, _ in self.scores.values()]
+        if not sum(tokens):
             return []
-        return [sum(t * losses[i] for _, t, losses in self.scores.values()) / tokens for i in range(len(self.candidates))]
+        return [weighted_mean([losses[i] for _, _, losses in self.scores.values()], tokens) for i in range(len(self.candidates))]
 
     def record(self) -> dict:
         return {

@@ -7,65 +7,50 @@ their own truncation when the server knows their partition; FFA-LoRA: B only, si
 derived from the shared seed). With `federation.warm_start` FLoRIST's clients start from the last
 update's leading components and upload their change since it, from which the server recovers what
 each learned before it is aggregated.
-Reply checks, delivery, sampling and the exchange of messages live in their own modules; this one
-connects them.
+Reply checks (intake, validation), a train stage's state (train_round), automatic tau
+(tau_selection), federated evaluation, delivery, sampling and the exchange of messages live in
+their own modules; this one connects them.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
 
-from flwr.app import ConfigRecord, Message, MessageType
+from flwr.app import Message, MessageType
 from torch import Tensor
 
 from florist.aggregation import (
-    Accumulator,
     Aggregate,
     AggregationError,
     ClientAdapter,
     GlobalModule,
-    LoraFactors,
-    cut,
-    cut_ranks,
-    learned_since_start,
     make_aggregator,
-    start_of,
 )
 from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.checkpoint import ServerState
 from florist.federation.console import show_reply
 from florist.federation.delivery import Chain, GlobalUpdate, update_digest
-from florist.federation.identity import disagreement
+from florist.federation.federated_evaluation import FederatedEvaluation
+from florist.federation.intake import guarded, identified
 from florist.federation.messages import (
     ADAPTER,
-    CANDIDATE,
-    CUTS,
     GAP,
     GLOBAL,
-    IDENTITY,
-    METRICS,
-    MISMATCH,
     TRAINED,
-    EVALUATED,
     Identity,
     Instruction,
+    Reply,
     instruction_content,
-    status_of,
     update_key,
 )
-from florist.federation.reports import ClientReport, EvaluationReport, NodeScore, RoundReport, Stage, TauSelection
-from florist.federation.validation import ClientUpdate, Limits, NormScreen, Rejected, check_reply, lora_rank, screened_norms
-from florist.lora.model import frozen_lora_A
+from florist.federation.reports import EvaluationReport, RoundReport, Stage, TauSelection
+from florist.federation.tau_selection import AutomaticTau
+from florist.federation.train_round import RoundFailed, TrainRound
+from florist.federation.validation import Limits, NormScreen, check_reply, client_adapter, screened_norms
 
-
-class RoundFailed(RuntimeError):
-    pass
-
+__all__ = ["LoraStrategy", "RoundFailed"]
 
 MAX_RESENDS = 2
 """Resends of missing updates to one node within one stage: a node that still has a gap after
@@ -105,9 +90,9 @@ class LoraStrategy:
         self.received: list[ClientAdapter] = []
         """The last round's client adapters as the server decoded them, in partition order; kept
         only with output.save_client_adapters (otherwise each is dropped once aggregated)."""
-        self._round: _RoundState | None = None
-        self.exact: GlobalUpdate | None = None
-        """Automatic tau: the round's exact update, until the clients' scores choose its cut."""
+        self._round: TrainRound | None = None
+        self.tau = AutomaticTau(config.aggregation, self.wire)
+        self.evaluation: FederatedEvaluation | None = None
 
     @property
     def merges(self) -> bool:
@@ -171,7 +156,8 @@ class LoraStrategy:
     def begin_round(self, server_round: int, sampled: list[int]) -> None:
         quorum = self.config.federation.quorum(len(sampled))
         report = RoundReport(server_round, sampled=list(sampled), quorum=quorum)
-        self._round = _RoundState(report, self.aggregator.accumulator(), NormScreen(self.limits.norm_factor))
+        screen = NormScreen(self.limits.norm_factor)
+        self._round = TrainRound(report, self.aggregator.accumulator(), screen, self.config.output.save_client_adapters)
 
     def configure_train(self, server_round: int, nodes: list[int]) -> list[Message]:
         """Train instructions for `nodes` (the sample, or on a retry those that have not delivered)."""
@@ -186,53 +172,35 @@ class LoraStrategy:
 
     # -- replies -----------------------------------------------------------------------------
 
-    def receive_train(self, node: int, reply: Message) -> list[Message]:
+    def receive_train(self, node: int, message: Message) -> list[Message]:
         """Check one train reply and keep its update, or record why not; returns a resend for a gap."""
         state = self._active()
-        if reply.has_error():
-            state.report.event(node, "failed", _error_reason(reply))
+        return guarded(state.report, node, lambda: self._take_update(state, node, message))
+
+    def _take_update(self, state: TrainRound, node: int, message: Message) -> list[Message]:
+        """The train reply read and checked whole, then kept: the round changes only once nothing can fail."""
+        reply = identified(state.report, node, message, self.identity)
+        if reply is None:
             return []
-        try:
-            identity, status = Identity.from_record(reply.content[IDENTITY]), status_of(reply)
-            reply_round = int(reply.content[METRICS]["round"])
-        except (KeyError, ValueError, TypeError) as error:
-            state.report.event(node, "rejected", f"malformed reply: {type(error).__name__}: {error}")
-            return []
-        if reply_round != state.report.round:
-            state.report.event(node, "rejected", f"reply is for round {reply_round}, not {state.report.round}")
-            return []
-        refusal = disagreement(self.identity, identity)
-        if refusal or status == MISMATCH:
-            state.report.event(node, "refused", refusal or "the node reports settings that differ from the server's")
-            return []
-        if ADAPTER in reply.content:
-            state.report.bytes_up[node] = state.report.bytes_up.get(node, 0) + reply.content[ADAPTER].count_bytes()
-        if status == GAP:
+        if ADAPTER in message.content:
+            state.report.bytes_up[node] = state.report.bytes_up.get(node, 0) + message.content[ADAPTER].count_bytes()
+        if reply.status == GAP:
             return self._resend(node, reply, state.report, MessageType.TRAIN)
-        if status != TRAINED:
-            state.report.event(node, "rejected", f"unexpected reply status {status!r}")
+        if reply.status != TRAINED:
+            state.report.event(node, "rejected", f"unexpected reply status {reply.status!r}", reply.partition)
             return []
-        try:
-            update = check_reply(reply, self.limits, factors="B" if self.frozen_a else "AB")
-            adapter = self._adapter(update)
-        except (Rejected, AggregationError) as rejection:
-            state.report.event(node, "rejected", str(rejection))
-            return []
+        held = reply.integer("chain-length", high=len(self.chain))
+        update = check_reply(message, reply, self.limits, factors="B" if self.frozen_a else "AB")
+        start = self.chain.updates[-1].modules if self.config.federation.warm_start and len(self.chain) else None
+        adapter = client_adapter(update, self.limits, self.config.federation.ffa_seed if self.frozen_a else None, start)
         if update.partition in state.partitions:
             first = state.partitions[update.partition]
             state.report.event(node, "rejected", f"partition-id {update.partition} was already sent this round by node {first}", update.partition)
             return []
-        self._confirm(node, reply)
-        state.partitions[update.partition] = node
-        # The tensors go to the accumulator; the round keeps what it reports about the client.
-        state.accepted[node] = replace(update, modules={}, dense={})
-        state.waiting[node] = adapter
+        self._confirm(node, held)
         metrics = update.metrics
         show_reply(state.report.round, node, update.partition, update.rank, update.examples, metrics["train-loss"], metrics["train-seconds"])
-        admitted, rejected = state.screen.offer(node, screened_norms(adapter, self._dense_start()))
-        for outlier, reason in rejected.items():
-            self._drop(state, outlier, reason)
-        self._aggregate(state, admitted)
+        state.admit(node, update, adapter, screened_norms(adapter, self._dense_start()))
         return []
 
     def _dense_start(self) -> Mapping[str, Tensor]:
@@ -242,35 +210,9 @@ class LoraStrategy:
             return self.chain.updates[-1].dense if len(self.chain) else {}
         return self.current.dense if self.current is not None else {}
 
-    def _aggregate(self, state: _RoundState, nodes: list[int]) -> None:
-        """Add the admitted updates to the round's aggregate; an update the aggregator refuses is rejected."""
-        for node in nodes:
-            adapter, partition = state.waiting.pop(node), state.accepted[node].partition
-            start = time.perf_counter()
-            try:
-                state.accumulator.add(adapter, key=partition)
-            except AggregationError as error:
-                self._drop(state, node, str(error))
-                continue
-            finally:
-                state.report.aggregation_seconds += time.perf_counter() - start
-            if self.config.output.save_client_adapters:
-                state.received[partition] = adapter
-
-    def _drop(self, state: _RoundState, node: int, reason: str) -> None:
-        """Reject an update that passed the per-reply checks; its partition may deliver again on a retry."""
-        update = state.accepted.pop(node)
-        state.waiting.pop(node, None)
-        del state.partitions[update.partition]
-        state.report.event(node, "rejected", reason, update.partition)
-
-    def _resend(self, node: int, reply: Message, stage: Stage, message_type: str) -> list[Message]:
+    def _resend(self, node: int, reply: Reply, stage: Stage, message_type: str) -> list[Message]:
         """The updates a node with a gap in its chain lacks, sent again within the same stage."""
-        try:
-            start = int(reply.content[METRICS]["needs-update"])
-        except (KeyError, ValueError, TypeError):
-            stage.event(node, "rejected", "gap reply without a valid needs-update")
-            return []
+        start = reply.integer("needs-update")
         resends = stage.resends.get(node, 0)
         if resends >= MAX_RESENDS or not 1 <= start <= len(self.chain):
             stage.event(node, "failed", f"chain gap at update {start} not closed after {resends} resends")
@@ -281,34 +223,24 @@ class LoraStrategy:
         stage.bytes_down[node] = stage.bytes_down.get(node, 0) + sent
         return [message]
 
-    def _confirm(self, node: int, reply: Message) -> None:
+    def _confirm(self, node: int, held: int) -> None:
+        """The node's reply says it holds the first `held` updates of the chain."""
         if self.merges:
-            self.chain.confirm(node, int(reply.content[METRICS]["chain-length"]))
+            self.chain.confirm(node, held)
 
     def note_late(self, nodes: list[int]) -> None:
-        state = self._active()
-        for node in nodes:
-            state.report.event(node, "late", f"no reply within federation.round_timeout = {self.config.federation.round_timeout:g} s")
+        self._active().note_late(nodes, self.config.federation.round_timeout)
 
     def pending(self) -> list[int]:
         """Sampled nodes that have not delivered an accepted update yet (a retry asks them again)."""
-        state = self._active()
-        return [node for node in state.report.sampled if node not in state.accepted]
+        return self._active().pending()
 
     def has_quorum(self) -> bool:
-        state = self._active()
-        return len(state.accepted) >= state.report.quorum
+        return self._active().has_quorum()
 
     def quorum_failure(self) -> RoundFailed:
         """Why the round in progress failed, naming every node that did not deliver and why."""
-        report = self._active().report
-        accepted = len(self._active().accepted)
-        reasons = {event.node: f"{event.status}: {event.reason}" for event in report.events if event.status != "accepted"}
-        missing = "; ".join(f"node {node} {reasons.get(node, 'no reply')}" for node in self.pending())
-        return RoundFailed(
-            f"round {report.round}: {accepted} of {len(report.sampled)} sampled clients delivered an update, below the "
-            f"quorum of {report.quorum}, after {report.attempts} attempts ({missing})"
-        )
+        return self._active().quorum_failure()
 
     def final_download_bytes(self) -> int:
         """What delivering the final global model to every node that took part would still cost:
@@ -348,23 +280,19 @@ class LoraStrategy:
         """Aggregate the updates admitted this round and advance the global state."""
         state = self._active()
         report = state.report
-        self._aggregate(state, state.screen.flush())
-        if len(state.accepted) < report.quorum:
-            raise RoundFailed(f"round {report.round}: {len(state.accepted)} updates aggregated, below the quorum of {report.quorum}")
-        updates = dict(sorted(state.accepted.items(), key=lambda item: item[1].partition))
+        updates = state.close()
         start = time.perf_counter()
         aggregate = state.accumulator.result()
         report.aggregation_seconds += time.perf_counter() - start
         if self.config.aggregation.automatic_tau:
-            # The exact update waits for the clients to score its truncations (select_tau).
-            self.exact = self._as_received(aggregate)
+            # The exact update waits for the clients to score its truncations (select_stage).
+            self.tau.exact = self._as_received(aggregate)
         else:
             self._advance(aggregate, [update.partition for update in updates.values()])
             self._record_ranks(report, aggregate.modules)
         for node, update in updates.items():
             self.partition_of[node] = update.partition
-            state.report.event(node, "accepted", partition=update.partition)
-            report.clients.append(_client_report(node, update, state.report.bytes_down.get(node, 0)))
+        state.record_clients(updates)
         self.received = [state.received[partition] for partition in sorted(state.received)]
         self.reports.append(report)
         self._round = None
@@ -378,70 +306,25 @@ class LoraStrategy:
     # -- automatic tau ---------------------------------------------------------------------------
 
     def configure_select(self, server_round: int, nodes: list[int]) -> list[Message]:
-        """Ask `nodes` to score every candidate truncation of the exact update on their own
-        validation examples: each gets the largest cut once (every smaller one is its leading
-        components), and the ranks of every cut."""
-        candidates = sorted(set(self.config.aggregation.tau_candidates))
-        max_rank = self.config.aggregation.max_rank
-        self._selection = TauSelection(server_round, candidates=candidates)
-        self._candidate_holders: set[int] = set()
-        self._selection.ranks = {tau: cut_ranks(self.exact.modules, tau, max_rank) for tau in candidates}
-        largest = cut(self.exact.modules, self._selection.ranks[candidates[-1]])
-        messages = []
-        for node in nodes:
-            message, sent = self._instruction(server_round, node, MessageType.QUERY)
-            sent += payload.put(message.content, CANDIDATE, largest, self.wire, dense=self.exact.dense)
-            message.content[CUTS] = ConfigRecord({"ranks": json.dumps([self._selection.ranks[tau] for tau in candidates])})
-            self._selection.bytes_down[node] = sent
-            messages.append(message)
-        return messages
+        return self.tau.configure(server_round, nodes, lambda node: self._instruction(server_round, node, MessageType.QUERY))
 
-    def receive_select(self, node: int, reply: Message) -> list[Message]:
-        selection = self._selection
-        if reply.has_error():
-            selection.event(node, "failed", _error_reason(reply))
-            return []
-        try:
-            identity = Identity.from_record(reply.content[IDENTITY])
-            metrics = reply.content[METRICS]
-            losses = [float(metrics[f"loss-{index}"]) for index in range(len(selection.candidates))]
-            tokens, held = int(metrics["tokens"]), int(metrics["chain-length"])
-            reply_round, partition = int(metrics["round"]), int(metrics["partition-id"])
-        except (KeyError, ValueError, TypeError) as error:
-            selection.event(node, "rejected", f"malformed reply: {type(error).__name__}: {error}")
-            return []
-        refusal = disagreement(self.identity, identity)
-        if refusal or reply_round != selection.round or tokens < 0 or not all(math.isfinite(x) for x in losses):
-            selection.event(node, "rejected", refusal or f"scores for round {reply_round}: {tokens} tokens, losses {losses}", partition)
-            return []
-        if tokens:
-            selection.scores[node] = (partition, tokens, losses)
-        if held == len(self.chain):
-            self._candidate_holders.add(node)
+    def receive_select(self, node: int, message: Message) -> list[Message]:
+        return guarded(self.tau.selection, node, lambda: self._take_scores(node, message))
+
+    def _take_scores(self, node: int, message: Message) -> list[Message]:
+        reply = identified(self.tau.selection, node, message, self.identity)
+        if reply is not None:
+            self.tau.receive(node, reply, len(self.chain))
         return []
 
     def finish_select(self, late: list[int]) -> TauSelection:
-        """Keep the smallest candidate within tau_tolerance of the best validation loss; without
-        any score, the largest candidate (the closest to exact)."""
-        selection, report = self._selection, self.reports[-1]
-        for node in late:
-            selection.event(node, "late", "no scores within federation.round_timeout")
-        selection.loss = selection.combined()
-        if selection.loss:
-            best = min(selection.loss)
-            tolerance = self.config.aggregation.tau_tolerance
-            selection.chosen = next(tau for tau, loss in zip(selection.candidates, selection.loss) if loss <= best + tolerance)
-        else:
-            selection.chosen = selection.candidates[-1]
-            selection.event(0, "failed", f"no node scored the candidates: tau {selection.chosen} kept")
-        modules = cut(self.exact.modules, selection.ranks[selection.chosen])
-        self.chain.append(GlobalUpdate(modules, self.exact.dense))
+        selection, kept = self.tau.finish(late)
+        self.chain.append(kept)
         # A node that scored holds the largest cut, whose leading components the kept one is: it
         # takes the update from its copy (client_app.held_chain), and is sent it only if it reports a gap.
-        for node in self._candidate_holders:
+        for node in self.tau.holders:
             self.chain.confirm(node, len(self.chain))
-        self._record_ranks(report, modules)
-        self.exact = None
+        self._record_ranks(self.reports[-1], kept.modules)
         return selection
 
     def _as_received(self, aggregate: Aggregate) -> GlobalUpdate:
@@ -461,107 +344,32 @@ class LoraStrategy:
                 p: payload.round_trip(m, self.wire) for p, m in zip(partitions, aggregate.per_client, strict=True)
             }
 
-    def _adapter(self, update: ClientUpdate) -> ClientAdapter:
-        """The client's update as the aggregator takes it; a warm-started client's upload is its change
-        since the start, to which the start, as the node received it, is added back."""
-        modules = {name: self._factors(name, m) for name, m in update.modules.items()}
-        if self.config.federation.warm_start and len(self.chain):
-            modules = learned_since_start(modules, start_of(self.chain.updates[-1].modules, lora_rank(update, self.limits)))
-        return ClientAdapter(modules, float(update.examples), update.dense)
-
-    def _factors(self, name: str, module: dict) -> LoraFactors:
-        if self.frozen_a:
-            a = frozen_lora_A(name, module["B"].shape[1], self.shapes[name][1], self.config.federation.ffa_seed)
-            return LoraFactors(A=a, B=module["B"], scale=module["scale"])
-        return LoraFactors(A=module["A"], B=module["B"], scale=module["scale"])
-
     # -- federated evaluation -----------------------------------------------------------------
 
     def configure_evaluate(self, server_round: int, nodes: list[int]) -> list[Message]:
-        self._evaluation = EvaluationReport(server_round)
-        messages = []
-        for node in nodes:
-            message, sent = self._instruction(server_round, node, MessageType.EVALUATE)
-            self._evaluation.bytes_down[node] = sent
-            messages.append(message)
-        return messages
+        self.evaluation = FederatedEvaluation(server_round, self.limits.max_examples, self.config.federation.round_timeout)
+        return self.evaluation.configure(nodes, lambda node: self._instruction(server_round, node, MessageType.EVALUATE))
 
-    def receive_evaluate(self, node: int, reply: Message) -> list[Message]:
-        report = self._evaluation
-        if reply.has_error():
-            report.event(node, "failed", _error_reason(reply))
+    def receive_evaluate(self, node: int, message: Message) -> list[Message]:
+        return guarded(self.evaluation.report, node, lambda: self._take_evaluation(node, message))
+
+    def _take_evaluation(self, node: int, message: Message) -> list[Message]:
+        reply = identified(self.evaluation.report, node, message, self.identity)
+        if reply is None:
             return []
-        try:
-            identity, status = Identity.from_record(reply.content[IDENTITY]), status_of(reply)
-            metrics = dict(reply.content[METRICS])
-            examples, partition = int(metrics.pop("num-examples")), int(metrics.pop("partition-id"))
-            reply_round = int(metrics.pop("round"))
-        except (KeyError, ValueError, TypeError) as error:
-            report.event(node, "rejected", f"malformed reply: {type(error).__name__}: {error}")
-            return []
-        refusal = disagreement(self.identity, identity)
-        if refusal or status == MISMATCH:
-            report.event(node, "refused", refusal or "the node reports settings that differ from the server's", partition)
-            return []
-        if status == GAP:
-            return self._resend(node, reply, report, MessageType.EVALUATE)
-        if status != EVALUATED or reply_round != report.round or not 0 <= examples <= self.limits.max_examples:
-            report.event(node, "rejected", f"evaluation reply: status {status!r}, round {reply_round}, {examples} examples", partition)
-            return []
-        self._confirm(node, reply)
-        metrics.pop("chain-length", None)
-        report.scores.append(NodeScore(node, partition, examples, {k: float(v) for k, v in metrics.items()}))
+        if reply.status == GAP:
+            return self._resend(node, reply, self.evaluation.report, MessageType.EVALUATE)
+        held = reply.integer("chain-length", high=len(self.chain))
+        if self.evaluation.receive(node, reply):
+            self._confirm(node, held)
         return []
 
     def finish_evaluate(self, late: list[int]) -> EvaluationReport:
-        report = self._evaluation
-        timeout = self.config.federation.round_timeout
-        for node in late:
-            report.event(node, "late", f"no evaluation reply within federation.round_timeout = {timeout:g} s")
-        report.scores.sort(key=lambda score: score.partition)
-        return report
+        return self.evaluation.finish(late)
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _active(self, server_round: int | None = None) -> _RoundState:
+    def _active(self, server_round: int | None = None) -> TrainRound:
         if self._round is None or (server_round is not None and self._round.report.round != server_round):
             raise RuntimeError("begin_round must come before a round's instructions and replies")
         return self._round
-
-
-@dataclass
-class _RoundState:
-    """A train stage in progress: the updates accepted so far, the partitions they claim, and the
-    aggregate they are added to as they pass the norm screen."""
-
-    report: RoundReport
-    accumulator: Accumulator
-    screen: NormScreen
-    accepted: dict[int, ClientUpdate] = field(default_factory=dict)
-    """Per node, its update's report (the tensors are in the accumulator or waiting)."""
-    partitions: dict[int, int] = field(default_factory=dict)
-    waiting: dict[int, ClientAdapter] = field(default_factory=dict)
-    """Updates the norm screen holds until it can judge them."""
-    received: dict[int, ClientAdapter] = field(default_factory=dict)
-    """Per partition, the adapter aggregated (output.save_client_adapters only)."""
-
-
-def _error_reason(reply: Message) -> str:
-    reason = (reply.error.reason or "").strip()
-    return reason.splitlines()[-1] if reason else f"error code {reply.error.code}"
-
-
-def _client_report(node: int, update: ClientUpdate, bytes_down: int) -> ClientReport:
-    metrics = update.metrics
-    return ClientReport(
-        partition=update.partition,
-        node=node,
-        rank=update.rank,
-        examples=update.examples,
-        train_loss=float(metrics["train-loss"]),
-        train_seconds=float(metrics["train-seconds"]),
-        train_tokens=int(metrics["train-tokens"]),
-        bytes_down=bytes_down,
-        bytes_up=update.bytes_up,
-        peak_rss_mib=float(metrics["peak-rss-mib"]),
-    )

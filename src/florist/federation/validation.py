@@ -2,7 +2,8 @@
 
 A reply that fails a check is rejected for its round with a reason; it never reaches the
 aggregate and never crashes the server. The checks are against what the server knows, never
-against another client, so one bad client cannot get good ones blamed.
+against another client, so one bad client cannot get good ones blamed. Every array's .npy header
+is checked against the shape and dtype the server expects before any array is read.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 
-from florist.aggregation import ClientAdapter, adapter_norm, tensors_norm
+from florist.aggregation import ClientAdapter, GlobalModule, LoraFactors, adapter_norm, learned_since_start, start_of, tensors_norm
 from florist.config import RunConfig
 from florist.federation import payload
-from florist.federation.messages import ADAPTER, METRICS
+from florist.federation.messages import ADAPTER, Reply
+from florist.lora.model import frozen_lora_A
 
 MiB = 2**20
 ARRAY_OVERHEAD = 256
@@ -39,6 +41,8 @@ class Limits:
     """(m, n) of every module the server adapts."""
     dense: Mapping[str, tuple[int, ...]]
     """The shape of every tensor trained in full that the server's model has for these settings."""
+    wire: str
+    """The upload's wire format (wire.upload)."""
     max_rank: int
     max_bytes: int
     min_examples: int
@@ -65,6 +69,7 @@ class Limits:
         return cls(
             shapes=dict(shapes),
             dense=dense,
+            wire=wire,
             max_rank=config.rank_cap,
             max_bytes=int(cap_mb * MiB) if cap_mb is not None else needed,
             min_examples=config.validation.min_examples,
@@ -88,47 +93,99 @@ class ClientUpdate:
     bytes_up: int
 
 
-def check_reply(reply: Message, limits: Limits, factors: str = "AB") -> ClientUpdate:
-    """The reply's update, or `Rejected` with the first reason it fails."""
+def check_reply(message: Message, reply: Reply, limits: Limits, factors: str = "AB") -> ClientUpdate:
+    """The update of a trained reply, as `reply` decoded it, or `Rejected` (`Malformed`) with the
+    first reason it fails."""
+    examples = reply.integer("num-examples")
+    if not limits.min_examples <= examples <= limits.max_examples:
+        raise Rejected(f"num-examples {examples!r} is outside [{limits.min_examples}, {limits.max_examples}]")
+    for key in REPORTED_METRICS:
+        reply.number(key)
+    content = message.content
     try:
-        content = reply.content
-        metrics = dict(content[METRICS])
-        adapter = content[ADAPTER]
-        examples, partition = metrics["num-examples"], metrics["partition-id"]
-        size = adapter.count_bytes()
-        if size > limits.max_bytes:
-            raise Rejected(f"adapter payload is {size / MiB:.3f} MiB, above the cap of {limits.max_bytes / MiB:.3f} MiB")
+        wire = payload.wire_format(content, ADAPTER)
+    except ValueError as error:
+        raise Rejected(f"malformed reply: {error}") from None
+    adapter = content[ADAPTER]
+    if not isinstance(adapter, ArrayRecord):
+        raise Rejected(f"malformed reply: the adapter is a {type(adapter).__name__}, not an ArrayRecord")
+    if wire != limits.wire:
+        raise Rejected(f"adapter payload is in {wire}, not in the run's wire.upload {limits.wire}")
+    size = adapter.count_bytes()
+    if size > limits.max_bytes:
+        raise Rejected(f"adapter payload is {size / MiB:.3f} MiB, above the cap of {limits.max_bytes / MiB:.3f} MiB")
+    _check_headers(adapter, limits, factors)
+    try:
         modules = payload.take(content, ADAPTER)
         dense = payload.take_dense(content, ADAPTER)
-    except Rejected:
-        raise
-    except (KeyError, ValueError, TypeError, AttributeError) as error:
+    except (KeyError, ValueError, TypeError) as error:
         raise Rejected(f"malformed reply: {type(error).__name__}: {error}") from None
-    if not (isinstance(examples, int) and limits.min_examples <= examples <= limits.max_examples):
-        raise Rejected(f"num-examples {examples!r} is outside [{limits.min_examples}, {limits.max_examples}]")
-    if not isinstance(partition, int) or partition < 0:
-        raise Rejected(f"partition-id {partition!r} is not an integer >= 0")
-    for key in REPORTED_METRICS:
-        value = metrics.get(key)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise Rejected(f"metric {key} is {value!r}, not a finite number")
-    missing, extra = set(limits.shapes) - set(modules), set(modules) - set(limits.shapes)
-    if missing or extra:
-        name = sorted(missing or extra)[0]
-        raise Rejected(f"{'lacks' if missing else 'sends a module the server does not adapt:'} module {name}")
-    ranks = set()
-    for name, module in modules.items():
-        ranks.add(_check_module(name, module, limits, factors))
+    missing = set(limits.shapes) - set(modules)
+    if missing:
+        raise Rejected(f"lacks module {sorted(missing)[0]}")
+    ranks = {_check_module(name, module, factors) for name, module in modules.items()}
     _check_dense(dense, limits)
     return ClientUpdate(
         modules=modules,
         dense=dense,
         examples=examples,
-        partition=partition,
+        partition=reply.partition,
         rank=max(ranks),
-        metrics=metrics,
+        metrics=reply.metrics,
         bytes_up=size,
     )
+
+
+def _check_headers(record: ArrayRecord, limits: Limits, factors: str) -> None:
+    """Each array's header against what the server expects for it: the wire's dtype; a factor of
+    an adapted module with the module's size on one side and one rank of at most max_rank on the
+    other, shared by its other factor and their row scales; a tensor trained in full at its shape."""
+    ranks: dict[str, dict[str, int]] = {}
+    for key, array in record.items():
+        try:
+            shape, dtype = payload.declared(array)
+        except ValueError as error:
+            raise Rejected(f"array {key}: {error}") from None
+        expected = payload.array_dtype(limits.wire, key)
+        if dtype != expected:
+            raise Rejected(f"array {key} holds {dtype}, expected {expected} in wire format {limits.wire}")
+        if key.startswith(payload.DENSE_PREFIX):
+            name = key.removeprefix(payload.DENSE_PREFIX)
+            if name not in limits.dense:
+                raise Rejected(f"sends tensor {name}, which model.lora_bias / model.modules_to_save do not train in full")
+            if shape != tuple(limits.dense[name]):
+                raise Rejected(f"tensor {name} is {shape}, expected {tuple(limits.dense[name])}")
+            continue
+        name, factor, suffix = payload.factor_parts(key)
+        if name not in limits.shapes:
+            raise Rejected(f"sends a module the server does not adapt: module {name}")
+        if factor not in factors:
+            raise Rejected(f"module {name} carries array {key}, expected factors {list(factors)}")
+        ranks.setdefault(name, {})[f"lora_{factor}{suffix}"] = _declared_rank(name, factor, suffix, shape, limits)
+    for name, declared in ranks.items():
+        if len(set(declared.values())) > 1:
+            raise Rejected(f"module {name}: its arrays declare different ranks {declared}")
+
+
+def _declared_rank(name: str, factor: str, suffix: str, shape: tuple[int, ...], limits: Limits) -> int:
+    """The rank a factor's array (B: m x rank, A: rank x n, a row scale: rank) declares."""
+    m, n = limits.shapes[name]
+    label = f"lora_{factor}{suffix}"
+    if suffix:
+        if len(shape) != 1:
+            raise Rejected(f"module {name}: {label} is {shape}, expected one scale per rank")
+        rank = shape[0]
+    elif factor == "B":
+        if len(shape) != 2 or shape[0] != m:
+            raise Rejected(f"module {name}: {label} is {shape}, expected {m} x rank")
+        rank = shape[1]
+    else:
+        if len(shape) != 2 or shape[1] != n:
+            raise Rejected(f"module {name}: {label} is {shape}, expected rank x {n}")
+        rank = shape[0]
+    if not 1 <= rank <= limits.max_rank:
+        raise Rejected(f"module {name}: rank {rank} is outside [1, {limits.max_rank}] (validation.max_rank)")
+    return rank
 
 
 def lora_rank(update: ClientUpdate, limits: Limits) -> int:
@@ -139,38 +196,39 @@ def lora_rank(update: ClientUpdate, limits: Limits) -> int:
     return rank
 
 
-def _check_module(name: str, module: dict, limits: Limits, factors: str) -> int:
-    m, n = limits.shapes[name]
+def client_adapter(update: ClientUpdate, limits: Limits, ffa_seed: int | None, start: Mapping[str, GlobalModule] | None) -> ClientAdapter:
+    """The client's update as the aggregator takes it. FFA-LoRA (`ffa_seed`): A derived from the
+    shared seed. A warm start (`start`, the update the client began from as the node received it):
+    the upload is the change since the start, to which the start is added back."""
+    modules = {}
+    for name, module in update.modules.items():
+        a = frozen_lora_A(name, module["B"].shape[1], limits.shapes[name][1], ffa_seed) if ffa_seed is not None else module["A"]
+        modules[name] = LoraFactors(A=a, B=module["B"], scale=module["scale"])
+    if start is not None:
+        modules = learned_since_start(modules, start_of(start, lora_rank(update, limits)))
+    return ClientAdapter(modules, float(update.examples), update.dense)
+
+
+def _check_module(name: str, module: dict, factors: str) -> int:
+    """A module whose arrays passed `_check_headers`: every factor, a usable scale, finite values; its rank."""
     if set(module) != {"scale", *factors}:
         raise Rejected(f"module {name} carries {sorted(set(module) - {'scale'})}, expected {list(factors)}")
-    b = module["B"]
-    rank = b.shape[1] if b.ndim == 2 else -1
-    if b.ndim != 2 or b.shape[0] != m:
-        raise Rejected(f"module {name}: lora_B is {tuple(b.shape)}, expected {m} x rank")
-    if "A" in module and tuple(module["A"].shape) != (rank, n):
-        raise Rejected(f"module {name}: lora_A is {tuple(module['A'].shape)}, expected {rank} x {n}")
-    if not 1 <= rank <= limits.max_rank:
-        raise Rejected(f"module {name}: rank {rank} is outside [1, {limits.max_rank}] (validation.max_rank)")
     scale = module["scale"]
     if not (math.isfinite(scale) and scale != 0):
         raise Rejected(f"module {name}: scale {scale!r} is not a finite non-zero number")
     for factor in factors:
         if not torch.isfinite(module[factor]).all():
             raise Rejected(f"module {name}: lora_{factor} holds NaN or Inf values")
-    return rank
+    return module["B"].shape[1]
 
 
 def _check_dense(dense: Mapping[str, torch.Tensor], limits: Limits) -> None:
-    """The tensors trained in full the server's model expects for these settings, at its shapes, finite."""
-    missing, extra = set(limits.dense) - set(dense), set(dense) - set(limits.dense)
-    if missing or extra:
-        name = sorted(missing or extra)[0]
-        if missing:
-            raise Rejected(f"lacks tensor {name}, trained in full with model.lora_bias / model.modules_to_save")
-        raise Rejected(f"sends tensor {name}, which model.lora_bias / model.modules_to_save do not train in full")
+    """Every tensor trained in full the server's model expects for these settings (`_check_headers`
+    checked their shapes), finite."""
+    missing = set(limits.dense) - set(dense)
+    if missing:
+        raise Rejected(f"lacks tensor {sorted(missing)[0]}, trained in full with model.lora_bias / model.modules_to_save")
     for name, tensor in dense.items():
-        if tuple(tensor.shape) != tuple(limits.dense[name]):
-            raise Rejected(f"tensor {name} is {tuple(tensor.shape)}, expected {tuple(limits.dense[name])}")
         if not torch.isfinite(tensor).all():
             raise Rejected(f"tensor {name} holds NaN or Inf values")
 

@@ -1,0 +1,69 @@
+"""Federated evaluation: every connected node scores the global model on its own held-out
+examples, and the server records each node's scores.
+
+Scores are whatever metrics a node sends beside those about the reply itself, each a finite number
+(`Reply.read`); the ones the server combines by tokens are checked further: a split's loss is a
+mean negative log-likelihood whose perplexity exp(loss) is a float, and its token count an integer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import Message
+
+from florist.federation.messages import EVALUATED, Reply
+from florist.federation.reports import EvaluationReport, NodeScore
+
+Instruct = Callable[[int], tuple[Message, int]]
+"""node -> its instruction and the payload bytes it carries."""
+
+SENT_ABOUT_THE_REPLY = ("round", "partition-id", "num-examples", "chain-length")
+"""Metrics every evaluation reply carries about itself, not scores."""
+SPLITS = ("test", "val")
+"""The splits whose `<split>_loss` is combined over `<split>_tokens` (EvaluationReport.combined)."""
+MAX_LOSS = 700.0
+"""The largest loss a node may report: exp(700) = 1e304 is still a float, so the combined
+perplexity is."""
+
+
+class FederatedEvaluation:
+    """One evaluation stage, from its instructions to the report of every node's scores."""
+
+    def __init__(self, server_round: int, max_examples: int, round_timeout: float):
+        self.report = EvaluationReport(server_round)
+        self.max_examples = max_examples
+        self.round_timeout = round_timeout
+
+    def configure(self, nodes: list[int], instruct: Instruct) -> list[Message]:
+        messages = []
+        for node in nodes:
+            message, sent = instruct(node)
+            self.report.bytes_down[node] = sent
+            messages.append(message)
+        return messages
+
+    def receive(self, node: int, reply: Reply) -> bool:
+        """Record the node's scores, or why they are rejected (a reply that cannot be read raises
+        `Malformed`); whether they were recorded. Everything is read before anything is recorded."""
+        report = self.report
+        examples = reply.integer("num-examples")
+        if reply.status != EVALUATED or not 0 <= examples <= self.max_examples:
+            report.event(node, "rejected", f"evaluation reply: status {reply.status!r}, {examples} examples", reply.partition)
+            return False
+        for split in SPLITS:
+            if f"{split}_tokens" in reply.metrics:
+                reply.integer(f"{split}_tokens")  # a count: Malformed unless an integer >= 0
+            if f"{split}_loss" in reply.metrics and not 0 <= reply.number(f"{split}_loss") <= MAX_LOSS:
+                report.event(node, "rejected", f"{split}_loss {reply.number(f'{split}_loss')!r} is outside [0, {MAX_LOSS:g}]", reply.partition)
+                return False
+        scores = {key: float(value) for key, value in reply.metrics.items() if key not in SENT_ABOUT_THE_REPLY}
+        report.scores.append(NodeScore(node, reply.partition, examples, scores))
+        return True
+
+    def finish(self, late: list[int]) -> EvaluationReport:
+        report = self.report
+        for node in late:
+            report.event(node, "late", f"no evaluation reply within federation.round_timeout = {self.round_timeout:g} s")
+        report.scores.sort(key=lambda score: score.partition)
+        return report
