@@ -198,7 +198,7 @@ class NodePolicy:
         payloads are not decoded yet."""
         size = message_bytes(message)
         if size > self.caps.message_mb * MIB:
-            raise Refused(f"node config max-message-mb={self.caps.message_mb:g}: the instruction is {size / MIB:.1f} MiB")
+            raise Refused(f"node config max-message-mb={self.caps.message_mb:g}: the instruction is {size / MIB:.3g} MiB")
         try:
             instruction = Instruction.read(message)
         except (KeyError, TypeError, ValueError, RecursionError) as error:
