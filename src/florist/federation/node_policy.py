@@ -116,6 +116,8 @@ class Refused(ValueError):
 
 @dataclass(frozen=True)
 class NodePolicy:
+    """A site's node config, decoded: where its files are, and what it allows a run to ask."""
+
     partition: int
     data: Path | None
     test_data: Path | None
@@ -145,7 +147,7 @@ class NodePolicy:
             for key, field in CAP_KEYS.items()
             if key in node_config
         }
-        policy = cls(
+        return cls(
             partition=_integer(node_config, "partition-id", minimum=0),
             data=_existing_path(node_config, "data"),
             test_data=_existing_path(node_config, "test-data"),
@@ -164,7 +166,6 @@ class NodePolicy:
                 else DEFAULT_MIN_CATEGORY_EXAMPLES
             ),
         )
-        return policy
 
     @classmethod
     def for_run(cls, node_config: Mapping[str, object], config: RunConfig) -> NodePolicy:
