@@ -80,7 +80,7 @@ def test_a_party_with_the_ca_and_the_public_port_is_refused_every_control_comman
         deployment.start_superlink()
         proxy = deployment.start_fleet_proxy()
         for site in range(SITES):
-            deployment.add_supernode(f"site{site}", {"partition-id": site, "data": str(data[site])})
+            deployment.add_supernode(f"site{site}", {"partition-id": site, "data": str(data[site]), "model": str(tiny_model_dir)})
         deployment.wait_for_nodes()
         run_id = deployment.submit({"config-file": str(config_file)})  # the operator, on the server
 
