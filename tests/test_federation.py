@@ -253,9 +253,12 @@ def test_the_inline_engine_runs_the_same_federation_in_one_process(federation, t
         assert [loss for _, loss in clients[0]] == pytest.approx([loss for _, loss in clients[1]], rel=1e-4)
     _, ours = read_adapter(tmp_path / "inline" / "final" / "adapter")
     _, theirs = read_adapter(federation.path / "final" / "adapter")
+    # Two rounds of training on another number of threads move each module by ~1e-5 of its norm
+    # (measured 2e-6 to 6e-5); an element near zero can then differ by more than any elementwise rtol.
     for name, module in theirs.modules.items():
         delta = module.scale * module.B @ module.A
-        torch.testing.assert_close(ours.modules[name].scale * ours.modules[name].B @ ours.modules[name].A, delta, atol=1e-5, rtol=1e-3)
+        difference = ours.modules[name].scale * ours.modules[name].B @ ours.modules[name].A - delta
+        assert torch.linalg.norm(difference) <= 2e-4 * torch.linalg.norm(delta), name
 
 
 def test_a_hundred_clients_with_a_tenth_sampled_per_round(tiny_model_dir, tmp_path):
