@@ -301,6 +301,9 @@ FLORIST_TAMPERING = {
     "partition-bool": map_entry("partition_of", "101", True, "partition_of[101] is True, not an integer"),
     "partition-negative": map_entry("partition_of", "101", -2, "partition_of[101] is -2, not an integer >= 0"),
     "node-not-an-id": map_entry("partition_of", "node-7", 0, "partition_of has the key 'node-7', not an integer >= 0"),
+    "partition-bound-twice": map_entry(
+        "partition_of", "999", 0, "partition_of binds partition 0 to nodes 101 and 999; a partition has one node"
+    ),
     "confirmed-beyond-chain": map_entry("confirmed", "101", 3, "confirmed[101] is 3, beyond the chain's 2 updates"),
     "without-digest": without_digest,
     "old-format": old_format,
@@ -415,6 +418,29 @@ def test_an_untampered_copy_of_either_checkpoint_resumes(florist_run, flexlora_r
         config = config_for(tiny_model_dir, run, method)
         assert serve(config, grid_for(config), resume=run) == run
         assert read_rounds(run) == read_rounds(finished)
+
+
+def test_partitions_stay_bound_to_their_nodes_after_a_resume(florist_run, tiny_model_dir, tmp_path, server_task):
+    """The checkpoint keeps which node delivered each partition: resumed, a new node claiming partition 0
+    is refused and the round goes on without it. An engine that gives its nodes new ids at every
+    start (Flower's simulation) resumes with the partitions bound afresh."""
+    assert json.loads(state_path(florist_run).read_text())["partition_of"] == {str(node): p for node, p in NODES.items()}
+    run = Path(shutil.copytree(florist_run, tmp_path / "run"))
+    config = config_for(tiny_model_dir, run, "florist", "federation.rounds=3")
+    intruder = {404: 0, 202: 1, 303: 2}
+    grid = LocalGrid(build_client_app(config), {node: {"partition-id": p} for node, p in intruder.items()})
+    serve(config, grid, resume=run)
+    record = read_rounds(run)[3]
+    [event] = [e for e in record["events"] if e["node"] == 404]
+    assert (event["status"], event["reason"]) == ("refused", "partition-id 0 is bound to node 101, which first delivered it")
+    assert [c["node"] for c in record["clients"]] == [202, 303]
+
+    run = Path(shutil.copytree(florist_run, tmp_path / "fresh"))
+    fresh = {505: 0, 606: 1, 707: 2}
+    grid = LocalGrid(build_client_app(config), {node: {"partition-id": p} for node, p in fresh.items()})
+    serve(config_for(tiny_model_dir, run, "florist", "federation.rounds=3"), grid, resume=run, fresh_node_ids=True)
+    assert [c["node"] for c in read_rounds(run)[3]["clients"]] == [505, 606, 707]
+    assert json.loads(state_path(run).read_text())["partition_of"] == {str(node): p for node, p in fresh.items()}
 
 
 def test_a_flexlora_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_run(flexlora_run, tiny_model_dir, tmp_path, server_task):

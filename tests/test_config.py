@@ -245,6 +245,10 @@ def test_a_budgeted_configuration_as_a_run_directory_stores_it_loads_back(tmp_pa
     ("override", "expected"),
     [
         ("validation.norm_factor=1", "validation.norm_factor must be > 1, got 1.0"),
+        ("validation.clip_factor=0.5", "validation.clip_factor must be in [1, validation.norm_factor = 10], got 0.5"),
+        ("validation.clip_factor=12", "validation.clip_factor must be in [1, validation.norm_factor = 10], got 12.0"),
+        ("validation.max_weight_share=0", "validation.max_weight_share"),
+        ("validation.max_weight_share=1.5", "validation.max_weight_share"),
         ("validation.max_rank=32", "validation.max_rank 32 is below the largest configured client rank 64 (federation.ranks)"),
     ],
 )

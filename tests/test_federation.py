@@ -28,6 +28,7 @@ from florist.lora.model import read_factors
 from florist.reporting.run_directory import read_rounds
 
 from federations import CLIENT_RANKS, ROUNDS, federation_config
+from test_influence import level_by_bisection
 
 WIRE_BYTES = 4  # float32 on the wire
 
@@ -131,7 +132,13 @@ def test_metrics_have_every_round_with_per_client_reports(federation):
         assert len({c["node"] for c in clients}) == len(CLIENT_RANKS)
         assert all(math.isfinite(c["train_loss"]) and c["train_tokens"] > 0 for c in clients)
         assert record["aggregation_seconds"] >= 0
-        expected_loss = sum(c["train_loss"] * c["examples"] for c in clients) / sum(c["examples"] for c in clients)
+        # No client holds more than validation.max_weight_share of the round: here the largest, 2/3 of the examples, is cut.
+        share = config.validation.max_weight_share
+        level = level_by_bisection([c["examples"] for c in clients], share)
+        assert [c["weight"] for c in clients] == pytest.approx([float(min(c["examples"], level)) for c in clients])
+        assert max(c["weight"] for c in clients) == pytest.approx(share * sum(c["weight"] for c in clients))
+        assert all(c["clipped"] == {} for c in clients)  # honest updates are not clipped
+        expected_loss = sum(c["train_loss"] * c["weight"] for c in clients) / sum(c["weight"] for c in clients)
         assert record["train_loss"] == pytest.approx(expected_loss)
         assert set(record["ranks"]) == set(federation.shapes) and len(federation.shapes) == 4
         assert record["total_rank"] == sum(record["ranks"].values())
@@ -213,7 +220,7 @@ def test_saved_client_adapters_aggregate_again_to_each_rounds_global_update(fede
         folder = federation.path / "clients" / f"round{record['round']}"
         index = json.loads((folder / "clients.json").read_text())
         assert [c["partition"] for c in index] == [c["partition"] for c in record["clients"]]
-        assert [c["weight"] for c in index] == [c["examples"] for c in record["clients"]]
+        assert [c["weight"] for c in index] == [c["weight"] for c in record["clients"]]
         clients = read_adapters([folder / c["adapter"] for c in index], [c["weight"] for c in index])
         assert [max(f.rank for f in c.modules.values()) for c in clients] == [c["rank"] for c in record["clients"]]
         config = federation.config.aggregation
@@ -246,9 +253,12 @@ def test_the_inline_engine_runs_the_same_federation_in_one_process(federation, t
         assert [loss for _, loss in clients[0]] == pytest.approx([loss for _, loss in clients[1]], rel=1e-4)
     _, ours = read_adapter(tmp_path / "inline" / "final" / "adapter")
     _, theirs = read_adapter(federation.path / "final" / "adapter")
+    # Two rounds of training on another number of threads move each module by ~1e-5 of its norm
+    # (measured 2e-6 to 6e-5); an element near zero can then differ by more than any elementwise rtol.
     for name, module in theirs.modules.items():
         delta = module.scale * module.B @ module.A
-        torch.testing.assert_close(ours.modules[name].scale * ours.modules[name].B @ ours.modules[name].A, delta, atol=1e-5, rtol=1e-3)
+        difference = ours.modules[name].scale * ours.modules[name].B @ ours.modules[name].A - delta
+        assert torch.linalg.norm(difference) <= 2e-4 * torch.linalg.norm(delta), name
 
 
 def test_a_hundred_clients_with_a_tenth_sampled_per_round(tiny_model_dir, tmp_path):

@@ -65,7 +65,8 @@ def make_strategy(method: str = "florist", **aggregation) -> LoraStrategy:
     }
     config = RunConfig.model_validate(settings)
     shared = config.shared_settings()
-    return LoraStrategy(config, MODULES, Identity(settings_fingerprint(shared), shared, "model-digest"))
+    norms = {name: math.sqrt(m * n) for name, (m, n) in MODULES.items()}  # a base weight of unit-variance entries
+    return LoraStrategy(config, MODULES, norms, Identity(settings_fingerprint(shared), shared, "model-digest"))
 
 
 def factors(partition: int, seed: int) -> dict[str, LoraFactors]:

@@ -234,6 +234,17 @@ def _factors(change_factor):
     return change
 
 
+def _every_module(change_factor):
+    def change(content: RecordDict) -> None:
+        modules = {name: change_factor(dict(module)) for name, module in payload.take(content, ADAPTER).items()}
+        from florist.aggregation import LoraFactors
+
+        del content[ADAPTER], content[f"{ADAPTER}:scales"]
+        payload.put(content, ADAPTER, {n: LoraFactors(A=m["A"], B=m["B"], scale=m["scale"]) for n, m in modules.items()}, "float32")
+
+    return change
+
+
 def _metric(key, value):
     def change(content: RecordDict) -> None:
         metrics = dict(content[METRICS])
@@ -281,6 +292,16 @@ def _huge(module):
     return module
 
 
+def _inflated(module):  # within what the base weight bounds, far above the round's median
+    module["B"] = module["B"] * 20
+    return module
+
+
+def _zero(module):
+    module["B"] = torch.zeros_like(module["B"])
+    return module
+
+
 HOSTILE = {
     "nan": (_nan, "holds NaN or Inf values"),
     "inflated-rank": (_factors(_wide), "rank 9 is outside [1, 8]"),
@@ -290,7 +311,9 @@ HOSTILE = {
     "missing-module": (_drop_module, "lacks module"),
     "malformed": (_metric("train-loss", None), "metric train-loss is missing"),
     "no-metrics": (lambda content: content.__delitem__(METRICS), "malformed reply"),
-    "outlier-norm": (_factors(_huge), "more than 10x the round's median"),
+    "absurd-update": (_factors(_huge), "more than 1000x the norm"),
+    "outlier-norm": (_every_module(_inflated), "more than 10x the round's median"),
+    "zero-update": (_every_module(_zero), "less than 1/10 of the round's median"),
 }
 
 

@@ -16,7 +16,7 @@ from florist.federation import payload
 from florist.federation.identity import settings_fingerprint
 from florist.federation.messages import ADAPTER, CANDIDATE, CUTS, GAP, GLOBAL, IDENTITY, METRICS, TRAINED, Identity, Instruction, update_key
 from florist.federation.strategy import LoraStrategy
-from florist.federation.validation import screened_norms
+from florist.federation.influence import screened_norms
 from florist.lora.model import frozen_lora_A
 
 CLIENT_RANKS = [2, 4, 8]
@@ -24,6 +24,11 @@ MODULES = {"layers.0.q_proj": (6, 5), "layers.0.v_proj": (4, 5)}
 PARTITION_OF = {11: 0, 22: 1, 33: 2}
 
 pytestmark = pytest.mark.usefixtures("server_task")
+
+
+def base_norms(shapes: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """What a base weight of unit-variance entries measures, ||W||_F = sqrt(m n): what the updates here are measured against."""
+    return {name: math.sqrt(m * n) for name, (m, n) in shapes.items()}
 
 
 def identity_for(config: RunConfig, digest: str = "model-digest") -> Identity:
@@ -35,7 +40,7 @@ def strategy_for(method: str, ranks: list[int] = CLIENT_RANKS, **federation) -> 
     config = RunConfig.model_validate(
         {"federation": {"num_clients": len(ranks), "ranks": ranks, **federation}, "aggregation": {"method": method, "tau": 0.9}}
     )
-    return LoraStrategy(config, MODULES, identity_for(config))
+    return LoraStrategy(config, MODULES, base_norms(MODULES), identity_for(config))
 
 
 def client_factors(rank: int, seed: int, method: str) -> dict[str, LoraFactors]:
@@ -189,7 +194,7 @@ def test_the_server_holds_the_aggregate_as_the_wire_delivers_it():
     config = RunConfig.model_validate(
         {"federation": {"num_clients": 3, "ranks": CLIENT_RANKS}, "wire": {"download": "float16"}, "aggregation": {"method": "florist"}}
     )
-    strategy = LoraStrategy(config, MODULES, identity_for(config))
+    strategy = LoraStrategy(config, MODULES, base_norms(MODULES), identity_for(config))
     play_round(strategy, 1)
     for module in strategy.chain.updates[0].modules.values():
         assert module.A.dtype == torch.float32
@@ -215,7 +220,7 @@ def warm_strategy(download: str = "float32") -> LoraStrategy:
             "output": {"save_client_adapters": True},
         }
     )
-    return LoraStrategy(config, MODULES, identity_for(config))
+    return LoraStrategy(config, MODULES, base_norms(MODULES), identity_for(config))
 
 
 def test_a_warm_started_round_aggregates_what_each_client_learned():
@@ -296,7 +301,7 @@ def test_automatic_tau_sends_the_largest_candidate_cut_not_the_exact_update():
             "data": {"validation_fraction": 0.3},
         }
     )
-    strategy = LoraStrategy(config, MODULES, identity_for(config))
+    strategy = LoraStrategy(config, MODULES, base_norms(MODULES), identity_for(config))
     play_round(strategy, 1)
     exact = strategy.tau.exact.modules
     queries = strategy.configure_select(1, list(PARTITION_OF))
@@ -316,7 +321,7 @@ def test_automatic_tau_sends_the_largest_candidate_cut_not_the_exact_update():
 def test_from_round_2_the_norm_screen_judges_how_much_a_tensor_trained_in_full_changed(method):
     """A head's own norm hides a change 50 times the others': its change from the round's start does not."""
     config = RunConfig.model_validate({"federation": {"num_clients": 3, "ranks": CLIENT_RANKS}, "aggregation": {"method": method}})
-    strategy = LoraStrategy(config, MODULES, identity_for(config), {"lm_head.weight": (8, 5)})
+    strategy = LoraStrategy(config, MODULES, base_norms(MODULES), identity_for(config), {"lm_head.weight": (8, 5)})
     generator = torch.Generator().manual_seed(4)
     start = torch.randn(8, 5, generator=generator) * 10
     nodes = list(PARTITION_OF)
@@ -344,7 +349,7 @@ def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in():
     results = []
     for order in (PARTITION_OF, dict(reversed(PARTITION_OF.items()))):
         strategy = strategy_for("florist")
-        strategy = LoraStrategy(strategy.config, wide, strategy.identity)
+        strategy = LoraStrategy(strategy.config, wide, base_norms(wide), strategy.identity)
         strategy.begin_round(1, list(order))
         instructions = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, list(order))}
         for node, partition in order.items():
@@ -376,9 +381,11 @@ def test_a_round_of_many_clients_is_folded_as_replies_arrive_and_stays_exact():
         {
             "federation": {"num_clients": clients, "ranks": [2] * clients},
             "aggregation": {"method": "florist", "tau": 1.0, "memory_budget_mb": 20 * sum(shape) * 4 / 2**20},
+            # Norms a decade apart reach beyond the default clip of 5x the median: clip none of them here.
+            "validation": {"clip_factor": 10.0},
         }
     )
-    strategy = LoraStrategy(config, {"layers.0.q_proj": shape}, identity_for(config))
+    strategy = LoraStrategy(config, {"layers.0.q_proj": shape}, base_norms({"layers.0.q_proj": shape}), identity_for(config))
     nodes = list(range(1, clients + 1))
     strategy.begin_round(1, nodes)
     instructions = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, nodes)}
@@ -429,7 +436,7 @@ def wide_config(wire: str, aggregation: dict, **federation) -> RunConfig:
 def wide_strategy(wire: str, aggregation: dict, **federation) -> LoraStrategy:
     """FLoRIST on WIDE modules with DENSE tensors trained in full, for a run of one round."""
     config = wide_config(wire, aggregation, **federation)
-    return LoraStrategy(config, WIDE, identity_for(config), DENSE)
+    return LoraStrategy(config, WIDE, base_norms(WIDE), identity_for(config), DENSE)
 
 
 def final_instruction(strategy: LoraStrategy) -> Message:

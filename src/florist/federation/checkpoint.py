@@ -49,6 +49,7 @@ class ServerState:
     current: GlobalUpdate | None = None
     truncations: dict[int, dict[str, GlobalModule]] = field(default_factory=dict)
     partition_of: dict[int, int] = field(default_factory=dict)
+    """node id -> the partition bound to it (LoraStrategy.partition_of): one node per partition."""
     confirmed: dict[int, int] = field(default_factory=dict)
     """What each node had confirmed; informational, since a new Flower run starts with empty node state."""
     metrics: list[dict] = field(default_factory=list)
@@ -164,7 +165,7 @@ def load_state(
             raise ValueError(f"{path}: round {server_round}, but metrics hold the records of rounds {_shown(rounds)}")
         chain, current, truncations = _file_names(path, record, server_round)
         _check_method(path, server_round, chain, current, truncations, merges)
-        partition_of = _natural_map(path, "partition_of", record["partition_of"])
+        partition_of = _bindings(path, record["partition_of"])
         confirmed = _natural_map(path, "confirmed", record["confirmed"])
         for node, length in confirmed.items():
             if length > len(chain):
@@ -353,6 +354,17 @@ def _natural_map(path: Path, key: str, value) -> dict[int, int]:
     if not isinstance(value, dict):
         raise ValueError(f"{path}: {key} is a {type(value).__name__}, not a map")
     return {_natural_key(path, key, k): _natural(path, f"{key}[{k}]", v) for k, v in value.items()}
+
+
+def _bindings(path: Path, value) -> dict[int, int]:
+    """partition_of: node ids bound to partitions, no partition bound to two nodes."""
+    bindings = _natural_map(path, "partition_of", value)
+    owners: dict[int, int] = {}
+    for node, partition in bindings.items():
+        if partition in owners:
+            raise ValueError(f"{path}: partition_of binds partition {partition} to nodes {owners[partition]} and {node}; a partition has one node")
+        owners[partition] = node
+    return bindings
 
 
 def check_resumable(run_dir: Path, config: RunConfig) -> None:

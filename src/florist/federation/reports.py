@@ -67,6 +67,11 @@ class ClientReport:
     node: int
     rank: int
     examples: int
+    """What the node claimed."""
+    weight: float
+    """What the aggregate weighed it by: its examples, capped (validation.max_weight_share)."""
+    clipped: dict[str, float]
+    """The factor each of its norms was scaled down by (validation.clip_factor); empty where none was."""
     train_loss: float
     train_seconds: float
     train_tokens: int
@@ -75,13 +80,15 @@ class ClientReport:
     peak_rss_mib: float
 
     @classmethod
-    def from_update(cls, node: int, update: ClientUpdate, bytes_down: int) -> ClientReport:
+    def from_update(cls, node: int, update: ClientUpdate, bytes_down: int, weight: float, clipped: dict[str, float]) -> ClientReport:
         metrics = update.metrics
         return cls(
             partition=update.partition,
             node=node,
             rank=update.rank,
             examples=update.examples,
+            weight=weight,
+            clipped=clipped,
             train_loss=float(metrics["train-loss"]),
             train_seconds=float(metrics["train-seconds"]),
             train_tokens=int(metrics["train-tokens"]),
@@ -105,7 +112,8 @@ class RoundReport(Stage):
 
     @property
     def train_loss(self) -> float:
-        return weighted_mean([c.train_loss for c in self.clients], [c.examples for c in self.clients])
+        """The clients' losses as the aggregate weighs them."""
+        return weighted_mean([c.train_loss for c in self.clients], [c.weight for c in self.clients])
 
 
 @dataclass

@@ -70,12 +70,13 @@ def round_record(
 class Server:
     """One federation's server side: the model, the strategy, the run directory."""
 
-    def __init__(self, config: RunConfig, resume: Path | None):
+    def __init__(self, config: RunConfig, resume: Path | None, fresh_node_ids: bool = False):
+        """`fresh_node_ids`: the engine gives its nodes new ids at every start (see `LoraStrategy.restore`)."""
         if resume is not None:
             config = config.model_copy(update={"output": config.output.model_copy(update={"run_dir": str(resume)})})
         self.config = config
         self.model = ServerModel(config)
-        self.strategy = LoraStrategy(config, self.model.shapes, self.model.identity, self.model.dense_shapes)
+        self.strategy = LoraStrategy(config, self.model.shapes, self.model.base_norms, self.model.identity, self.model.dense_shapes)
         self.data: FederatedData | None = federated_data(config) if config.evaluation.server else None
         self.mmlu = mmlu_questions(config) if config.evaluation.server else None
         state = None
@@ -86,7 +87,7 @@ class Server:
             self.run = RunDirectory.create(config) if resume is None else RunDirectory.reopen(resume, config, [])
             self.first_round = 0
         else:
-            self.strategy.restore(state)
+            self.strategy.restore(state, fresh_node_ids)
             self.run = RunDirectory.reopen(resume, config, state.metrics)
             self.first_round = state.round + 1
             print(f"resuming {resume} after round {state.round}", flush=True)
@@ -178,9 +179,10 @@ def _scores(record: dict) -> dict:
     return record["evaluation"] or record.get("federated_evaluation", {}).get("combined", {})
 
 
-def serve(config: RunConfig, grid: Grid, resume: Path | None = None) -> Path:
-    """Run every round, evaluate, checkpoint, and write the run directory; returns its path."""
-    server = Server(config, resume)
+def serve(config: RunConfig, grid: Grid, resume: Path | None = None, fresh_node_ids: bool = False) -> Path:
+    """Run every round, evaluate, checkpoint, and write the run directory; returns its path.
+    `fresh_node_ids`: the engine gives its nodes new ids at every start (Flower's simulation engine)."""
+    server = Server(config, resume, fresh_node_ids)
     print(f"run directory: {server.run.path}", flush=True)
     config, federation = server.config, server.config.federation
     if server.first_round == 0:
@@ -197,14 +199,15 @@ def serve(config: RunConfig, grid: Grid, resume: Path | None = None) -> Path:
     return server.finish()
 
 
-def build_server_app(config: RunConfig | None = None, resume: Path | None = None) -> ServerApp:
-    """A ServerApp bound to `config`, or reading it from the run config when None (flwr run)."""
+def build_server_app(config: RunConfig | None = None, resume: Path | None = None, fresh_node_ids: bool = False) -> ServerApp:
+    """A ServerApp bound to `config`, or reading it from the run config when None (flwr run);
+    `fresh_node_ids` as in `serve`."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         if config is not None:
-            serve(config, grid, resume)
+            serve(config, grid, resume, fresh_node_ids)
         else:
             serve(config_from_run_config(context.run_config), grid, resume_from_run_config(context.run_config))
 

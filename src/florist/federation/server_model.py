@@ -95,6 +95,11 @@ class ServerModel:
         """(m, n) of every adapted weight: what a client's factors must fit."""
         return {name: (module.out_features, module.in_features) for name, module in self.targets.items()}
 
+    @property
+    def base_norms(self) -> dict[str, float]:
+        """||W||_F of every adapted base weight (float64): what an update's size is measured against."""
+        return {name: self.pristine[f"{name}.weight"].double().norm().item() for name in self.targets}
+
     @torch.no_grad()
     def set_state(self, merged: Sequence[GlobalUpdate], adapter: GlobalUpdate | None) -> None:
         """Weights = base + every merged update + the current adapter's update; the tensors trained

@@ -102,7 +102,8 @@ def run_federation(config: RunConfig, resume: Path | None = None, verbose: bool 
         if not verbose:
             warnings.simplefilter("ignore")
         run_simulation(
-            server_app=build_server_app(config, resume),
+            # Flower's simulation draws its nodes' ids at every start: a resumed run binds partitions afresh.
+            server_app=build_server_app(config, resume, fresh_node_ids=True),
             client_app=build_client_app(config),
             num_supernodes=config.federation.num_clients,
             backend_config={

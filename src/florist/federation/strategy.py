@@ -47,8 +47,9 @@ from florist.federation.messages import (
 )
 from florist.federation.reports import EvaluationReport, RoundReport, Stage, TauSelection
 from florist.federation.tau_selection import AutomaticTau
+from florist.federation.influence import NormScreen, WeightCap, screened_norms
 from florist.federation.train_round import RoundFailed, TrainRound
-from florist.federation.validation import Limits, NormScreen, check_reply, client_adapter, screened_norms
+from florist.federation.validation import Limits, check_magnitude, check_reply, client_adapter
 
 __all__ = ["LoraStrategy", "RoundFailed"]
 
@@ -62,15 +63,17 @@ class LoraStrategy:
         self,
         config: RunConfig,
         shapes: Mapping[str, tuple[int, int]],
+        base_norms: Mapping[str, float],
         identity: Identity,
         dense_shapes: Mapping[str, tuple[int, ...]] | None = None,
     ):
-        """`shapes` ((m, n) of each adapted module), `identity` and `dense_shapes` (of each tensor
-        trained in full, none by default) come from the server's own model."""
+        """`shapes` ((m, n) of each adapted module), `base_norms` (||W||_F of each one's base weight),
+        `identity` and `dense_shapes` (of each tensor trained in full, none by default) come from the
+        server's own model."""
         self.config = config
         self.shapes = dict(shapes)
         self.identity = identity
-        self.limits = Limits.for_run(config, self.shapes, dense_shapes)
+        self.limits = Limits.for_run(config, self.shapes, base_norms, dense_shapes)
         options = config.aggregation.options() | self._download_costs(dense_shapes or {})
         self.aggregator = make_aggregator(config.aggregation.method, **options)
         if config.aggregation.download_budget_mb is not None:
@@ -85,7 +88,8 @@ class LoraStrategy:
         self.truncations: dict[int, dict[str, GlobalModule]] = {}
         """FlexLoRA: each partition's own truncation of the global update."""
         self.partition_of: dict[int, int] = {}
-        """node id -> partition, from the node's last accepted reply."""
+        """node id -> the partition bound to it: the one its first aggregated reply claimed. A node
+        claiming another partition, or another node claiming it, is refused; it is kept in the checkpoint."""
         self.reports: list[RoundReport] = []
         self.received: list[ClientAdapter] = []
         """The last round's client adapters as the server decoded them, in partition order; kept
@@ -158,8 +162,11 @@ class LoraStrategy:
     def begin_round(self, server_round: int, sampled: list[int]) -> None:
         quorum = self.config.federation.quorum(len(sampled))
         report = RoundReport(server_round, sampled=list(sampled), quorum=quorum)
-        screen = NormScreen(self.limits.norm_factor)
-        self._round = TrainRound(report, self.aggregator.accumulator(), screen, self.config.output.save_client_adapters)
+        validation = self.config.validation
+        screen = NormScreen.for_sample(validation.norm_factor, validation.clip_factor, len(sampled))
+        cap = WeightCap(validation.max_weight_share)
+        keep = self.config.output.save_client_adapters
+        self._round = TrainRound(report, self.aggregator.accumulator(), screen, cap, self._dense_start(), keep)
 
     def configure_train(self, server_round: int, nodes: list[int]) -> list[Message]:
         """Train instructions for `nodes` (the sample, or on a retry those that have not delivered)."""
@@ -191,10 +198,15 @@ class LoraStrategy:
         if reply.status != TRAINED:
             state.report.event(node, "rejected", f"unexpected reply status {reply.status!r}", reply.partition)
             return []
+        refusal = self._binding_refusal(node, reply.partition)
+        if refusal is not None:
+            state.report.event(node, "refused", refusal, reply.partition)
+            return []
         held = reply.integer("chain-length", high=len(self.chain))
         update = check_reply(message, reply, self.limits, factors="B" if self.frozen_a else "AB")
         start = self.chain.updates[-1].modules if self.config.federation.warm_start and len(self.chain) else None
         adapter = client_adapter(update, self.limits, self.config.federation.ffa_seed if self.frozen_a else None, start)
+        check_magnitude(adapter, self.limits)
         if update.partition in state.partitions:
             first = state.partitions[update.partition]
             state.report.event(node, "rejected", f"partition-id {update.partition} was already sent this round by node {first}", update.partition)
@@ -204,6 +216,16 @@ class LoraStrategy:
         show_reply(state.report.round, node, update.partition, update.rank, update.examples, metrics["train-loss"], metrics["train-seconds"])
         state.admit(node, update, adapter, screened_norms(adapter, self._dense_start()))
         return []
+
+    def _binding_refusal(self, node: int, partition: int) -> str | None:
+        """Why `node` may not deliver `partition`: either is bound to another (see `partition_of`)."""
+        bound = self.partition_of.get(node)
+        if bound is not None and bound != partition:
+            return f"partition-id {partition}, but node {node} is bound to partition {bound}, the one it first delivered"
+        owner = next((other for other, held in self.partition_of.items() if held == partition and other != node), None)
+        if owner is not None:
+            return f"partition-id {partition} is bound to node {owner}, which first delivered it"
+        return None
 
     def _dense_start(self) -> Mapping[str, Tensor]:
         """The tensors trained in full as every node starts this round: the last global values
@@ -267,14 +289,16 @@ class LoraStrategy:
             sampling_seed=self.config.training.seed,
         )
 
-    def restore(self, state: ServerState) -> None:
+    def restore(self, state: ServerState, fresh_node_ids: bool = False) -> None:
         """Continue from a checkpoint. Flower keeps a node's state per run, so a resumed run's
-        nodes hold no updates yet: none counts as delivered, and each is sent the chain."""
+        nodes hold no updates yet: none counts as delivered, and each is sent the chain. The
+        partitions stay bound to their nodes, unless `fresh_node_ids`: the engine gave its nodes
+        new ids (Flower's simulation engine draws them at every start), and they bind afresh."""
         for modules in state.chain:
             self.chain.append(modules)
         self.current = state.current
         self.truncations = dict(state.truncations)
-        self.partition_of = dict(state.partition_of)
+        self.partition_of = {} if fresh_node_ids else dict(state.partition_of)
 
     # -- aggregation -------------------------------------------------------------------------
 

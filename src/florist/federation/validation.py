@@ -9,14 +9,13 @@ is checked against the shape and dtype the server expects before any array is re
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, Message
 
-from florist.aggregation import ClientAdapter, GlobalModule, LoraFactors, adapter_norm, learned_since_start, start_of, tensors_norm
+from florist.aggregation import ClientAdapter, GlobalModule, LoraFactors, learned_since_start, lora_scale, start_of
 from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.messages import ADAPTER, Reply
@@ -25,6 +24,11 @@ from florist.lora.model import frozen_lora_A
 MiB = 2**20
 ARRAY_OVERHEAD = 256
 """Bytes an array may add to its raw data on the wire: its .npy header (128) and key suffix."""
+
+MAX_VALUE = 65504.0
+"""The largest value a reply's factors and tensors may hold: float16's largest, so that every wire
+format carries it, and orders of magnitude above what training a LoRA (or a head) gives. With the
+scale capped too, every product the aggregation forms stays finite in float32."""
 
 
 REPORTED_METRICS = ("train-loss", "train-seconds", "train-tokens", "peak-rss-mib")
@@ -47,13 +51,22 @@ class Limits:
     max_bytes: int
     min_examples: int
     max_examples: int
-    norm_factor: float
+    max_scale: float
+    """The largest LoRA scale the run's settings give any rank up to max_rank."""
+    base_norms: Mapping[str, float]
+    """||W||_F of every module's base weight, what `check_magnitude` measures an update against."""
+    max_relative_update: float
 
     @classmethod
     def for_run(
-        cls, config: RunConfig, shapes: Mapping[str, tuple[int, int]], dense: Mapping[str, tuple[int, ...]] | None = None
+        cls,
+        config: RunConfig,
+        shapes: Mapping[str, tuple[int, int]],
+        base_norms: Mapping[str, float],
+        dense: Mapping[str, tuple[int, ...]] | None = None,
     ) -> Limits:
-        """Limits from the configuration; a size cap below what the configured ranks need is an error."""
+        """Limits from the configuration and the server's model (`shapes`, `base_norms` and `dense`
+        by module); a size cap below what the configured ranks need is an error."""
         wire, dense = config.wire.upload, dict(dense or {})
         needed = sum(m + n for m, n in shapes.values()) * config.rank_cap * payload.VALUE_BYTES[wire]
         arrays_per_module = 4 if wire == "int8" else 2  # int8 factors travel with their row scales
@@ -74,7 +87,10 @@ class Limits:
             max_bytes=int(cap_mb * MiB) if cap_mb is not None else needed,
             min_examples=config.validation.min_examples,
             max_examples=config.validation.max_examples,
-            norm_factor=config.validation.norm_factor,
+            # alpha = alpha_per_rank * r: the scale grows with r under rsLoRA, else it is alpha_per_rank.
+            max_scale=lora_scale(config.federation.alpha_per_rank * config.rank_cap, config.rank_cap, config.federation.use_rslora),
+            base_norms=dict(base_norms),
+            max_relative_update=config.validation.max_relative_update,
         )
 
 
@@ -123,7 +139,7 @@ def check_reply(message: Message, reply: Reply, limits: Limits, factors: str = "
     missing = set(limits.shapes) - set(modules)
     if missing:
         raise Rejected(f"lacks module {sorted(missing)[0]}")
-    ranks = {_check_module(name, module, factors) for name, module in modules.items()}
+    ranks = {_check_module(name, module, factors, limits.max_scale) for name, module in modules.items()}
     _check_dense(dense, limits)
     return ClientUpdate(
         modules=modules,
@@ -209,87 +225,49 @@ def client_adapter(update: ClientUpdate, limits: Limits, ffa_seed: int | None, s
     return ClientAdapter(modules, float(update.examples), update.dense)
 
 
-def _check_module(name: str, module: dict, factors: str) -> int:
-    """A module whose arrays passed `_check_headers`: every factor, a usable scale, finite values; its rank."""
+def _check_module(name: str, module: dict, factors: str, max_scale: float) -> int:
+    """A module whose arrays passed `_check_headers`: every factor, a scale in (0, max_scale], finite
+    values within MAX_VALUE; its rank."""
     if set(module) != {"scale", *factors}:
         raise Rejected(f"module {name} carries {sorted(set(module) - {'scale'})}, expected {list(factors)}")
     scale = module["scale"]
-    if not (math.isfinite(scale) and scale != 0):
-        raise Rejected(f"module {name}: scale {scale!r} is not a finite non-zero number")
+    if not 0 < scale <= max_scale:
+        raise Rejected(
+            f"module {name}: scale {scale!r} is outside (0, {max_scale:g}], the scales federation.alpha_per_rank "
+            "and federation.use_rslora give a rank up to validation.max_rank"
+        )
     for factor in factors:
-        if not torch.isfinite(module[factor]).all():
-            raise Rejected(f"module {name}: lora_{factor} holds NaN or Inf values")
+        _check_values(f"module {name}: lora_{factor}", module[factor])
     return module["B"].shape[1]
+
+
+def _check_values(label: str, tensor: torch.Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        raise Rejected(f"{label} holds NaN or Inf values")
+    if tensor.numel() and tensor.abs().max().item() > MAX_VALUE:
+        raise Rejected(f"{label} holds values beyond +-{MAX_VALUE:g}, float16's largest, which no training comes near")
+
+
+def check_magnitude(adapter: ClientAdapter, limits: Limits) -> None:
+    """Each module of the update as it will be aggregated (a warm start's learned part, FFA-LoRA's
+    derived A) at most `max_relative_update` times the norm of the base weight it adapts, measured
+    by its factors, |s| ||B||_F ||A||_F (in float64): at least the update's own norm, and large too
+    for factors whose products cancel, which float32 aggregation would round into noise."""
+    for name, factors in adapter.modules.items():
+        magnitude = abs(factors.scale) * factors.B.double().norm().item() * factors.A.double().norm().item()
+        bound = limits.max_relative_update * limits.base_norms[name]
+        if not magnitude <= bound:
+            raise Rejected(
+                f"module {name}: |s| ||B|| ||A|| = {magnitude:.4g} is more than {limits.max_relative_update:g}x the norm "
+                f"{limits.base_norms[name]:.4g} of the base weight it adapts (validation.max_relative_update)"
+            )
 
 
 def _check_dense(dense: Mapping[str, torch.Tensor], limits: Limits) -> None:
     """Every tensor trained in full the server's model expects for these settings (`_check_headers`
-    checked their shapes), finite."""
+    checked their shapes), finite and within MAX_VALUE."""
     missing = set(limits.dense) - set(dense)
     if missing:
         raise Rejected(f"lacks tensor {sorted(missing)[0]}, trained in full with model.lora_bias / model.modules_to_save")
     for name, tensor in dense.items():
-        if not torch.isfinite(tensor).all():
-            raise Rejected(f"tensor {name} holds NaN or Inf values")
-
-
-def screened_norms(adapter: ClientAdapter, start: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """The norms the round's NormScreen judges a reply by, named as its reasons name them: the LoRA
-    update's, and the change of the tensors trained in full from `start`, the values every node
-    began the round with (none in round 1: the server does not hold the base model's weights, so
-    there the tensors' own norm is judged)."""
-    changes = {name: tensor.double() - start[name].double() if name in start else tensor for name, tensor in adapter.dense.items()}
-    return {"update": adapter_norm(adapter.modules), "tensors trained in full": tensors_norm(changes)}
-
-
-class NormScreen:
-    """The round's norm check, as replies arrive: an update with a norm more than `factor` times
-    the median of the same norm is rejected.
-
-    A reply has two norms (`screened_norms`): its LoRA update's, and that of the change of its
-    tensors trained in full (biases, a `modules_to_save` head; 0 where the settings train none),
-    each judged against its own median, since a head's norm would drown any LoRA update's.
-
-    A median of fewer than three norms says nothing about which one is off, so the first
-    `WARMUP` replies are held and judged together against their own medians; each later one is
-    judged on arrival against the medians of the replies admitted so far, so the server can fold
-    it into the aggregate and drop it. A round that ends with fewer than `WARMUP` replies admits
-    them all.
-    """
-
-    WARMUP = 3
-
-    def __init__(self, factor: float):
-        self.factor = factor
-        self.held: dict[int, Mapping[str, float]] = {}
-        self.admitted: list[Mapping[str, float]] = []
-
-    def offer(self, key: int, norms: Mapping[str, float]) -> tuple[list[int], dict[int, str]]:
-        """(keys admitted now, {key rejected: reason}) once `key`'s reply is judged; both empty while held.
-        `norms` names each norm as the reason would (every reply names the same ones)."""
-        if len(self.admitted) >= self.WARMUP:
-            return self._judge({key: norms}, self.admitted)
-        self.held[key] = norms
-        if len(self.held) < self.WARMUP:
-            return [], {}
-        held, self.held = self.held, {}
-        return self._judge(held, list(held.values()))
-
-    def flush(self) -> list[int]:
-        """The replies still held at the round's end: too few to judge, all admitted."""
-        held, self.held = self.held, {}
-        self.admitted += held.values()
-        return list(held)
-
-    def _judge(self, offered: Mapping[int, Mapping[str, float]], against: list[Mapping[str, float]]) -> tuple[list[int], dict[int, str]]:
-        medians = {name: statistics.median(norms[name] for norms in against) for name in next(iter(offered.values()))}
-        admitted, rejected = [], {}
-        for key, norms in offered.items():
-            over = [name for name, median in medians.items() if not norms[name] <= self.factor * median]
-            if over:
-                name = over[0]
-                rejected[key] = f"{name} norm {norms[name]:.4g} is more than {self.factor:g}x the round's median {medians[name]:.4g} (validation.norm_factor)"
-            else:
-                admitted.append(key)
-        self.admitted += [offered[key] for key in admitted]
-        return admitted, rejected
+        _check_values(f"tensor {name}", tensor)

@@ -52,7 +52,7 @@ class Replayer:
         source_round = next(r for r in read_rounds(source) if r["round"] == 1)
         clients = sorted(source_round["clients"], key=lambda c: c["partition"])
 
-        strategy = LoraStrategy(config, self.server.shapes, self.server.identity)
+        strategy = LoraStrategy(config, self.server.shapes, self.server.base_norms, self.server.identity)
         start = time.perf_counter()
         aggregate = strategy.aggregator.aggregate(adapters)
         seconds = time.perf_counter() - start
