@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -113,25 +116,88 @@ def test_a_reply_for_another_round_is_not_mixed_into_this_one(tiny_model_dir, tm
     assert [c["partition"] for c in second["clients"]] == [2]
 
 
+class FakeInstruction:
+    def __init__(self, node):
+        self.metadata = SimpleNamespace(dst_node_id=node)
+
+
+class FakeGrid:
+    """Message ids m<node>; `replies[id]` answers a pull of that id (a callable may block), and
+    only the nodes in `connected` are listed."""
+
+    def __init__(self, connected):
+        self.connected = set(connected)
+        self.replies: dict = {}
+        self.pulled: list[list[str]] = []
+
+    def get_node_ids(self):
+        return sorted(self.connected)
+
+    def push_messages(self, messages):
+        return [f"m{m.metadata.dst_node_id}" for m in messages]
+
+    def pull_messages(self, ids):
+        ids = list(ids)
+        self.pulled.append(ids)
+        replies = [self.replies.pop(i) for i in ids if i in self.replies]
+        replies = [reply() if callable(reply) else reply for reply in replies]
+        return [reply for reply in replies if reply is not None]
+
+
+def fake_reply(message_id: str):
+    return SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=message_id))
+
+
 def test_exchange_pulls_only_this_stages_replies_and_stops_at_the_deadline():
-    class Grid:
-        def __init__(self):
-            self.pulled = []
+    grid = FakeGrid(connected=[1, 2])
+    late = exchange(grid, [FakeInstruction(1), FakeInstruction(2)], timeout=0.3, handle=lambda node, reply: [])
+    assert late == [1, 2] and grid.pulled and all(set(ids) <= {"m1", "m2"} for ids in grid.pulled)
 
-        def push_messages(self, messages):
-            return [f"m{m.metadata.dst_node_id}" for m in messages]
 
-        def pull_messages(self, ids):
-            self.pulled.append(sorted(ids))
-            return []
+def test_a_reply_stuck_mid_upload_holds_up_neither_the_deadline_nor_the_other_replies():
+    """Node 1's pull blocks (Flower's pull_messages waits out a half-uploaded reply's object-push
+    session); node 2 replies later. The stage still ends at its deadline, with node 2's reply."""
+    grid = FakeGrid(connected=[1, 2])
+    released = threading.Event()
 
-    class Instruction:
-        def __init__(self, node):
-            self.metadata = type("M", (), {"dst_node_id": node})()
+    def stuck():
+        released.wait(30)
 
-    grid = Grid()
-    late = exchange(grid, [Instruction(1), Instruction(2)], timeout=0.3, handle=lambda node, reply: [])
-    assert late == [1, 2] and grid.pulled and all(ids == ["m1", "m2"] for ids in grid.pulled)
+    grid.replies["m1"] = stuck
+    handled = []
+
+    def reply_later(node, reply):
+        handled.append(node)
+        return []
+
+    grid.replies["m2"] = lambda: fake_reply("m2")
+    start = time.monotonic()
+    try:
+        late = exchange(grid, [FakeInstruction(1), FakeInstruction(2)], timeout=2.0, handle=reply_later)
+        elapsed = time.monotonic() - start
+    finally:
+        released.set()
+    assert late == [1] and handled == [2]
+    assert 2.0 <= elapsed < 12.0, elapsed
+    assert grid.pulled.count(["m1"]) == 1  # never asked again while its pull was still running
+
+
+def test_a_node_that_is_not_connected_is_not_asked_until_it_is_and_then_its_reply_is_taken():
+    """Flower answers a pull for a node that missed its heartbeats with "Node Unavailable" and
+    drops the instruction; a node listed again is asked, and its reply taken."""
+    grid = FakeGrid(connected=[2])
+    grid.replies["m1"] = fake_reply("m1")
+    handled = []
+
+    def handle(node, reply):
+        handled.append(node)
+        grid.connected.add(1)  # node 1 reports again
+        return []
+
+    grid.replies["m2"] = fake_reply("m2")
+    late = exchange(grid, [FakeInstruction(1), FakeInstruction(2)], timeout=30.0, handle=handle)
+    assert late == [] and handled == [2, 1]
+    assert grid.pulled.index(["m1"]) > grid.pulled.index(["m2"])
 
 
 def test_a_restarted_node_gets_the_whole_chain_and_trains_on_the_right_base(tiny_model_dir, tmp_path, monkeypatch):
