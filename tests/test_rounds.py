@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from flwr.app import Array, Message, MetricRecord, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from safetensors.torch import load_file
 
 from florist.aggregation import make_aggregator
@@ -198,6 +199,45 @@ def test_a_node_that_is_not_connected_is_not_asked_until_it_is_and_then_its_repl
     late = exchange(grid, [FakeInstruction(1), FakeInstruction(2)], timeout=30.0, handle=handle)
     assert late == [] and handled == [2, 1]
     assert grid.pulled.index(["m1"]) > grid.pulled.index(["m2"])
+
+
+def test_a_node_the_superlink_reports_unavailable_is_asked_again_and_the_run_ends_as_without_the_fault(tiny_model_dir, tmp_path):
+    """A live node that missed its heartbeats on a busy machine: the SuperLink answers its first
+    train, score and evaluate instructions with its "Node Unavailable" error (and drops them). The
+    node is asked again within each stage, and the run ends as the same run without the fault;
+    with a quorum of all three and no retries, failing the node would have failed the round."""
+    extra = [*FAST, "federation.rounds=1", "federation.round_timeout=60", "federation.min_clients=3", "federation.round_retries=0",
+             "evaluation.federated=true", "data.validation_fraction=0.3", "aggregation.tau_candidates=[0.5, 1.0]"]
+    clean = read_rounds(serve(federation_config(tiny_model_dir, tmp_path / "clean", "florist", *extra),
+                              grid_for(federation_config(tiny_model_dir, tmp_path / "clean", "florist", *extra))))
+    config = federation_config(tiny_model_dir, tmp_path / "faulty", "florist", *extra)
+    grid = grid_for(config)
+    dropped = []
+
+    def unavailable_once_per_stage(instruction: Message, reply: Message):
+        kind = instruction.metadata.message_type
+        if kind in dropped:
+            return reply
+        dropped.append(kind)
+        return create_message_error_unavailable_res_message(instruction.metadata, "node_unavail")
+
+    grid.nodes[202].tamper = unavailable_once_per_stage
+    path = serve(config, grid)
+    assert sorted(dropped) == ["evaluate", "query", "train"]
+    faulty = read_rounds(path)
+    for events in (faulty[1]["events"], faulty[1]["tau_selection"]["events"], faulty[1]["federated_evaluation"]["events"]):
+        [(status, reason)] = [(e["status"], e["reason"]) for e in events if e["node"] == 202 and e["status"] != "accepted"]
+        assert status == "resent" and reason.startswith("asked again: Error: Node Unavailable")
+    assert faulty[1]["attempts"] == 1
+    for ours, theirs in zip(faulty, clean, strict=True):
+        assert ours["evaluation"] == theirs["evaluation"] and ours.get("ranks") == theirs.get("ranks")
+        assert ours.get("federated_evaluation", {}).get("nodes") == theirs.get("federated_evaluation", {}).get("nodes")
+    assert [c["partition"] for c in faulty[1]["clients"]] == [0, 1, 2]
+    assert faulty[1]["tau_selection"]["chosen"] == clean[1]["tau_selection"]["chosen"]
+    _, final = read_adapter(path / "final" / "adapter")
+    _, reference = read_adapter(tmp_path / "clean" / "final" / "adapter")
+    for name, module in reference.modules.items():
+        assert torch.equal(final.modules[name].B, module.B) and torch.equal(final.modules[name].A, module.A), name
 
 
 def test_a_restarted_node_gets_the_whole_chain_and_trains_on_the_right_base(tiny_model_dir, tmp_path, monkeypatch):
