@@ -90,6 +90,9 @@ def test_flwr_run_config_reads_the_file_and_its_overrides(tmp_path):
         ('model.lora_bias="some"', ["model.lora_bias", "some"]),
         ('model.modules_to_save=["q_proj"]', ["model.modules_to_save", "'q_proj' is also in model.target_modules"]),
         ('model.modules_to_save=["lm_head", "lm_head"]', ["model.modules_to_save", "'lm_head' is listed twice"]),
+        ("federation.min_sites=0", ["federation.min_sites", "0"]),
+        ("federation.min_sites=9", ["federation.min_sites 9 is above the 8 clients sampled per round"]),
+        ("federation.min_clients=1", ["federation.min_clients 1 is below federation.min_sites 2"]),
     ],
 )
 def test_bad_values_and_keys_are_named_in_one_line(override, named):
@@ -250,3 +253,16 @@ def test_a_budgeted_configuration_as_a_run_directory_stores_it_loads_back(tmp_pa
 )
 def test_server_limits_that_would_refuse_honest_clients_are_errors_before_the_run(override, expected):
     assert expected in one_line_error(load_config, None, [override])
+
+
+def test_no_quorum_falls_below_min_sites():
+    """Three sites, half of the sampled ones by default: 2 of 3, and 2 of 2 once a site is gone
+    (half of 2 would be 1: one site's update sent back as the aggregate)."""
+    three = RunConfig.model_validate({"federation": {"num_clients": 3, "ranks": [4]}}).federation
+    assert [three.quorum(sampled) for sampled in (3, 2, 1)] == [2, 2, 2]
+    strict = three.model_copy(update={"min_sites": 3})
+    assert [strict.quorum(sampled) for sampled in (3, 2)] == [3, 3]
+    lone = RunConfig.model_validate({"federation": {"num_clients": 3, "ranks": [4], "min_sites": 1}}).federation
+    assert [lone.quorum(sampled) for sampled in (3, 2, 1)] == [2, 1, 1]
+    many = RunConfig.model_validate({"federation": {"num_clients": 10, "ranks": [4], "min_fraction": 0.1}}).federation
+    assert [many.quorum(sampled) for sampled in (10, 5, 2)] == [2, 2, 2]

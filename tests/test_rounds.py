@@ -97,7 +97,8 @@ def test_a_missed_quorum_is_retried_then_the_run_stops_with_a_message_naming_the
 
 
 def test_a_reply_for_another_round_is_not_mixed_into_this_one(tiny_model_dir, tmp_path):
-    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", *FAST, "federation.min_clients=1")
+    # One site's round is allowed here (min_sites 1): what matters is which replies enter it.
+    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", *FAST, "federation.min_clients=1", "federation.min_sites=1")
     grid = grid_for(config)
     kept: dict[int, list[Message]] = {101: [], 202: []}
 
@@ -284,7 +285,7 @@ def test_a_restarted_node_gets_the_whole_chain_and_trains_on_the_right_base(tiny
 
 
 def test_a_node_with_other_settings_or_another_base_model_is_refused_naming_the_difference(tiny_model_dir, tmp_path):
-    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", *FAST, "federation.min_clients=1")
+    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", *FAST, "federation.min_clients=1", "federation.min_sites=1")
     other = federation_config(tiny_model_dir, tmp_path / "run", "florist", *FAST, "training.local_steps=3")
     grid = grid_for(config)
     grid.nodes[202].tamper = lambda instruction, reply: build_client_app(other)(
@@ -432,7 +433,7 @@ def test_a_size_cap_below_what_the_ranks_need_is_refused_before_any_training(tin
     assert all(not node.received for node in grid.nodes.values())
 
 
-def test_sampling_is_seeded_per_round_and_a_round_needs_only_its_quorum(tiny_model_dir, tmp_path):
+def test_sampling_is_seeded_per_round_and_a_round_needs_only_its_sample(tiny_model_dir, tmp_path):
     nodes = {100 + k: k for k in range(6)}
     assert sample(list(nodes), 2, seed=0, server_round=1) == sample(list(reversed(nodes)), 2, seed=0, server_round=1)
     draws = {tuple(sample(list(nodes), 2, seed=0, server_round=r)) for r in range(1, 9)}
@@ -444,7 +445,30 @@ def test_sampling_is_seeded_per_round_and_a_round_needs_only_its_quorum(tiny_mod
     path = serve(config, grid_for(config, nodes))
     for record in read_rounds(path)[1:]:
         assert record["sampled"] == sample(list(nodes), 2, seed=0, server_round=record["round"])
-        assert sorted(c["node"] for c in record["clients"]) == record["sampled"] and record["quorum"] == 1
+        assert sorted(c["node"] for c in record["clients"]) == record["sampled"] and record["quorum"] == 2
+
+
+def test_no_round_is_aggregated_from_fewer_than_min_sites_when_sites_drop_out(tiny_model_dir, tmp_path):
+    """Round 2: site 3 has left, so 2 are sampled, whose quorum (half of them) would be 1; it stays
+    at federation.min_sites = 2. Site 2 then sends nothing: the round fails, naming it, instead of
+    sending site 1's own update back to every site as the aggregate."""
+    config = federation_config(
+        tiny_model_dir, tmp_path / "run", "florist", *FAST, "federation.round_retries=0", "evaluation.federated=true", "evaluation.every_round=true"
+    )
+    grid = grid_for(config)
+
+    def leaves_after_round_one(grid: LocalGrid, messages: list[Message]) -> None:
+        from florist.federation.messages import Instruction
+
+        if messages and messages[0].metadata.message_type == "evaluate" and Instruction.read(messages[0]).round == 1:
+            grid.nodes[303].connected = False
+            grid.nodes[202].tamper = never_replies
+
+    grid.before_push = leaves_after_round_one
+    with pytest.raises(RoundFailed, match=r"round 2: 1 of 2 sampled clients delivered an update, below the quorum of 2, after 1 attempts \(node 202 late"):
+        serve(config, grid)
+    [first] = read_rounds(tmp_path / "run")[1:]
+    assert first["quorum"] == 2 and [c["partition"] for c in first["clients"]] == [0, 1, 2]
 
 
 def test_too_few_nodes_end_the_wait_with_a_message(tiny_model_dir, tmp_path):
