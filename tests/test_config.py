@@ -12,7 +12,9 @@ import tomli_w
 
 from florist.cli import main
 from florist.config import DEFAULT_CONFIG, RunConfig, load_config
-from florist.federation.settings import config_from_run_config
+from florist.data import generate_embedded
+from florist.federation.datasets import federated_data
+from florist.federation.settings import as_deployed, config_from_run_config
 from florist.federation.simulation import prepare, run_federation
 
 
@@ -63,6 +65,32 @@ def test_flwr_run_config_reads_the_file_and_its_overrides(tmp_path):
     assert config_from_run_config({}) == load_config()
     with pytest.raises(ValueError, match=r"--set aggregation.taux=1: aggregation.taux: no such configuration key"):
         config_from_run_config({"overrides": "aggregation.taux=1"})
+
+
+def test_a_deployment_records_that_its_data_is_node_local_and_keeps_the_servers_held_out_examples(tmp_path):
+    """A deployment's sites train on their own files: its recorded configuration says so instead
+    of naming a source that was never split, and the server evaluates on what it did before."""
+    embedded = load_config(None, ["data.test_per_category=2", "training.seed=3"])
+    deployed = as_deployed(embedded)
+    assert (deployed.data.source, deployed.data.test_source) == ("node-local", "embedded")
+    split = federated_data(deployed)
+    assert split.clients == [] and split.test == generate_embedded(2, 3, split="test")
+    assert as_deployed(deployed) == deployed
+    recorded = tmp_path / "config.toml"
+    recorded.write_text(tomli_w.dumps(deployed.model_dump(exclude_none=True)))
+    assert load_config(recorded) == deployed  # a resumed deployment reads it back
+
+    directory = tmp_path / "sites"
+    directory.mkdir()
+    for name in ("client_0.json", "client_1.json", "test.json"):
+        write_json(directory / name, [{"instruction": f"{name} q", "response": "a"}])
+    given = as_deployed(load_config(None, [f"data.source={json.dumps(str(directory))}", 'data.partition="given"']))
+    assert given.data.test_source == str(directory)
+    assert [e.instruction for e in federated_data(given).test] == ["test.json q"]
+    held_out = write_json(tmp_path / "held_out.json", [{"instruction": "h", "response": "a"}])
+    named = as_deployed(load_config(None, [f"data.source={json.dumps(str(held_out))}", f"data.test_source={json.dumps(str(held_out))}"]))
+    assert named.data.test_source == str(held_out)
+    assert as_deployed(load_config(None, [f"data.source={json.dumps(str(held_out))}"])).data.test_source == ""
 
 
 @pytest.mark.parametrize(
@@ -177,7 +205,8 @@ def test_a_good_configuration_prepares(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     "case",
     ["not a model directory", "missing field", "more clients than examples",
-     "no test split", "given without a directory", "non-empty run directory", "unreadable MMLU file", "tied modules_to_save"],
+     "no test split", "given without a directory", "non-empty run directory", "unreadable MMLU file", "tied modules_to_save",
+     "a deployment's node-local data"],
 )
 def test_bad_run_inputs_are_refused_before_training(case, tiny_model_dir, tmp_path, no_simulation):
     examples = [{"instruction": f"q{k}", "response": f"a{k}"} for k in range(3)]
@@ -198,6 +227,7 @@ def test_bad_run_inputs_are_refused_before_training(case, tiny_model_dir, tmp_pa
         "non-empty run directory": ([], str(tmp_path / "run")),
         "unreadable MMLU file": ([f"evaluation.mmlu={json.dumps(str(tmp_path / 'mmlu.json'))}"], str(tmp_path / "mmlu.json")),
         "tied modules_to_save": (['model.modules_to_save=["lm_head"]'], "lm_head.weight is tied to model.embed_tokens.weight"),
+        "a deployment's node-local data": (['data.source="node-local"'], "data.source 'node-local' is a deployment's"),
     }[case]
     (tmp_path / "mmlu.json").write_text("{not JSON")
     if case == "non-empty run directory":

@@ -62,11 +62,18 @@ class ModelConfig(Section):
         return self
 
 
+NODE_LOCAL = "node-local"
+"""`data.source` of a deployment: each site trains on the files its own node config names."""
+
+
 class DataConfig(Section):
     source: str = "embedded"
-    """"embedded", a JSON/JSONL file, a directory of client_<k>.json files, or a Hugging Face dataset id."""
+    """"embedded", a JSON/JSONL file, a directory of client_<k>.json files, or a Hugging Face dataset
+    id, which `florist run` splits among its clients. A deployment records "node-local" here: its
+    sites train on their own files, and the server holds none of them."""
     test_source: str = ""
-    """Held-out examples; empty means the source's own test split."""
+    """Held-out examples the server evaluates on; empty means the source's own test split, and
+    "embedded" the embedded task's."""
     template: Literal["alpaca", "chatml"] = "chatml"
     examples_per_category: int = Field(48, ge=1)
     test_per_category: int = Field(30, ge=1)
