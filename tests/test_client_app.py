@@ -17,7 +17,7 @@ from florist.federation.client_app import evaluate_round, train_round
 from florist.federation.delivery import GlobalUpdate, update_digest
 from florist.federation.identity import identity_of
 from florist.federation.messages import ADAPTER, CONFIG, GAP, GLOBAL, IDENTITY, METRICS, MISMATCH, TRAINED, Instruction, instruction_content, update_key
-from florist.federation.node import NodeSettings
+from florist.federation.node_policy import NodePolicy
 from florist.lora.model import frozen_lora_A, lora_layers, read_factors
 
 from federations import CLIENT_RANKS, federation_config
@@ -83,7 +83,7 @@ def random_update(pristine: dict[str, torch.Tensor], rank: int, scale: float, se
 def instruction(config, base_model, server_round: int, node: int, chain: list[dict], payloads: dict, factors: str = "AB", kind=MessageType.TRAIN) -> Message:
     """What the server sends: the chain's digests, and the payloads named (update:<i> or global)."""
     identity = identity_of(config, base_model)
-    content = instruction_content(Instruction(server_round, [update_digest(GlobalUpdate(u)) for u in chain], identity.fingerprint, identity.model_digest))
+    content = instruction_content(Instruction(server_round, [update_digest(GlobalUpdate(u)) for u in chain], identity.fingerprint, identity.model_digest, identity.settings))
     for key, modules in payloads.items():
         payload.put(content, key, modules, "float32", factors=factors)
     return Message(content, dst_node_id=node, message_type=kind)
@@ -239,36 +239,21 @@ def test_a_site_trains_on_its_own_file_at_its_own_rank_and_alpha(tiny_model_dir,
     assert all(f.rank == 3 and f.scale == pytest.approx(4.0) for f in call.start.values())
 
 
-@pytest.mark.parametrize(
-    ("node_config", "message"),
-    [
-        ({"data": "/nonexistent/train.jsonl"}, "node config data='/nonexistent/train.jsonl': no such file or directory"),
-        ({"rank": "0"}, "node config rank='0' must be an integer >= 1"),
-        ({"colour": "red"}, "node config key 'colour' is unknown"),
-        ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "tpu"}, "node config device="),
-    ],
-)
-def test_bad_node_configuration_is_one_clear_line(tiny_model_dir, tmp_path, node_config, message):
-    config = federation_config(tiny_model_dir, tmp_path / "run", "florist")
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
-        NodeSettings.from_node_config({"partition-id": 0, **node_config}, config)
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    with pytest.raises(ValueError, match="is empty"):
-        NodeSettings.from_node_config({"partition-id": 0, "data": str(empty)}, config)
-
-
 @pytest.mark.parametrize(("engine", "workers", "clients_at_once"), [("ray", 2, 2), ("ray", 8, 3), ("inline", 2, 1)])
 def test_a_node_shares_the_cores_it_may_use_with_the_clients_training_beside_it(
     tiny_model_dir, tmp_path, monkeypatch, engine, workers, clients_at_once
 ):
-    """Threads default to this process's cores (its affinity, not the machine's) over the clients that
-    train at once: `workers` on Ray (at most one per client), one at a time inline."""
+    """Threads default to this process's cores (its affinity, not the machine's): in `florist run`,
+    over the clients that train at once (`workers` on Ray, at most one per client; one at a time
+    inline); on a SuperNode, whose site is its own machine, all of them."""
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(12)))
     config = federation_config(tiny_model_dir, tmp_path / "run", "florist", f'federation.engine="{engine}"', f"federation.workers={workers}")
     assert config.federation.num_clients == 3
-    assert NodeSettings.from_node_config({"partition-id": 0}, config).threads == 12 // clients_at_once
-    assert NodeSettings.from_node_config({"partition-id": 0, "threads": 5}, config).threads == 5
+    assert NodePolicy.for_run({"partition-id": 0}, config).admit(config).threads == 12 // clients_at_once
+    assert NodePolicy.for_run({"partition-id": 0, "threads": 5}, config).admit(config).threads == 5
+    site = tmp_path / "site.json"
+    site.write_text('[{"instruction": "a", "response": "b"}]')
+    assert NodePolicy.from_node_config({"partition-id": 0, "data": str(site)}).admit(config).threads == 12
 
 
 @pytest.mark.parametrize("partition", [0, 2], ids=["rank-below-global", "rank-above-global"])
@@ -352,7 +337,7 @@ def test_a_node_scores_each_cut_of_the_exact_update_on_its_validation_examples(t
     message.content[CUTS] = ConfigRecord({"ranks": json.dumps(cuts)})
     reply = score_round(config, message, context(21, partition=1))
     assert status(reply) == SCORED
-    validation = node_data(config, NodeSettings.from_node_config({"partition-id": 1}, config)).validation
+    validation = node_data(config, NodePolicy.for_run({"partition-id": 1}, config).admit(config)).validation
     assert validation
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     for index, ranks in enumerate(cuts):

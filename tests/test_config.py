@@ -58,7 +58,7 @@ def test_flwr_run_config_reads_the_file_and_its_overrides(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('[aggregation]\nmethod = "flora"\n')
     overrides = 'aggregation.tau=0.6; model.name="a b" ;evaluation.every_round=true; federation.ranks=[2, 4, 8, 8, 8, 8, 8, 8];'
-    config = config_from_run_config({"config-file": str(path), "overrides": overrides, "resume": ""}, check_sources=False)
+    config = config_from_run_config({"config-file": str(path), "overrides": overrides, "resume": ""})
     assert config.aggregation.method == "flora" and config.aggregation.tau == 0.6
     assert config.model.name == "a b" and config.evaluation.every_round is True
     assert config.federation.ranks == [2, 4, 8, 8, 8, 8, 8, 8]

@@ -3,7 +3,8 @@ TLS and SuperNode authentication on, each SuperNode with its own data file, the 
 with `flwr run` as an operator would, and its run directory checked against the same federation
 run in simulation.
 
-The apps are driven only through the run config's `config-file` and the nodes' `--node-config`,
+The apps are driven only through the run config's `config-file` and the nodes' `--node-config`
+(each site's data, the base model it pins, its threads and its policy),
 so these tests hold while the apps' internals change. The module takes about 4 minutes on the
 shared 2-core machine at load 7 to 16, most of it the two runs (BENCHMARKS.md, "Deployment engine").
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import shutil
 import tomllib
 import zipfile
@@ -37,6 +39,13 @@ from local_grid import LocalGrid
 
 SITES = len(CLIENT_RANKS)
 RUN_TIMEOUT_SECONDS = 600
+
+
+def site_config(site: int, site_data: Path, model_dir: Path, **policy) -> dict:
+    """A site's --node-config: its data, the base model it pins, and the threads a simulated client
+    gets (the engines then compute alike); `policy`, further node-config keys."""
+    threads = max(1, len(os.sched_getaffinity(0)) // federation_config(model_dir, Path("unused"), "florist").federation.parallel_clients)
+    return {"partition-id": site, "data": str(site_data / f"client_{site}.json"), "model": str(model_dir), "threads": threads, **policy}
 
 
 def write_config(config: RunConfig, path: Path) -> Path:
@@ -85,7 +94,7 @@ def deployed(tiny_model_dir, site_data, tmp_path_factory) -> DeployedRun:
     try:
         deployment.start_superlink()
         for site in range(SITES):
-            deployment.add_supernode(f"site{site}", {"partition-id": site, "data": str(site_data / f"client_{site}.json")})
+            deployment.add_supernode(f"site{site}", site_config(site, site_data, tiny_model_dir))
         deployment.wait_for_nodes()
         run_id = deployment.submit({"config-file": str(config)})
         status = deployment.wait(run_id, RUN_TIMEOUT_SECONDS)
@@ -220,10 +229,10 @@ def busy_machine():
     assert all(burner.returncode is not None for burner in burners)
 
 
-def start_sites(deployment: Deployment, site_data: Path) -> None:
+def start_sites(deployment: Deployment, site_data: Path, model_dir: Path, policies: dict[int, dict] | None = None) -> None:
     deployment.start_superlink()
     for site in range(SITES):
-        deployment.add_supernode(f"site{site}", {"partition-id": site, "data": str(site_data / f"client_{site}.json")})
+        deployment.add_supernode(f"site{site}", site_config(site, site_data, model_dir, **(policies or {}).get(site, {})))
     deployment.wait_for_nodes()
 
 
@@ -246,7 +255,7 @@ def test_a_killed_server_resumes_from_its_last_round_and_ends_as_the_uninterrupt
     config = write_config(federation_config(tiny_model_dir, tmp_path / "run", "florist"), tmp_path / "florist.toml")
     run_dir = tmp_path / "run"
     with Deployment(tmp_path / "deployment") as deployment:
-        start_sites(deployment, site_data)
+        start_sites(deployment, site_data, tiny_model_dir)
         first = deployment.submit({"config-file": str(config)})
         wait_for_records(deployment, first, run_dir, 2)
         deployment.kill_serverapp()  # the server crashes during round 2
@@ -280,7 +289,7 @@ def test_a_killed_supernode_is_left_behind_and_a_restarted_one_gets_the_chain_it
     config_file = write_config(config, tmp_path / "florist.toml")
     run_dir = tmp_path / "run"
     with Deployment(tmp_path / "deployment") as deployment:
-        start_sites(deployment, site_data)
+        start_sites(deployment, site_data, tiny_model_dir)
         run_id = deployment.submit({"config-file": str(config_file)})
         wait_until(lambda: deployment.clientapp_processes("site2"), RUN_TIMEOUT_SECONDS, "site 2 to train in round 1")
         deployment.kill_supernode("site2")
@@ -339,7 +348,7 @@ def test_a_site_dying_mid_upload_holds_the_deadline_and_no_round_is_aggregated_f
             if dies_at_reply:
                 pythonpath = f"{DYING_SITE}:{deployment.env['PYTHONPATH']}"
                 env = dict(deployment.env, PYTHONPATH=pythonpath, FLORIST_TEST_DIE_AT_REPLY=str(dies_at_reply))
-            deployment.add_supernode(f"site{site}", {"partition-id": site, "data": str(site_data / f"client_{site}.json")}, env=env)
+            deployment.add_supernode(f"site{site}", site_config(site, site_data, tiny_model_dir), env=env)
         deployment.wait_for_nodes()
         run_id = deployment.submit({"config-file": str(config_file)})
         status = deployment.wait(run_id, RUN_TIMEOUT_SECONDS)
@@ -378,9 +387,10 @@ def test_a_hostile_supernode_is_refused_reply_by_reply_and_the_run_ends_as_witho
     with Deployment(tmp_path / "deployment") as deployment:
         deployment.start_superlink()
         for site in range(SITES):
-            deployment.add_supernode(f"site{site}", {"partition-id": site, "data": str(site_data / f"client_{site}.json")})
+            deployment.add_supernode(f"site{site}", site_config(site, site_data, tiny_model_dir))
         hostile_env = dict(deployment.env, PYTHONPATH=f"{HOSTILE_SITE}:{deployment.env['PYTHONPATH']}")
-        hostile = deployment.add_supernode("hostile", {"partition-id": SITES, "data": str(site_data / "client_0.json")}, env=hostile_env)
+        hostile_config = site_config(SITES, site_data, tiny_model_dir) | {"data": str(site_data / "client_0.json")}
+        hostile = deployment.add_supernode("hostile", hostile_config, env=hostile_env)
         deployment.wait_for_nodes()
         run_id = deployment.submit({"config-file": str(config)})
         status = deployment.wait(run_id, RUN_TIMEOUT_SECONDS)
@@ -410,3 +420,25 @@ def test_a_hostile_supernode_is_refused_reply_by_reply_and_the_run_ends_as_witho
     assert final.keys() == honest.keys()
     for name, tensor in final.items():
         torch.testing.assert_close(tensor, honest[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_supernode_refuses_a_run_beyond_its_policy_in_one_line_and_the_other_sites_carry_the_rounds(tiny_model_dir, site_data, tmp_path):
+    """Site 2 allows one local step; the run asks for two (training.local_steps). Its SuperNode refuses
+    every round with the one line naming its key, which the server records as the node's failure;
+    the other two sites are the quorum, and the run completes."""
+    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", "federation.min_clients=2")
+    config_file = write_config(config, tmp_path / "florist.toml")
+    with Deployment(tmp_path / "deployment") as deployment:
+        start_sites(deployment, site_data, tiny_model_dir, policies={2: {"max-local-steps": 1}})
+        run_id = deployment.submit({"config-file": str(config_file)})
+        status = deployment.wait(run_id, RUN_TIMEOUT_SECONDS)
+        assert status == "finished:completed", deployment.log(run_id)[-4000:]
+        refusing = deployment.supernodes["site2"]
+        node_log = refusing.started.output()
+    refusal = "node config max-local-steps=1: the run asks for training.local_steps 2"
+    rounds = read_rounds(tmp_path / "run")
+    assert len(rounds) == ROUNDS + 1
+    for record in rounds[1:]:
+        assert sorted(client["partition"] for client in record["clients"]) == [0, 1]
+        assert [(event["status"], event["reason"]) for event in record["events"] if event["node"] == refusing.node_id] == [("failed", refusal)]
+    assert f"refused: {refusal}" in node_log

@@ -177,28 +177,26 @@ STAGES = {"train": play_train, "evaluate": play_evaluate, "query": play_select}
 # -- mutations ------------------------------------------------------------------------------------
 
 
-def set_metric(key: str, value):
+def set_field(record: str, key: str, value):
+    """A mutation that sets `key` of the reply's record `record` to `value` (MISSING deletes it)."""
+
     def mutate(message: Message) -> Message:
-        metrics = message.content[METRICS]
+        fields = message.content[record]
         if value is MISSING:
-            del metrics[key]
+            del fields[key]
         else:
-            metrics[key] = value
+            fields[key] = value
         return message
 
     return mutate
+
+
+def set_metric(key: str, value):
+    return set_field(METRICS, key, value)
 
 
 def set_identity(key: str, value):
-    def mutate(message: Message) -> Message:
-        identity = message.content[IDENTITY]
-        if value is MISSING:
-            del identity[key]
-        else:
-            identity[key] = value
-        return message
-
-    return mutate
+    return set_field(IDENTITY, key, value)
 
 
 def set_record(key: str, record):

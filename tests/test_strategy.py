@@ -416,15 +416,19 @@ def message_bytes(message: Message) -> int:
     return sum(record.count_bytes() for record in message.content.values())
 
 
-def wide_strategy(wire: str, aggregation: dict, **federation) -> LoraStrategy:
-    """FLoRIST on WIDE modules with DENSE tensors trained in full, for a run of one round."""
-    config = RunConfig.model_validate(
+def wide_config(wire: str, aggregation: dict, **federation) -> RunConfig:
+    return RunConfig.model_validate(
         {
             "federation": {"num_clients": 3, "ranks": CLIENT_RANKS, "rounds": 1, **federation},
             "aggregation": {"method": "florist", **aggregation},
             "wire": {"download": wire},
         }
     )
+
+
+def wide_strategy(wire: str, aggregation: dict, **federation) -> LoraStrategy:
+    """FLoRIST on WIDE modules with DENSE tensors trained in full, for a run of one round."""
+    config = wide_config(wire, aggregation, **federation)
     return LoraStrategy(config, WIDE, identity_for(config), DENSE)
 
 
@@ -469,16 +473,31 @@ def test_a_download_budget_bounds_every_byte_of_the_message_that_delivers_the_up
 
 @pytest.mark.parametrize("wire", ["float32", "int8"])
 def test_a_download_budget_that_cannot_pay_for_rank_1_everywhere_is_refused_before_round_1(wire):
-    """The smallest budget is the message of a rank-1 update (tau so small it keeps one component per module)."""
-    least = message_bytes(final_instruction(wide_strategy(wire, {"tau": 1e-9})))
+    """The smallest budget is the message of a rank-1 update (tau so small it keeps one component per
+    module). The instruction carries the shared settings, the budget among them, so the message
+    under a budget of b bytes is the tau's message with the budget's settings in place of the tau's."""
+    by_tau = wide_strategy(wire, {"tau": 1e-9})
+    rank_1_message = message_bytes(final_instruction(by_tau))
+
+    def rank_1_under(budget: int) -> int:
+        config = wide_config(wire, {"download_budget_mb": budget / 2**20})
+        settings = [len(json.dumps(c.shared_settings(), sort_keys=True)) for c in (config, by_tau.config)]
+        return rank_1_message + settings[0] - settings[1]
+
+    least = rank_1_message
+    while rank_1_under(least) != least:  # the budget's own digits travel in the message
+        least = rank_1_under(least)
     strategy = wide_strategy(wire, {"download_budget_mb": least / 2**20})
     assert message_bytes(final_instruction(strategy)) == least
+    short = least - 32  # more than the budget's digits can change its message by
+    needs = rank_1_under(short)
+    assert needs > short
     with pytest.raises(ValueError) as refused:
-        wide_strategy(wire, {"download_budget_mb": (least - 1) / 2**20})
+        wide_strategy(wire, {"download_budget_mb": short / 2**20})
     message = str(refused.value)
-    assert message.startswith(f"aggregation.download_budget_mb {(least - 1) / 2**20:g}: download budget of ") and "\n" not in message
+    assert message.startswith(f"aggregation.download_budget_mb {short / 2**20:g}: download budget of ") and "\n" not in message
     rank_1 = sum(VALUE_BYTES[wire] * (m + n) + (8 if wire == "int8" else 0) for m, n in WIDE.values())
-    assert message.endswith(f"({least:,} bytes) that rank 1 in each of 2 modules needs ({least - rank_1:,} of them sent whatever the ranks)")
+    assert message.endswith(f"({needs:,} bytes) that rank 1 in each of 2 modules needs ({needs - rank_1:,} of them sent whatever the ranks)")
 
 
 def test_a_merged_update_travels_balanced_but_for_the_components_a_warm_start_begins_from():

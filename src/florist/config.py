@@ -367,8 +367,13 @@ SHARED_SETTINGS = (
     "model.target_modules",
     "model.lora_bias",
     "model.modules_to_save",
+    "model.autocast",
     "data.template",
     "data.max_length",
+    "data.validation_fraction",
+    "data.max_client_examples",
+    "federation.num_clients",
+    "federation.ranks",
     "federation.alpha_per_rank",
     "federation.use_rslora",
     "federation.warm_start",
@@ -377,10 +382,13 @@ SHARED_SETTINGS = (
     "aggregation.*",
     "training.*",
     "evaluation.max_new_tokens",
+    "evaluation.batch_size",
 )
-"""What every node of a federation must agree on; a node's replies carry a fingerprint of them.
-The base model is compared by the digest of its weights, not by name: a path may differ between
-machines that hold the same model."""
+"""What the server sends every node with each instruction, and every node must agree on; both
+sides fingerprint them. A node takes nothing else from the server: no path (model.name,
+data.source, data.test_source, evaluation.mmlu, output.*), and nothing its own policy refuses
+(federation/node_policy.py). The base model is compared by the digest of its weights, not by
+name: a path may differ between machines that hold the same model."""
 
 RESUMABLE_SETTINGS = (
     "validation.*",
@@ -461,7 +469,7 @@ class RunConfig(Section):
         return {f"{section}.{key}": value for section, values in self.model_dump().items() for key, value in values.items()}
 
     def shared_settings(self) -> dict[str, object]:
-        return {key: value for key, value in self.flat().items() if _matches(key, SHARED_SETTINGS)}
+        return {key: value for key, value in self.flat().items() if is_shared_setting(key)}
 
     def fixed_settings(self) -> dict[str, object]:
         """The settings a resumed run must keep (everything but RESUMABLE_SETTINGS and the run directory)."""
@@ -470,6 +478,25 @@ class RunConfig(Section):
             for key, value in self.flat().items()
             if not _matches(key, RESUMABLE_SETTINGS) and key != "output.run_dir"
         }
+
+
+def is_shared_setting(key: str) -> bool:
+    return _matches(key, SHARED_SETTINGS)
+
+
+def from_shared_settings(settings: dict[str, object], model: str) -> RunConfig:
+    """The configuration a node runs by: `settings` (shared settings only, as `section.key`) over
+    the defaults, and the node's own `model`. A bad value is a one-line error naming its key."""
+    sections: dict[str, dict[str, object]] = {"model": {"name": model}}
+    for key, value in settings.items():
+        if not is_shared_setting(key):
+            raise ValueError(f"setting {key!r} is not a shared setting (config.SHARED_SETTINGS)")
+        section, _, name = key.partition(".")
+        sections.setdefault(section, {})[name] = value
+    try:
+        return RunConfig.model_validate(sections)
+    except ValidationError as error:
+        raise ValueError(_describe(error, "the server's settings", [])) from None
 
 
 def first_difference(ours: dict[str, object], theirs: dict[str, object], labels: tuple[str, str] = ("ours", "theirs")) -> str | None:

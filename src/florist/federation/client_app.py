@@ -1,18 +1,22 @@
 """The ClientApp: check the instruction, bring the base up to date, then train or evaluate.
 
-Before any work a node checks that the server runs with its settings and base model (else it
-replies `mismatch`), and that it holds every merged update of the chain (else it replies `gap`
-with the first it lacks, and the server sends the rest). It never trains on a base that
-silently misses an update.
+Before any work a node checks the instruction against its own policy (federation/node_policy.py:
+else it replies with the refusal as its error), that the server runs with its settings and base
+model (else it replies `mismatch`), and that it holds every merged update of the chain (else it
+replies `gap` with the first it lacks, and the server sends the rest). It never trains on a base
+that silently misses an update.
 """
 
 from __future__ import annotations
 
 import json
+import traceback
+from collections.abc import Callable
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from florist.aggregation import GlobalModule, change_since_start, cut, start_of, truncate_update
 from florist.config import RunConfig
@@ -36,8 +40,8 @@ from florist.federation.messages import (
     update_key,
 )
 from florist.federation.node import NodeSettings, node_data
+from florist.federation.node_policy import NodePolicy, Refused, node_policy
 from florist.federation.resources import peak_rss_mib
-from florist.federation.settings import config_from_run_config
 from florist.federation.workspace import Update, Workspace, workspace_for
 from florist.lora.model import attach_lora, freeze_shared_A, frozen_lora_A, load_dense, load_global, merge_into_base, move_into_lora, read_dense, read_factors
 from florist.training import train_lora
@@ -110,29 +114,75 @@ def _reply(
     return Message(content, reply_to=msg)
 
 
-def _prepare(config: RunConfig, msg: Message, context: Context) -> tuple[NodeSettings, Workspace, Instruction, Message | list[Update]]:
-    """The node's settings and workspace, and either its chain of updates or the reply that ends the stage."""
-    node = NodeSettings.from_node_config(context.node_config, config)
+Stage = Callable[[RunConfig, NodePolicy, NodeSettings, Instruction, Message, Context], Message]
+
+
+def _answer(stage: Stage, config: RunConfig | None, msg: Message, context: Context) -> Message:
+    """One instruction under the node's policy.
+
+    `config`: `florist run`'s own, whose nodes allow what it asks; None on a SuperNode, which takes
+    the shared settings from the instruction and everything else from its node config. A refusal
+    is the reply's error, one line. A SuperNode's other failures reply only their type: their text
+    may quote its files, and stays in its own log."""
+    in_process = config is not None
+    try:
+        policy = NodePolicy.for_run(context.node_config, config) if in_process else node_policy(context.node_config)
+        instruction = policy.read_instruction(msg)
+        config = config if in_process else policy.run_config(instruction.settings)
+        return stage(config, policy, policy.admit(config), instruction, msg, context)
+    except Refused as refusal:
+        print(f"node {context.node_id}: refused: {refusal}", flush=True)
+        return _error(msg, str(refusal))
+    except Exception as error:
+        if in_process:
+            raise
+        traceback.print_exc()
+        return _error(msg, f"the node failed ({type(error).__name__}); its own log has the details")
+
+
+def _error(msg: Message, reason: str) -> Message:
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+def _prepare(
+    config: RunConfig, policy: NodePolicy, node: NodeSettings, instruction: Instruction, msg: Message, context: Context
+) -> tuple[Workspace, Message | list[Update]]:
+    """The node's workspace, and either its chain of updates or the reply that ends the stage."""
     torch.set_num_threads(node.threads)
     if config.training.deterministic:
         torch.use_deterministic_algorithms(True)
     workspace = workspace_for(config, msg.metadata.run_id, node.device)
-    instruction = Instruction.read(msg)
-    base = {"round": instruction.round, "partition-id": node.partition}
     identity = workspace.identity
+    policy.check_model(workspace.model, identity.model_digest, config)
+    base = {"round": instruction.round, "partition-id": node.partition}
     if (instruction.fingerprint, instruction.model_digest) != (identity.fingerprint, identity.model_digest):
         print(f"round {instruction.round} client {node.partition}: settings or base model differ from the server's", flush=True)
-        return node, workspace, instruction, _reply(msg, workspace, MISMATCH, base)
+        return workspace, _reply(msg, workspace, MISMATCH, base)
     remember_updates(context.state, msg.content)
     chain = held_chain(context.state, instruction.chain)
     if isinstance(chain, int):
         print(f"round {instruction.round} client {node.partition}: lacks update {chain}, asking the server", flush=True)
-        return node, workspace, instruction, _reply(msg, workspace, GAP, base | {"needs-update": chain})
-    return node, workspace, instruction, chain
+        return workspace, _reply(msg, workspace, GAP, base | {"needs-update": chain})
+    return workspace, chain
 
 
-def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
-    node, workspace, instruction, chain = _prepare(config, msg, context)
+def train_round(config: RunConfig | None, msg: Message, context: Context) -> Message:
+    return _answer(_train, config, msg, context)
+
+
+def evaluate_round(config: RunConfig | None, msg: Message, context: Context) -> Message:
+    """Score the global model (base, chain, and the global adapter if any) on this site's held-out examples."""
+    return _answer(_evaluate, config, msg, context)
+
+
+def score_round(config: RunConfig | None, msg: Message, context: Context) -> Message:
+    """Automatic tau: this site's validation loss for every candidate cut of the exact update,
+    from the smallest to the largest (each adds components to the last, merged in turn)."""
+    return _answer(_score, config, msg, context)
+
+
+def _train(config: RunConfig, policy: NodePolicy, node: NodeSettings, instruction: Instruction, msg: Message, context: Context) -> Message:
+    workspace, chain = _prepare(config, policy, node, instruction, msg, context)
     if isinstance(chain, Message):
         return chain
     training = config.training
@@ -195,9 +245,8 @@ def train_round(config: RunConfig, msg: Message, context: Context) -> Message:
     return _reply(msg, workspace, TRAINED, metrics, factors, read_dense(model))
 
 
-def evaluate_round(config: RunConfig, msg: Message, context: Context) -> Message:
-    """Score the global model (base, chain, and the global adapter if any) on this site's held-out examples."""
-    node, workspace, instruction, chain = _prepare(config, msg, context)
+def _evaluate(config: RunConfig, policy: NodePolicy, node: NodeSettings, instruction: Instruction, msg: Message, context: Context) -> Message:
+    workspace, chain = _prepare(config, policy, node, instruction, msg, context)
     if isinstance(chain, Message):
         return chain
     model = workspace.base_after(chain)
@@ -216,7 +265,7 @@ def evaluate_round(config: RunConfig, msg: Message, context: Context) -> Message
             max_length=config.data.max_length,
             batch_size=config.evaluation.batch_size,
         )
-        scores = {key: value for key, value in results.items() if isinstance(value, (int, float))}
+        scores = policy.shareable({key: value for key, value in results.items() if isinstance(value, (int, float))}, held_out)
     if data.validation:
         loss = instruction_loss(
             model, workspace.tokenizer, data.validation, template=config.data.template,
@@ -228,10 +277,8 @@ def evaluate_round(config: RunConfig, msg: Message, context: Context) -> Message
     return _reply(msg, workspace, EVALUATED, metrics | scores)
 
 
-def score_round(config: RunConfig, msg: Message, context: Context) -> Message:
-    """Automatic tau: this site's validation loss for every candidate cut of the exact update,
-    from the smallest to the largest (each adds components to the last, merged in turn)."""
-    node, workspace, instruction, chain = _prepare(config, msg, context)
+def _score(config: RunConfig, policy: NodePolicy, node: NodeSettings, instruction: Instruction, msg: Message, context: Context) -> Message:
+    workspace, chain = _prepare(config, policy, node, instruction, msg, context)
     if isinstance(chain, Message):
         return chain
     model = workspace.base_after(chain)
@@ -277,20 +324,21 @@ def _global_update(config: RunConfig, msg: Message, workspace: Workspace) -> Glo
 
 
 def build_client_app(config: RunConfig | None = None) -> ClientApp:
-    """A ClientApp bound to `config`, or reading it from the run config when None (flwr run)."""
+    """A ClientApp bound to `florist run`'s `config`, or, when None (a SuperNode under `flwr run`),
+    taking the shared settings from each instruction under the node's own policy."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return train_round(config or config_from_run_config(context.run_config, check_sources=False), msg, context)
+        return train_round(config, msg, context)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        return evaluate_round(config or config_from_run_config(context.run_config, check_sources=False), msg, context)
+        return evaluate_round(config, msg, context)
 
     @app.query()
     def score(msg: Message, context: Context) -> Message:
-        return score_round(config or config_from_run_config(context.run_config, check_sources=False), msg, context)
+        return score_round(config, msg, context)
 
     return app
 

@@ -1,8 +1,9 @@
 """What travels between the server and a node, in one place: record names and their fields.
 
-An instruction (train or evaluate) holds `config` (the round, the server's fingerprint and
-model digest, and the digests of the chain of merged updates 1..t-1), plus the payloads the
-node lacks: `update:<i>` for merged updates, `global` for the adapter a client continues from.
+An instruction (train or evaluate) holds `config` (the round, the shared settings and their
+fingerprint, the server's model digest, and the digests of the chain of merged updates 1..t-1),
+plus the payloads the node lacks: `update:<i>` for merged updates, `global` for the adapter a
+client continues from. The shared settings are all a node takes from the server's configuration.
 
 A reply holds `identity` (the node's fingerprint, settings and model digest, and the reply's
 status) and `metrics`; a trained reply also holds the `adapter`. A node whose chain has a gap
@@ -97,6 +98,8 @@ class Instruction:
     chain: list[str]
     fingerprint: str
     model_digest: str
+    settings: dict
+    """The shared settings (`RunConfig.shared_settings`), which `fingerprint` covers."""
 
     def record(self) -> ConfigRecord:
         return ConfigRecord(
@@ -105,6 +108,7 @@ class Instruction:
                 "chain": ",".join(self.chain),
                 "fingerprint": self.fingerprint,
                 "model-digest": self.model_digest,
+                "settings": json.dumps(self.settings, sort_keys=True),
             }
         )
 
@@ -112,7 +116,10 @@ class Instruction:
     def read(cls, message: Message) -> Instruction:
         record = message.content[CONFIG]
         chain = str(record["chain"])
-        return cls(int(record["round"]), chain.split(",") if chain else [], str(record["fingerprint"]), str(record["model-digest"]))
+        settings = json.loads(str(record["settings"]))
+        if not isinstance(settings, dict):
+            raise ValueError(f"settings are a JSON {type(settings).__name__}, not an object")
+        return cls(int(record["round"]), chain.split(",") if chain else [], str(record["fingerprint"]), str(record["model-digest"]), settings)
 
 
 class Malformed(ValueError):

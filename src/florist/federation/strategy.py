@@ -113,7 +113,7 @@ class LoraStrategy:
         cost = payload.update_cost(self.shapes, dense_shapes, self.wire)
         rounds = self.config.federation.rounds
         digests = [update_digest(GlobalUpdate({}))] * rounds
-        instruction = Instruction(rounds, digests, self.identity.fingerprint, self.identity.model_digest).record().count_bytes()
+        instruction = Instruction(rounds, digests, self.identity.fingerprint, self.identity.model_digest, self.identity.settings).record().count_bytes()
         return {
             "wire_bytes": cost.value_bytes,
             "component_overhead_bytes": cost.component_overhead_bytes,
@@ -139,7 +139,9 @@ class LoraStrategy:
 
     def _instruction(self, server_round: int, node: int, message_type: str, start: int | None = None) -> tuple[Message, int]:
         """A message carrying the global state the node lacks, and its payload bytes."""
-        instruction = Instruction(server_round, list(self.chain.digests), self.identity.fingerprint, self.identity.model_digest)
+        instruction = Instruction(
+            server_round, list(self.chain.digests), self.identity.fingerprint, self.identity.model_digest, self.identity.settings
+        )
         content = instruction_content(instruction)
         sent = 0
         if self.merges:
