@@ -19,7 +19,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,6 +190,24 @@ def stop_process_trees(processes: list[Started], signum: int = signal.SIGTERM) -
     _signal_all(still_running(tree, STOP_GRACE_SECONDS), signal.SIGKILL)
     for started in processes:
         started.popen.wait(timeout=STOP_GRACE_SECONDS)
+
+
+@contextmanager
+def saturated_cores() -> Iterator[list[subprocess.Popen]]:
+    """One busy-looping process per core this process may use, for the duration of the block (a
+    site whose machine is busy with other work); each is stopped by its PID, also on failure."""
+    burners = []
+    try:
+        for _ in os.sched_getaffinity(0):
+            burners.append(subprocess.Popen(
+                [sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            ))
+        yield burners
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait(timeout=STOP_GRACE_SECONDS)
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:

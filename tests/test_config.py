@@ -12,7 +12,9 @@ import tomli_w
 
 from florist.cli import main
 from florist.config import DEFAULT_CONFIG, RunConfig, load_config
-from florist.federation.settings import config_from_run_config
+from florist.data import generate_embedded
+from florist.federation.datasets import federated_data
+from florist.federation.settings import as_deployed, config_from_run_config
 from florist.federation.simulation import prepare, run_federation
 
 
@@ -65,6 +67,32 @@ def test_flwr_run_config_reads_the_file_and_its_overrides(tmp_path):
         config_from_run_config({"overrides": "aggregation.taux=1"})
 
 
+def test_a_deployment_records_that_its_data_is_node_local_and_keeps_the_servers_held_out_examples(tmp_path):
+    """A deployment's sites train on their own files: its recorded configuration says so instead
+    of naming a source that was never split, and the server evaluates on what it did before."""
+    embedded = load_config(None, ["data.test_per_category=2", "training.seed=3"])
+    deployed = as_deployed(embedded)
+    assert (deployed.data.source, deployed.data.test_source) == ("node-local", "embedded")
+    split = federated_data(deployed)
+    assert split.clients == [] and split.test == generate_embedded(2, 3, split="test")
+    assert as_deployed(deployed) == deployed
+    recorded = tmp_path / "config.toml"
+    recorded.write_text(tomli_w.dumps(deployed.model_dump(exclude_none=True)))
+    assert load_config(recorded) == deployed  # a resumed deployment reads it back
+
+    directory = tmp_path / "sites"
+    directory.mkdir()
+    for name in ("client_0.json", "client_1.json", "test.json"):
+        write_json(directory / name, [{"instruction": f"{name} q", "response": "a"}])
+    given = as_deployed(load_config(None, [f"data.source={json.dumps(str(directory))}", 'data.partition="given"']))
+    assert given.data.test_source == str(directory)
+    assert [e.instruction for e in federated_data(given).test] == ["test.json q"]
+    held_out = write_json(tmp_path / "held_out.json", [{"instruction": "h", "response": "a"}])
+    named = as_deployed(load_config(None, [f"data.source={json.dumps(str(held_out))}", f"data.test_source={json.dumps(str(held_out))}"]))
+    assert named.data.test_source == str(held_out)
+    assert as_deployed(load_config(None, [f"data.source={json.dumps(str(held_out))}"])).data.test_source == ""
+
+
 @pytest.mark.parametrize(
     "override, named",
     [
@@ -90,6 +118,9 @@ def test_flwr_run_config_reads_the_file_and_its_overrides(tmp_path):
         ('model.lora_bias="some"', ["model.lora_bias", "some"]),
         ('model.modules_to_save=["q_proj"]', ["model.modules_to_save", "'q_proj' is also in model.target_modules"]),
         ('model.modules_to_save=["lm_head", "lm_head"]', ["model.modules_to_save", "'lm_head' is listed twice"]),
+        ("federation.min_sites=0", ["federation.min_sites", "0"]),
+        ("federation.min_sites=9", ["federation.min_sites 9 is above the 8 clients sampled per round"]),
+        ("federation.min_clients=1", ["federation.min_clients 1 is below federation.min_sites 2"]),
     ],
 )
 def test_bad_values_and_keys_are_named_in_one_line(override, named):
@@ -174,7 +205,8 @@ def test_a_good_configuration_prepares(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     "case",
     ["not a model directory", "missing field", "more clients than examples",
-     "no test split", "given without a directory", "non-empty run directory", "unreadable MMLU file", "tied modules_to_save"],
+     "no test split", "given without a directory", "non-empty run directory", "unreadable MMLU file", "tied modules_to_save",
+     "a deployment's node-local data"],
 )
 def test_bad_run_inputs_are_refused_before_training(case, tiny_model_dir, tmp_path, no_simulation):
     examples = [{"instruction": f"q{k}", "response": f"a{k}"} for k in range(3)]
@@ -195,6 +227,7 @@ def test_bad_run_inputs_are_refused_before_training(case, tiny_model_dir, tmp_pa
         "non-empty run directory": ([], str(tmp_path / "run")),
         "unreadable MMLU file": ([f"evaluation.mmlu={json.dumps(str(tmp_path / 'mmlu.json'))}"], str(tmp_path / "mmlu.json")),
         "tied modules_to_save": (['model.modules_to_save=["lm_head"]'], "lm_head.weight is tied to model.embed_tokens.weight"),
+        "a deployment's node-local data": (['data.source="node-local"'], "data.source 'node-local' is a deployment's"),
     }[case]
     (tmp_path / "mmlu.json").write_text("{not JSON")
     if case == "non-empty run directory":
@@ -254,3 +287,16 @@ def test_a_budgeted_configuration_as_a_run_directory_stores_it_loads_back(tmp_pa
 )
 def test_server_limits_that_would_refuse_honest_clients_are_errors_before_the_run(override, expected):
     assert expected in one_line_error(load_config, None, [override])
+
+
+def test_no_quorum_falls_below_min_sites():
+    """Three sites, half of the sampled ones by default: 2 of 3, and 2 of 2 once a site is gone
+    (half of 2 would be 1: one site's update sent back as the aggregate)."""
+    three = RunConfig.model_validate({"federation": {"num_clients": 3, "ranks": [4]}}).federation
+    assert [three.quorum(sampled) for sampled in (3, 2, 1)] == [2, 2, 2]
+    strict = three.model_copy(update={"min_sites": 3})
+    assert [strict.quorum(sampled) for sampled in (3, 2)] == [3, 3]
+    lone = RunConfig.model_validate({"federation": {"num_clients": 3, "ranks": [4], "min_sites": 1}}).federation
+    assert [lone.quorum(sampled) for sampled in (3, 2, 1)] == [2, 1, 1]
+    many = RunConfig.model_validate({"federation": {"num_clients": 10, "ranks": [4], "min_fraction": 0.1}}).federation
+    assert [many.quorum(sampled) for sampled in (10, 5, 2)] == [2, 2, 2]

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import shutil
+import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from flwr.cli.build import build_fab_from_disk
 from safetensors.torch import load_file
 
-from deployment import PROJECT, Deployment, recorded_rounds, still_running, stop_process_trees, wait_until
+from deployment import PROJECT, Deployment, recorded_rounds, saturated_cores, still_running, stop_process_trees, wait_until
 from federations import CLIENT_RANKS, ROUNDS, federation_config
 from florist.config import RunConfig
 from florist.federation.client_app import build_client_app
@@ -124,6 +125,9 @@ def test_flwr_run_completes_every_round_on_the_three_supernodes(deployed):
         assert {client["node"] for client in record["clients"]} == node_ids
     assert (deployed.run_dir / "summary.json").is_file()
     assert f"round {ROUNDS}" in deployed.server_log
+    # The sites trained on their own files: the recorded configuration names no split of a source.
+    recorded = tomllib.loads((deployed.run_dir / "config.toml").read_text())["data"]
+    assert (recorded["source"], recorded["test_source"]) == ("node-local", "embedded")
 
 
 def comparable(record: dict) -> dict:
@@ -216,6 +220,15 @@ def test_fab_sent_to_the_nodes_holds_the_package_and_nothing_else(tmp_path):
 # Faults on the deployment engine: real processes killed and restarted.
 
 
+@pytest.fixture
+def busy_machine():
+    """Every core kept busy by another process for the duration of the test: a live SuperNode
+    may then miss its heartbeats, as one on a busy site does."""
+    with saturated_cores() as burners:
+        yield burners
+    assert all(burner.returncode is not None for burner in burners)
+
+
 def start_sites(deployment: Deployment, site_data: Path, model_dir: Path, policies: dict[int, dict] | None = None) -> None:
     deployment.start_superlink()
     for site in range(SITES):
@@ -264,12 +277,13 @@ def test_a_killed_server_resumes_from_its_last_round_and_ends_as_the_uninterrupt
             torch.testing.assert_close(tensor, uninterrupted[name], rtol=1e-5, atol=1e-6, msg=f"{weights}: {name}")
 
 
-def test_a_killed_supernode_is_left_behind_and_a_restarted_one_gets_the_chain_it_lost(tiny_model_dir, site_data, tmp_path, server_task):
+def test_a_killed_supernode_is_left_behind_and_a_restarted_one_gets_the_chain_it_lost(tiny_model_dir, site_data, tmp_path, server_task, busy_machine):
     """Round 1: site 2 is SIGKILLed while it trains; the round completes at its deadline with the
     other two (quorum 2), weights renormalised. After round 2, site 1 is restarted (SIGTERM, then
     the same key), so it holds no update: in round 3 it says so and is sent the chain. The run must
     end exactly as the same federation without site 2 from round 1 on: a node that trained on a
-    wrong base would change the result."""
+    wrong base would change the result. Every core is busy meanwhile: the live sites may miss
+    their heartbeats, and must not be left out for it."""
     faults = ["federation.rounds=3", "federation.min_clients=2", "federation.round_retries=2"]
     config = federation_config(tiny_model_dir, tmp_path / "run", "florist", *faults, "federation.round_timeout=45")
     config_file = write_config(config, tmp_path / "florist.toml")
@@ -309,6 +323,50 @@ def test_a_killed_supernode_is_left_behind_and_a_restarted_one_gets_the_chain_it
     clean = load_file(reference / "final" / "adapter" / "adapter_model.safetensors")
     for name, tensor in faulty.items():
         assert torch.equal(tensor, clean[name]), name
+
+
+DYING_SITE = Path(__file__).parent / "dying_site"
+DEADLINE_MARGIN_SECONDS = 30
+
+
+def test_a_site_dying_mid_upload_holds_the_deadline_and_no_round_is_aggregated_from_one_site(tiny_model_dir, site_data, tmp_path, busy_machine):
+    """Three sites, federation.min_sites 2 (the default), every core busy. Site 2 dies while it
+    uploads its round-1 reply (tests/dying_site): the server is left waiting for a reply's last
+    object, which Flower 1.42 would wait for until its 180 s object-push session expires; round 1
+    ends at its deadline all the same, with sites 0 and 1. Round 2 samples the 2 sites left: its
+    quorum stays 2 (half of 2 would be 1). In round 3 site 1 dies mid-upload too: only site 0
+    delivers, and the run fails naming the quorum instead of sending site 0's update back as the
+    aggregate."""
+    timeout = 60
+    settings = ["federation.rounds=3", "federation.round_retries=0", f"federation.round_timeout={timeout}"]
+    config_file = write_config(federation_config(tiny_model_dir, tmp_path / "run", "florist", *settings), tmp_path / "florist.toml")
+    run_dir = tmp_path / "run"
+    with Deployment(tmp_path / "deployment") as deployment:
+        deployment.start_superlink()
+        for site, dies_at_reply in ((0, None), (1, 3), (2, 1)):
+            env = None
+            if dies_at_reply:
+                pythonpath = f"{DYING_SITE}:{deployment.env['PYTHONPATH']}"
+                env = dict(deployment.env, PYTHONPATH=pythonpath, FLORIST_TEST_DIE_AT_REPLY=str(dies_at_reply))
+            deployment.add_supernode(f"site{site}", site_config(site, site_data, tiny_model_dir), env=env)
+        deployment.wait_for_nodes()
+        run_id = deployment.submit({"config-file": str(config_file)})
+        status = deployment.wait(run_id, RUN_TIMEOUT_SECONDS)
+        failure = f"{deployment.run_info(run_id).get('status-details')}\n{deployment.log(run_id)}"
+        nodes = {name: node.node_id for name, node in deployment.supernodes.items()}
+        died = {name: "half-sent" in deployment.supernodes[name].started.output() for name in ("site1", "site2")}
+    assert died == {"site1": True, "site2": True}
+    assert status == "finished:failed", failure[-4000:]
+    assert "round 3: 1 of 2 sampled clients delivered an update, below the quorum of 2" in failure, failure[-4000:]
+    rounds = read_rounds(run_dir)
+    assert [r["round"] for r in rounds] == [0, 1, 2]  # round 3 was not aggregated
+    first, second = rounds[1], rounds[2]
+    assert ("late", nodes["site2"]) in {(e["status"], e["node"]) for e in first["events"]}
+    train_seconds = first["unix_time"] - rounds[0]["unix_time"] - first["evaluation_seconds"]
+    assert timeout <= train_seconds < timeout + DEADLINE_MARGIN_SECONDS, train_seconds
+    assert second["sampled"] == sorted([nodes["site0"], nodes["site1"]]) and second["quorum"] == 2
+    for record in (first, second):
+        assert sorted(c["partition"] for c in record["clients"]) == [0, 1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from flwr.app import Array, Message, MetricRecord, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from safetensors.torch import load_file
 
 from florist.aggregation import make_aggregator
@@ -93,7 +97,8 @@ def test_a_missed_quorum_is_retried_then_the_run_stops_with_a_message_naming_the
 
 
 def test_a_reply_for_another_round_is_not_mixed_into_this_one(tiny_model_dir, tmp_path):
-    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", *FAST, "federation.min_clients=1")
+    # One site's round is allowed here (min_sites 1): what matters is which replies enter it.
+    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", *FAST, "federation.min_clients=1", "federation.min_sites=1")
     grid = grid_for(config)
     kept: dict[int, list[Message]] = {101: [], 202: []}
 
@@ -113,25 +118,127 @@ def test_a_reply_for_another_round_is_not_mixed_into_this_one(tiny_model_dir, tm
     assert [c["partition"] for c in second["clients"]] == [2]
 
 
+class FakeInstruction:
+    def __init__(self, node):
+        self.metadata = SimpleNamespace(dst_node_id=node)
+
+
+class FakeGrid:
+    """Message ids m<node>; `replies[id]` answers a pull of that id (a callable may block), and
+    only the nodes in `connected` are listed."""
+
+    def __init__(self, connected):
+        self.connected = set(connected)
+        self.replies: dict = {}
+        self.pulled: list[list[str]] = []
+
+    def get_node_ids(self):
+        return sorted(self.connected)
+
+    def push_messages(self, messages):
+        return [f"m{m.metadata.dst_node_id}" for m in messages]
+
+    def pull_messages(self, ids):
+        ids = list(ids)
+        self.pulled.append(ids)
+        replies = [self.replies.pop(i) for i in ids if i in self.replies]
+        replies = [reply() if callable(reply) else reply for reply in replies]
+        return [reply for reply in replies if reply is not None]
+
+
+def fake_reply(message_id: str):
+    return SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=message_id))
+
+
 def test_exchange_pulls_only_this_stages_replies_and_stops_at_the_deadline():
-    class Grid:
-        def __init__(self):
-            self.pulled = []
+    grid = FakeGrid(connected=[1, 2])
+    late = exchange(grid, [FakeInstruction(1), FakeInstruction(2)], timeout=0.3, handle=lambda node, reply: [])
+    assert late == [1, 2] and grid.pulled and all(set(ids) <= {"m1", "m2"} for ids in grid.pulled)
 
-        def push_messages(self, messages):
-            return [f"m{m.metadata.dst_node_id}" for m in messages]
 
-        def pull_messages(self, ids):
-            self.pulled.append(sorted(ids))
-            return []
+def test_a_reply_stuck_mid_upload_holds_up_neither_the_deadline_nor_the_other_replies():
+    """Node 1's pull blocks (Flower's pull_messages waits out a half-uploaded reply's object-push
+    session); node 2 replies later. The stage still ends at its deadline, with node 2's reply."""
+    grid = FakeGrid(connected=[1, 2])
+    released = threading.Event()
 
-    class Instruction:
-        def __init__(self, node):
-            self.metadata = type("M", (), {"dst_node_id": node})()
+    def stuck():
+        released.wait(30)
 
-    grid = Grid()
-    late = exchange(grid, [Instruction(1), Instruction(2)], timeout=0.3, handle=lambda node, reply: [])
-    assert late == [1, 2] and grid.pulled and all(ids == ["m1", "m2"] for ids in grid.pulled)
+    grid.replies["m1"] = stuck
+    handled = []
+
+    def reply_later(node, reply):
+        handled.append(node)
+        return []
+
+    grid.replies["m2"] = lambda: fake_reply("m2")
+    start = time.monotonic()
+    try:
+        late = exchange(grid, [FakeInstruction(1), FakeInstruction(2)], timeout=2.0, handle=reply_later)
+        elapsed = time.monotonic() - start
+    finally:
+        released.set()
+    assert late == [1] and handled == [2]
+    assert 2.0 <= elapsed < 12.0, elapsed
+    assert grid.pulled.count(["m1"]) == 1  # never asked again while its pull was still running
+
+
+def test_a_node_that_is_not_connected_is_not_asked_until_it_is_and_then_its_reply_is_taken():
+    """Flower answers a pull for a node that missed its heartbeats with "Node Unavailable" and
+    drops the instruction; a node listed again is asked, and its reply taken."""
+    grid = FakeGrid(connected=[2])
+    grid.replies["m1"] = fake_reply("m1")
+    handled = []
+
+    def handle(node, reply):
+        handled.append(node)
+        grid.connected.add(1)  # node 1 reports again
+        return []
+
+    grid.replies["m2"] = fake_reply("m2")
+    late = exchange(grid, [FakeInstruction(1), FakeInstruction(2)], timeout=30.0, handle=handle)
+    assert late == [] and handled == [2, 1]
+    assert grid.pulled.index(["m1"]) > grid.pulled.index(["m2"])
+
+
+def test_a_node_the_superlink_reports_unavailable_is_asked_again_and_the_run_ends_as_without_the_fault(tiny_model_dir, tmp_path):
+    """A live node that missed its heartbeats on a busy machine: the SuperLink answers its first
+    train, score and evaluate instructions with its "Node Unavailable" error (and drops them). The
+    node is asked again within each stage, and the run ends as the same run without the fault;
+    with a quorum of all three and no retries, failing the node would have failed the round."""
+    extra = [*FAST, "federation.rounds=1", "federation.round_timeout=60", "federation.min_clients=3", "federation.round_retries=0",
+             "evaluation.federated=true", "data.validation_fraction=0.3", "aggregation.tau_candidates=[0.5, 1.0]"]
+    clean = read_rounds(serve(federation_config(tiny_model_dir, tmp_path / "clean", "florist", *extra),
+                              grid_for(federation_config(tiny_model_dir, tmp_path / "clean", "florist", *extra))))
+    config = federation_config(tiny_model_dir, tmp_path / "faulty", "florist", *extra)
+    grid = grid_for(config)
+    dropped = []
+
+    def unavailable_once_per_stage(instruction: Message, reply: Message):
+        kind = instruction.metadata.message_type
+        if kind in dropped:
+            return reply
+        dropped.append(kind)
+        return create_message_error_unavailable_res_message(instruction.metadata, "node_unavail")
+
+    grid.nodes[202].tamper = unavailable_once_per_stage
+    path = serve(config, grid)
+    assert sorted(dropped) == ["evaluate", "query", "train"]
+    faulty = read_rounds(path)
+    for events in (faulty[1]["events"], faulty[1]["tau_selection"]["events"], faulty[1]["federated_evaluation"]["events"]):
+        [(status, reason)] = [(e["status"], e["reason"]) for e in events if e["node"] == 202 and e["status"] != "accepted"]
+        assert status == "resent" and reason.startswith("asked again: Error: Node Unavailable")
+    assert faulty[1]["attempts"] == 1
+    for ours, theirs in zip(faulty, clean, strict=True):
+        assert ours["evaluation"] == theirs["evaluation"] and ours.get("ranks") == theirs.get("ranks")
+        assert ours.get("federated_evaluation", {}).get("nodes") == theirs.get("federated_evaluation", {}).get("nodes")
+    assert [c["partition"] for c in faulty[1]["clients"]] == [0, 1, 2]
+    assert faulty[1]["tau_selection"]["chosen"] == clean[1]["tau_selection"]["chosen"]
+    _, final = read_adapter(path / "final" / "adapter")
+    _, reference = read_adapter(tmp_path / "clean" / "final" / "adapter")
+    for name, module in reference.modules.items():
+        assert torch.equal(final.modules[name].B, module.B) and torch.equal(final.modules[name].A, module.A), name
 
 
 def test_a_restarted_node_gets_the_whole_chain_and_trains_on_the_right_base(tiny_model_dir, tmp_path, monkeypatch):
@@ -178,7 +285,7 @@ def test_a_restarted_node_gets_the_whole_chain_and_trains_on_the_right_base(tiny
 
 
 def test_a_node_with_other_settings_or_another_base_model_is_refused_naming_the_difference(tiny_model_dir, tmp_path):
-    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", *FAST, "federation.min_clients=1")
+    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", *FAST, "federation.min_clients=1", "federation.min_sites=1")
     other = federation_config(tiny_model_dir, tmp_path / "run", "florist", *FAST, "training.local_steps=3")
     grid = grid_for(config)
     grid.nodes[202].tamper = lambda instruction, reply: build_client_app(other)(
@@ -349,7 +456,7 @@ def test_a_size_cap_below_what_the_ranks_need_is_refused_before_any_training(tin
     assert all(not node.received for node in grid.nodes.values())
 
 
-def test_sampling_is_seeded_per_round_and_a_round_needs_only_its_quorum(tiny_model_dir, tmp_path):
+def test_sampling_is_seeded_per_round_and_a_round_needs_only_its_sample(tiny_model_dir, tmp_path):
     nodes = {100 + k: k for k in range(6)}
     assert sample(list(nodes), 2, seed=0, server_round=1) == sample(list(reversed(nodes)), 2, seed=0, server_round=1)
     draws = {tuple(sample(list(nodes), 2, seed=0, server_round=r)) for r in range(1, 9)}
@@ -361,7 +468,30 @@ def test_sampling_is_seeded_per_round_and_a_round_needs_only_its_quorum(tiny_mod
     path = serve(config, grid_for(config, nodes))
     for record in read_rounds(path)[1:]:
         assert record["sampled"] == sample(list(nodes), 2, seed=0, server_round=record["round"])
-        assert sorted(c["node"] for c in record["clients"]) == record["sampled"] and record["quorum"] == 1
+        assert sorted(c["node"] for c in record["clients"]) == record["sampled"] and record["quorum"] == 2
+
+
+def test_no_round_is_aggregated_from_fewer_than_min_sites_when_sites_drop_out(tiny_model_dir, tmp_path):
+    """Round 2: site 3 has left, so 2 are sampled, whose quorum (half of them) would be 1; it stays
+    at federation.min_sites = 2. Site 2 then sends nothing: the round fails, naming it, instead of
+    sending site 1's own update back to every site as the aggregate."""
+    config = federation_config(
+        tiny_model_dir, tmp_path / "run", "florist", *FAST, "federation.round_retries=0", "evaluation.federated=true", "evaluation.every_round=true"
+    )
+    grid = grid_for(config)
+
+    def leaves_after_round_one(grid: LocalGrid, messages: list[Message]) -> None:
+        from florist.federation.messages import Instruction
+
+        if messages and messages[0].metadata.message_type == "evaluate" and Instruction.read(messages[0]).round == 1:
+            grid.nodes[303].connected = False
+            grid.nodes[202].tamper = never_replies
+
+    grid.before_push = leaves_after_round_one
+    with pytest.raises(RoundFailed, match=r"round 2: 1 of 2 sampled clients delivered an update, below the quorum of 2, after 1 attempts \(node 202 late"):
+        serve(config, grid)
+    [first] = read_rounds(tmp_path / "run")[1:]
+    assert first["quorum"] == 2 and [c["partition"] for c in first["clients"]] == [0, 1, 2]
 
 
 def test_too_few_nodes_end_the_wait_with_a_message(tiny_model_dir, tmp_path):

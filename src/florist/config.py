@@ -62,11 +62,18 @@ class ModelConfig(Section):
         return self
 
 
+NODE_LOCAL = "node-local"
+"""`data.source` of a deployment: each site trains on the files its own node config names."""
+
+
 class DataConfig(Section):
     source: str = "embedded"
-    """"embedded", a JSON/JSONL file, a directory of client_<k>.json files, or a Hugging Face dataset id."""
+    """"embedded", a JSON/JSONL file, a directory of client_<k>.json files, or a Hugging Face dataset
+    id, which `florist run` splits among its clients. A deployment records "node-local" here: its
+    sites train on their own files, and the server holds none of them."""
     test_source: str = ""
-    """Held-out examples; empty means the source's own test split."""
+    """Held-out examples the server evaluates on; empty means the source's own test split, and
+    "embedded" the embedded task's."""
     template: Literal["alpaca", "chatml"] = "chatml"
     examples_per_category: int = Field(48, ge=1)
     test_per_category: int = Field(30, ge=1)
@@ -116,6 +123,11 @@ class FederationConfig(Section):
     min_clients: int = Field(0, ge=0)
     """Accepted replies a round needs (its quorum); 0 means `min_fraction` of the sampled nodes."""
     min_fraction: float = Field(0.5, gt=0, le=1)
+    min_sites: int = Field(2, ge=1)
+    """The fewest distinct sites a round's aggregate is built from: no quorum falls below it,
+    whatever the nodes still connected. An aggregate of one site is that site's own update, sent
+    unmixed to every other site; of two, each site can subtract its own weighted update and learn
+    the other's exactly (README, "What a site learns from an aggregate")."""
     round_timeout: float = Field(600.0, gt=0)
     """Seconds a round (and an evaluation stage) waits for replies; later replies are dropped."""
     round_retries: int = Field(2, ge=0)
@@ -145,6 +157,16 @@ class FederationConfig(Section):
             raise ValueError(
                 f"federation.min_clients {self.min_clients} is above the {self.sample_size} clients sampled per round"
             )
+        if self.min_sites > self.sample_size:
+            raise ValueError(
+                f"federation.min_sites {self.min_sites} is above the {self.sample_size} clients sampled per round; "
+                "set federation.min_sites = 1 to aggregate a single site's update"
+            )
+        if 0 < self.min_clients < self.min_sites:
+            raise ValueError(
+                f"federation.min_clients {self.min_clients} is below federation.min_sites {self.min_sites}, "
+                "the fewest sites a round is aggregated from; lower federation.min_sites to allow it"
+            )
         return self
 
     def rank_of(self, partition: int) -> int:
@@ -158,8 +180,9 @@ class FederationConfig(Section):
         return self.clients_per_round or max(1, math.ceil(self.client_fraction * self.num_clients))
 
     def quorum(self, sampled: int) -> int:
-        """Accepted replies a round of `sampled` nodes needs."""
-        return min(sampled, self.min_clients or max(1, math.ceil(self.min_fraction * sampled)))
+        """Accepted replies a round of `sampled` nodes needs: never fewer than `min_sites`, even
+        where fewer nodes were sampled (such a round cannot be aggregated)."""
+        return max(self.min_sites, min(sampled, self.min_clients or math.ceil(self.min_fraction * sampled)))
 
 
 WireFormat = Literal["float32", "bfloat16", "float16", "int8"]
@@ -399,6 +422,7 @@ RESUMABLE_SETTINGS = (
     "federation.connect_timeout",
     "federation.min_clients",
     "federation.min_fraction",
+    "federation.min_sites",
     "evaluation.*",
     "output.save_model",
     "output.save_client_adapters",

@@ -1,7 +1,8 @@
 """What each client trains on and what the server evaluates on, derived from the configuration.
 
-Every process (server, simulation workers, SuperNodes) derives the same split from the same
-configuration and seed, so no data crosses the network.
+In `florist run` every process (server, simulation workers) derives the same split from the same
+configuration and seed, so no data crosses the network. A deployment's sites train on their own
+files (`data.source = "node-local"`): there the server derives only its held-out examples.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from florist.config import RunConfig
+from florist.config import NODE_LOCAL, RunConfig
 from florist.data import Example, carve_validation, generate_embedded, load_clients, load_examples, partition
 
 
@@ -32,8 +33,18 @@ def held_out(source: str) -> list[Example]:
     return load_examples(source, split="train" if Path(source).is_file() else "test")
 
 
+def _test_examples(config: RunConfig) -> list[Example]:
+    """The examples `data.test_source` names."""
+    data = config.data
+    if data.test_source == "embedded":
+        return generate_embedded(data.test_per_category, config.training.seed, split="test")
+    return held_out(data.test_source) if data.test_source else []
+
+
 def _split(config: RunConfig) -> FederatedData:
     data, clients, seed = config.data, config.federation.num_clients, config.training.seed
+    if data.source == NODE_LOCAL:
+        return FederatedData([], _test_examples(config))
     if data.source == "embedded":
         train = generate_embedded(data.examples_per_category, seed, split="train")
         test = generate_embedded(data.test_per_category, seed, split="test")
@@ -46,7 +57,7 @@ def _split(config: RunConfig) -> FederatedData:
     else:
         train, test = load_examples(data.source, split="train"), []
     if data.test_source:
-        test = held_out(data.test_source)
+        test = _test_examples(config)
     if train is not None:
         parts = partition(train, clients, data.dirichlet_alpha, seed, data.min_client_examples, scheme=data.partition)
     return FederatedData(parts, test)

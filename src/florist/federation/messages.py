@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
 CONFIG = "config"
 IDENTITY = "identity"
@@ -228,6 +229,13 @@ def error_reason(message: Message) -> str:
     """The last line of an error reply's reason, or its code."""
     reason = str(message.error.reason or "").strip()
     return reason.splitlines()[-1] if reason else f"error code {message.error.code}"
+
+
+def node_unavailable(message: Message) -> bool:
+    """Whether this is the SuperLink's error for a node that missed its heartbeats. The SuperLink
+    has dropped the instruction then, though the node, live but slow on a saturated machine, may
+    still be working on it: its reply would be refused."""
+    return message.has_error() and message.error.code == ErrorCode.NODE_UNAVAILABLE and message.metadata.src_node_id == SUPERLINK_NODE_ID
 
 
 def instruction_content(instruction: Instruction) -> RecordDict:

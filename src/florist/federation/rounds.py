@@ -9,6 +9,7 @@ an earlier stage's messages are never pulled: they belong to the round they were
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -20,7 +21,8 @@ from florist.federation.reports import EvaluationReport, RoundReport, TauSelecti
 from florist.federation.sampling import nodes_for_round
 from florist.federation.strategy import LoraStrategy
 
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.5
+"""How often the reply to each waiting message is asked for (one request per message)."""
 
 Handler = Callable[[int, Message], Iterable[Message]]
 """Handles one reply from a node; returns follow-up instructions (a resend to a node with a gap).
@@ -29,10 +31,41 @@ The node id is the one the instruction went to: an error reply for a node the Su
 declared lost comes from the SuperLink itself."""
 
 
+class Pull:
+    """The reply to one message, asked for in a thread of its own.
+
+    Flower's `pull_messages` returns a reply only once all its objects are uploaded, and for a
+    node that died mid-upload that is when the SuperLink's object-push session expires (180 s in
+    Flower 1.42), whatever the round's deadline. In a thread of its own such a pull holds up
+    neither the other replies nor the deadline: a pull still running when its stage ends is
+    abandoned (a daemon thread, which does not keep the ServerApp's process alive either)."""
+
+    def __init__(self, grid: Grid, message_id: str):
+        self.done = threading.Event()
+        self.replies: list[Message] = []
+        self.error: Exception | None = None
+        threading.Thread(target=self._pull, args=(grid, message_id), daemon=True).start()
+
+    def _pull(self, grid: Grid, message_id: str) -> None:
+        try:
+            self.replies = list(grid.pull_messages([message_id]))
+        except Exception as error:  # raised in the stage's own thread (exchange)
+            self.error = error
+        finally:
+            self.done.set()
+
+
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float, handle: Handler) -> list[int]:
     """Push `messages`, hand each reply to `handle` as it arrives, push its follow-ups, and
-    return the nodes that had not replied when `timeout` seconds had passed."""
+    return the nodes that had not replied when `timeout` seconds had passed.
+
+    `timeout` is a hard deadline: each reply is pulled on its own (`Pull`). A reply is asked for
+    only while its node is connected. Flower answers for a node that missed its heartbeats (a live
+    node on a saturated machine can) with a "Node Unavailable" error and drops the instruction,
+    though the node may still be working on it; asked for once the node is back, its reply is
+    taken. Replies are handled in the order their messages were pushed."""
     waiting: dict[str, int] = {}
+    pulls: dict[str, Pull] = {}
 
     def push(batch: Iterable[Message]) -> None:
         batch = list(batch)
@@ -42,12 +75,26 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, handle: Ha
     push(messages)
     deadline = time.monotonic() + timeout
     while waiting and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(waiting)):
-            node = waiting.pop(reply.metadata.reply_to_message_id, None)
-            if node is not None:
-                push(handle(node, reply))
+        next_poll = min(time.monotonic() + POLL_SECONDS, deadline)
+        connected = set(grid.get_node_ids())
+        for message_id, node in waiting.items():
+            if node in connected and message_id not in pulls:
+                pulls[message_id] = Pull(grid, message_id)
+        for pull in list(pulls.values()):
+            pull.done.wait(max(0.0, next_poll - time.monotonic()))
+        for message_id in list(waiting):
+            pull = pulls.get(message_id)
+            if pull is None or not pull.done.is_set():
+                continue
+            del pulls[message_id]
+            if pull.error is not None:
+                raise pull.error
+            for reply in pull.replies:
+                node = waiting.pop(reply.metadata.reply_to_message_id, None)
+                if node is not None:
+                    push(handle(node, reply))
         if waiting:
-            time.sleep(POLL_SECONDS)
+            time.sleep(max(0.0, next_poll - time.monotonic()))
     return sorted(waiting.values())
 
 

@@ -32,7 +32,8 @@ def wait_for_nodes(
                 return nodes
             raise NotEnoughNodes(
                 f"only {len(nodes)} nodes connected within federation.connect_timeout = {timeout:g} s, "
-                f"fewer than the {enough} a round needs; start more SuperNodes or lower the quorum"
+                f"fewer than the {enough} a round needs (its quorum, at least federation.min_sites); "
+                "start more SuperNodes or lower the quorum"
             )
         if len(nodes) != announced:
             log(f"waiting for nodes: {len(nodes)} of {wanted} connected")

@@ -17,7 +17,7 @@ from florist.federation.reports import EvaluationReport, RoundReport, TauSelecti
 from florist.federation.resources import peak_rss_mib
 from florist.federation.rounds import evaluate_stage, select_stage, train_stage
 from florist.federation.server_model import ServerModel
-from florist.federation.settings import config_from_run_config, resume_from_run_config
+from florist.federation.settings import as_deployed, config_from_run_config, resume_from_run_config
 from florist.federation.strategy import LoraStrategy
 from florist.reporting.plots import plot_run
 from florist.reporting.run_directory import RunDirectory
@@ -200,8 +200,8 @@ def serve(config: RunConfig, grid: Grid, resume: Path | None = None, fresh_node_
 
 
 def build_server_app(config: RunConfig | None = None, resume: Path | None = None, fresh_node_ids: bool = False) -> ServerApp:
-    """A ServerApp bound to `config`, or reading it from the run config when None (flwr run);
-    `fresh_node_ids` as in `serve`."""
+    """A ServerApp bound to `config`, or reading it from the run config when None (flwr run: a
+    deployment, whose sites train on their own data); `fresh_node_ids` as in `serve`."""
     app = ServerApp()
 
     @app.main()
@@ -209,7 +209,7 @@ def build_server_app(config: RunConfig | None = None, resume: Path | None = None
         if config is not None:
             serve(config, grid, resume, fresh_node_ids)
         else:
-            serve(config_from_run_config(context.run_config), grid, resume_from_run_config(context.run_config))
+            serve(as_deployed(config_from_run_config(context.run_config)), grid, resume_from_run_config(context.run_config))
 
     return app
 

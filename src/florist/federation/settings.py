@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from florist.config import RunConfig, load_config
+from florist.config import NODE_LOCAL, RunConfig, load_config
 
 RESUME_KEY = "resume"
 OVERRIDES_KEY = "overrides"
@@ -26,3 +26,15 @@ def config_from_run_config(run_config: dict) -> RunConfig:
 def resume_from_run_config(run_config: dict) -> Path | None:
     value = run_config.get(RESUME_KEY)
     return Path(str(value)) if value else None
+
+
+def as_deployed(config: RunConfig) -> RunConfig:
+    """`config` as a deployment applies it, and as its run directory records it. Each site trains
+    on the files its own node config names, never on a split of `data.source`, which reads
+    "node-local"; the server's held-out examples, which the source's test split gave, are then
+    named by `data.test_source` ("embedded": the embedded task's)."""
+    data = config.data
+    if data.source == NODE_LOCAL:
+        return config
+    test_source = data.test_source or (data.source if data.source == "embedded" or data.partition == "given" else "")
+    return config.model_copy(update={"data": data.model_copy(update={"source": NODE_LOCAL, "test_source": test_source})})

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from florist.config import RunConfig, load_config
+from florist.config import NODE_LOCAL, RunConfig, load_config
 from florist.evaluation.mmlu import load_mmlu
 from florist.federation.checkpoint import check_resumable
 from florist.federation.client_app import build_client_app
@@ -28,6 +28,10 @@ def prepare(config: RunConfig, resume: Path | None = None) -> RunConfig:
     Resolving the model also makes the de-quantised copy of the embedded one, so that every
     worker then loads it in seconds.
     """
+    if config.data.source == NODE_LOCAL:
+        raise ValueError(
+            f"data.source {NODE_LOCAL!r} is a deployment's, whose sites train on their own files; florist run needs data to split among its clients"
+        )
     if config.data.partition == "given" and not Path(config.data.source).is_dir():
         raise ValueError(f"data.partition 'given' needs a directory of client files, got data.source {config.data.source!r}")
     model_config = AutoConfig.from_pretrained(resolve_model(config.model.name))

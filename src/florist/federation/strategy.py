@@ -42,7 +42,9 @@ from florist.federation.messages import (
     Identity,
     Instruction,
     Reply,
+    error_reason,
     instruction_content,
+    node_unavailable,
     update_key,
 )
 from florist.federation.reports import EvaluationReport, RoundReport, Stage, TauSelection
@@ -188,6 +190,8 @@ class LoraStrategy:
 
     def _take_update(self, state: TrainRound, node: int, message: Message) -> list[Message]:
         """The train reply read and checked whole, then kept: the round changes only once nothing can fail."""
+        if node_unavailable(message):
+            return self._ask_again(node, message, state.report, MessageType.TRAIN)
         reply = identified(state.report, node, message, self.identity)
         if reply is None:
             return []
@@ -241,8 +245,24 @@ class LoraStrategy:
         if resends >= MAX_RESENDS or not 1 <= start <= len(self.chain):
             stage.event(node, "failed", f"chain gap at update {start} not closed after {resends} resends")
             return []
-        stage.resends[node] = resends + 1
-        stage.event(node, "resent", f"node lacked updates {start}..{len(self.chain)}")
+        return self._send_again(node, stage, message_type, f"node lacked updates {start}..{len(self.chain)}", start)
+
+    def _ask_again(self, node: int, message: Message, stage: Stage, message_type: str) -> list[Message]:
+        """The stage's instruction once more for a node the SuperLink reported unavailable: it
+        dropped the instruction, but a live node that missed its heartbeats on a busy machine
+        reports again, and is then asked for the reply (rounds.exchange)."""
+        resends = stage.resends.get(node, 0)
+        if resends >= MAX_RESENDS:
+            stage.event(node, "failed", f"not asked again after {resends} resends: {error_reason(message)}")
+            return []
+        return self._send_again(node, stage, message_type, f"asked again: {error_reason(message)}")
+
+    def _send_again(self, node: int, stage: Stage, message_type: str, why: str, start: int | None = None) -> list[Message]:
+        """The stage's instruction for `node` once more (from update `start` of the chain if given), its bytes counted."""
+        stage.resends[node] = stage.resends.get(node, 0) + 1
+        stage.event(node, "resent", why)
+        if message_type == MessageType.QUERY:
+            return [self.tau.ask(node, lambda n: self._instruction(stage.round, n, MessageType.QUERY))]
         message, sent = self._instruction(stage.round, node, message_type, start)
         stage.bytes_down[node] = stage.bytes_down.get(node, 0) + sent
         return [message]
@@ -338,6 +358,8 @@ class LoraStrategy:
         return guarded(self.tau.selection, node, lambda: self._take_scores(node, message))
 
     def _take_scores(self, node: int, message: Message) -> list[Message]:
+        if node_unavailable(message):
+            return self._ask_again(node, message, self.tau.selection, MessageType.QUERY)
         reply = identified(self.tau.selection, node, message, self.identity)
         if reply is not None:
             self.tau.receive(node, reply, len(self.chain))
@@ -380,6 +402,8 @@ class LoraStrategy:
         return guarded(self.evaluation.report, node, lambda: self._take_evaluation(node, message))
 
     def _take_evaluation(self, node: int, message: Message) -> list[Message]:
+        if node_unavailable(message):
+            return self._ask_again(node, message, self.evaluation.report, MessageType.EVALUATE)
         reply = identified(self.evaluation.report, node, message, self.identity)
         if reply is None:
             return []

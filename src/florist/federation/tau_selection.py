@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from flwr.app import ConfigRecord, Message
 
-from florist.aggregation import cut, cut_ranks
+from florist.aggregation import GlobalModule, cut, cut_ranks
 from florist.config import AggregationConfig
 from florist.federation import payload
 from florist.federation.delivery import GlobalUpdate
@@ -28,6 +28,8 @@ class AutomaticTau:
         self.selection: TauSelection | None = None
         self.holders: set[int] = set()
         """Nodes that hold the largest cut, and with it the leading components of any kept one."""
+        self.largest: dict[str, GlobalModule] = {}
+        """The largest candidate cut, which the scoring nodes are sent."""
 
     def configure(self, server_round: int, nodes: list[int], instruct: Instruct) -> list[Message]:
         """Ask `nodes` to score every candidate truncation of the exact update on their own
@@ -37,15 +39,17 @@ class AutomaticTau:
         self.selection = TauSelection(server_round, candidates=candidates)
         self.holders = set()
         self.selection.ranks = {tau: cut_ranks(self.exact.modules, tau, self.settings.max_rank) for tau in candidates}
-        largest = cut(self.exact.modules, self.selection.ranks[candidates[-1]])
-        messages = []
-        for node in nodes:
-            message, sent = instruct(node)
-            sent += payload.put(message.content, CANDIDATE, largest, self.wire, dense=self.exact.dense)
-            message.content[CUTS] = ConfigRecord({"ranks": json.dumps([self.selection.ranks[tau] for tau in candidates])})
-            self.selection.bytes_down[node] = sent
-            messages.append(message)
-        return messages
+        self.largest = cut(self.exact.modules, self.selection.ranks[candidates[-1]])
+        return [self.ask(node, instruct) for node in nodes]
+
+    def ask(self, node: int, instruct: Instruct) -> Message:
+        """The node's instruction to score the candidates: the largest cut and the ranks of every cut."""
+        candidates = self.selection.candidates
+        message, sent = instruct(node)
+        sent += payload.put(message.content, CANDIDATE, self.largest, self.wire, dense=self.exact.dense)
+        message.content[CUTS] = ConfigRecord({"ranks": json.dumps([self.selection.ranks[tau] for tau in candidates])})
+        self.selection.bytes_down[node] = self.selection.bytes_down.get(node, 0) + sent
+        return message
 
     def receive(self, node: int, reply: Reply, chain_length: int) -> None:
         """Record the node's scores, or why they are rejected (a reply that cannot be read raises
