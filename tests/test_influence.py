@@ -326,8 +326,10 @@ def test_huge_but_finite_values_in_a_round_of_two_are_refused_before_they_reach_
     """Issue 19: with fewer than three replies the screen judges none, and an update of huge finite
     values made FLoRIST's linalg.eigh fail in finish_round (the others refused it there, ending the
     round). Factors beyond float16's range, a scale no rank gives, and factors whose products
-    cancel are each refused per reply; the round aggregates the honest one."""
-    config = RunConfig.model_validate({"federation": {"num_clients": 2, "ranks": [4]}, "aggregation": {"method": "florist", "tau": 1.0}})
+    cancel are each refused per reply; the round aggregates the honest one (min_sites 1 allows it)."""
+    config = RunConfig.model_validate(
+        {"federation": {"num_clients": 2, "ranks": [4], "min_sites": 1}, "aggregation": {"method": "florist", "tau": 1.0}}
+    )
     generator = torch.Generator().manual_seed(3)
     honest = honest_factors(generator, 4, 1.0)
 
