@@ -218,7 +218,7 @@ class LoraStrategy:
         self._confirm(node, held)
         metrics = update.metrics
         show_reply(state.report.round, node, update.partition, update.rank, update.examples, metrics["train-loss"], metrics["train-seconds"])
-        state.admit(node, update, adapter, screened_norms(adapter, self._dense_start()))
+        state.admit(node, update, adapter, screened_norms(adapter, state.dense_start))
         return []
 
     def _binding_refusal(self, node: int, partition: int) -> str | None:
