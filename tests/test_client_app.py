@@ -83,7 +83,7 @@ def random_update(pristine: dict[str, torch.Tensor], rank: int, scale: float, se
 def instruction(config, base_model, server_round: int, node: int, chain: list[dict], payloads: dict, factors: str = "AB", kind=MessageType.TRAIN) -> Message:
     """What the server sends: the chain's digests, and the payloads named (update:<i> or global)."""
     identity = identity_of(config, base_model)
-    content = instruction_content(Instruction(server_round, [update_digest(GlobalUpdate(u)) for u in chain], identity.fingerprint, identity.model_digest, identity.settings))
+    content = instruction_content(Instruction.of(server_round, [update_digest(GlobalUpdate(u)) for u in chain], identity))
     for key, modules in payloads.items():
         payload.put(content, key, modules, "float32", factors=factors)
     return Message(content, dst_node_id=node, message_type=kind)

@@ -325,13 +325,14 @@ def test_a_killed_supernode_is_left_behind_and_a_restarted_one_gets_the_chain_it
         assert torch.equal(tensor, clean[name]), name
 
 
-DYING_SITE = Path(__file__).parent / "dying_site"
+SITES = Path(__file__).parent / "sites"
+DYING_SITE = SITES / "dying"
 DEADLINE_MARGIN_SECONDS = 30
 
 
 def test_a_site_dying_mid_upload_holds_the_deadline_and_no_round_is_aggregated_from_one_site(tiny_model_dir, site_data, tmp_path, busy_machine):
     """Three sites, federation.min_sites 2 (the default), every core busy. Site 2 dies while it
-    uploads its round-1 reply (tests/dying_site): the server is left waiting for a reply's last
+    uploads its round-1 reply (tests/sites/dying): the server is left waiting for a reply's last
     object, which Flower 1.42 would wait for until its 180 s object-push session expires; round 1
     ends at its deadline all the same, with sites 0 and 1. Round 2 samples the 2 sites left: its
     quorum stays 2 (half of 2 would be 1). In round 3 site 1 dies mid-upload too: only site 0
@@ -346,7 +347,7 @@ def test_a_site_dying_mid_upload_holds_the_deadline_and_no_round_is_aggregated_f
         for site, dies_at_reply in ((0, None), (1, 3), (2, 1)):
             env = None
             if dies_at_reply:
-                pythonpath = f"{DYING_SITE}:{deployment.env['PYTHONPATH']}"
+                pythonpath = f"{DYING_SITE}:{SITES}:{deployment.env['PYTHONPATH']}"
                 env = dict(deployment.env, PYTHONPATH=pythonpath, FLORIST_TEST_DIE_AT_REPLY=str(dies_at_reply))
             deployment.add_supernode(f"site{site}", site_config(site, site_data, tiny_model_dir), env=env)
         deployment.wait_for_nodes()
@@ -370,9 +371,9 @@ def test_a_site_dying_mid_upload_holds_the_deadline_and_no_round_is_aggregated_f
 
 
 # ---------------------------------------------------------------------------------------------
-# A hostile site: a real SuperNode that runs its own code (hostile_site/sitecustomize.py).
+# A hostile site: a real SuperNode that runs its own code (sites/hostile/sitecustomize.py).
 
-HOSTILE_SITE = Path(__file__).parent / "hostile_site"
+HOSTILE_SITE = SITES / "hostile"
 
 
 def test_a_hostile_supernode_is_refused_reply_by_reply_and_the_run_ends_as_without_it(tiny_model_dir, site_data, simulated, tmp_path):
@@ -388,7 +389,7 @@ def test_a_hostile_supernode_is_refused_reply_by_reply_and_the_run_ends_as_witho
         deployment.start_superlink()
         for site in range(SITES):
             deployment.add_supernode(f"site{site}", site_config(site, site_data, tiny_model_dir))
-        hostile_env = dict(deployment.env, PYTHONPATH=f"{HOSTILE_SITE}:{deployment.env['PYTHONPATH']}")
+        hostile_env = dict(deployment.env, PYTHONPATH=f"{HOSTILE_SITE}:{SITES}:{deployment.env['PYTHONPATH']}")
         hostile_config = site_config(SITES, site_data, tiny_model_dir) | {"data": str(site_data / "client_0.json")}
         hostile = deployment.add_supernode("hostile", hostile_config, env=hostile_env)
         deployment.wait_for_nodes()

@@ -101,6 +101,11 @@ class Instruction:
     settings: dict
     """The shared settings (`RunConfig.shared_settings`), which `fingerprint` covers."""
 
+    @classmethod
+    def of(cls, server_round: int, chain: list[str], identity: Identity) -> Instruction:
+        """The server's instruction for a round whose nodes hold `chain`, under the server's identity."""
+        return cls(server_round, chain, identity.fingerprint, identity.model_digest, identity.settings)
+
     def record(self) -> ConfigRecord:
         return ConfigRecord(
             {

@@ -313,6 +313,14 @@ class UpdateCost:
     component_overhead_bytes: int
     fixed_bytes: int
 
+    def budget_options(self, instruction_bytes: int) -> dict[str, int]:
+        """The aggregator's download-budget options for this payload, sent in an instruction record of `instruction_bytes`."""
+        return {
+            "wire_bytes": self.value_bytes,
+            "component_overhead_bytes": self.component_overhead_bytes,
+            "fixed_download_bytes": self.fixed_bytes + instruction_bytes,
+        }
+
 
 def update_cost(shapes: Mapping[str, tuple[int, int]], dense_shapes: Mapping[str, tuple[int, ...]], wire: str) -> UpdateCost:
     """The cost of a merged update of these modules and tensors trained in full in this wire format."""

@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING
 from florist.federation.console import show_event
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from florist.aggregation import GlobalModule
     from florist.federation.validation import ClientUpdate
 
 
@@ -109,6 +112,11 @@ class RoundReport(Stage):
     aggregation_seconds: float = 0.0
     ranks: dict[str, int] = field(default_factory=dict)
     energy: dict[str, float | None] = field(default_factory=dict)
+
+    def record_ranks(self, modules: Mapping[str, GlobalModule]) -> None:
+        """The rank and spectral energy kept of each module of the round's global update."""
+        self.ranks = {name: module.rank for name, module in modules.items()}
+        self.energy = {name: module.energy for name, module in modules.items()}
 
     @property
     def train_loss(self) -> float:

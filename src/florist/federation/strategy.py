@@ -7,9 +7,9 @@ their own truncation when the server knows their partition; FFA-LoRA: B only, si
 derived from the shared seed). With `federation.warm_start` FLoRIST's clients start from the last
 update's leading components and upload their change since it, from which the server recovers what
 each learned before it is aggregated.
-Reply checks (intake, validation), a train stage's state (train_round), automatic tau
-(tau_selection), federated evaluation, delivery, sampling and the exchange of messages live in
-their own modules; this one connects them.
+Reply checks (intake, validation), a train stage's state (train_round), the partition each node
+may deliver (binding), automatic tau (tau_selection), federated evaluation, delivery, sampling and
+the exchange of messages live in their own modules; this one connects them.
 """
 
 from __future__ import annotations
@@ -20,19 +20,15 @@ from collections.abc import Mapping
 from flwr.app import Message, MessageType
 from torch import Tensor
 
-from florist.aggregation import (
-    Aggregate,
-    AggregationError,
-    ClientAdapter,
-    GlobalModule,
-    make_aggregator,
-)
+from florist.aggregation import Aggregate, AggregationError, ClientAdapter, GlobalModule, make_aggregator
 from florist.config import RunConfig
 from florist.federation import payload
+from florist.federation.binding import PartitionBinding
 from florist.federation.checkpoint import ServerState
 from florist.federation.console import show_reply
 from florist.federation.delivery import Chain, GlobalUpdate, update_digest
 from florist.federation.federated_evaluation import FederatedEvaluation
+from florist.federation.influence import NormScreen, WeightCap, screened_norms
 from florist.federation.intake import guarded, identified
 from florist.federation.messages import (
     ADAPTER,
@@ -49,7 +45,6 @@ from florist.federation.messages import (
 )
 from florist.federation.reports import EvaluationReport, RoundReport, Stage, TauSelection
 from florist.federation.tau_selection import AutomaticTau
-from florist.federation.influence import NormScreen, WeightCap, screened_norms
 from florist.federation.train_round import RoundFailed, TrainRound
 from florist.federation.validation import Limits, check_magnitude, check_reply, client_adapter
 
@@ -89,9 +84,7 @@ class LoraStrategy:
         """The global adapter clients continue from, as they receive it (continuing methods)."""
         self.truncations: dict[int, dict[str, GlobalModule]] = {}
         """FlexLoRA: each partition's own truncation of the global update."""
-        self.partition_of: dict[int, int] = {}
-        """node id -> the partition bound to it: the one its first aggregated reply claimed. A node
-        claiming another partition, or another node claiming it, is refused; it is kept in the checkpoint."""
+        self.partition_of = PartitionBinding()
         self.reports: list[RoundReport] = []
         self.received: list[ClientAdapter] = []
         """The last round's client adapters as the server decoded them, in partition order; kept
@@ -109,20 +102,13 @@ class LoraStrategy:
         return self.config.wire.download
 
     def _download_costs(self, dense_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
-        """What a download budget counts, as the aggregator's options: a merged update's payload on
-        this wire, and the instruction's own record around it at its longest (the last round's, which
-        lists every update's digest)."""
+        """What a download budget counts: a merged update's payload on this wire, and the instruction's
+        own record around it at its longest (the last round's, which lists every update's digest)."""
         if self.config.aggregation.download_budget_mb is None:
             return {}
-        cost = payload.update_cost(self.shapes, dense_shapes, self.wire)
-        rounds = self.config.federation.rounds
-        digests = [update_digest(GlobalUpdate({}))] * rounds
-        instruction = Instruction(rounds, digests, self.identity.fingerprint, self.identity.model_digest, self.identity.settings).record().count_bytes()
-        return {
-            "wire_bytes": cost.value_bytes,
-            "component_overhead_bytes": cost.component_overhead_bytes,
-            "fixed_download_bytes": cost.fixed_bytes + instruction,
-        }
+        digests = [update_digest(GlobalUpdate({}))] * self.config.federation.rounds
+        instruction = Instruction.of(self.config.federation.rounds, digests, self.identity)
+        return payload.update_cost(self.shapes, dense_shapes, self.wire).budget_options(instruction.record().count_bytes())
 
     @property
     def _split_used(self) -> int | None:
@@ -143,9 +129,7 @@ class LoraStrategy:
 
     def _instruction(self, server_round: int, node: int, message_type: str, start: int | None = None) -> tuple[Message, int]:
         """A message carrying the global state the node lacks, and its payload bytes."""
-        instruction = Instruction(
-            server_round, list(self.chain.digests), self.identity.fingerprint, self.identity.model_digest, self.identity.settings
-        )
+        instruction = Instruction.of(server_round, list(self.chain.digests), self.identity)
         content = instruction_content(instruction)
         sent = 0
         if self.merges:
@@ -191,7 +175,7 @@ class LoraStrategy:
     def _take_update(self, state: TrainRound, node: int, message: Message) -> list[Message]:
         """The train reply read and checked whole, then kept: the round changes only once nothing can fail."""
         if node_unavailable(message):
-            return self._ask_again(node, message, state.report, MessageType.TRAIN)
+            return self._send_again(node, state.report, MessageType.TRAIN, f"asked again: {error_reason(message)}")
         reply = identified(state.report, node, message, self.identity)
         if reply is None:
             return []
@@ -202,7 +186,7 @@ class LoraStrategy:
         if reply.status != TRAINED:
             state.report.event(node, "rejected", f"unexpected reply status {reply.status!r}", reply.partition)
             return []
-        refusal = self._binding_refusal(node, reply.partition)
+        refusal = self.partition_of.refusal(node, reply.partition)
         if refusal is not None:
             state.report.event(node, "refused", refusal, reply.partition)
             return []
@@ -221,16 +205,6 @@ class LoraStrategy:
         state.admit(node, update, adapter, screened_norms(adapter, state.dense_start))
         return []
 
-    def _binding_refusal(self, node: int, partition: int) -> str | None:
-        """Why `node` may not deliver `partition`: either is bound to another (see `partition_of`)."""
-        bound = self.partition_of.get(node)
-        if bound is not None and bound != partition:
-            return f"partition-id {partition}, but node {node} is bound to partition {bound}, the one it first delivered"
-        owner = next((other for other, held in self.partition_of.items() if held == partition and other != node), None)
-        if owner is not None:
-            return f"partition-id {partition} is bound to node {owner}, which first delivered it"
-        return None
-
     def _dense_start(self) -> Mapping[str, Tensor]:
         """The tensors trained in full as every node starts this round: the last global values
         (a merged update's replace the model's; none before the first aggregate)."""
@@ -241,25 +215,21 @@ class LoraStrategy:
     def _resend(self, node: int, reply: Reply, stage: Stage, message_type: str) -> list[Message]:
         """The updates a node with a gap in its chain lacks, sent again within the same stage."""
         start = reply.integer("needs-update")
-        resends = stage.resends.get(node, 0)
-        if resends >= MAX_RESENDS or not 1 <= start <= len(self.chain):
-            stage.event(node, "failed", f"chain gap at update {start} not closed after {resends} resends")
+        if not 1 <= start <= len(self.chain):
+            stage.event(node, "failed", f"chain gap at update {start}, outside the chain of {len(self.chain)} updates")
             return []
         return self._send_again(node, stage, message_type, f"node lacked updates {start}..{len(self.chain)}", start)
 
-    def _ask_again(self, node: int, message: Message, stage: Stage, message_type: str) -> list[Message]:
-        """The stage's instruction once more for a node the SuperLink reported unavailable: it
-        dropped the instruction, but a live node that missed its heartbeats on a busy machine
-        reports again, and is then asked for the reply (rounds.exchange)."""
+    def _send_again(self, node: int, stage: Stage, message_type: str, why: str, start: int | None = None) -> list[Message]:
+        """The stage's instruction for `node` once more (from update `start` of the chain if given),
+        its bytes counted; a node still missing after MAX_RESENDS is left out of the stage. A node the
+        SuperLink reported unavailable dropped the instruction, but on a busy machine a live node that
+        missed its heartbeats reports again and is then asked for the reply (rounds.exchange)."""
         resends = stage.resends.get(node, 0)
         if resends >= MAX_RESENDS:
-            stage.event(node, "failed", f"not asked again after {resends} resends: {error_reason(message)}")
+            stage.event(node, "failed", f"not sent again after {resends} resends ({why})")
             return []
-        return self._send_again(node, stage, message_type, f"asked again: {error_reason(message)}")
-
-    def _send_again(self, node: int, stage: Stage, message_type: str, why: str, start: int | None = None) -> list[Message]:
-        """The stage's instruction for `node` once more (from update `start` of the chain if given), its bytes counted."""
-        stage.resends[node] = stage.resends.get(node, 0) + 1
+        stage.resends[node] = resends + 1
         stage.event(node, "resent", why)
         if message_type == MessageType.QUERY:
             return [self.tau.ask(node, lambda n: self._instruction(stage.round, n, MessageType.QUERY))]
@@ -318,7 +288,7 @@ class LoraStrategy:
             self.chain.append(modules)
         self.current = state.current
         self.truncations = dict(state.truncations)
-        self.partition_of = {} if fresh_node_ids else dict(state.partition_of)
+        self.partition_of = PartitionBinding({} if fresh_node_ids else state.partition_of)
 
     # -- aggregation -------------------------------------------------------------------------
 
@@ -335,7 +305,7 @@ class LoraStrategy:
             self.tau.exact = self._as_received(aggregate)
         else:
             self._advance(aggregate, [update.partition for update in updates.values()])
-            self._record_ranks(report, aggregate.modules)
+            report.record_ranks(aggregate.modules)
         for node, update in updates.items():
             self.partition_of[node] = update.partition
         state.record_clients(updates)
@@ -343,11 +313,6 @@ class LoraStrategy:
         self.reports.append(report)
         self._round = None
         return report
-
-    @staticmethod
-    def _record_ranks(report: RoundReport, modules: Mapping[str, GlobalModule]) -> None:
-        report.ranks = {name: module.rank for name, module in modules.items()}
-        report.energy = {name: module.energy for name, module in modules.items()}
 
     # -- automatic tau ---------------------------------------------------------------------------
 
@@ -359,7 +324,7 @@ class LoraStrategy:
 
     def _take_scores(self, node: int, message: Message) -> list[Message]:
         if node_unavailable(message):
-            return self._ask_again(node, message, self.tau.selection, MessageType.QUERY)
+            return self._send_again(node, self.tau.selection, MessageType.QUERY, f"asked again: {error_reason(message)}")
         reply = identified(self.tau.selection, node, message, self.identity)
         if reply is not None:
             self.tau.receive(node, reply, len(self.chain))
@@ -372,7 +337,7 @@ class LoraStrategy:
         # takes the update from its copy (client_app.held_chain), and is sent it only if it reports a gap.
         for node in self.tau.holders:
             self.chain.confirm(node, len(self.chain))
-        self._record_ranks(self.reports[-1], kept.modules)
+        self.reports[-1].record_ranks(kept.modules)
         return selection
 
     def _as_received(self, aggregate: Aggregate) -> GlobalUpdate:
@@ -403,7 +368,7 @@ class LoraStrategy:
 
     def _take_evaluation(self, node: int, message: Message) -> list[Message]:
         if node_unavailable(message):
-            return self._ask_again(node, message, self.evaluation.report, MessageType.EVALUATE)
+            return self._send_again(node, self.evaluation.report, MessageType.EVALUATE, f"asked again: {error_reason(message)}")
         reply = identified(self.evaluation.report, node, message, self.identity)
         if reply is None:
             return []

@@ -59,7 +59,7 @@ class Replayer:
         # The strategy's own step from an aggregate to what the nodes hold (the download's wire round
         # trip, FlexLoRA's per-client truncations): the model evaluated and the bytes counted are the run's.
         strategy._advance(aggregate, [c["partition"] for c in clients])
-        strategy.partition_of = {c["node"]: c["partition"] for c in clients}
+        strategy.partition_of.update({c["node"]: c["partition"] for c in clients})
 
         run = RunDirectory.create(config)
         run.record_round(round_record(0, None, {}, None, {}))

@@ -9,12 +9,11 @@ waiting for its objects, then stops itself with SIGTERM, which takes it out of t
 once (a SIGKILLed node is listed for up to 60 s more).
 """
 
-import importlib.abc
-import importlib.machinery
 import os
 import signal
-import sys
 import time
+
+from patch_on_import import patch_on_import
 
 TARGET = "flwr.supernode.start_client_internal"
 DIE_AT_REPLY = int(os.environ.get("FLORIST_TEST_DIE_AT_REPLY", "0"))
@@ -40,20 +39,5 @@ def _install(module):
     module.push_object_contents_from_iterable = push_object_contents_from_iterable
 
 
-class _Dying(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != TARGET:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            _install(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
 if DIE_AT_REPLY:
-    sys.meta_path.insert(0, _Dying())
+    patch_on_import(TARGET, _install)

@@ -10,10 +10,9 @@ changed after they are made, one way per message:
 The node trains and evaluates for real; only what it sends is broken.
 """
 
-import importlib.abc
-import importlib.machinery
 import io
-import sys
+
+from patch_on_import import patch_on_import
 
 TARGET = "florist.federation.client_app"
 
@@ -55,19 +54,4 @@ def _install(module):
     module._reply = _reply
 
 
-class _Hostile(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != TARGET:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            _install(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-sys.meta_path.insert(0, _Hostile())
+patch_on_import(TARGET, _install)
