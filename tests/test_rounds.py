@@ -71,6 +71,30 @@ def test_a_node_that_drops_out_is_recorded_and_the_round_completes_with_the_othe
         torch.testing.assert_close(final.modules[name].scale * final.modules[name].B @ final.modules[name].A, module.delta(), atol=1e-6, rtol=1e-5)
 
 
+class UnreadableReplies(LocalGrid):
+    """Flower fails to rebuild every reply of one node as it pulls it (a malformed message)."""
+
+    def __init__(self, *args, node: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unreadable_node = node
+
+    def pull_messages(self, message_ids):
+        message_ids = list(message_ids)
+        if any(self.replies[i].metadata.src_node_id == self.unreadable_node for i in message_ids if i in self.replies):
+            raise ValueError("Cannot reconstruct message: object 'abc' is missing")
+        return super().pull_messages(message_ids)
+
+
+def test_a_reply_flower_cannot_pull_is_that_nodes_failure_and_the_rounds_complete_with_the_others(tiny_model_dir, tmp_path):
+    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", *FAST, "federation.min_clients=2")
+    grid = UnreadableReplies(build_client_app(config), {node: {"partition-id": p} for node, p in NODES.items()}, node=303)
+    path = serve(config, grid)
+    for record in read_rounds(path)[1:]:
+        assert [c["partition"] for c in record["clients"]] == [0, 1]
+        status, reason = events(record)[303]
+        assert status == "failed" and reason == "its reply could not be read (ValueError: Cannot reconstruct message: object 'abc' is missing)"
+
+
 def test_a_missed_quorum_is_retried_then_the_run_stops_with_a_message_naming_the_nodes(tiny_model_dir, tmp_path):
     config = federation_config(tiny_model_dir, tmp_path / "run", "florist", *FAST, "federation.min_clients=3", "federation.round_retries=1")
     grid = grid_for(config)

@@ -13,7 +13,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from flwr.app import Message
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from florist.config import FederationConfig
@@ -63,14 +64,16 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, handle: Ha
     only while its node is connected. Flower answers for a node that missed its heartbeats (a live
     node on a saturated machine can) with a "Node Unavailable" error and drops the instruction,
     though the node may still be working on it; asked for once the node is back, its reply is
-    taken. Replies are handled in the order their messages were pushed."""
+    taken. Replies are handled in the order their messages were pushed; one that cannot be pulled
+    is handled as the node's error (`unreadable`)."""
     waiting: dict[str, int] = {}
+    sent: dict[str, Message] = {}
     pulls: dict[str, Pull] = {}
 
     def push(batch: Iterable[Message]) -> None:
         batch = list(batch)
         for message_id, message in zip(grid.push_messages(batch), batch, strict=True):
-            waiting[message_id] = message.metadata.dst_node_id
+            waiting[message_id], sent[message_id] = message.metadata.dst_node_id, message
 
     push(messages)
     deadline = time.monotonic() + timeout
@@ -87,15 +90,22 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, handle: Ha
             if pull is None or not pull.done.is_set():
                 continue
             del pulls[message_id]
-            if pull.error is not None:
-                raise pull.error
-            for reply in pull.replies:
+            replies = pull.replies if pull.error is None else [unreadable(sent[message_id], pull.error)]
+            for reply in replies:
                 node = waiting.pop(reply.metadata.reply_to_message_id, None)
                 if node is not None:
                     push(handle(node, reply))
         if waiting:
             time.sleep(max(0.0, next_poll - time.monotonic()))
     return sorted(waiting.values())
+
+
+def unreadable(message: Message, error: Exception) -> Message:
+    """The reply to `message` as an error, when Flower could not pull or rebuild it: the node's
+    failure, which the stage records, and not the run's. A SuperLink that is gone fails the stage's
+    next call to the grid instead."""
+    reason = f"its reply could not be read ({type(error).__name__}: {str(error)[:200]})"
+    return Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=message)
 
 
 def train_stage(grid: Grid, strategy: LoraStrategy, federation: FederationConfig, seed: int, server_round: int, first: bool) -> RoundReport:
