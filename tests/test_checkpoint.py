@@ -255,6 +255,16 @@ def map_entry(key: str, entry: str, value, message: str) -> Callable[[Path], str
     return tamper
 
 
+def metrics_entry(change: Callable[[dict], None], message: str) -> Callable[[Path], str]:
+    """The last round's metrics record changed: the summary at the run's end would read it."""
+
+    def tamper(run: Path) -> str:
+        edit_state(run, lambda record: change(record["metrics"][-1]))
+        return f"{state_path(run)}: metrics[2] {message}"
+
+    return tamper
+
+
 def without_digest(run: Path) -> str:
     edit_state(run, lambda record: record["sha256"].pop("update-0002.safetensors"))
     return f"{state_path(run)}: files.chain[1] 'update-0002.safetensors' has no sha256"
@@ -303,6 +313,14 @@ FLORIST_TAMPERING = {
     "node-not-an-id": map_entry("partition_of", "node-7", 0, "partition_of has the key 'node-7', not an integer >= 0"),
     "partition-bound-twice": map_entry(
         "partition_of", "999", 0, "partition_of binds partition 0 to nodes 101 and 999; a partition has one node"
+    ),
+    "metrics-bytes-as-text": metrics_entry(
+        lambda m: m["communication"].update(down_bytes="12"), "communication.down_bytes: input should be a valid integer"
+    ),
+    "metrics-without-communication": metrics_entry(lambda m: m.pop("communication"), "communication: field required"),
+    "metrics-evaluation-list": metrics_entry(lambda m: m.update(evaluation=[1.0]), "evaluation: input should be a valid dictionary"),
+    "metrics-loss-as-text": metrics_entry(
+        lambda m: m["clients"][0].update(train_loss="0.5"), "clients.0.train_loss: input should be a valid number"
     ),
     "confirmed-beyond-chain": map_entry("confirmed", "101", 3, "confirmed[101] is 3, beyond the chain's 2 updates"),
     "without-digest": without_digest,

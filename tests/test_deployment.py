@@ -325,8 +325,9 @@ def test_a_killed_supernode_is_left_behind_and_a_restarted_one_gets_the_chain_it
         assert torch.equal(tensor, clean[name]), name
 
 
-SITES = Path(__file__).parent / "sites"
-DYING_SITE = SITES / "dying"
+SITE_CODE = Path(__file__).parent / "sites"
+"""Code of sites that misbehave (each folder's sitecustomize.py), and what they share."""
+DYING_SITE = SITE_CODE / "dying"
 DEADLINE_MARGIN_SECONDS = 30
 
 
@@ -347,7 +348,7 @@ def test_a_site_dying_mid_upload_holds_the_deadline_and_no_round_is_aggregated_f
         for site, dies_at_reply in ((0, None), (1, 3), (2, 1)):
             env = None
             if dies_at_reply:
-                pythonpath = f"{DYING_SITE}:{SITES}:{deployment.env['PYTHONPATH']}"
+                pythonpath = f"{DYING_SITE}:{SITE_CODE}:{deployment.env['PYTHONPATH']}"
                 env = dict(deployment.env, PYTHONPATH=pythonpath, FLORIST_TEST_DIE_AT_REPLY=str(dies_at_reply))
             deployment.add_supernode(f"site{site}", site_config(site, site_data, tiny_model_dir), env=env)
         deployment.wait_for_nodes()
@@ -373,7 +374,7 @@ def test_a_site_dying_mid_upload_holds_the_deadline_and_no_round_is_aggregated_f
 # ---------------------------------------------------------------------------------------------
 # A hostile site: a real SuperNode that runs its own code (sites/hostile/sitecustomize.py).
 
-HOSTILE_SITE = SITES / "hostile"
+HOSTILE_SITE = SITE_CODE / "hostile"
 
 
 def test_a_hostile_supernode_is_refused_reply_by_reply_and_the_run_ends_as_without_it(tiny_model_dir, site_data, simulated, tmp_path):
@@ -389,7 +390,7 @@ def test_a_hostile_supernode_is_refused_reply_by_reply_and_the_run_ends_as_witho
         deployment.start_superlink()
         for site in range(SITES):
             deployment.add_supernode(f"site{site}", site_config(site, site_data, tiny_model_dir))
-        hostile_env = dict(deployment.env, PYTHONPATH=f"{HOSTILE_SITE}:{SITES}:{deployment.env['PYTHONPATH']}")
+        hostile_env = dict(deployment.env, PYTHONPATH=f"{HOSTILE_SITE}:{SITE_CODE}:{deployment.env['PYTHONPATH']}")
         hostile_config = site_config(SITES, site_data, tiny_model_dir) | {"data": str(site_data / "client_0.json")}
         hostile = deployment.add_supernode("hostile", hostile_config, env=hostile_env)
         deployment.wait_for_nodes()

@@ -33,7 +33,7 @@ from florist.aggregation import GlobalModule
 from florist.config import RunConfig, first_difference, load_config
 from florist.federation.delivery import GlobalUpdate
 from florist.federation.payload import DENSE_PREFIX
-from florist.reporting.run_directory import write_atomically
+from florist.reporting.run_directory import check_round_record, write_atomically
 
 DIRECTORY = "checkpoint"
 STATE = "state.json"
@@ -163,6 +163,9 @@ def load_state(
         rounds = [entry.get("round") if isinstance(entry, dict) else None for entry in metrics]
         if rounds != list(range(len(rounds))) or len(rounds) != server_round + 1:
             raise ValueError(f"{path}: round {server_round}, but metrics hold the records of rounds {_shown(rounds)}")
+        for index, entry in enumerate(metrics):
+            if (why := check_round_record(entry)) is not None:
+                raise ValueError(f"{path}: metrics[{index}] {why}")
         chain, current, truncations = _file_names(path, record, server_round)
         _check_method(path, server_round, chain, current, truncations, merges)
         partition_of = _bindings(path, record["partition_of"])

@@ -7,11 +7,57 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
 
 from florist.config import RunConfig
 from florist.files import write_atomically
 
-__all__ = ["RunDirectory", "read_rounds", "write_atomically"]
+__all__ = ["RunDirectory", "check_round_record", "read_rounds", "write_atomically"]
+
+
+class _Read(BaseModel):
+    """The fields of a metrics.jsonl record that the end of a run reads (the summary, the plots);
+    others are kept as they are."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class _Communication(_Read):
+    down_bytes: NonNegativeInt
+    up_bytes: NonNegativeInt
+
+
+class _Client(_Read):
+    partition: NonNegativeInt
+    train_loss: float
+    bytes_down: NonNegativeInt
+    bytes_up: NonNegativeInt
+
+
+class _Combined(_Read):
+    combined: dict[str, float] = {}
+
+
+class _RoundRecord(_Read):
+    round: NonNegativeInt
+    communication: _Communication
+    evaluation: dict[str, float | dict[str, float]]
+    train_loss: float | None = None
+    clients: list[_Client] = []
+    ranks: dict[str, NonNegativeInt] = {}
+    federated_evaluation: _Combined | None = None
+
+
+def check_round_record(record: object) -> str | None:
+    """Why a stored metrics record could not be a run's (a field the summary or the plots read is
+    missing or not a number of its kind), or None. Infinite losses are a run's own result, and pass."""
+    try:
+        _RoundRecord.model_validate(record)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"{where}: {first['msg'].lower()}" if where else first["msg"].lower()
+    return None
 
 
 def _refuse_if_taken(path: Path) -> None:
