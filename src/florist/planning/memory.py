@@ -198,7 +198,7 @@ def aggregation_memory(
     - flora: the same stacks, which are its result (every client downloads them);
     - flexlora: the stacks and the QR route's Q factors (its default; the paper's dense route would
       form an m x n update per module instead) and an R x R core, a rank-max(r) adapter as its result;
-    - fedit, ffa: the zero-padded average at the largest rank.
+    - fedit, ffa: the zero-padded average at the largest rank (ffa: B alone).
     """
     total, widest = sum(ranks), max(ranks)
     received = sum((m + n) * total for m, n in modules.values()) * FLOAT32
@@ -217,7 +217,9 @@ def aggregation_memory(
         result = sum((m + n) * widest for m, n in modules.values()) * FLOAT32
     elif method in ("fedit", "ffa"):
         work = chunk_modules * sum(largest) * widest * FLOAT32
-        result = sum((m + n) * widest for m, n in modules.values()) * FLOAT32
+        # FFA-LoRA averages B alone: its A is the shared seeded draw.
+        width = (lambda m, n: m) if method == "ffa" else (lambda m, n: m + n)
+        result = sum(width(m, n) * widest for m, n in modules.values()) * FLOAT32
     else:
         raise ValueError(f"aggregation.method {method!r} has no memory model")
     return ServerMemory(received, work, result)
