@@ -47,6 +47,8 @@ class ModelConfig(Section):
     """Mixed precision for training. "auto": bf16 on a GPU with bf16 and on a CPU with native bf16
     (avx512_bf16 or amx_bf16), fp32 elsewhere: emulated bf16 measured 20x slower than fp32
     (BENCHMARKS.md). The run's summary.json says what was chosen and why ("precision")."""
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    """How a site holds its base weights: "none" in float32, "nf4" or "int8" through bitsandbytes."""
 
     @field_validator("name")
     @classmethod
@@ -328,6 +330,10 @@ class TrainingConfig(Section):
     seed: int = 0
     deterministic: bool = False
     """torch's deterministic algorithms on every node: a resumed run then equals an uninterrupted one."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them
+    (transformers' activation checkpointing): the same gradients, for less memory and about a
+    third more compute (`florist plan` shows what it saves)."""
 
 
 class EvaluationConfig(Section):

@@ -61,22 +61,34 @@ def train_lora(
     seed: int,
     pad_token_id: int,
     autocast: bool,
+    gradient_checkpointing: bool,
 ) -> TrainResult:
-    """AdamW on the model's trainable parameters (the LoRA factors), loss on response tokens."""
+    """AdamW on the model's trainable parameters (the LoRA factors), loss on response tokens;
+    `gradient_checkpointing` recomputes each layer's activations in the backward pass."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     model.train()
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing, which also makes the embeddings' output require grad, so that
+        # the gradient reaches the LoRA factors through layers whose own weights are all frozen.
+        model.activation_checkpointing_enable({"use_reentrant": False})
     losses, tokens, start = [], 0, time.perf_counter()
-    for batch in shuffled_batches(features, batch_size, steps, seed):
-        inputs = {key: value.to(device) for key, value in pad_batch(batch, pad_token_id).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = response_loss(model, **inputs)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        tokens += int(inputs["attention_mask"].sum())
-    model.eval()
+    try:
+        for batch in shuffled_batches(features, batch_size, steps, seed):
+            inputs = {key: value.to(device) for key, value in pad_batch(batch, pad_token_id).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = response_loss(model, **inputs)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            tokens += int(inputs["attention_mask"].sum())
+    finally:
+        model.eval()
+        if gradient_checkpointing:
+            # The model outlives this call (the workspace keeps it for the next message): leave it as it came.
+            model.activation_checkpointing_disable()
+            model.disable_input_require_grads()
     return TrainResult(sum(losses) / len(losses), len(losses), tokens, time.perf_counter() - start)

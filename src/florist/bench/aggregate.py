@@ -8,7 +8,6 @@ allocation (torch's included), which tracemalloc does not. See BENCHMARKS.md.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import math
@@ -26,6 +25,7 @@ import torch
 from rich.table import Table
 
 from florist.aggregation import ClientAdapter, LoraFactors, lora_scale, make_aggregator
+from florist.federation.resources import proc_status_kib, reset_peak_rss, set_mmap_threshold
 from florist.reporting.run_directory import write_atomically
 
 
@@ -202,30 +202,6 @@ def module_flops(method: str, route: str, m: int, n: int, ranks: list[int], kept
 # ---------------------------------------------------------------- one measurement, in a fresh process
 
 
-def _proc_status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {key}")
-
-
-def _reset_peak_rss() -> bool:
-    """Linux >= 4.0: writing 5 to clear_refs resets VmHWM to the current resident set."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def _set_mmap_threshold(size: int) -> None:
-    """glibc's mallopt(M_MMAP_THRESHOLD, size); a no-op where there is no glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, size)  # -3 is M_MMAP_THRESHOLD in malloc.h
-    except OSError:
-        pass
-
-
 def measured_modules(preset: str, count: int | None) -> dict[str, float]:
     """The first `count` modules (all when None), each with how many of the preset's modules it stands for."""
     shapes = PRESETS[preset].modules()
@@ -249,12 +225,12 @@ def _peak_extra_bytes(work) -> tuple[object, int | None]:
     usual reuse of freed blocks, as a long-lived server does.
     """
     gc.collect()
-    _set_mmap_threshold(64 * 2**10)
-    tracked = _reset_peak_rss()
-    start_kib = _proc_status_kib("VmRSS")
+    set_mmap_threshold(64 * 2**10)
+    tracked = reset_peak_rss()
+    start_kib = proc_status_kib("VmRSS")
     result = work()
-    peak = (_proc_status_kib("VmHWM") - start_kib) * 1024 if tracked else None
-    _set_mmap_threshold(32 * 2**20)
+    peak = (proc_status_kib("VmHWM") - start_kib) * 1024 if tracked else None
+    set_mmap_threshold(32 * 2**20)
     return result, peak
 
 

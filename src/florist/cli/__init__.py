@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-SUBCOMMANDS = ("run", "aggregate", "bench")
+SUBCOMMANDS = ("run", "plan", "aggregate", "bench")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -218,6 +218,7 @@ def _train(config: RunConfig, policy: NodePolicy, node: NodeSettings, instructio
         seed=seed,
         pad_token_id=workspace.tokenizer.pad_token_id,
         autocast=workspace.precision.autocast,
+        gradient_checkpointing=training.gradient_checkpointing,
     )
     metrics = {
         "round": instruction.round,

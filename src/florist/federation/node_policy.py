@@ -42,6 +42,8 @@ from florist.federation.identity import settings_fingerprint
 from florist.federation.messages import Instruction
 from florist.federation.node import NodeSettings
 from florist.models import EMBEDDED_MODEL
+from florist.planning import GIB
+from florist.planning.plan import model_config, site_peak
 from florist.sources import looks_like_path
 
 MIB = 2**20
@@ -100,6 +102,7 @@ NODE_KEYS = {
     "lora-bias": "the most model.lora_bias it trains and sends in full: none (default), lora_only or all",
     "modules-to-save": "the modules it may train and send in full (model.modules_to_save), comma-separated (default: none)",
     "min-category-examples": f"the examples a category needs before its score is sent (default {DEFAULT_MIN_CATEGORY_EXAMPLES})",
+    "memory-gib": "the memory its device has for training, GiB: a run whose planned peak (florist plan) is above it is refused (default: no limit)",
 }
 
 REFUSAL_CHARACTERS = 400
@@ -131,6 +134,7 @@ class NodePolicy:
     lora_bias: str = "none"
     modules_to_save: tuple[str, ...] = ()
     min_category_examples: int = DEFAULT_MIN_CATEGORY_EXAMPLES
+    memory_gib: float | None = None
     in_process: bool = False
     """A node of `florist run`, inside the operator's own process: it may take its part of the run's
     split, shares the cores with the other simulated clients, and its failures keep their text."""
@@ -165,6 +169,7 @@ class NodePolicy:
                 if "min-category-examples" in node_config
                 else DEFAULT_MIN_CATEGORY_EXAMPLES
             ),
+            memory_gib=_number(node_config, "memory-gib") if "memory-gib" in node_config else None,
         )
 
     @classmethod
@@ -253,11 +258,23 @@ class NodePolicy:
                     f"node config modules-to-save does not allow {module!r}: the server asks model.modules_to_save "
                     f"{config.model.modules_to_save}, which sends that module trained in full"
                 )
+        if self.memory_gib is not None:
+            self._check_memory(config, rank)
         cores = len(os.sched_getaffinity(0))
         # A node of `florist run` shares the machine's cores with the clients training beside it (EMBEDDED.md).
         threads = self.threads or (max(1, cores // config.federation.parallel_clients) if self.in_process else cores)
         alpha = self.alpha or config.federation.alpha_per_rank * rank
         return NodeSettings(self.partition, self.data, self.test_data, rank, alpha, self.device, threads)
+
+    def _check_memory(self, config: RunConfig, rank: int) -> None:
+        """The run's planned training peak at this node's rank fits its memory-gib (from the model's
+        config.json: nothing is loaded before the refusal)."""
+        peak = site_peak(config, model_config(self.model), rank, torch.device(self.device)).peak
+        if peak > self.memory_gib * GIB:
+            raise Refused(
+                f"node config memory-gib={self.memory_gib:g}: rank {rank} at data.max_length {config.data.max_length} and "
+                f"training.batch_size {config.training.batch_size} needs an estimated {peak / GIB:.3g} GiB (florist plan)"
+            )
 
     def check_model(self, model: nn.Module, digest: str, config: RunConfig) -> None:
         """The loaded model is the one the node pinned, and the LoRA adapts only its linear layers."""

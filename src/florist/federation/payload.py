@@ -322,15 +322,18 @@ class UpdateCost:
         }
 
 
-def update_cost(shapes: Mapping[str, tuple[int, int]], dense_shapes: Mapping[str, tuple[int, ...]], wire: str) -> UpdateCost:
-    """The cost of a merged update of these modules and tensors trained in full in this wire format."""
+def update_cost(
+    shapes: Mapping[str, tuple[int, int]], dense_shapes: Mapping[str, tuple[int, ...]], wire: str, factors: str = "AB"
+) -> UpdateCost:
+    """The cost of a merged update of these modules and tensors trained in full in this wire format;
+    `factors` as `put` sends them ("B": FFA-LoRA's, whose A is derived from the seed)."""
     suffixes = ("", ROW_SCALE) if wire == "int8" else ("",)
-    arrays = sum(ARRAY_HEADER_BYTES + len(f"{name}.{factor}{suffix}") for name in shapes for factor in "AB" for suffix in suffixes)
+    arrays = sum(ARRAY_HEADER_BYTES + len(f"{name}.{factor}{suffix}") for name in shapes for factor in factors for suffix in suffixes)
     dense_bytes = VALUE_BYTES[dense_format(wire)]
     dense = sum(
         math.prod(shape) * dense_bytes + ARRAY_HEADER_BYTES + len(f"{DENSE_PREFIX}{name}") for name, shape in dense_shapes.items()
     )
     scales = _scales(wire, dict.fromkeys(shapes, 0.0)).count_bytes()
     # int8: one float32 scale for the component's column of B, one for its row of A.
-    overhead = 2 * ROW_SCALE_BYTES if wire == "int8" else 0
+    overhead = len(factors) * ROW_SCALE_BYTES if wire == "int8" else 0
     return UpdateCost(VALUE_BYTES[wire], overhead, arrays + dense + scales)
