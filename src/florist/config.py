@@ -47,6 +47,12 @@ class ModelConfig(Section):
     """Mixed precision for training. "auto": bf16 on a GPU with bf16 and on a CPU with native bf16
     (avx512_bf16 or amx_bf16), fp32 elsewhere: emulated bf16 measured 20x slower than fp32
     (BENCHMARKS.md). The run's summary.json says what was chosen and why ("precision")."""
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    """The clients' frozen base in 4-bit NormalFloat or 8-bit (bitsandbytes, QLoRA), or as loaded. In
+    `florist run` every simulated client loads it so; in a deployment each site chooses its own
+    (node config `quantization`) and the server's value is not sent. The server always evaluates and
+    saves in full precision, and on a quantised base the global chain is held beside the weights,
+    never merged into them (README, "Quantised bases")."""
 
     @field_validator("name")
     @classmethod
