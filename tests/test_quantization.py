@@ -173,10 +173,10 @@ def test_terms_held_beside_a_quantised_layer_add_exactly_and_a_lora_trains_on_to
     assert held_beside(wrapped.get_base_layer())[0].grad is None
 
 
-@pytest.mark.parametrize("quantization", ["nf4", "int8"])
-def test_a_quantised_site_carries_the_unquantised_base_digest(tmp_path, full_model, quantization):
+def test_a_quantised_site_carries_the_unquantised_base_digest(tmp_path, full_model):
+    """int8 here; an nf4 site's agreement with the server is what lets the drift test above train."""
     config = embedded_config(tmp_path / "run")
-    workspace = Workspace.load(config, "cpu", quantization)
+    workspace = Workspace.load(config, "cpu", "int8")
     assert stored_as_integers(workspace.model.get_submodule("model.layers.0.self_attn.q_proj").weight)
     assert model_digest(workspace.model) != model_digest(full_model)
     assert workspace.identity == identity_of(config, full_model)
