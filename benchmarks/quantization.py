@@ -40,10 +40,11 @@ LOSS_SETTINGS = [
     "federation.num_clients=3",
     "federation.ranks=[8, 16, 32]",
     "federation.rounds=3",
-    "data.examples_per_category=8",
-    "data.test_per_category=4",
-    "data.min_client_examples=4",
-    "training.local_steps=5",
+    "data.examples_per_category=4",
+    "data.test_per_category=2",
+    "data.min_client_examples=2",
+    "data.max_length=64",
+    "training.local_steps=3",
     "training.batch_size=4",
     "evaluation.max_new_tokens=4",
     "evaluation.base=false",
@@ -164,7 +165,7 @@ def loss(out: Path, seeds: list[int]) -> list[dict]:
             config = prepare(load_config(None, [*LOSS_SETTINGS, f"training.seed={seed}", f"output.run_dir={json.dumps(str(run_dir))}"]))
             nodes = simulated_nodes(3)
             for node, kind in zip(sorted(nodes), kinds, strict=True):
-                nodes[node]["quantization"] = kind
+                nodes[node].update(quantization=kind, threads=1)  # one thread: the machine is shared
             start = time.perf_counter()
             serve(config, InlineGrid(build_client_app(config), nodes))
             summary = json.loads((run_dir / "summary.json").read_text())
