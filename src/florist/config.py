@@ -48,7 +48,11 @@ class ModelConfig(Section):
     (avx512_bf16 or amx_bf16), fp32 elsewhere: emulated bf16 measured 20x slower than fp32
     (BENCHMARKS.md). The run's summary.json says what was chosen and why ("precision")."""
     quantization: Literal["none", "nf4", "int8"] = "none"
-    """How a site holds its base weights: "none" in float32, "nf4" or "int8" through bitsandbytes."""
+    """The clients' frozen base in 4-bit NormalFloat or 8-bit (bitsandbytes, QLoRA), or as loaded. In
+    `florist run` every simulated client loads it so; in a deployment each site chooses its own
+    (node config `quantization`) and the server's value is not sent. The server always evaluates and
+    saves in full precision, and on a quantised base the global chain is held beside the weights,
+    never merged into them (README, "Quantised bases")."""
 
     @field_validator("name")
     @classmethod

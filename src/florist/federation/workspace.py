@@ -1,4 +1,5 @@
-"""What a client process keeps between messages: the base model, merged once per global state.
+"""What a client process keeps between messages: the base model, merged once per global state
+(a quantised base holds the chain beside its weights instead: lora/beside.py).
 
 Simulation workers run different clients in turn, and every client of a round starts from the
 same merged base, so one model per process serves them all. It is advanced in place when a
@@ -22,10 +23,12 @@ from florist.config import RunConfig
 from florist.data import Example
 from florist.data.tokenize import encode
 from florist.federation.delivery import GlobalUpdate, apply_update
-from florist.federation.identity import identity_of
+from florist.federation.identity import identity_of, unquantised_digest
 from florist.federation.messages import Identity
+from florist.lora.beside import clear_beside
 from florist.lora.model import detach_lora, model_tensor
-from florist.models import Precision, hardware_precision, load_model
+from florist.models import Precision, hardware_precision, load_model, resolve_model
+from florist.quantization import stored_as_integers
 
 Update = tuple[str, GlobalUpdate]
 """(identifier, update) of one merged global update; identifiers are unique within a run."""
@@ -43,11 +46,15 @@ class Workspace:
     tokenised: dict[int, list[dict]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, config: RunConfig, device: str) -> Workspace:
-        model, tokenizer = load_model(config.model.name, device)
-        model.requires_grad_(False)
+    def load(cls, config: RunConfig, device: str, quantization: str = "none") -> Workspace:
+        """The site's base, quantised as it chose (its node config's `quantization`), computing in
+        the precision it trains in; its identity is the unquantised base's, as the server holds it."""
         precision = hardware_precision(config.model.autocast, torch.device(device))
-        return cls(config, model, tokenizer, identity_of(config, model), precision)
+        compute_dtype = torch.bfloat16 if precision.autocast else torch.float32
+        model, tokenizer = load_model(config.model.name, device, quantization, compute_dtype)
+        model.requires_grad_(False)
+        digest = None if quantization == "none" else unquantised_digest(resolve_model(config.model.name))
+        return cls(config, model, tokenizer, identity_of(config, model, digest), precision)
 
     def base_after(self, chain: Sequence[Update]) -> nn.Module:
         """The base model with exactly `chain` merged, as a private copy the caller may change."""
@@ -71,17 +78,23 @@ class Workspace:
         if ids[: len(self.merged)] != self.merged:
             self._restore()
         for identifier, update in chain[len(self.merged) :]:
-            # Keyed as model_tensor finds them: the adapted weights, and the tensors trained in full.
-            for name in [*(f"{module}.weight" for module in update.modules), *update.dense]:
+            # Keyed as model_tensor finds them: the adapted float weights (a quantised one holds the
+            # update beside it, and is never changed), and the tensors trained in full.
+            merged_into = [f"{module}.weight" for module in update.modules if not self._quantised(module)]
+            for name in [*merged_into, *update.dense]:
                 self.pristine.setdefault(name, model_tensor(self.model, name).detach().clone())
             apply_update(self.model, update)
             self.merged.append(identifier)
         return self.model
 
+    def _quantised(self, module: str) -> bool:
+        return stored_as_integers(self.model.get_submodule(module).weight)
+
     def _restore(self) -> None:
         with torch.no_grad():
             for name, value in self.pristine.items():
                 model_tensor(self.model, name).copy_(value)
+        clear_beside(self.model)
         self.merged = []
 
     def features(self, partition: int, examples: list[Example]) -> list[dict]:
@@ -95,10 +108,10 @@ class Workspace:
 _current: tuple[str, Workspace] | None = None
 
 
-def workspace_for(config: RunConfig, run_id: int, device: str) -> Workspace:
-    """This process's workspace for a run; a new run, configuration or device replaces it."""
+def workspace_for(config: RunConfig, run_id: int, device: str, quantization: str = "none") -> Workspace:
+    """This process's workspace for a run; a new run, configuration, device or quantisation replaces it."""
     global _current
-    key = f"{run_id}:{device}:{config.model_dump_json()}"
+    key = f"{run_id}:{device}:{quantization}:{config.model_dump_json()}"
     if _current is None or _current[0] != key:
-        _current = (key, Workspace.load(config, device))
+        _current = (key, Workspace.load(config, device, quantization))
     return _current[1]

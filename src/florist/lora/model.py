@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from florist.aggregation import GlobalModule, LoraFactors, lora_start
+from florist.lora.beside import add_low_rank
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER = "default"
@@ -161,8 +162,9 @@ def load_global(model: PeftModel, modules: Mapping[str, Mapping]) -> None:
 @torch.no_grad()
 def move_into_lora(model: PeftModel, start: Mapping[str, GlobalModule]) -> None:
     """Start each fresh LoRA's leading components from `start` (a warm start: `lora_start`, from which
-    the server recovers what the client learned) and take from the base weight exactly what they add:
-    the model computes what it did, up to rounding. Components past a module's start keep peft's init
+    the server recovers what the client learned) and take from the base weight exactly what they add
+    (a quantised base holds the subtraction beside its weight): the model computes what it did, up to
+    rounding. Components past a module's start keep peft's init
     (random A, B = 0), so they train."""
     for name, layer in lora_layers(model).items():
         if name not in start:
@@ -173,16 +175,15 @@ def move_into_lora(model: PeftModel, start: Mapping[str, GlobalModule]) -> None:
             raise ValueError(f"module {name}: the start has {begun.rank} components, more than the LoRA's rank {a.shape[0]}")
         a[: begun.rank].copy_(begun.A)
         b[:, : begun.rank].copy_(begun.B)
-        weight = layer.get_base_layer().weight
-        weight.sub_(b[:, : begun.rank].to(weight) @ a[: begun.rank].to(weight), alpha=begun.scale)
+        add_low_rank(layer.get_base_layer(), a[: begun.rank], b[:, : begun.rank], -begun.scale)
 
 
 @torch.no_grad()
 def merge_into_base(model: nn.Module, modules: Mapping[str, GlobalModule], sign: float = 1.0) -> None:
-    """W0 <- W0 + sign * scale * B @ A for each module of a plain (un-wrapped) model."""
+    """W0 <- W0 + sign * scale * B @ A for each module of a plain (un-wrapped) model; a quantised
+    weight holds it beside instead (lora/beside.py)."""
     for name, module in modules.items():
-        weight = model.get_submodule(name).weight
-        weight.add_((module.B.to(weight) @ module.A.to(weight)), alpha=sign * module.scale)
+        add_low_rank(model.get_submodule(name), module.A, module.B, sign * module.scale)
 
 
 def frozen_lora_A(name: str, rank: int, in_features: int, seed: int) -> torch.Tensor:
