@@ -100,6 +100,7 @@ NODE_KEYS = {
     "lora-bias": "the most model.lora_bias it trains and sends in full: none (default), lora_only or all",
     "modules-to-save": "the modules it may train and send in full (model.modules_to_save), comma-separated (default: none)",
     "min-category-examples": f"the examples a category needs before its score is sent (default {DEFAULT_MIN_CATEGORY_EXAMPLES})",
+    "worker-socket": "the Unix socket of this site's resident worker (`florist site-worker --socket PATH`), which then answers every message",
 }
 
 REFUSAL_CHARACTERS = 400
