@@ -212,3 +212,129 @@ def test_the_worker_answers_as_the_clientapp_in_process_with_the_state_carried_a
         assert ours.keys() == theirs.keys() and ours
         for name in ours:
             torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# -- failures: one line naming the socket, and the site's next message goes on ---------------------
+
+
+def error_of(reply: Message) -> str:
+    assert reply.has_error(), "the forwarding did not fail"
+    reason = reply.error.reason
+    assert "\n" not in reason, reason
+    return reason
+
+
+def forwarded_to(socket_path: Path, message: Message, site: dict) -> Message:
+    return site_app.app(message, supernode_context(site | {"worker-socket": str(socket_path)}, {}))
+
+
+def test_no_worker_at_the_socket_is_an_error_reply_naming_it(private_directory, site, federation):
+    _, messages = federation
+    absent = private_directory / "absent.sock"
+    assert error_of(forwarded_to(absent, messages[0], site)) == (
+        f"no worker socket at {absent}: is `florist site-worker --socket {absent}` running?"
+    )
+
+
+def test_a_worker_killed_leaves_its_socket_and_the_next_message_is_an_error_naming_it(worker, site, federation):
+    _, messages = federation
+    worker.process.send_signal(signal.SIGKILL)
+    worker.process.wait(timeout=10)
+    assert worker.socket.is_socket()
+    reason = error_of(forwarded_to(worker.socket, messages[0], site))
+    assert reason.startswith(f"no worker answers at {worker.socket} (Connection refused)")
+
+
+@pytest.fixture
+def dying_listener(private_directory) -> Iterator[tuple[Path, list[int]]]:
+    """A process at the socket that reads the message's first frame and closes without replying,
+    as a worker that dies mid-message does; yields the socket and the frame sizes it read."""
+    path = private_directory / "dying.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    read: list[int] = []
+
+    def serve_once() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            read.append(len(receive_frame(connection)))
+
+    thread = threading.Thread(target=serve_once, daemon=True)
+    thread.start()
+    yield path, read
+    listener.close()
+    thread.join(timeout=10)
+
+
+def test_a_worker_that_dies_mid_message_is_an_error_reply_naming_the_socket(dying_listener, site, federation):
+    path, read = dying_listener
+    reason = error_of(forwarded_to(path, federation[1][0], site))
+    assert reason.startswith(f"the worker at {path} stopped before it replied")
+    assert read and read[0] > 0
+
+
+def test_a_socket_directory_others_may_enter_is_refused_by_both_sides(private_directory, tmp_path, site, federation):
+    os.chmod(private_directory, 0o755)
+    path = private_directory / "worker.sock"
+    done = subprocess.run([str(VENV_BIN / "florist"), "site-worker", "--socket", str(path)], capture_output=True, text=True,
+                          env=environment(tmp_path / "flwr-home"), timeout=300)
+    expected = f"the worker socket's directory {private_directory} has mode 0755: others may enter it; it must be 0700"
+    assert (done.returncode, done.stderr.strip()) == (2, f"florist: error: {expected}")
+    assert not path.exists()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        assert error_of(forwarded_to(path, federation[1][0], site)) == expected
+
+
+@as_root
+def test_a_socket_or_directory_of_another_user_is_refused(private_directory, site, federation):
+    path = private_directory / "worker.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        os.chown(path, NOBODY, NOBODY)
+        assert error_of(forwarded_to(path, federation[1][0], site)) == (
+            f"the worker socket {path} belongs to uid {NOBODY}, not to this user ({os.getuid()})"
+        )
+        os.chown(private_directory, NOBODY, NOBODY)
+        assert error_of(forwarded_to(path, federation[1][0], site)) == (
+            f"the worker socket's directory {private_directory} belongs to uid {NOBODY}, not to this user ({os.getuid()})"
+        )
+
+
+def connect_as(uid: int, path: Path) -> int:
+    """In a child process running as `uid`: connect to `path`, send a frame, read the answer. The
+    child's exit status: 0 if it got a frame back, 1 if the connection was closed (or reset) unanswered."""
+    pid = os.fork()
+    if pid == 0:
+        status = 2
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+                connection.connect(str(path))
+                try:
+                    send_frame(connection, b"\x00" * 16)
+                    receive_frame(connection)
+                    status = 0
+                except (EOFError, ConnectionError):
+                    status = 1
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@as_root
+def test_the_worker_answers_no_process_of_another_user_and_goes_on_serving_its_own(worker, site, federation):
+    # Permissions loosened by mistake: the kernel's word on the peer's uid is the last check.
+    os.chmod(worker.socket.parent, 0o755)
+    os.chmod(worker.socket, 0o777)
+    assert connect_as(NOBODY, worker.socket) == 1
+    wait_until(lambda: f"refused a connection from uid {NOBODY}" in worker.output(), 30, "the worker's refusal in its log")
+    os.chmod(worker.socket.parent, 0o700)
+    # Its own user is still answered: a node config without partition-id is refused by the node's policy.
+    unnamed = {key: value for key, value in site.items() if key != "partition-id"}
+    assert error_of(forwarded_to(worker.socket, federation[1][0], unnamed)).startswith("node config lacks partition-id")
