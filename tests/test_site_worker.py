@@ -234,6 +234,7 @@ def test_no_worker_at_the_socket_is_an_error_reply_naming_it(private_directory, 
     assert error_of(forwarded_to(absent, messages[0], site)) == (
         f"no worker socket at {absent}: is `florist site-worker --socket {absent}` running?"
     )
+    assert error_of(forwarded_to(Path("worker.sock"), messages[0], site)) == "the worker socket worker.sock must be an absolute path"
 
 
 def test_a_worker_killed_leaves_its_socket_and_the_next_message_is_an_error_naming_it(worker, site, federation):

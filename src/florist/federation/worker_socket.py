@@ -55,6 +55,9 @@ def check_private_directory(directory: Path) -> None:
 
 def check_own_socket(path: Path) -> None:
     """`path` is a socket of this process's user, in a private directory of that user's, else `Unreachable`."""
+    if not path.is_absolute():
+        # A ClientApp process runs in a directory of Flower's choosing: a relative path would depend on it.
+        raise Unreachable(f"the worker socket {path} must be an absolute path")
     check_private_directory(path.parent)
     try:
         status = os.lstat(path)
