@@ -289,6 +289,18 @@ def test_a_socket_directory_others_may_enter_is_refused_by_both_sides(private_di
         assert error_of(forwarded_to(path, federation[1][0], site)) == expected
 
 
+def test_a_worker_sent_bytes_that_are_no_message_goes_on_serving(worker, site, federation):
+    for garbage in (b"\x00\x00\x00\x00\x00\x00\x00\x04\xff\xff\xff\xff", b"\xff" * 8, b"\x00\x00"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.connect(str(worker.socket))
+            connection.sendall(garbage)
+            connection.shutdown(socket.SHUT_WR)
+            assert connection.recv(1) == b""
+    wait_until(lambda: worker.output().count("ignored a connection") == 3, 30, "the worker's three notes in its log")
+    reply = forwarded_to(worker.socket, federation[1][0], site)
+    assert status(reply) == TRAINED
+
+
 @as_root
 def test_a_socket_or_directory_of_another_user_is_refused(private_directory, site, federation):
     path = private_directory / "worker.sock"

@@ -75,9 +75,14 @@ def serve_connection(app: ClientApp, connection: socket.socket) -> None:
         return
     try:
         message, context = receive_task(connection)
-        reply = answer(app, message, context)
+    except Exception as error:
+        # Whatever a process of this user sends (half a frame, bytes that are no Message), the worker goes on.
+        print(f"site-worker: ignored a connection that sent no whole message ({type(error).__name__}: {error})", flush=True)
+        return
+    reply = answer(app, message, context)
+    try:
         send_task(connection, reply, context)
-    except (EOFError, OSError) as error:
+    except OSError as error:
         # The ClientApp process went away (its SuperNode stopped it): the next one is served as usual.
         print(f"site-worker: a ClientApp process left before its reply was sent ({error})", flush=True)
 
