@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -258,6 +259,7 @@ class Deployment:
         self.proxy: FleetProxy | None = None
         self.supernodes: dict[str, SuperNode] = {}
         self.started: list[Started] = []
+        self.socket_directories: list[Path] = []
 
     def __enter__(self) -> Deployment:
         return self
@@ -291,6 +293,8 @@ class Deployment:
         for started in last:
             if started is not None:
                 stop_process_trees([started])
+        for directory in self.socket_directories:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def processes(self) -> list[psutil.Process]:
         """Every process started so far and every descendant seen, running or not."""
@@ -394,6 +398,24 @@ class Deployment:
             node.env,
         )
         return node.started
+
+    def start_site_worker(self, name: str, env: Mapping[str, str] | None = None, timeout: float = 120.0) -> tuple[Started, Path]:
+        """A site's resident worker (`florist site-worker`), listening once this returns, with `env`
+        instead of the deployment's environment if given; its socket, in a directory of its own under
+        /tmp (mode 0700: mkdtemp's), where the path fits a Unix socket's 107 bytes. Stopped with the
+        deployment; the directory removed."""
+        directory = Path(tempfile.mkdtemp(prefix=f"florist-{name}-"))
+        self.socket_directories.append(directory)
+        socket_path = directory / "worker.sock"
+        started = self._start(f"{name}-worker", ["florist", "site-worker", "--socket", str(socket_path)], env)
+
+        def listening() -> bool:
+            if not started.alive:
+                raise DeploymentError(f"the site worker {name} exited:\n{started.output()[-3000:]}")
+            return "listening at" in started.output()
+
+        wait_until(listening, timeout, f"the site worker {name} to listen")
+        return started, socket_path
 
     def kill_supernode(self, name: str) -> None:
         """SIGKILL a SuperNode and its ClientApp processes, as a crash or a pulled cable would."""

@@ -154,21 +154,54 @@ def comparable(record: dict) -> dict:
 
 def test_deployment_gives_the_simulations_result(deployed, simulated):
     assert deployed.status == "finished:completed", deployed.failure()
-    deployed_rounds, simulated_rounds = read_rounds(deployed.run_dir), read_rounds(simulated)
+    assert_same_run(deployed.run_dir, simulated)
+
+
+def assert_same_run(run_dir: Path, simulated: Path) -> None:
+    """`run_dir` holds the simulation's rounds, summary and final weights."""
+    deployed_rounds, simulated_rounds = read_rounds(run_dir), read_rounds(simulated)
     assert len(deployed_rounds) == len(simulated_rounds) == ROUNDS + 1
     for deployed_round, simulated_round in zip(deployed_rounds, simulated_rounds, strict=True):
         assert comparable(deployed_round) == comparable(simulated_round)
     # The rounds did train: the check above compares changing numbers, not two copies of the base.
     assert deployed_rounds[-1]["evaluation"]["test_loss"] != deployed_rounds[0]["evaluation"]["test_loss"]
 
-    summaries = [json.loads((path / "summary.json").read_text()) for path in (deployed.run_dir, simulated)]
+    summaries = [json.loads((path / "summary.json").read_text()) for path in (run_dir, simulated)]
     assert summaries[0] == summaries[1]
     for weights in ("adapter/adapter_model.safetensors", "model/model.safetensors"):
-        deployed_tensors = load_file(deployed.run_dir / "final" / weights)
+        deployed_tensors = load_file(run_dir / "final" / weights)
         simulated_tensors = load_file(simulated / "final" / weights)
         assert deployed_tensors.keys() == simulated_tensors.keys()
         for name, tensor in deployed_tensors.items():
             torch.testing.assert_close(tensor, simulated_tensors[name], rtol=1e-5, atol=1e-6, msg=f"{weights}: {name}")
+
+
+def test_sites_with_resident_workers_end_the_run_as_in_process(tiny_model_dir, site_data, simulated, tmp_path):
+    """Each site's SuperNode names a resident worker (`florist site-worker`) in its node config: every
+    ClientApp process Flower starts hands its message to it. The run ends as the simulation (and so
+    as the in-process deployment above), and each worker, one process from first to last, trained
+    its site in every round."""
+    config = write_config(federation_config(tiny_model_dir, tmp_path / "run", "florist"), tmp_path / "florist.toml")
+    with Deployment(tmp_path / "deployment") as deployment:
+        deployment.start_superlink()
+        workers = {}
+        for site in range(SITES):
+            workers[site], socket_path = deployment.start_site_worker(f"site{site}")
+            deployment.add_supernode(f"site{site}", site_config(site, site_data, tiny_model_dir, **{"worker-socket": str(socket_path)}))
+        deployment.wait_for_nodes()
+        run_id = deployment.submit({"config-file": str(config)})
+        status = deployment.wait(run_id, RUN_TIMEOUT_SECONDS)
+        log = deployment.log(run_id)
+        alive = {site: worker.alive for site, worker in workers.items()}
+        processes = deployment.processes()
+    assert status == "finished:completed", log[-4000:]
+    assert alive == {site: True for site in range(SITES)}
+    for site, worker in workers.items():
+        trained = [line for line in worker.output().splitlines() if line.startswith("round ") and f" client {site}: rank " in line]
+        assert [int(line.split()[1]) for line in trained] == list(range(1, ROUNDS + 1)), worker.output()[-3000:]
+    assert_same_run(tmp_path / "run", simulated)
+    leftover = still_running(processes)
+    assert not leftover, f"processes outlived the deployment: {leftover}"
 
 
 def test_unregistered_node_key_is_refused_and_every_process_is_stopped(tmp_path):

@@ -7,14 +7,14 @@ import importlib
 import os
 import sys
 
-SUBCOMMANDS = ("run", "plan", "aggregate", "bench")
+SUBCOMMANDS = ("run", "plan", "aggregate", "bench", "site-worker")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="florist", description="Federated LoRA fine-tuning with FLoRIST.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
-        importlib.import_module(f"florist.cli.{name}").register(subparsers)
+        importlib.import_module(f"florist.cli.{name.replace('-', '_')}").register(subparsers)
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
