@@ -190,17 +190,20 @@ class SecureFLoRIST(FLoRIST):
         total = sums[WEIGHT].item()
         if not total > 0:
             raise AggregationError(f"the sketches' weights sum to {total}; at least one must be positive")
+        # Float64 uploads (tests, references) give float64 factors; the federation's float32 ones, float32.
+        dtype = torch.float64 if resolution <= torch.finfo(torch.float64).eps else torch.float32
         modules = {}
         for name, shape in shapes.items():
             y, w = sums[sketch_key(name, RANGE)] / total, sums[sketch_key(name, CORANGE)] / total
             _, psi = sketching_matrices(seed, name, shape, y.shape[1])
-            left, right, s = _low_rank(y, w, psi, resolution)
-            rank = int(self.rank_rule(shape)(s[None])[0])
+            left, right, s, missed = _low_rank(y, w, psi, resolution)
+            # tau's share is of dW's whole energy: the sketch's spectrum plus an estimate of what it missed.
+            rank = min(int(self.rank_rule(shape)(torch.cat([s, missed.sqrt()[None]])[None])[0]), len(s))
             s_kept = s[:rank]
             keep = s_kept > 0
             modules[name] = GlobalModule(
-                A=(right[:rank] * keep[:, None]).float().contiguous(),
-                B=(left[:, :rank] * (s_kept * keep)).float().contiguous(),
+                A=(right[:rank] * keep[:, None]).to(dtype).contiguous(),
+                B=(left[:, :rank] * (s_kept * keep)).to(dtype).contiguous(),
                 singular_values=s,
             )
         return Aggregate(modules=self.spend_budget(modules))
@@ -212,12 +215,19 @@ def client_dtype(client: ClientAdapter) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _low_rank(y: Tensor, w: Tensor, psi: Tensor, resolution: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(Q U, V^T, S) with Q U S V^T ~ dW from Y = dW Omega, W = Psi dW. A singular value below the
-    uploads' resolution (l eps of the largest) is zero: a direction of Y that is rounding, not dW."""
+def _low_rank(y: Tensor, w: Tensor, psi: Tensor, resolution: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(Q U, V^T, S, missed) with Q U S V^T ~ dW from Y = dW Omega, W = Psi dW. A singular value below
+    the uploads' resolution (l eps of the largest) is zero: a direction of Y that is rounding, not dW.
+
+    `missed` estimates ||(I - Q Q^T) dW||_F^2, the energy outside the sketch's range: Psi sees
+    l'/m of any fixed matrix's energy in expectation, and W - (Psi Q) X = Psi (I - Q Q^T) dW up to
+    the least-squares fit, so (m / l') ||W - (Psi Q) X||^2 (0 where l covers dW's rank)."""
     q = torch.linalg.qr(y)[0]
-    x = torch.linalg.lstsq(psi @ q, w).solution
+    projected = psi @ q
+    x = torch.linalg.lstsq(projected, w).solution
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
     floor = y.shape[1] * resolution * (s[:1] if len(s) else s)
     s = torch.where(s > floor, s, torch.zeros_like(s))
-    return q @ u, vh, s
+    residual = (w - projected @ x).square().sum()
+    missed = torch.where(residual > floor.square().sum() * w.shape[0], residual * psi.shape[1] / psi.shape[0], torch.zeros_like(residual))
+    return q @ u, vh, s, missed

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from florist.aggregation import Aggregate, AggregationError, LoraFactors
 from florist.aggregation.sketch import (
@@ -94,7 +94,7 @@ def site_upload(config: RunConfig, sketch: SketchRound, factors: Mapping[str, Lo
 
 
 def put_upload(content, upload: Mapping[str, torch.Tensor]) -> int:
-    record = ArrayRecord({key: value.detach().cpu().numpy() for key, value in upload.items()})
+    record = ArrayRecord({key: Array(value.detach().cpu().numpy()) for key, value in upload.items()})
     content[ADAPTER] = record
     return record.count_bytes()
 
