@@ -250,3 +250,51 @@ def test_settings_that_leave_epsilon_undefined_or_secure_mode_inconsistent_are_r
 def test_a_secure_configuration_with_privacy_loads():
     config = load_config(None, ['aggregation.method="florist-secure"', "privacy.dp=true", "privacy.clip_norm=0.5", "privacy.target_epsilon=4"])
     assert config.aggregation.secure and config.privacy.delta == 1e-5
+
+
+# ---------------------------------------------------------------- whole simulated runs (`florist run`)
+
+
+def _run(tiny_model_dir, run_dir, method: str, *extra: str) -> tuple[list[dict], dict]:
+    from federations import federation_config
+
+    from florist.federation.simulation import run_federation
+    from florist.reporting.run_directory import read_rounds
+
+    config = federation_config(tiny_model_dir, run_dir, method, 'federation.engine="inline"', "aggregation.tau=1.0", *extra)
+    path = run_federation(config)
+    return read_rounds(path), json.loads((path / "summary.json").read_text())
+
+
+def test_a_secure_run_at_a_width_of_the_stacked_rank_is_the_plain_florist_run(tiny_model_dir, tmp_path):
+    """Three clients of ranks 2, 4, 8 (R = 14) and sketches 16 wide, one round: the same ranks as
+    FLoRIST's at tau = 1 (without the weight cap, see federation/secure.py), and the global update
+    (the final adapter) is FLoRIST's to fp32 precision."""
+    from florist.lora.adapters import read_adapter
+
+    secure, secure_summary = _run(tiny_model_dir, tmp_path / "secure", "florist-secure", "aggregation.sketch_width=16", "federation.rounds=1")
+    # The weight cap judges one site's claim, which a secure server cannot: off for the reference.
+    plain, _ = _run(tiny_model_dir, tmp_path / "plain", "florist", "federation.rounds=1", "validation.max_weight_share=1.0")
+    assert secure[1]["ranks"] == plain[1]["ranks"]
+    assert secure[1]["secure"]["sites_summed"] == 3 and secure[1]["secure"]["sketch_width"] == 16
+    assert [c["train_loss"] for c in secure[1]["clients"]] == [c["train_loss"] for c in plain[1]["clients"]]
+    _, ours = read_adapter(tmp_path / "secure" / "final" / "adapter")
+    _, theirs = read_adapter(tmp_path / "plain" / "final" / "adapter")
+    for name, module in theirs.modules.items():
+        delta = module.scale * module.B.double() @ module.A.double()
+        mine = ours.modules[name].scale * ours.modules[name].B.double() @ ours.modules[name].A.double()
+        assert torch.linalg.norm(mine - delta) <= 1e-5 * torch.linalg.norm(delta), name
+    assert secure_summary["method"] == "florist-secure" and "privacy" not in secure_summary
+
+
+def test_a_private_run_reports_the_epsilon_dp_accounting_gives_and_meets_its_target(tiny_model_dir, tmp_path):
+    rounds, summary = _run(
+        tiny_model_dir, tmp_path / "dp", "florist-secure", "privacy.dp=true", "privacy.clip_norm=0.5", "privacy.target_epsilon=8"
+    )
+    spent = [r["secure"]["privacy"] for r in rounds[1:]]
+    sigma = spent[0]["noise_multiplier"]
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(sigma), len(spent))  # every client sampled: q = 1
+    assert summary["privacy"]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert summary["privacy"]["epsilon"] <= 8 * 1.001 and summary["privacy"]["delta"] == 1e-5
+    assert all(c.get("dp-clip-factor", None) is None for r in rounds[1:] for c in r["clients"])  # the clip stays with the site
