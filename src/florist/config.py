@@ -229,6 +229,10 @@ class AggregationConfig(Section):
     within `tau_tolerance` of the best. Empty: the fixed `tau`."""
     tau_tolerance: float = Field(0.0, ge=0)
     """Nats of validation loss a smaller tau may lose against the best candidate and still win."""
+    sketch_width: int | None = Field(None, ge=1)
+    """florist-secure: the width l of every module's sketch (its second sketch is 2l wide). None:
+    twice the largest rank the last round kept, at least aggregation.sketch.MIN_SKETCH_WIDTH (in
+    round 1, the largest client rank), so the sketch holds what tau keeps with room for its error."""
 
     @model_validator(mode="after")
     def _known_names(self) -> AggregationConfig:
@@ -236,13 +240,15 @@ class AggregationConfig(Section):
             raise ValueError(f"aggregation.method {self.method!r} is unknown; choose from {', '.join(METHODS)}")
         if self.route not in ROUTES:
             raise ValueError(f"aggregation.route {self.route!r} is unknown; choose from {', '.join(ROUTES)}")
+        if self.sketch_width is not None and self.method != "florist-secure":
+            raise ValueError(f"aggregation.sketch_width sizes florist-secure's sketches; method {self.method!r} has none")
         if self.tau_candidates:
             if self.method != "florist":
                 raise ValueError(f"aggregation.tau_candidates choose FLoRIST's tau; method {self.method!r} has none")
             if any(not 0 < tau <= 1 for tau in self.tau_candidates):
                 raise ValueError(f"aggregation.tau_candidates must all be in (0, 1], got {self.tau_candidates}")
         if self.download_budget_mb is not None:
-            if self.method != "florist":
+            if not self.is_florist:
                 raise ValueError(f"aggregation.download_budget_mb chooses FLoRIST's ranks; method {self.method!r} has none")
             for key in ("tau", "tau_candidates"):
                 if key in self.model_fields_set:
@@ -265,10 +271,20 @@ class AggregationConfig(Section):
     def automatic_tau(self) -> bool:
         return bool(self.tau_candidates)
 
+    @property
+    def is_florist(self) -> bool:
+        """FLoRIST's rank rules (tau, a download budget), from the factors or from summed sketches."""
+        return self.method in ("florist", "florist-secure")
+
+    @property
+    def secure(self) -> bool:
+        """The server sums the clients' sketches and never reads one client's update (florist-secure)."""
+        return self.method == "florist-secure"
+
     def options(self) -> dict:
         """Keyword options of the chosen aggregator (automatic tau aggregates exactly, then cuts);
         the bytes a download budget counts are the wire's, which the federation adds."""
-        if self.method != "florist":
+        if not self.is_florist:
             return {}
         options = {"max_rank": self.max_rank, "route": self.route, "memory_budget_mb": self.memory_budget_mb}
         if self.download_budget_mb is None:
@@ -279,6 +295,47 @@ class AggregationConfig(Section):
             "budget_criterion": self.budget_criterion,
             "min_rank": self.min_rank,
         }
+
+
+class PrivacyConfig(Section):
+    """Client-level differential privacy (florist-secure only): each site clips its update's Frobenius
+    norm to `clip_norm` and adds its share of Gaussian noise to its sketches, so that the sum carries
+    `noise_multiplier` times the sketches' sensitivity (README, "Client-level differential privacy").
+    Flat keys, not a [privacy.dp] table: `--set` overrides are section.key."""
+
+    dp: bool = False
+    clip_norm: float | None = None
+    """C: the largest Frobenius norm of a site's whole LoRA update (all modules together)."""
+    noise_multiplier: float | None = None
+    """sigma: the noise on the sum over its sensitivity. Give it or target_epsilon."""
+    target_epsilon: float | None = None
+    """The epsilon the whole run may spend: sigma is calibrated to it over federation.rounds."""
+    delta: float = 1e-5
+
+    @field_validator("clip_norm", "noise_multiplier", "target_epsilon")
+    @classmethod
+    def _positive(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and not (math.isfinite(value) and value > 0):
+            why = {"noise_multiplier": "without noise epsilon is infinite", "target_epsilon": "no noise reaches it"}.get(info.field_name, "")
+            raise ValueError(f"privacy.{info.field_name} must be a finite number > 0{f' ({why})' if why else ''}, got {value!r}")
+        return value
+
+    @field_validator("delta")
+    @classmethod
+    def _probability(cls, value: float) -> float:
+        if not 0 < value < 1:
+            raise ValueError(f"privacy.delta must be in (0, 1), where epsilon is defined, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> PrivacyConfig:
+        if not self.dp:
+            return self
+        if self.clip_norm is None:
+            raise ValueError("privacy.clip_norm must be set with privacy.dp: without a clip one site's influence is unbounded")
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("privacy.noise_multiplier and privacy.target_epsilon: set exactly one with privacy.dp")
+        return self
 
 
 class ValidationConfig(Section):
@@ -412,6 +469,7 @@ SHARED_SETTINGS = (
     "wire.*",
     "federation.ffa_seed",
     "aggregation.*",
+    "privacy.*",
     "training.*",
     "evaluation.max_new_tokens",
     "evaluation.batch_size",
@@ -453,7 +511,24 @@ class RunConfig(Section):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     validation: ValidationConfig = ValidationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _secure_mode_is_consistent(self) -> RunConfig:
+        if self.privacy.dp and not self.aggregation.secure:
+            raise ValueError(
+                f"privacy.dp needs aggregation.method = \"florist-secure\", whose server only sums noised sketches, not {self.aggregation.method!r}"
+            )
+        if not self.aggregation.secure:
+            return self
+        if self.model.lora_bias != "none" or self.model.modules_to_save:
+            raise ValueError("model.lora_bias / model.modules_to_save: florist-secure sums LoRA sketches only, not tensors trained in full")
+        if self.wire.upload != "float32":
+            raise ValueError(f"wire.upload {self.wire.upload!r}: florist-secure uploads float32 sketches, whose values a half format would round")
+        if self.aggregation.automatic_tau:
+            raise ValueError("aggregation.tau_candidates: automatic tau has every site score cuts one by one, which florist-secure does not allow")
+        return self
 
     @model_validator(mode="after")
     def _automatic_tau_has_validation_data(self) -> RunConfig:

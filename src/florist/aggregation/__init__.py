@@ -7,6 +7,7 @@ from florist.aggregation.ffa import FFALoRA
 from florist.aggregation.flexlora import FlexLoRA
 from florist.aggregation.flora import FLoRA
 from florist.aggregation.florist import DEFAULT_TAU, FLoRIST
+from florist.aggregation.sketch import SecureFLoRIST, SketchSum, client_sketch
 from florist.aggregation.norms import adapter_norm, tensors_norm, update_norm
 from florist.aggregation.spectral import ROUTES, energy_rank
 from florist.aggregation.stream import StreamingAccumulator, carried_rank_limit, exact_rank_limit
@@ -21,7 +22,7 @@ from florist.aggregation.types import (
 )
 from florist.aggregation.warm_start import change_since_start, learned_since_start, lora_start, start_of
 
-METHODS: dict[str, type[Aggregator]] = {cls.name: cls for cls in (FLoRIST, FLoRA, FedIT, FlexLoRA, FFALoRA)}
+METHODS: dict[str, type[Aggregator]] = {cls.name: cls for cls in (FLoRIST, SecureFLoRIST, FLoRA, FedIT, FlexLoRA, FFALoRA)}
 
 
 def make_aggregator(method: str, **options) -> Aggregator:
@@ -49,6 +50,9 @@ __all__ = [
     "FFALoRA",
     "FLoRA",
     "FLoRIST",
+    "SecureFLoRIST",
+    "SketchSum",
+    "client_sketch",
     "FedIT",
     "FlexLoRA",
     "GlobalModule",

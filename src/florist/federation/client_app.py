@@ -39,6 +39,7 @@ from florist.federation.messages import (
     Instruction,
     update_key,
 )
+from florist.federation.secure import SketchRound, put_upload, site_upload
 from florist.federation.node import NodeSettings, node_data
 from florist.federation.node_policy import NodePolicy, Refused, node_policy
 from florist.federation.resources import peak_rss_mib
@@ -103,10 +104,13 @@ def _cut_of_candidate(state: RecordDict, key: str, digest: str) -> bool:
 
 
 def _reply(
-    msg: Message, workspace: Workspace, status: str, metrics: dict, adapter: dict | None = None, dense: dict | None = None
+    msg: Message, workspace: Workspace, status: str, metrics: dict, adapter: dict | None = None, dense: dict | None = None, sketch: dict | None = None
 ) -> Message:
-    """The reply; a trained one carries the client's LoRA factors and its tensors trained in full."""
+    """The reply; a trained one carries the client's LoRA factors and its tensors trained in full,
+    or under florist-secure its sketches (federation/secure.py), which the server only sums."""
     content = RecordDict({IDENTITY: workspace.identity.record(status), METRICS: MetricRecord(metrics)})
+    if sketch is not None:
+        put_upload(content, sketch)
     if adapter is not None:
         # FFA-LoRA's A is frozen and derivable from the shared seed: only B travels.
         factors = "B" if workspace.config.aggregation.method == "ffa" else "AB"
@@ -243,6 +247,9 @@ def _train(config: RunConfig, policy: NodePolicy, node: NodeSettings, instructio
         factors = change_since_start(factors, start)
     if config.wire.client_tau < 1:
         factors = {name: truncate_update(f, config.wire.client_tau) for name, f in factors.items()}
+    if config.aggregation.secure:
+        sketch, privacy = site_upload(config, SketchRound.read(msg), factors, len(features))
+        return _reply(msg, workspace, TRAINED, metrics | privacy, sketch=sketch)
     return _reply(msg, workspace, TRAINED, metrics, factors, read_dense(model))
 
 

@@ -40,6 +40,12 @@ def show_round(record: dict) -> None:
             f"round {record['round']}: {len(record['clients'])} of {len(record['sampled'])} sampled clients aggregated "
             f"(quorum {record['quorum']}) in {record['aggregation_seconds']:.3f} s, total rank kept {record['total_rank']}"
         )
+    privacy = record.get("secure", {}).get("privacy")
+    if privacy:
+        console.print(
+            f"round {record['round']} privacy: noise multiplier {privacy['noise_multiplier']:.4g}, epsilon {privacy['round_epsilon']:.4g} "
+            f"this round, {privacy['run_epsilon']:.4g} for the run so far (delta {privacy['delta']:g})"
+        )
     selection = record.get("tau_selection")
     if selection:
         losses = ", ".join(f"{tau}: {loss:.4f}" for tau, loss in zip(selection["candidates"], selection["validation_loss"]))

@@ -4,6 +4,10 @@ off it, clipped above `clip_factor` times it), and its weight capped to a share 
 Both are decided as replies arrive, so that the server can add each reply to the aggregate and
 drop it; neither depends on another client's word beyond the median of many. The bound they give
 together is stated and tested (README, "Faults, untrusted replies and resume").
+
+Neither applies under florist-secure, whose server only sums the replies and reads none of them:
+federation/secure.py says what protects the sum there (client-side clipping, min_sites, the sum's
+own norm against the previous rounds').
 """
 
 from __future__ import annotations

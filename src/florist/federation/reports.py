@@ -112,6 +112,8 @@ class RoundReport(Stage):
     aggregation_seconds: float = 0.0
     ranks: dict[str, int] = field(default_factory=dict)
     energy: dict[str, float | None] = field(default_factory=dict)
+    secure: dict = field(default_factory=dict)
+    """florist-secure: the sketch width, the sites summed, the update's norm, and the privacy spent."""
 
     def record_ranks(self, modules: Mapping[str, GlobalModule]) -> None:
         """The rank and spectral energy kept of each module of the round's global update."""

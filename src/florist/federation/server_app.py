@@ -15,6 +15,7 @@ from florist.federation.console import show_round
 from florist.federation.datasets import FederatedData, federated_data
 from florist.federation.reports import EvaluationReport, RoundReport, TauSelection
 from florist.federation.resources import peak_rss_mib
+from florist.federation.secure import privacy_summary
 from florist.federation.rounds import evaluate_stage, select_stage, train_stage
 from florist.federation.server_model import ServerModel
 from florist.federation.settings import as_deployed, config_from_run_config, resume_from_run_config
@@ -55,6 +56,8 @@ def round_record(
             energy=report.energy,
             total_rank=sum(report.ranks.values()),
         )
+        if report.secure:
+            record["secure"] = report.secure
     if selection is not None:
         record["tau_selection"] = selection.record()
     record["evaluation"] = evaluation
@@ -155,6 +158,9 @@ class Server:
             "precision": self.model.precision.as_record(),
             "communication": communication(self.run.rounds, self.strategy.final_download_bytes()),
         }
+        privacy = privacy_summary(self.run.rounds)
+        if privacy is not None:
+            summary["privacy"] = privacy
         self.run.write_json("summary.json", summary)
         return self.run.path
 

@@ -8,8 +8,8 @@ derived from the shared seed). With `federation.warm_start` FLoRIST's clients st
 update's leading components and upload their change since it, from which the server recovers what
 each learned before it is aggregated.
 Reply checks (intake, validation), a train stage's state (train_round), the partition each node
-may deliver (binding), automatic tau (tau_selection), federated evaluation, delivery, sampling and
-the exchange of messages live in their own modules; this one connects them.
+may deliver (binding), automatic tau (tau_selection), florist-secure's sketches and sums (secure),
+federated evaluation, delivery, sampling and the exchange of messages live in their own modules.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from florist.federation.checkpoint import ServerState
 from florist.federation.console import show_reply
 from florist.federation.delivery import Chain, GlobalUpdate, update_digest
 from florist.federation.federated_evaluation import FederatedEvaluation
-from florist.federation.influence import NormScreen, WeightCap, screened_norms
+from florist.federation.influence import screened_norms
 from florist.federation.intake import guarded, identified
 from florist.federation.messages import (
     ADAPTER,
@@ -44,9 +44,10 @@ from florist.federation.messages import (
     update_key,
 )
 from florist.federation.reports import EvaluationReport, RoundReport, Stage, TauSelection
+from florist.federation.secure import SKETCH, SecureRounds, check_sketch_reply
 from florist.federation.tau_selection import AutomaticTau
 from florist.federation.train_round import RoundFailed, TrainRound
-from florist.federation.validation import Limits, check_magnitude, check_reply, client_adapter
+from florist.federation.validation import Limits, checked_adapter
 
 __all__ = ["LoraStrategy", "RoundFailed"]
 
@@ -64,9 +65,8 @@ class LoraStrategy:
         identity: Identity,
         dense_shapes: Mapping[str, tuple[int, ...]] | None = None,
     ):
-        """`shapes` ((m, n) of each adapted module), `base_norms` (||W||_F of each one's base weight),
-        `identity` and `dense_shapes` (of each tensor trained in full, none by default) come from the
-        server's own model."""
+        """From the server's own model: `shapes` ((m, n) per adapted module), `base_norms` (||W||_F of
+        each base weight), `identity`, `dense_shapes` (per tensor trained in full, none by default)."""
         self.config = config
         self.shapes = dict(shapes)
         self.identity = identity
@@ -79,6 +79,7 @@ class LoraStrategy:
             except AggregationError as error:
                 raise ValueError(f"aggregation.download_budget_mb {config.aggregation.download_budget_mb:g}: {error}") from None
         self.frozen_a = config.aggregation.method == "ffa"
+        self.secure = SecureRounds(config, self.aggregator, self.shapes) if config.aggregation.secure else None
         self.chain = Chain()
         self.current: GlobalUpdate | None = None
         """The global adapter clients continue from, as they receive it (continuing methods)."""
@@ -87,8 +88,7 @@ class LoraStrategy:
         self.partition_of = PartitionBinding()
         self.reports: list[RoundReport] = []
         self.received: list[ClientAdapter] = []
-        """The last round's client adapters as the server decoded them, in partition order; kept
-        only with output.save_client_adapters (otherwise each is dropped once aggregated)."""
+        """The last round's decoded client adapters in partition order (only with output.save_client_adapters)."""
         self._round: TrainRound | None = None
         self.tau = AutomaticTau(config.aggregation, self.wire)
         self.evaluation: FederatedEvaluation | None = None
@@ -102,8 +102,7 @@ class LoraStrategy:
         return self.config.wire.download
 
     def _download_costs(self, dense_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
-        """What a download budget counts: a merged update's payload on this wire, and the instruction's
-        own record around it at its longest (the last round's, which lists every update's digest)."""
+        """What a download budget counts: a merged update on this wire, and its instruction's record at its longest (the last round's)."""
         if self.config.aggregation.download_budget_mb is None:
             return {}
         digests = [update_digest(GlobalUpdate({}))] * self.config.federation.rounds
@@ -142,17 +141,19 @@ class LoraStrategy:
             modules = self.truncations.get(self.partition_of.get(node, -1), self.current.modules)
             factors = "B" if self.frozen_a else "AB"
             sent = payload.put(content, GLOBAL, modules, self.wire, factors=factors, dense=self.current.dense)
+        if self.secure is not None and message_type == MessageType.TRAIN:
+            content[SKETCH] = self.secure.sketch.record()
         ttl = self.config.federation.round_timeout
         return Message(content=content, message_type=message_type, dst_node_id=node, ttl=ttl), sent
 
     def begin_round(self, server_round: int, sampled: list[int]) -> None:
         quorum = self.config.federation.quorum(len(sampled))
         report = RoundReport(server_round, sampled=list(sampled), quorum=quorum)
-        validation = self.config.validation
-        screen = NormScreen.for_sample(validation.norm_factor, validation.clip_factor, len(sampled))
-        cap = WeightCap(validation.max_weight_share)
-        keep = self.config.output.save_client_adapters
-        self._round = TrainRound(report, self.aggregator.accumulator(), screen, cap, self._dense_start(), keep)
+        if self.secure is not None:
+            self._round = self.secure.train_round(server_round, report)
+        else:
+            keep = self.config.output.save_client_adapters
+            self._round = TrainRound.screened(report, self.aggregator.accumulator(), self.config.validation, self._dense_start(), keep)
 
     def configure_train(self, server_round: int, nodes: list[int]) -> list[Message]:
         """Train instructions for `nodes` (the sample, or on a retry those that have not delivered)."""
@@ -191,10 +192,7 @@ class LoraStrategy:
             state.report.event(node, "refused", refusal, reply.partition)
             return []
         held = reply.integer("chain-length", high=len(self.chain))
-        update = check_reply(message, reply, self.limits, factors="B" if self.frozen_a else "AB")
-        start = self.chain.updates[-1].modules if self.config.federation.warm_start and len(self.chain) else None
-        adapter = client_adapter(update, self.limits, self.config.federation.ffa_seed if self.frozen_a else None, start)
-        check_magnitude(adapter, self.limits)
+        update, adapter = self._checked(message, reply)
         if update.partition in state.partitions:
             first = state.partitions[update.partition]
             state.report.event(node, "rejected", f"partition-id {update.partition} was already sent this round by node {first}", update.partition)
@@ -202,8 +200,15 @@ class LoraStrategy:
         self._confirm(node, held)
         metrics = update.metrics
         show_reply(state.report.round, node, update.partition, update.rank, update.examples, metrics["train-loss"], metrics["train-seconds"])
-        state.admit(node, update, adapter, screened_norms(adapter, state.dense_start))
+        state.admit(node, update, adapter, {} if self.secure else screened_norms(adapter, state.dense_start))
         return []
+
+    def _checked(self, message: Message, reply: Reply):
+        """The reply's update and its sketch upload (florist-secure: no per-reply screen, see secure.py) or adapter."""
+        if self.secure is not None:
+            return check_sketch_reply(message, reply, self.limits, self.secure.sketch)
+        start = self.chain.updates[-1].modules if self.config.federation.warm_start and len(self.chain) else None
+        return checked_adapter(message, reply, self.limits, self.config.federation.ffa_seed if self.frozen_a else None, start)
 
     def _dense_start(self) -> Mapping[str, Tensor]:
         """The tensors trained in full as every node starts this round: the last global values
@@ -289,6 +294,8 @@ class LoraStrategy:
         self.current = state.current
         self.truncations = dict(state.truncations)
         self.partition_of = PartitionBinding({} if fresh_node_ids else state.partition_of)
+        if self.secure is not None:
+            self.secure.restore(state.metrics)
 
     # -- aggregation -------------------------------------------------------------------------
 
@@ -300,6 +307,8 @@ class LoraStrategy:
         start = time.perf_counter()
         aggregate = state.accumulator.result()
         report.aggregation_seconds += time.perf_counter() - start
+        if self.secure is not None:  # the sum's own norm check, the privacy spent, the next sketch's width
+            self.secure.finish(report, aggregate, len(updates))
         if self.config.aggregation.automatic_tau:
             # The exact update waits for the clients to score its truncations (select_stage).
             self.tau.exact = self._as_received(aggregate)

@@ -10,6 +10,7 @@ from dataclasses import replace
 from torch import Tensor
 
 from florist.aggregation import Accumulator, AggregationError, ClientAdapter
+from florist.config import ValidationConfig
 from florist.federation.influence import Clip, NormScreen, WeightCap, clipped
 from florist.federation.reports import ClientReport, RoundReport
 from florist.federation.validation import ClientUpdate
@@ -51,6 +52,14 @@ class TrainRound:
         """Per node aggregated, the weight it was given: its examples, capped."""
         self.received: dict[int, ClientAdapter] = {}
         """Per partition, the adapter aggregated (keep_adapters only)."""
+
+    @classmethod
+    def screened(
+        cls, report: RoundReport, accumulator: Accumulator, validation: ValidationConfig, dense_start: Mapping[str, Tensor], keep_adapters: bool
+    ) -> TrainRound:
+        """A round whose replies pass the norm screen and the weight cap that `validation` sets."""
+        screen = NormScreen.for_sample(validation.norm_factor, validation.clip_factor, len(report.sampled))
+        return cls(report, accumulator, screen, WeightCap(validation.max_weight_share), dense_start, keep_adapters)
 
     def admit(self, node: int, update: ClientUpdate, adapter: ClientAdapter, norms: Mapping[str, float]) -> None:
         """Accept an update that passed the per-reply checks and offer it to the norm screen; the

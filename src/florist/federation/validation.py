@@ -225,6 +225,17 @@ def client_adapter(update: ClientUpdate, limits: Limits, ffa_seed: int | None, s
     return ClientAdapter(modules, float(update.examples), update.dense)
 
 
+def checked_adapter(
+    message: Message, reply: Reply, limits: Limits, ffa_seed: int | None, start: Mapping[str, GlobalModule] | None
+) -> tuple[ClientUpdate, ClientAdapter]:
+    """A factor reply's update and its adapter as the aggregator takes it, once every check passed
+    (FFA-LoRA, `ffa_seed`: B only; `start`: a warm start's, as in `client_adapter`)."""
+    update = check_reply(message, reply, limits, factors="B" if ffa_seed is not None else "AB")
+    adapter = client_adapter(update, limits, ffa_seed, start)
+    check_magnitude(adapter, limits)
+    return update, adapter
+
+
 def _check_module(name: str, module: dict, factors: str, max_scale: float) -> int:
     """A module whose arrays passed `_check_headers`: every factor, a scale in (0, max_scale], finite
     values within MAX_VALUE; its rank."""

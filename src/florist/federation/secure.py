@@ -1,0 +1,244 @@
+"""florist-secure on the federation: what a round's train instruction says about the sketches, what
+a site uploads, how the server checks a sketch reply and adds it to the round's sum, and what it
+checks of the sum.
+
+The upload is a plain dict of tensors that the server only ADDS (aggregation/sketch.py): each
+site weighs its own sketches by its examples (by 1 under differential privacy, florist/privacy.py)
+and sends its weight beside them, and the server divides the summed sketches by the summed weight.
+A secure-summation protocol (pairwise masks, Shamir shares; not built yet) can then mask exactly
+these tensors: nothing below reads one site's values except the per-reply boundary checks
+(shapes, finiteness), which a masked upload still passes. Until it lands the server receives each
+upload in the clear; it still only sums them.
+
+What the per-reply norm screen (federation/influence.py) and the weight cap cannot do here: both
+judge one site's update, which the server must not read. What protects the sum instead:
+- client-side clipping (privacy.clip_norm), which honest sites apply before sketching;
+- federation.min_sites, the fewest sites any sum is built from (the round's quorum);
+- `SumNormCheck`: the reconstructed update's norm against the previous rounds' median, the only
+  screen the server can run on what it sees. A malicious site can still send a large upload
+  (verifiable bounds on a masked upload are open).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+
+from florist.aggregation import Aggregate, AggregationError, LoraFactors
+from florist.aggregation.sketch import (
+    CORANGE,
+    MIN_SKETCH_WIDTH,
+    RANGE,
+    WEIGHT,
+    SecureFLoRIST,
+    add_noise,
+    client_sketch,
+    clip_to_norm,
+    sketch_key,
+    sketch_sensitivity,
+    widths,
+)
+from florist.config import RunConfig
+from florist.federation import payload
+from florist.federation.messages import ADAPTER, Reply
+from florist.federation.reports import RoundReport
+from florist.federation.train_round import RoundFailed, TrainRound
+from florist.federation.validation import MiB, REPORTED_METRICS, ClientUpdate, Limits, Rejected
+from florist.privacy import PrivacyLedger, effective_multiplier, noise_for_epsilon, site_noise_std
+
+SKETCH = "sketch"
+"""The train instruction's record of the round's sketch: seed, width, sites sampled, noise multiplier."""
+SKETCH_DTYPES = {WEIGHT: np.dtype("<f8")}
+"""A sketch upload's arrays are float32 but its weight, float64 (an example count, exactly)."""
+
+
+@dataclass(frozen=True)
+class SketchRound:
+    """What every site of a round needs to sketch alike: the test matrices' seed and width, how many
+    sites were sampled (each adds 1/sites of the noise), and the noise multiplier (0 without DP)."""
+
+    seed: int
+    width: int
+    sites: int
+    noise_multiplier: float = 0.0
+
+    def record(self) -> ConfigRecord:
+        return ConfigRecord({"seed": self.seed, "width": self.width, "sites": self.sites, "noise-multiplier": self.noise_multiplier})
+
+    @classmethod
+    def read(cls, message: Message) -> SketchRound:
+        record = message.content[SKETCH]
+        return cls(int(record["seed"]), int(record["width"]), int(record["sites"]), float(record["noise-multiplier"]))
+
+
+def site_upload(config: RunConfig, sketch: SketchRound, factors: Mapping[str, LoraFactors], examples: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """What a site uploads for its trained `factors`, and metrics about it: its sketches weighted by its
+    examples, or, under DP, clipped to privacy.clip_norm, at weight 1, with its share of the noise
+    from a generator the server cannot know."""
+    privacy = config.privacy
+    if not privacy.dp:
+        return client_sketch(factors, float(examples), sketch.seed, sketch.width), {}
+    if privacy.noise_multiplier is not None and sketch.noise_multiplier < privacy.noise_multiplier:
+        raise ValueError(f"the server asks for noise multiplier {sketch.noise_multiplier:g}, below privacy.noise_multiplier {privacy.noise_multiplier:g}")
+    clipped, factor = clip_to_norm(factors, privacy.clip_norm)
+    std = site_noise_std(sketch.noise_multiplier, sketch_sensitivity(privacy.clip_norm), sketch.sites)
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    return add_noise(client_sketch(clipped, 1.0, sketch.seed, sketch.width), std, generator), {"dp-clip-factor": factor}
+
+
+def put_upload(content, upload: Mapping[str, torch.Tensor]) -> int:
+    record = ArrayRecord({key: Array(value.detach().cpu().numpy()) for key, value in upload.items()})
+    content[ADAPTER] = record
+    return record.count_bytes()
+
+
+def check_sketch_reply(message: Message, reply: Reply, limits: Limits, sketch: SketchRound) -> tuple[ClientUpdate, dict[str, torch.Tensor]]:
+    """A sketch reply's update report and its upload, or `Rejected` with the first reason: the same
+    per-reply boundary as a factor reply's (examples, metrics, size, every array's header before it
+    is read, finite values), with the shapes of the round's sketches."""
+    examples = reply.integer("num-examples")
+    if not limits.min_examples <= examples <= limits.max_examples:
+        raise Rejected(f"num-examples {examples!r} is outside [{limits.min_examples}, {limits.max_examples}]")
+    for key in REPORTED_METRICS:
+        reply.number(key)
+    record = message.content.get(ADAPTER)
+    if not isinstance(record, ArrayRecord):
+        raise Rejected(f"malformed reply: the sketch upload is {type(record).__name__}, not an ArrayRecord")
+    expected = expected_shapes(limits.shapes, sketch.width)
+    size = record.count_bytes()
+    cap = sum(4 * math.prod(shape) + 256 for shape in expected.values())
+    if size > cap:
+        raise Rejected(f"sketch upload is {size / MiB:.3f} MiB, above the {cap / MiB:.3f} MiB its shapes take")
+    if set(record) != set(expected):
+        odd = sorted(set(record) ^ set(expected))[0]
+        raise Rejected(f"sketch upload {'lacks' if odd in expected else 'has an unexpected'} array {odd}")
+    upload = {}
+    for key, array in record.items():
+        try:
+            shape, dtype = payload.declared(array)
+        except ValueError as error:
+            raise Rejected(f"array {key}: {error}") from None
+        if (shape, dtype) != (expected[key], SKETCH_DTYPES.get(key, np.dtype("<f4"))):
+            raise Rejected(f"array {key} is {shape} {dtype}, expected {expected[key]} {SKETCH_DTYPES.get(key, np.dtype('<f4'))}")
+        upload[key] = torch.from_numpy(array.numpy())
+        if not torch.isfinite(upload[key]).all():
+            raise Rejected(f"array {key} holds NaN or Inf values")
+    if not upload[WEIGHT].item() > 0:
+        raise Rejected(f"sketch weight {upload[WEIGHT].item()!r} is not positive")
+    update = ClientUpdate({}, {}, examples, reply.partition, reply.integer("rank", 1, limits.max_rank), reply.metrics, size)
+    return update, upload
+
+
+def expected_shapes(shapes: Mapping[str, tuple[int, int]], width: int) -> dict[str, tuple[int, ...]]:
+    expected: dict[str, tuple[int, ...]] = {WEIGHT: ()}
+    for name, (m, n) in shapes.items():
+        sketch, co_sketch = widths((m, n), width)
+        expected[sketch_key(name, RANGE)], expected[sketch_key(name, CORANGE)] = (m, sketch), (co_sketch, n)
+    return expected
+
+
+class SecureTrainRound(TrainRound):
+    """A round whose replies go straight into the sum: no per-reply norm screen, clip or weight cap
+    (each would judge one site's update), and no reply kept apart."""
+
+    def admit(self, node: int, update: ClientUpdate, upload: Mapping[str, torch.Tensor], norms: Mapping[str, float] = {}) -> None:
+        self.partitions[update.partition] = node
+        self.accepted[node] = update
+        try:
+            self.accumulator.add(upload)
+        except AggregationError as error:
+            self.drop(node, str(error))
+            return
+        self.clips[node], self.weights[node] = {}, float(upload[WEIGHT].item())
+
+    def close(self) -> dict[int, ClientUpdate]:
+        if not self.has_quorum():
+            raise RoundFailed(f"round {self.report.round}: {len(self.accepted)} sketches summed, below the quorum of {self.report.quorum}")
+        return dict(sorted(self.accepted.items(), key=lambda item: item[1].partition))
+
+
+class SumNormCheck:
+    """The one screen left in secure mode: a round whose aggregated update's norm is more than `factor`
+    times the median of the previous rounds' is not aggregated (after `warmup` rounds)."""
+
+    def __init__(self, factor: float | None, warmup: int = 2):
+        self.factor, self.warmup, self.norms = factor, warmup, []
+
+    def check(self, server_round: int, norm: float) -> None:
+        if self.factor is not None and len(self.norms) >= self.warmup:
+            median = statistics.median(self.norms)
+            if norm > self.factor * median:
+                raise RoundFailed(
+                    f"round {server_round}: the summed update's norm {norm:.4g} is more than validation.norm_factor "
+                    f"{self.factor:g} times the median {median:.4g} of the previous rounds'; not aggregated"
+                )
+        self.norms.append(norm)
+
+
+class SecureRounds:
+    """The server's side of florist-secure over the run: each round's sketch and sum, its checks and its privacy spending."""
+
+    def __init__(self, config: RunConfig, aggregator: SecureFLoRIST, shapes: Mapping[str, tuple[int, int]]):
+        self.config, self.aggregator, self.shapes = config, aggregator, dict(shapes)
+        federation, privacy = config.federation, config.privacy
+        self.sampling_rate = federation.sample_size / federation.num_clients
+        self.noise_multiplier = 0.0
+        if privacy.dp:
+            self.noise_multiplier = privacy.noise_multiplier or noise_for_epsilon(
+                privacy.target_epsilon, privacy.delta, federation.rounds, self.sampling_rate
+            )
+        self.ledger = PrivacyLedger(privacy.delta) if privacy.dp else None
+        self.norm_check = SumNormCheck(config.validation.norm_factor)
+        self.kept_rank: int | None = None
+        self.sketch: SketchRound | None = None
+
+    def width(self) -> int:
+        """aggregation.sketch_width, else twice the largest rank kept last round, at least
+        MIN_SKETCH_WIDTH (round 1: the largest client rank, at least MIN_SKETCH_WIDTH)."""
+        if self.config.aggregation.sketch_width is not None:
+            return self.config.aggregation.sketch_width
+        if self.kept_rank is None:
+            return max(MIN_SKETCH_WIDTH, max(self.config.federation.ranks))
+        return max(MIN_SKETCH_WIDTH, 2 * self.kept_rank)
+
+    def train_round(self, server_round: int, report: RoundReport) -> SecureTrainRound:
+        seed = (self.config.training.seed * 1_000_003 + server_round) % 2**63
+        self.sketch = SketchRound(seed, self.width(), len(report.sampled), self.noise_multiplier)
+        total = self.aggregator.sum_of_sketches(seed, self.shapes)
+        return SecureTrainRound(report, total, None, None, {}, False)
+
+    def finish(self, report: RoundReport, aggregate: Aggregate, summed: int) -> None:
+        """Check the sum's norm, spend the round's privacy, and size the next round's sketch."""
+        norm = math.sqrt(sum(float(m.singular_values.double().square().sum()) for m in aggregate.modules.values()))
+        self.norm_check.check(report.round, norm)
+        report.secure = {"sketch_width": self.sketch.width, "sites_summed": summed, "update_norm": norm}
+        if self.ledger is not None:
+            multiplier = effective_multiplier(self.noise_multiplier, summed, self.sketch.sites)
+            report.secure["privacy"] = self.ledger.spend(multiplier, self.sampling_rate)
+        self.kept_rank = max(module.rank for module in aggregate.modules.values())
+
+    def restore(self, metrics: list[dict]) -> None:
+        """A resumed run's privacy spent and kept ranks, from its stored rounds' records."""
+        for record in metrics:
+            secure = record.get("secure", {})
+            if "privacy" in secure and self.ledger is not None:
+                self.ledger.spend(secure["privacy"]["noise_multiplier"], secure["privacy"]["sampling_rate"])
+            if "update_norm" in secure:
+                self.norm_check.norms.append(secure["update_norm"])
+            if record.get("ranks"):
+                self.kept_rank = max(record["ranks"].values())
+
+
+def privacy_summary(rounds: list[dict]) -> dict | None:
+    """The run's (epsilon, delta) for summary.json: the last round's running total."""
+    spent = [r["secure"]["privacy"] for r in rounds if "privacy" in r.get("secure", {})]
+    return None if not spent else {"epsilon": spent[-1]["run_epsilon"], "delta": spent[-1]["delta"], "rounds": len(spent)}
+
+

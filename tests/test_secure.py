@@ -1,0 +1,300 @@
+"""florist-secure: FLoRIST from the sum of the clients' sketches, client-level differential privacy
+and its accountant, against dense float64 references and dp-accounting called directly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import dp_accounting
+import pytest
+import torch
+from dp_accounting import rdp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from florist.aggregation import AggregationError, ClientAdapter, make_aggregator
+from florist.aggregation.sketch import (
+    WEIGHT,
+    SketchSum,
+    add_noise,
+    client_sketch,
+    clip_to_norm,
+    sketch_sensitivity,
+    sketching_matrices,
+)
+from florist.aggregation.norms import adapter_norm
+from florist.config import load_config
+from florist.federation.secure import SumNormCheck
+from florist.federation.train_round import RoundFailed
+from florist.privacy import PrivacyLedger, effective_multiplier, noise_for_epsilon, site_noise_std
+
+from test_aggregation import any_federations, dense_update, kept_energy, relative_error, spectral_client
+
+PROPERTY = settings(max_examples=10, deadline=None)
+
+
+def stacked_rank(clients: list[ClientAdapter], name: str) -> int:
+    return sum(client.modules[name].rank for client in clients)
+
+
+def widest(clients: list[ClientAdapter]) -> int:
+    return max(stacked_rank(clients, name) for name in clients[0].modules)
+
+
+# ---------------------------------------------------------------- exactness at l >= R
+
+
+@PROPERTY
+@given(clients=any_federations(dtype=torch.float32), seed=st.integers(0, 2**40))
+def test_at_a_width_of_the_stacked_rank_secure_florist_is_florist_at_tau_one_to_fp32_precision(clients, seed):
+    """Uploads in float32: the secure aggregate is dW (and plain FLoRIST's at tau = 1) to within fp32
+    rounding of the uploads, on clients whose norms spread over decades, with decaying spectra,
+    near-duplicates, unequal scales and heterogeneous ranks."""
+    secure = make_aggregator("florist-secure", tau=1.0, sketch_width=widest(clients)).aggregate(clients, seed=seed)
+    plain = make_aggregator("florist", tau=1.0).aggregate(clients)
+    for name, module in secure.modules.items():
+        dw = dense_update(clients, name)
+        # The clients' own float32 factors set the floor: fp32 times the stack's terms one by one.
+        terms = sum((c.weight / sum(x.weight for x in clients)) * abs(c.modules[name].scale) * c.modules[name].B.double().norm() * c.modules[name].A.double().norm() for c in clients)
+        rounding = 64 * torch.finfo(torch.float32).eps * (terms.item() + dw.norm().item()) * (module.rank + 1)
+        assert (module.delta().double() - dw).norm().item() <= rounding
+        assert (module.delta().double() - plain.modules[name].delta().double()).norm().item() <= 2 * rounding
+
+
+@PROPERTY
+@given(clients=any_federations(), seed=st.integers(0, 2**40))
+def test_in_float64_the_secure_aggregate_is_the_exact_svd(clients, seed):
+    """float64 uploads: dW to 1e-9 of its norm, and the singular values are dW's."""
+    secure = make_aggregator("florist-secure", tau=1.0, sketch_width=widest(clients)).aggregate(clients, seed=seed)
+    for name, module in secure.modules.items():
+        dw = dense_update(clients, name)
+        assert relative_error(module.delta(), dw) <= 1e-9
+        true = torch.linalg.svdvals(dw)[: module.singular_values.shape[0]]
+        assert torch.allclose(module.singular_values, true, atol=1e-9 * true[0].item())
+
+
+def test_the_kept_rank_at_tau_is_the_exact_spectrums_when_the_sketch_holds_it():
+    """Eight clients of ranks 4..64 over three decades, m = n = 256: at l = 2x the tau-0.9 rank the
+    rank kept meets tau on the true spectrum (its share estimated with what the sketch missed), and the
+    update is within 1.5x the Eckart-Young optimum of its rank (measured 1.33x: a slowly decaying
+    spectrum of 152 components, the sketch's randomized error; BENCHMARKS.md has the table)."""
+    generator = torch.Generator().manual_seed(3)
+    decaying = lambda rank, norm: norm * 0.7 ** torch.arange(rank, dtype=torch.float64)
+    clients = [spectral_client(generator, 256, 256, decaying(r, 10 ** (-3 * k / 7)), 16 / r, 50.0 + 37 * k) for k, r in enumerate([4, 4, 8, 8, 16, 16, 32, 64])]
+    dw = dense_update(clients, "x")
+    true = torch.linalg.svdvals(dw)
+    exact_rank = make_aggregator("florist", tau=0.9).aggregate(clients).modules["x"].rank
+    module = make_aggregator("florist-secure", tau=0.9, sketch_width=2 * exact_rank).aggregate(clients, seed=11).modules["x"]
+    assert abs(module.rank - exact_rank) <= 1
+    assert kept_energy(true, module.rank) >= 0.9 - 1e-3
+    optimum = true[module.rank :].square().sum().sqrt().item()
+    assert (module.delta().double() - dw).norm().item() <= 1.5 * optimum
+
+
+# ---------------------------------------------------------------- the sum and its inputs
+
+
+def test_the_test_matrices_are_the_same_in_another_process_and_orthonormal():
+    omega, psi = sketching_matrices(12345, "model.layers.0.q_proj", (40, 30), 8)
+    code = (
+        "import json; from florist.aggregation.sketch import sketching_matrices as s; "
+        "o, p = s(12345, 'model.layers.0.q_proj', (40, 30), 8); print(json.dumps([o.tolist(), p.tolist()]))"
+    )
+    theirs = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert torch.equal(torch.tensor(theirs[0], dtype=torch.float64), omega)
+    assert torch.equal(torch.tensor(theirs[1], dtype=torch.float64), psi)
+    assert omega.shape == (30, 8) and psi.shape == (16, 40)
+    assert torch.allclose(omega.mT @ omega, torch.eye(8, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(psi @ psi.mT, torch.eye(16, dtype=torch.float64), atol=1e-12)
+    assert not torch.equal(sketching_matrices(12346, "model.layers.0.q_proj", (40, 30), 8)[0], omega)
+
+
+@PROPERTY
+@given(clients=any_federations(), seed=st.integers(0, 2**40), factor=st.floats(0.01, 100))
+def test_the_result_depends_on_the_sums_only(clients, seed, factor):
+    """Any order of adding, and weights all scaled alike, give the same aggregate: the server needs
+    neither the clients' order nor their weights one by one."""
+    aggregator = make_aggregator("florist-secure", tau=1.0, sketch_width=widest(clients))
+    shapes = {name: f.shape for name, f in clients[0].modules.items()}
+    totals = []
+    for order, scale in ((clients, 1.0), (clients[::-1], factor)):
+        total = SketchSum(aggregator, seed, shapes)
+        for client in order:
+            total.add(client_sketch(client.modules, client.weight * scale, seed, aggregator.sketch_width, torch.float64))
+        totals.append(total.result())
+    for name in shapes:
+        assert relative_error(totals[0].modules[name].delta(), totals[1].modules[name].delta().double()) <= 1e-9
+
+
+def test_a_sketch_of_other_modules_or_shapes_or_values_is_refused():
+    clients = [spectral_client(torch.Generator().manual_seed(0), 20, 10, torch.tensor([1.0, 0.5]), 2.0, 5.0)]
+    aggregator = make_aggregator("florist-secure", sketch_width=4)
+    upload = client_sketch(clients[0].modules, 5.0, 0, 4)
+    for bad, message in (
+        ({**upload, "y:range": upload["x:range"]}, "differ from the round's modules"),
+        ({**upload, "x:range": torch.full_like(upload["x:range"], float("nan"))}, "NaN or Inf"),
+    ):
+        total = SketchSum(aggregator, 0, {"x": (20, 10)})
+        with pytest.raises(AggregationError, match=message):
+            total.add(bad)
+    total = SketchSum(aggregator, 0, {"x": (20, 10)})
+    total.add(upload)
+    with pytest.raises(AggregationError, match="the round's are"):
+        total.add({**upload, "x:range": upload["x:range"][:, :2]})
+
+
+# ---------------------------------------------------------------- differential privacy
+
+
+def test_clipping_bounds_the_update_norm_and_leaves_a_small_one_alone():
+    client = spectral_client(torch.Generator().manual_seed(1), 30, 20, torch.tensor([3.0, 2.0, 1.0]), 2.0, 1.0, torch.float64)
+    norm = adapter_norm(client.modules)
+    clipped, factor = clip_to_norm(client.modules, norm / 4)
+    assert adapter_norm(clipped) == pytest.approx(norm / 4, rel=1e-12) and factor == pytest.approx(0.25)
+    same, factor = clip_to_norm(client.modules, 2 * norm)
+    assert factor == 1.0 and adapter_norm(same) == pytest.approx(norm, rel=1e-12)
+
+
+def test_a_clipped_sites_sketches_are_within_the_stated_sensitivity():
+    client = spectral_client(torch.Generator().manual_seed(2), 64, 48, torch.tensor([5.0, 4.0, 3.0, 2.0]), 1.5, 1.0, torch.float64)
+    clipped, _ = clip_to_norm(client.modules, 1.0)
+    upload = client_sketch(clipped, 1.0, 9, 8, torch.float64)
+    norm = sum(value.square().sum() for key, value in upload.items() if key != WEIGHT).sqrt().item()
+    assert norm <= sketch_sensitivity(1.0) + 1e-12
+
+
+def test_the_sum_of_the_sites_noise_has_the_standard_deviation_sigma_times_the_sensitivity():
+    """K sites each add N(0, (sigma S)^2 / K): over 100 draws of all K sites' noise on a 40 x 8 sketch
+    (32,000 values), the sum's standard deviation is sigma S within 2% (its sampling error is 0.4%)."""
+    sigma, clip, sites = 1.3, 0.5, 7
+    zero = {WEIGHT: torch.tensor(1.0, dtype=torch.float64), "x:range": torch.zeros(40, 8)}
+    std = site_noise_std(sigma, sketch_sensitivity(clip), sites)
+    sums = []
+    for draw in range(100):
+        total = torch.zeros(40, 8, dtype=torch.float64)
+        for site in range(sites):
+            noised = add_noise(zero, std, torch.Generator().manual_seed(draw * sites + site))
+            assert noised[WEIGHT].item() == 1.0
+            total += noised["x:range"].double()
+        sums.append(total)
+    measured = torch.stack(sums).std().item()
+    assert measured == pytest.approx(sigma * sketch_sensitivity(clip), rel=0.02)
+    assert abs(torch.stack(sums).mean().item()) < 0.02 * measured
+
+
+def test_the_ledger_is_dp_accountings_rdp_accountant():
+    ledger = PrivacyLedger(1e-5)
+    rounds = [(1.1, 0.5), (1.1, 0.5), (0.9, 1.0)]
+    for multiplier, rate in rounds:
+        record = ledger.spend(multiplier, rate)
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(1.1)), 2)
+    accountant.compose(dp_accounting.GaussianDpEvent(0.9))
+    assert record["run_epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    alone = rdp.RdpAccountant().compose(dp_accounting.GaussianDpEvent(0.9)).get_epsilon(1e-5)
+    assert record["round_epsilon"] == pytest.approx(alone, rel=1e-9)
+    assert ledger.records[0]["run_epsilon"] < ledger.records[1]["run_epsilon"] < record["run_epsilon"]
+
+
+@pytest.mark.parametrize("target", [1.0, 4.0, 16.0])
+def test_a_target_epsilon_calibrates_the_noise_to_spend_it_over_the_run(target):
+    sigma = noise_for_epsilon(target, 1e-5, 5, 0.5)
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(sigma)), 5)
+    assert accountant.get_epsilon(1e-5) == pytest.approx(target, rel=1e-2)
+    assert accountant.get_epsilon(1e-5) <= target * 1.001
+
+
+def test_sites_that_drop_out_take_their_share_of_the_noise():
+    assert effective_multiplier(2.0, 4, 16) == pytest.approx(1.0)
+
+
+def test_the_sum_norm_check_refuses_a_round_far_above_the_previous_ones():
+    check = SumNormCheck(10.0, warmup=2)
+    for round_, norm in enumerate([1.0, 2.0, 14.0], start=1):
+        check.check(round_, norm)
+    with pytest.raises(RoundFailed, match="round 4: the summed update's norm 200 is more than validation.norm_factor 10"):
+        check.check(4, 200.0)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["privacy.dp=true", "privacy.clip_norm=1", "privacy.noise_multiplier=1"], 'privacy.dp needs aggregation.method = "florist-secure"'),
+        (["aggregation.method=\"florist-secure\"", "privacy.dp=true", "privacy.clip_norm=1", "privacy.noise_multiplier=0"], "privacy.noise_multiplier must be a finite number > 0 (without noise epsilon is infinite)"),
+        (["aggregation.method=\"florist-secure\"", "privacy.dp=true", "privacy.clip_norm=1", "privacy.noise_multiplier=1", "privacy.delta=1"], "privacy.delta must be in (0, 1)"),
+        (["aggregation.method=\"florist-secure\"", "privacy.dp=true", "privacy.clip_norm=1", "privacy.delta=0"], "privacy.delta must be in (0, 1)"),
+        (["aggregation.method=\"florist-secure\"", "privacy.dp=true", "privacy.noise_multiplier=1"], "privacy.clip_norm must be set"),
+        (["aggregation.method=\"florist-secure\"", "privacy.dp=true", "privacy.clip_norm=1"], "set exactly one"),
+        (["aggregation.method=\"florist-secure\"", "privacy.dp=true", "privacy.clip_norm=1", "privacy.noise_multiplier=1", "privacy.target_epsilon=4"], "set exactly one"),
+        (["aggregation.method=\"florist-secure\"", "privacy.dp=true", "privacy.clip_norm=-1", "privacy.noise_multiplier=1"], "privacy.clip_norm must be a finite number > 0"),
+        (["aggregation.method=\"florist-secure\"", "privacy.dp=true", "privacy.clip_norm=1", "privacy.target_epsilon=inf"], "privacy.target_epsilon must be a finite number > 0"),
+        (["aggregation.sketch_width=8"], "aggregation.sketch_width sizes florist-secure's sketches; method 'florist' has none"),
+        (["aggregation.method=\"florist-secure\"", "wire.upload=\"float16\""], "florist-secure uploads float32 sketches"),
+        (["aggregation.method=\"florist-secure\"", "model.lora_bias=\"all\""], "florist-secure sums LoRA sketches only"),
+        (["aggregation.method=\"florist-secure\"", "federation.warm_start=true"], "federation.warm_start needs aggregation.method"),
+    ],
+)
+def test_settings_that_leave_epsilon_undefined_or_secure_mode_inconsistent_are_refused_in_one_line(overrides, message):
+    with pytest.raises(ValueError) as error:
+        load_config(None, overrides)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_secure_configuration_with_privacy_loads():
+    config = load_config(None, ['aggregation.method="florist-secure"', "privacy.dp=true", "privacy.clip_norm=0.5", "privacy.target_epsilon=4"])
+    assert config.aggregation.secure and config.privacy.delta == 1e-5
+
+
+# ---------------------------------------------------------------- whole simulated runs (`florist run`)
+
+
+def _run(tiny_model_dir, run_dir, method: str, *extra: str) -> tuple[list[dict], dict]:
+    from federations import federation_config
+
+    from florist.federation.simulation import run_federation
+    from florist.reporting.run_directory import read_rounds
+
+    config = federation_config(tiny_model_dir, run_dir, method, 'federation.engine="inline"', "aggregation.tau=1.0", *extra)
+    path = run_federation(config)
+    return read_rounds(path), json.loads((path / "summary.json").read_text())
+
+
+def test_a_secure_run_at_a_width_of_the_stacked_rank_is_the_plain_florist_run(tiny_model_dir, tmp_path):
+    """Three clients of ranks 2, 4, 8 (R = 14) and sketches 16 wide, one round: the same ranks as
+    FLoRIST's at tau = 1 (without the weight cap, see federation/secure.py), and the global update
+    (the final adapter) is FLoRIST's to fp32 precision."""
+    from florist.lora.adapters import read_adapter
+
+    secure, secure_summary = _run(tiny_model_dir, tmp_path / "secure", "florist-secure", "aggregation.sketch_width=16", "federation.rounds=1")
+    # The weight cap judges one site's claim, which a secure server cannot: off for the reference.
+    plain, _ = _run(tiny_model_dir, tmp_path / "plain", "florist", "federation.rounds=1", "validation.max_weight_share=1.0")
+    assert secure[1]["ranks"] == plain[1]["ranks"]
+    assert secure[1]["secure"]["sites_summed"] == 3 and secure[1]["secure"]["sketch_width"] == 16
+    assert [c["train_loss"] for c in secure[1]["clients"]] == [c["train_loss"] for c in plain[1]["clients"]]
+    _, ours = read_adapter(tmp_path / "secure" / "final" / "adapter")
+    _, theirs = read_adapter(tmp_path / "plain" / "final" / "adapter")
+    for name, module in theirs.modules.items():
+        delta = module.scale * module.B.double() @ module.A.double()
+        mine = ours.modules[name].scale * ours.modules[name].B.double() @ ours.modules[name].A.double()
+        assert torch.linalg.norm(mine - delta) <= 1e-5 * torch.linalg.norm(delta), name
+    assert secure_summary["method"] == "florist-secure" and "privacy" not in secure_summary
+
+
+def test_a_private_run_reports_the_epsilon_dp_accounting_gives_and_meets_its_target(tiny_model_dir, tmp_path):
+    rounds, summary = _run(
+        tiny_model_dir, tmp_path / "dp", "florist-secure", "privacy.dp=true", "privacy.clip_norm=0.5", "privacy.target_epsilon=8"
+    )
+    spent = [r["secure"]["privacy"] for r in rounds[1:]]
+    sigma = spent[0]["noise_multiplier"]
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(sigma), len(spent))  # every client sampled: q = 1
+    assert summary["privacy"]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert summary["privacy"]["epsilon"] <= 8 * 1.001 and summary["privacy"]["delta"] == 1e-5
+    assert all(c.get("dp-clip-factor", None) is None for r in rounds[1:] for c in r["clients"])  # the clip stays with the site
