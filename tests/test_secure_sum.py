@@ -301,3 +301,11 @@ def test_a_node_refuses_shares_forwarded_from_another_source():
 def test_an_input_outside_the_range_is_refused_not_clipped():
     with pytest.raises(ValueError, match=r"magnitude 1.5 is outside the secure sum's range of ±1 \(privacy.secure_clip_range\)"):
         QUANTIZER.encode(np.array([0.2, -1.5]))
+
+
+def test_an_unmask_request_without_dropped_nodes_is_counted_and_read_back():
+    """Flower's byte count fails on an empty list: the record leaves it out, and reads it back empty."""
+    request = UnmaskRequest(3, [1, 2**64 - 1], [])
+    record = request.record()
+    assert record.count_bytes() > 0
+    assert UnmaskRequest.read(record) == request

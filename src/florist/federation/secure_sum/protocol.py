@@ -7,7 +7,9 @@ Stages, each one round trip (server -> every node still taking part -> server):
   unmask   UnmaskRequest    -> UnmaskShares     who survived and who dropped; the shares that remove the masks
 
 Reading checks types and sizes only; what a value means for the protocol, each side's state
-machine checks. Node ids travel as decimal strings: Flower's are unsigned 64-bit integers.
+machine checks. Node ids travel as decimal strings: Flower's are unsigned 64-bit integers. An empty
+list is left out of its record (Flower 1.42's `ConfigRecord.count_bytes` fails on one), and a list
+that is absent reads as empty.
 """
 
 from __future__ import annotations
@@ -39,17 +41,23 @@ def _node(value: str) -> int:
     return int(value)
 
 
-def _nodes(values) -> list[int]:
-    if not isinstance(values, list):
-        raise ProtocolRefused("a node list is not a list")
+def _nodes(values: list) -> list[int]:
     nodes = [_node(value) for value in values]
     if len(set(nodes)) != len(nodes):
         raise ProtocolRefused("a node list names a node twice")
     return nodes
 
 
+def _list(record: ConfigRecord, key: str) -> list:
+    return _field(record, key, list) if key in record else []
+
+
+def _record(fields: dict) -> ConfigRecord:
+    return ConfigRecord({key: value for key, value in fields.items() if not (isinstance(value, list) and not value)})
+
+
 def _by_node(record: ConfigRecord, nodes_key: str, values_key: str) -> dict[int, bytes]:
-    nodes, values = _field(record, nodes_key, list), _field(record, values_key, list)
+    nodes, values = _list(record, nodes_key), _list(record, values_key)
     if len(nodes) != len(values) or not all(isinstance(value, bytes) for value in values):
         raise ProtocolRefused(f"{values_key} does not hold one byte string per node of {nodes_key}")
     return dict(zip(_nodes(nodes), values, strict=True))
@@ -91,7 +99,7 @@ class Setup:
     layout: Layout
 
     def record(self) -> ConfigRecord:
-        return ConfigRecord({
+        return _record({
             STAGE: SETUP, "session": self.session, "nodes": [str(n) for n in self.nodes], "threshold": self.threshold,
             "clip-range": self.clip_range, "bits": self.bits, "layout": json.dumps([[name, list(shape)] for name, shape in self.layout.shapes]),
         })
@@ -104,7 +112,7 @@ class Setup:
         except (ValueError, TypeError) as error:
             raise ProtocolRefused(f"the secure-sum layout cannot be read ({error})") from None
         return cls(
-            _field(record, "session", int), _nodes(_field(record, "nodes", list)), _field(record, "threshold", int),
+            _field(record, "session", int), _nodes(_list(record, "nodes")), _field(record, "threshold", int),
             _field(record, "clip-range", float), _field(record, "bits", int), layout,
         )
 
@@ -117,7 +125,7 @@ class KeyDirectory:
 
     def record(self) -> ConfigRecord:
         nodes = list(self.keys)
-        return ConfigRecord({
+        return _record({
             STAGE: SHARE, "session": self.session, "nodes": [str(n) for n in nodes],
             "mask-keys": [self.keys[n][0] for n in nodes], "share-keys": [self.keys[n][1] for n in nodes],
         })
@@ -136,7 +144,7 @@ class ForwardedShares:
     """Per source node, its shares for this node, encrypted for it."""
 
     def record(self) -> ConfigRecord:
-        return ConfigRecord({
+        return _record({
             STAGE: COLLECT, "session": self.session, "sources": [str(n) for n in self.ciphertexts], "ciphertexts": list(self.ciphertexts.values()),
         })
 
@@ -155,14 +163,14 @@ class UnmaskRequest:
     """Nodes that shared keys but sent no masked input: it asks for shares of their mask keys."""
 
     def record(self) -> ConfigRecord:
-        return ConfigRecord({
+        return _record({
             STAGE: UNMASK, "session": self.session, "survivors": [str(n) for n in self.survivors], "dropped": [str(n) for n in self.dropped],
         })
 
     @classmethod
     def read(cls, record: ConfigRecord) -> UnmaskRequest:
         _expect(record, UNMASK)
-        return cls(_field(record, "session", int), _nodes(_field(record, "survivors", list)), _nodes(_field(record, "dropped", list)))
+        return cls(_field(record, "session", int), _nodes(_list(record, "survivors")), _nodes(_list(record, "dropped")))
 
 
 # -- node to server -----------------------------------------------------------------------------
@@ -175,7 +183,7 @@ class PublicKeys:
     share_key: bytes
 
     def record(self) -> ConfigRecord:
-        return ConfigRecord({STAGE: SETUP, "session": self.session, "mask-key": self.mask_key, "share-key": self.share_key})
+        return _record({STAGE: SETUP, "session": self.session, "mask-key": self.mask_key, "share-key": self.share_key})
 
     @classmethod
     def read(cls, record: ConfigRecord) -> PublicKeys:
@@ -190,7 +198,7 @@ class EncryptedShares:
     """Per destination node, this node's shares for it, encrypted for it."""
 
     def record(self) -> ConfigRecord:
-        return ConfigRecord({
+        return _record({
             STAGE: SHARE, "session": self.session, "destinations": [str(n) for n in self.ciphertexts], "ciphertexts": list(self.ciphertexts.values()),
         })
 
@@ -207,7 +215,7 @@ class MaskedInput:
     """uint32, the layout's size."""
 
     def record(self) -> ConfigRecord:
-        return ConfigRecord({STAGE: COLLECT, "session": self.session, "vector": self.vector.astype("<u4").tobytes()})
+        return _record({STAGE: COLLECT, "session": self.session, "vector": self.vector.astype("<u4").tobytes()})
 
     @classmethod
     def read(cls, record: ConfigRecord) -> MaskedInput:
@@ -225,7 +233,7 @@ class UnmaskShares:
     """Per node asked about, this node's share of its seed (a survivor) or of its mask key (dropped)."""
 
     def record(self) -> ConfigRecord:
-        return ConfigRecord({STAGE: UNMASK, "session": self.session, "nodes": [str(n) for n in self.shares], "shares": list(self.shares.values())})
+        return _record({STAGE: UNMASK, "session": self.session, "nodes": [str(n) for n in self.shares], "shares": list(self.shares.values())})
 
     @classmethod
     def read(cls, record: ConfigRecord) -> UnmaskShares:
