@@ -12,7 +12,6 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
@@ -89,7 +88,8 @@ class SecureSumNode:
         checked_setup(setup)
         mask_private, mask_public = generate_key_pairs()
         share_private, share_public = generate_key_pairs()
-        self.__init__(self.node, setup.session, SHARE, setup, private_key_to_bytes(mask_private), private_key_to_bytes(share_private))
+        fresh = SecureSumNode(self.node, setup.session, SHARE, setup, private_key_to_bytes(mask_private), private_key_to_bytes(share_private))
+        vars(self).update(vars(fresh))  # nothing of an earlier sum carries over
         return PublicKeys(setup.session, public_key_to_bytes(mask_public), public_key_to_bytes(share_public))
 
     def answer_directory(self, directory: KeyDirectory) -> EncryptedShares:
