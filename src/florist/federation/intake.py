@@ -17,9 +17,10 @@ from florist.aggregation import AggregationError
 from florist.federation.identity import disagreement
 from florist.federation.messages import MISMATCH, Identity, Malformed, Reply, error_reason
 from florist.federation.reports import Stage
+from florist.federation.secure_sum.protocol import ProtocolRefused
 from florist.federation.validation import Rejected
 
-SPOKEN = (Malformed, Rejected, AggregationError)
+SPOKEN = (Malformed, Rejected, AggregationError, ProtocolRefused)
 """Refusals whose message is the whole reason; any other exception is named by its type too."""
 
 

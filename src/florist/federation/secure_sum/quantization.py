@@ -1,0 +1,88 @@
+"""Float tensors to integers mod 2**32 and back, with Flower's stochastic quantisation.
+
+Each value in [-clip_range, clip_range] maps to an integer in [0, 2**bits - 1], rounded up or down
+at random so that the rounding is unbiased; a sum of K such integers fits the modulus while
+K * (2**bits - 1) < 2**32. The dequantised sum of K inputs differs from their plain sum by less
+than K quantisation steps per value (`Quantizer.bound`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.common.secure_aggregation.quantization import quantize
+
+MODULUS_BITS = 32
+"""Masked values are uint32: the arithmetic mod 2**32 is numpy's own wrap-around."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The names and shapes of the tensors summed, in a fixed order: the flat vector's layout."""
+
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @classmethod
+    def of(cls, tensors: Mapping[str, torch.Tensor]) -> Layout:
+        return cls(tuple((name, tuple(tensors[name].shape)) for name in sorted(tensors)))
+
+    @property
+    def size(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.shapes)
+
+    def flatten(self, tensors: Mapping[str, torch.Tensor]) -> np.ndarray:
+        if set(tensors) != {name for name, _ in self.shapes}:
+            raise ValueError(f"the tensors {sorted(tensors)} are not the layout's {[name for name, _ in self.shapes]}")
+        parts = []
+        for name, shape in self.shapes:
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)}, not the layout's {shape}")
+            parts.append(tensors[name].detach().to(torch.float64).reshape(-1).numpy())
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def unflatten(self, vector: np.ndarray) -> dict[str, torch.Tensor]:
+        tensors, offset = {}, 0
+        for name, shape in self.shapes:
+            count = math.prod(shape)
+            tensors[name] = torch.from_numpy(vector[offset : offset + count].reshape(shape).copy())
+            offset += count
+        return tensors
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    clip_range: float
+    bits: int
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def step(self) -> float:
+        return 2 * self.clip_range / self.levels
+
+    def bound(self, count: int) -> float:
+        """The largest difference, per value, between the dequantised sum of `count` inputs inside the
+        range and their plain sum: one step of stochastic rounding per input."""
+        return count * self.step
+
+    def most_inputs(self) -> int:
+        """The most inputs whose sum still fits the modulus."""
+        return (2**MODULUS_BITS - 1) // self.levels
+
+    def encode(self, vector: np.ndarray) -> np.ndarray:
+        """The input as integers in [0, levels]; a value outside the range is refused, not clipped,
+        so that the sum is never silently another."""
+        largest = float(np.abs(vector).max()) if vector.size else 0.0
+        if not math.isfinite(largest) or largest > self.clip_range:
+            raise ValueError(f"a value of magnitude {largest:g} is outside the secure sum's range of ±{self.clip_range:g} (privacy.secure_clip_range)")
+        return quantize([vector], self.clip_range, self.levels)[0].astype(np.uint32)
+
+    def decode_sum(self, total: np.ndarray, count: int) -> np.ndarray:
+        """The float sum of `count` inputs from the sum of their encodings."""
+        return total.astype(np.float64) * self.step - count * self.clip_range
