@@ -783,7 +783,7 @@ def test_zero_sum_weights_and_no_clients_are_refused():
         ("florist", {"max_rank": 0}, "max_rank must be >= 1, got 0"),
         ("florist", {"route": "lanczos"}, "unknown decomposition route 'lanczos'"),
         ("flexlora", {"ranks": [4, 0]}, r"FlexLoRA ranks must be >= 1, got \[4, 0\]"),
-        ("fedavg", {}, "unknown method 'fedavg'; choose from florist, flora, fedit, flexlora, ffa"),
+        ("fedavg", {}, "unknown method 'fedavg'; choose from florist, florist-secure, flora, fedit, flexlora, ffa"),
     ],
 )
 def test_bad_options_are_refused(method, options, message):

@@ -57,7 +57,11 @@ def test_weighted_mean_is_the_float64_reference_in_the_inputs_dtype(dtype, toler
         assert error < tolerance, (name, error.item())
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+SUMMING_SKETCHES = "florist-secure"
+"""Sums sketches of the LoRA modules only: it refuses tensors trained in full (tested below)."""
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != SUMMING_SKETCHES])
 def test_every_method_returns_the_weighted_mean_beside_its_modules(method):
     adapters = clients(torch.float64)
     options = {"ranks": [2, 3, 4, 5]} if method == "flexlora" else {}
@@ -68,6 +72,11 @@ def test_every_method_returns_the_weighted_mean_beside_its_modules(method):
     assert set(aggregate.dense) == set(expected)
     for name, tensor in aggregate.dense.items():
         torch.testing.assert_close(tensor, expected[name], rtol=1e-12, atol=1e-12)
+
+
+def test_the_sketch_method_refuses_tensors_trained_in_full():
+    with pytest.raises(AggregationError, match="florist-secure sums LoRA sketches only; tensors trained in full are not supported"):
+        make_aggregator(SUMMING_SKETCHES).aggregate(clients(torch.float64))
 
 
 def test_adapters_without_dense_tensors_give_none():
