@@ -46,8 +46,7 @@ def check_private_directory(directory: Path) -> None:
         raise Unreachable(f"the worker socket's directory {directory} does not exist") from None
     if not stat.S_ISDIR(status.st_mode):
         raise Unreachable(f"the worker socket's directory {directory} is not a directory")
-    if status.st_uid != os.getuid():
-        raise Unreachable(f"the worker socket's directory {directory} belongs to uid {status.st_uid}, not to this user ({os.getuid()})")
+    _check_owner(status, f"the worker socket's directory {directory}")
     mode = stat.S_IMODE(status.st_mode)
     if mode & 0o077:
         raise Unreachable(f"the worker socket's directory {directory} has mode {mode:04o}: others may enter it; it must be 0700")
@@ -65,8 +64,12 @@ def check_own_socket(path: Path) -> None:
         raise Unreachable(f"no worker socket at {path}: is `florist site-worker --socket {path}` running?") from None
     if not stat.S_ISSOCK(status.st_mode):
         raise Unreachable(f"{path} is not a socket")
+    _check_owner(status, f"the worker socket {path}")
+
+
+def _check_owner(status: os.stat_result, what: str) -> None:
     if status.st_uid != os.getuid():
-        raise Unreachable(f"the worker socket {path} belongs to uid {status.st_uid}, not to this user ({os.getuid()})")
+        raise Unreachable(f"{what} belongs to uid {status.st_uid}, not to this user ({os.getuid()})")
 
 
 def peer_uid(connection: socket.socket) -> int:
