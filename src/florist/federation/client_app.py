@@ -39,10 +39,10 @@ from florist.federation.messages import (
     Instruction,
     update_key,
 )
-from florist.federation.secure import SketchRound, put_upload, site_upload
 from florist.federation.node import NodeSettings, node_data
 from florist.federation.node_policy import NodePolicy, Refused, node_policy
 from florist.federation.resources import peak_rss_mib
+from florist.federation.secure import SketchRound, put_upload, site_upload
 from florist.federation.workspace import Update, Workspace, workspace_for
 from florist.lora.model import attach_lora, freeze_shared_A, frozen_lora_A, load_dense, load_global, merge_into_base, move_into_lora, read_dense, read_factors
 from florist.training import train_lora
