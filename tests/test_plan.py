@@ -219,6 +219,19 @@ def test_a_rank_beyond_the_sites_memory_is_refused_naming_memory_gib(site, tiny_
     assert NodePolicy.from_node_config(site).admit(high).rank == 64  # no memory-gib: no limit
 
 
+def test_memory_gib_is_checked_against_the_base_as_the_site_holds_it(site):
+    """The run's settings carry no quantization of a site's own: an nf4 site plans its nf4 base, so
+    a limit between the nf4 and the full-precision peak admits it and refuses a full-precision site."""
+    config = load_config(None, [f'model.name="{site["model"]}"', "federation.ranks=[8]", "data.max_length=128"])
+    full = plan_run(config, device=torch.device("cpu")).sites[0].memory.peak
+    nf4 = plan_run(config.model_copy(update={"model": config.model.model_copy(update={"quantization": "nf4"})}), device=torch.device("cpu"))
+    assert nf4.sites[0].memory.peak < full
+    limit = (nf4.sites[0].memory.peak + full) / 2 / GIB
+    assert NodePolicy.from_node_config(site | {"memory-gib": limit, "quantization": "nf4"}).admit(config).rank == 8
+    with pytest.raises(Refused, match=f"^node config memory-gib={limit:g}: rank 8 "):
+        NodePolicy.from_node_config(site | {"memory-gib": limit}).admit(config)
+
+
 @pytest.mark.parametrize("value", [0, -2, "lots"])
 def test_a_bad_memory_gib_is_refused_naming_it(site, value):
     with pytest.raises(Refused, match="^node config memory-gib="):

@@ -274,9 +274,9 @@ class NodePolicy:
         return NodeSettings(self.partition, self.data, self.test_data, rank, alpha, self.device, threads, self.quantization)
 
     def _check_memory(self, config: RunConfig, rank: int) -> None:
-        """The run's planned training peak at this node's rank fits its memory-gib (from the model's
-        config.json: nothing is loaded before the refusal)."""
-        peak = site_peak(config, model_config(self.model), rank, torch.device(self.device)).peak
+        """The run's planned training peak at this node's rank, on its base as it holds it, fits its
+        memory-gib (from the model's config.json: nothing is loaded before the refusal)."""
+        peak = site_peak(config, model_config(self.model), rank, torch.device(self.device), self.quantization).peak
         if peak > self.memory_gib * GIB:
             raise Refused(
                 f"node config memory-gib={self.memory_gib:g}: rank {rank} at data.max_length {config.data.max_length} and "

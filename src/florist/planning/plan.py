@@ -61,24 +61,26 @@ def trained_in_full(config: RunConfig, model: PretrainedConfig) -> dict[str, tup
     return trained_in_full_shapes(weightless_model(model), settings.target_modules, settings.lora_bias, settings.modules_to_save)
 
 
-def site_training(config: RunConfig, rank: int, dense_values: int, autocast: bool) -> SiteTraining:
+def site_training(config: RunConfig, rank: int, dense_values: int, autocast: bool, quantization: str | None = None) -> SiteTraining:
+    """A site's training at `rank`; `quantization` is its own base's (default: model.quantization)."""
     return SiteTraining(
         rank=rank,
         target_modules=tuple(config.model.target_modules),
         trained_in_full=dense_values,
         batch_size=config.training.batch_size,
         max_length=config.data.max_length,
-        quantization=config.model.quantization,
+        quantization=quantization or config.model.quantization,
         autocast=autocast,
         gradient_checkpointing=config.training.gradient_checkpointing,
     )
 
 
-def site_peak(config: RunConfig, model: PretrainedConfig, rank: int, device: torch.device) -> SiteMemory:
-    """One site's planned training peak at `rank` on `device` (its autocast as `model.autocast` chooses there)."""
+def site_peak(config: RunConfig, model: PretrainedConfig, rank: int, device: torch.device, quantization: str) -> SiteMemory:
+    """One site's planned training peak at `rank` on `device` (its autocast as `model.autocast` chooses
+    there), its base held as `quantization` (its node config's, which the run's settings do not carry)."""
     dense = sum(math.prod(shape) for shape in trained_in_full(config, model).values())
     autocast = hardware_precision(config.model.autocast, device).autocast
-    return site_memory(ModelShape.from_config(model), site_training(config, rank, dense, autocast))
+    return site_memory(ModelShape.from_config(model), site_training(config, rank, dense, autocast, quantization))
 
 
 def payload_bytes(modules: dict[str, tuple[int, int]], ranks: dict[str, int], dense: dict, wire: str, factors: str = "AB") -> int:
