@@ -165,15 +165,19 @@ def test_a_secure_reply_with_anything_but_bounded_sums_is_malformed(change, reas
         EvaluationSums.read(reply_of(1, site_sums()[2].record() | change), max_examples=100)
 
 
-def test_a_secure_site_refuses_to_score_the_cuts_a_server_chooses(tiny_model_dir, tmp_path, base_model):
+@pytest.mark.parametrize("supernode", [False, True], ids=["florist-run", "supernode"])
+def test_a_secure_site_refuses_to_score_the_cuts_a_server_chooses(tiny_model_dir, tmp_path, base_model, supernode):
     """A hostile server asks a florist-secure site for one validation loss per cut of a candidate of
-    its choosing; the site answers with a one-line refusal, and no loss."""
+    its choosing; the site answers with a one-line refusal, and no loss. A SuperNode takes the
+    settings from the instruction (the server's, without automatic tau, which the configuration
+    would refuse) and its data from its own node config."""
     config = federation_config(tiny_model_dir, tmp_path / "run", "florist-secure", "aggregation.tau=1.0", "data.validation_fraction=0.3")
     pristine = {n: m.weight.detach().clone() for n, m in base_model.named_modules() if n.endswith(("q_proj", "v_proj"))}
     probe = random_update(pristine, 4, 1.0, seed=3)
     message = instruction(config, base_model, 1, 21, [], {CANDIDATE: probe}, kind=MessageType.QUERY)
     message.content[CUTS] = ConfigRecord({"ranks": json.dumps([{name: rank for name in probe} for rank in (1, 2, 3, 4)])})
-    reply = score_round(config, message, context(21, partition=1))
+    node_config = {"data": str(held_out_file(tmp_path)), "model": str(tiny_model_dir)} if supernode else {}
+    reply = score_round(None if supernode else config, message, context(21, partition=1, **node_config))
     assert reply.has_error() and not reply.has_content()
     assert reply.error.reason == (
         'aggregation.method = "florist-secure": this site scores no server-chosen cuts '

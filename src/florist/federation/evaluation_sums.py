@@ -40,11 +40,13 @@ from florist.evaluation import LossResult
 from florist.federation.messages import Malformed, Reply
 
 SPLITS = ("test", "val")
+"""The splits whose loss is combined over their tokens: `test`, held-out; `val`, validation."""
+ABOUT_THE_REPLY = ("round", "partition-id", "num-examples", "chain-length")
+"""Metrics every evaluation reply carries about itself, not scores (`num-examples` is a sum too)."""
 EXACT_MATCH = "exact_match"
-ABOUT_THE_REPLY = ("round", "partition-id", "chain-length", "num-examples")
 MAX_LOSS = 700.0
-"""The largest mean loss a site may report (federated_evaluation.MAX_LOSS): its nll sum is at most
-this times its tokens."""
+"""The largest loss a node may report: exp(700) = 1e304 is still a float, so the combined
+perplexity is. A site's summed nll is at most this times its tokens."""
 
 
 @dataclass(frozen=True)

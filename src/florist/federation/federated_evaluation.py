@@ -16,20 +16,13 @@ from collections.abc import Callable
 from flwr.app import Message
 
 from florist.config import RunConfig
-from florist.federation.evaluation_sums import EvaluationSums
+from florist.federation.evaluation_sums import ABOUT_THE_REPLY, MAX_LOSS, SPLITS, EvaluationSums
 from florist.federation.messages import EVALUATED, Reply
 from florist.federation.reports import EvaluationReport, NodeScore, SecureEvaluationReport
 
 Instruct = Callable[[int], tuple[Message, int]]
 """node -> its instruction and the payload bytes it carries."""
 
-SENT_ABOUT_THE_REPLY = ("round", "partition-id", "num-examples", "chain-length")
-"""Metrics every evaluation reply carries about itself, not scores."""
-SPLITS = ("test", "val")
-"""The splits whose `<split>_loss` is combined over `<split>_tokens` (EvaluationReport.combined)."""
-MAX_LOSS = 700.0
-"""The largest loss a node may report: exp(700) = 1e304 is still a float, so the combined
-perplexity is."""
 
 
 class FederatedEvaluation:
@@ -62,7 +55,7 @@ class FederatedEvaluation:
             if f"{split}_loss" in reply.metrics and not 0 <= reply.number(f"{split}_loss") <= MAX_LOSS:
                 report.event(node, "rejected", f"{split}_loss {reply.number(f'{split}_loss')!r} is outside [0, {MAX_LOSS:g}]", reply.partition)
                 return False
-        scores = {key: float(value) for key, value in reply.metrics.items() if key not in SENT_ABOUT_THE_REPLY}
+        scores = {key: float(value) for key, value in reply.metrics.items() if key not in ABOUT_THE_REPLY}
         report.scores.append(NodeScore(node, reply.partition, examples, scores))
         return True
 
