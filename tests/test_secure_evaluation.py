@@ -231,3 +231,6 @@ def test_a_secure_runs_files_and_console_hold_the_combined_evaluation_and_no_sit
             assert site[key] not in recorded, key
             assert f"{site[key]:.3f}" not in console and f"{site[key] / (site.get('test:tokens') or 1):.4f}" not in console
     assert "federated evaluation: {" in console
+    withheld = rounds[-1]["federated_evaluation"]["combined"]["withheld_categories"]
+    assert withheld > 0  # one held-out example per category at each site, under the default 20
+    assert f"sites withheld the scores of {withheld} categories" in console

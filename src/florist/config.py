@@ -407,7 +407,8 @@ class EvaluationConfig(Section):
     split, data.test_source, evaluation.mmlu)."""
     federated: bool = False
     """Each node scores the global model on its own held-out split; the server combines the
-    scores weighted by examples (for a server that holds no data)."""
+    scores weighted by examples (for a server that holds no data). Under florist-secure the nodes
+    send sums only (federation/evaluation_sums.py)."""
     base: bool = True
     """Evaluate the base model before round 1 (a grid of runs on one base needs it once)."""
     every_round: bool = False
