@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from flwr.app import ConfigRecord, MessageType
 from transformers import AutoModelForCausalLM
 
 from florist.config import load_config
+from florist.data import Example
 from florist.evaluation import LossResult
 from florist.federation.client_app import evaluate_round, score_round
 from florist.federation.evaluation_sums import EvaluationSums
@@ -31,8 +33,6 @@ ABOUT_THE_REPLY = {"round", "partition-id", "chain-length", "num-examples"}
 
 @pytest.fixture(scope="module")
 def base_model(tiny_model_dir):
-    import torch
-
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
 
 
@@ -95,8 +95,6 @@ CLEAR = [
 
 
 def site_sums(minimum: int = 2) -> list[EvaluationSums]:
-    from florist.data import Example
-
     return [EvaluationSums.of_site(results, validation, [Example("q", "r", category=c) for c in categories], minimum) for results, categories, validation in CLEAR]
 
 

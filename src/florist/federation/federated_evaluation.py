@@ -24,7 +24,6 @@ Instruct = Callable[[int], tuple[Message, int]]
 """node -> its instruction and the payload bytes it carries."""
 
 
-
 class FederatedEvaluation:
     """One evaluation stage, from its instructions to the report of every node's scores."""
 
