@@ -311,6 +311,10 @@ class PrivacyConfig(Section):
     target_epsilon: float | None = None
     """The epsilon the whole run may spend: sigma is calibrated to it over federation.rounds."""
     delta: float = 1e-5
+    min_category_count: int = Field(20, ge=1)
+    """florist-secure: the held-out examples of one category a site needs before it sends that
+    category's score (a node's own min-category-examples may ask more); below it the site sends
+    none and counts the category as withheld (federation/evaluation_sums.py)."""
 
     @field_validator("clip_norm", "noise_multiplier", "target_epsilon")
     @classmethod
@@ -403,7 +407,8 @@ class EvaluationConfig(Section):
     split, data.test_source, evaluation.mmlu)."""
     federated: bool = False
     """Each node scores the global model on its own held-out split; the server combines the
-    scores weighted by examples (for a server that holds no data)."""
+    scores weighted by examples (for a server that holds no data). Under florist-secure the nodes
+    send sums only (federation/evaluation_sums.py)."""
     base: bool = True
     """Evaluate the base model before round 1 (a grid of runs on one base needs it once)."""
     every_round: bool = False

@@ -23,6 +23,7 @@ from florist.config import RunConfig
 from florist.evaluation import evaluate, instruction_loss
 from florist.federation import payload
 from florist.federation.delivery import GlobalUpdate, apply_update, update_digest
+from florist.federation.evaluation_sums import EvaluationSums
 from florist.federation.messages import (
     ADAPTER,
     CANDIDATE,
@@ -181,7 +182,16 @@ def evaluate_round(config: RunConfig | None, msg: Message, context: Context) -> 
 
 def score_round(config: RunConfig | None, msg: Message, context: Context) -> Message:
     """Automatic tau: this site's validation loss for every candidate cut of the exact update,
-    from the smallest to the largest (each adds components to the last, merged in turn)."""
+    from the smallest to the largest (each adds components to the last, merged in turn).
+
+    Under florist-secure the site refuses (`_score`), whatever the server says the request is for:
+    the candidate and its cuts are whatever the server sends, which a site that never sees the
+    other sites' updates cannot check against the round's sum, so each cut's loss answers a query
+    of the server's choosing about the site's validation data (a loss oracle). Limiting the answer
+    to a sum over the sites would not close it: the server picks the queries, as many per round
+    as it likes, and a sum of few sites is close to one site's answer. Automatic tau is refused
+    under florist-secure by the configuration as well; this is the check an honest site makes of
+    a server that sends the request anyway."""
     return _answer(_score, config, msg, context)
 
 
@@ -262,7 +272,7 @@ def _evaluate(config: RunConfig, policy: NodePolicy, node: NodeSettings, instruc
         apply_update(model, _global_update(config, msg, workspace))
     data = node_data(config, node)
     held_out = data.held_out
-    scores = {}
+    results = {}
     if held_out:
         results = evaluate(
             model,
@@ -273,19 +283,33 @@ def _evaluate(config: RunConfig, policy: NodePolicy, node: NodeSettings, instruc
             max_length=config.data.max_length,
             batch_size=config.evaluation.batch_size,
         )
-        scores = policy.shareable({key: value for key, value in results.items() if isinstance(value, (int, float))}, held_out)
+        results = {key: value for key, value in results.items() if isinstance(value, (int, float))}
+    loss = None
     if data.validation:
         loss = instruction_loss(
             model, workspace.tokenizer, data.validation, template=config.data.template,
             max_length=config.data.max_length, batch_size=config.evaluation.batch_size,
         )
-        scores.update(val_loss=loss.mean_nll, val_tokens=loss.tokens)
-    metrics = {"round": instruction.round, "partition-id": node.partition, "chain-length": len(chain), "num-examples": len(held_out)}
+    metrics = {"round": instruction.round, "partition-id": node.partition, "chain-length": len(chain)}
     print(f"round {instruction.round} client {node.partition}: evaluated on {len(held_out)} held-out examples", flush=True)
-    return _reply(msg, workspace, EVALUATED, metrics | scores)
+    if config.aggregation.secure:
+        minimum = policy.category_minimum(config)
+        sums = EvaluationSums.of_site(results, loss, held_out, minimum)
+        if sums.withheld_categories:
+            print(f"round {instruction.round} client {node.partition}: withheld {sums.withheld_categories} categories of fewer than {minimum} examples", flush=True)
+        return _reply(msg, workspace, EVALUATED, metrics | sums.record())
+    scores = policy.shareable(results, held_out)
+    if loss is not None:
+        scores.update(val_loss=loss.mean_nll, val_tokens=loss.tokens)
+    return _reply(msg, workspace, EVALUATED, metrics | {"num-examples": len(held_out)} | scores)
 
 
 def _score(config: RunConfig, policy: NodePolicy, node: NodeSettings, instruction: Instruction, msg: Message, context: Context) -> Message:
+    if config.aggregation.secure:
+        raise Refused(
+            'aggregation.method = "florist-secure": this site scores no server-chosen cuts '
+            "(one validation loss per cut the server sends is a loss oracle on its data)"
+        )
     workspace, chain = _prepare(config, policy, node, instruction, msg, context)
     if isinstance(chain, Message):
         return chain

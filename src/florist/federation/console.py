@@ -55,3 +55,8 @@ def show_round(record: dict) -> None:
             # The headline figures; per-category ones are in metrics.jsonl.
             shown = {k: round(v, 4) for k, v in scores.items() if isinstance(v, float) and "/" not in k}
             console.print(f"round {record['round']} {label}: {shown}")
+        if scores and scores.get("withheld_categories"):
+            console.print(
+                f"round {record['round']} {label}: sites withheld the scores of {scores['withheld_categories']} categories "
+                f"({scores['withheld_examples']} examples) under privacy.min_category_count"
+            )

@@ -4,6 +4,9 @@ examples, and the server records each node's scores.
 Scores are whatever metrics a node sends beside those about the reply itself, each a finite number
 (`Reply.read`); the ones the server combines by tokens are checked further: a split's loss is a
 mean negative log-likelihood whose perplexity exp(loss) is a float, and its token count an integer.
+
+Under florist-secure (`SecureFederatedEvaluation`) a node sends sums only, and the server adds
+them and records no node's own (federation/evaluation_sums.py).
 """
 
 from __future__ import annotations
@@ -12,19 +15,13 @@ from collections.abc import Callable
 
 from flwr.app import Message
 
+from florist.config import RunConfig
+from florist.federation.evaluation_sums import ABOUT_THE_REPLY, MAX_LOSS, SPLITS, EvaluationSums
 from florist.federation.messages import EVALUATED, Reply
-from florist.federation.reports import EvaluationReport, NodeScore
+from florist.federation.reports import EvaluationReport, NodeScore, SecureEvaluationReport
 
 Instruct = Callable[[int], tuple[Message, int]]
 """node -> its instruction and the payload bytes it carries."""
-
-SENT_ABOUT_THE_REPLY = ("round", "partition-id", "num-examples", "chain-length")
-"""Metrics every evaluation reply carries about itself, not scores."""
-SPLITS = ("test", "val")
-"""The splits whose `<split>_loss` is combined over `<split>_tokens` (EvaluationReport.combined)."""
-MAX_LOSS = 700.0
-"""The largest loss a node may report: exp(700) = 1e304 is still a float, so the combined
-perplexity is."""
 
 
 class FederatedEvaluation:
@@ -57,7 +54,7 @@ class FederatedEvaluation:
             if f"{split}_loss" in reply.metrics and not 0 <= reply.number(f"{split}_loss") <= MAX_LOSS:
                 report.event(node, "rejected", f"{split}_loss {reply.number(f'{split}_loss')!r} is outside [0, {MAX_LOSS:g}]", reply.partition)
                 return False
-        scores = {key: float(value) for key, value in reply.metrics.items() if key not in SENT_ABOUT_THE_REPLY}
+        scores = {key: float(value) for key, value in reply.metrics.items() if key not in ABOUT_THE_REPLY}
         report.scores.append(NodeScore(node, reply.partition, examples, scores))
         return True
 
@@ -67,3 +64,37 @@ class FederatedEvaluation:
             report.event(node, "late", f"no evaluation reply within federation.round_timeout = {self.round_timeout:g} s")
         report.scores.sort(key=lambda score: score.partition)
         return report
+
+
+class SecureFederatedEvaluation(FederatedEvaluation):
+    """florist-secure's evaluation stage: every node's sums go into one total, which is combined
+    only if at least federation.min_sites nodes are in it."""
+
+    def __init__(self, server_round: int, max_examples: int, round_timeout: float, min_sites: int):
+        super().__init__(server_round, max_examples, round_timeout)
+        self.report = SecureEvaluationReport(server_round, min_sites=min_sites)
+
+    def receive(self, node: int, reply: Reply) -> bool:
+        """Add the node's sums (`EvaluationSums.read`; `Malformed` if it sends anything else, or
+        out of bounds); whether they were added. A rejection quotes none of its values."""
+        report = self.report
+        if reply.status != EVALUATED:
+            report.event(node, "rejected", f"evaluation reply: status {reply.status!r}", reply.partition)
+            return False
+        report.sums += EvaluationSums.read(reply, self.max_examples)
+        report.sites += 1
+        return True
+
+    def finish(self, late: list[int]) -> EvaluationReport:
+        report = super().finish(late)
+        if report.sites < report.min_sites:
+            report.event(0, "withheld", f"{report.sites} sites' evaluation sums, below federation.min_sites = {report.min_sites}: not combined")
+        return report
+
+
+def evaluation_stage(config: RunConfig, server_round: int, max_examples: int) -> FederatedEvaluation:
+    """The run's federated evaluation stage for `server_round`: sums only under florist-secure."""
+    federation = config.federation
+    if config.aggregation.secure:
+        return SecureFederatedEvaluation(server_round, max_examples, federation.round_timeout, federation.min_sites)
+    return FederatedEvaluation(server_round, max_examples, federation.round_timeout)

@@ -12,7 +12,8 @@ instruction is checked against it before the node reads any file:
   merged updates in the chain, and the instruction's size.
 - Tensors trained in full (biases, `modules_to_save`) leave the node only if it allows them; a LoRA
   on anything but a linear layer (an embedding's would show which token rows the data touched) is refused.
-- Per-category scores leave it only for categories of at least `min-category-examples` examples.
+- Per-category scores leave it only for categories of at least `min-category-examples` examples
+  (under florist-secure, at least privacy.min_category_count).
 
 A refusal is one line naming the key (`Refused`), which the node sends back as its reply's error;
 it sends nothing of its files. `florist run` builds its nodes in its own process, from the
@@ -295,6 +296,12 @@ class NodePolicy:
                 raise Refused(
                     f"model.target_modules: {name} is a {type(module).__name__}, not a linear layer; a node adapts linear layers only"
                 )
+
+    def category_minimum(self, config: RunConfig) -> int:
+        """Under florist-secure, the examples a category needs before its score leaves the node
+        (federation/evaluation_sums.py): its own min-category-examples, or the run's
+        privacy.min_category_count if higher. A plain run's scores go through `shareable`."""
+        return max(self.min_category_examples, config.privacy.min_category_count)
 
     def shareable(self, scores: Mapping[str, float], examples: list[Example]) -> dict[str, float]:
         """`scores` without the per-category ones (`metric/category`) of categories with fewer than

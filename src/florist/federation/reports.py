@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from florist.federation.console import show_event
+from florist.federation.evaluation_sums import EvaluationSums
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -158,6 +159,26 @@ class EvaluationReport(Stage):
             combined |= {key: weighted_mean([s.metrics[key] for s in tested], examples) for key in shared}
             combined["examples"] = sum(examples)
         return dict(sorted(combined.items()))
+
+    def record(self) -> dict:
+        return {"combined": self.combined(), "nodes": [vars(score) for score in self.scores], "events": [vars(e) for e in self.events]}
+
+
+@dataclass
+class SecureEvaluationReport(EvaluationReport):
+    """florist-secure's federated evaluation stage: the sum of the sites' sums and how many sites
+    are in it, and no site's own scores (federation/evaluation_sums.py)."""
+
+    sums: EvaluationSums = field(default_factory=EvaluationSums)
+    sites: int = 0
+    min_sites: int = 1
+    """federation.min_sites: a sum of fewer sites is not combined."""
+
+    def combined(self) -> dict[str, float]:
+        return self.sums.combined() if self.sites >= self.min_sites else {}
+
+    def record(self) -> dict:
+        return {"combined": self.combined(), "sites_summed": self.sites, "events": [vars(e) for e in self.events]}
 
 
 @dataclass

@@ -62,11 +62,7 @@ def round_record(
         record["tau_selection"] = selection.record()
     record["evaluation"] = evaluation
     if federated is not None:
-        record["federated_evaluation"] = {
-            "combined": federated.combined(),
-            "nodes": [vars(score) for score in federated.scores],
-            "events": [vars(e) for e in federated.events],
-        }
+        record["federated_evaluation"] = federated.record()
     return record
 
 

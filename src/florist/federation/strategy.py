@@ -27,7 +27,7 @@ from florist.federation.binding import PartitionBinding
 from florist.federation.checkpoint import ServerState
 from florist.federation.console import show_reply
 from florist.federation.delivery import Chain, GlobalUpdate, update_digest
-from florist.federation.federated_evaluation import FederatedEvaluation
+from florist.federation.federated_evaluation import FederatedEvaluation, evaluation_stage
 from florist.federation.influence import screened_norms
 from florist.federation.intake import guarded, identified
 from florist.federation.messages import (
@@ -369,7 +369,7 @@ class LoraStrategy:
     # -- federated evaluation -----------------------------------------------------------------
 
     def configure_evaluate(self, server_round: int, nodes: list[int]) -> list[Message]:
-        self.evaluation = FederatedEvaluation(server_round, self.limits.max_examples, self.config.federation.round_timeout)
+        self.evaluation = evaluation_stage(self.config, server_round, self.limits.max_examples)
         return self.evaluation.configure(nodes, lambda node: self._instruction(server_round, node, MessageType.EVALUATE))
 
     def receive_evaluate(self, node: int, message: Message) -> list[Message]:
