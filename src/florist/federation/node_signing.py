@@ -4,8 +4,9 @@ signatures it accepts (federation/secure_sum/signing.py says what this protects 
 
 In deployment both are the SuperNodes' own authentication keys: `secure-sum-key` names the file given
 as `--auth-supernode-private-key`, and `secure-sum-peers` a file of the federation's `.pub` lines (the
-keys registered with `flwr supernode register`). A bad file is refused in one line naming the key,
-never the path (a refusal goes to the server).
+keys registered with `flwr supernode register`). Both files are read once per process (a changed
+peers file takes effect when the SuperNode restarts). A bad file is refused in one line naming the
+key, never the path (a refusal goes to the server).
 """
 
 from __future__ import annotations

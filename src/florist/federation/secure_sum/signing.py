@@ -98,6 +98,7 @@ class NodeSigning:
                 raise ProtocolRefused(f"secure sum {session}: node {node}'s public keys are signed by a key outside secure-sum-peers")
             if not signature_holds(signer, signature, session, node, mask_key, share_key):
                 raise ProtocolRefused(f"secure sum {session}: node {node}'s signature does not match its public keys in the directory (replaced on the way?)")
-        shared = [node for node, (signer, _) in directory.signatures.items() if Counter(s for s, _ in directory.signatures.values())[signer] > 1]
+        uses = Counter(signer for signer, _ in directory.signatures.values())
+        shared = [node for node, (signer, _) in directory.signatures.items() if uses[signer] > 1]
         if shared:
             raise ProtocolRefused(f"secure sum {session}: nodes {sorted(shared)} are signed with one and the same key")
