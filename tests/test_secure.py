@@ -398,3 +398,20 @@ def test_a_resumed_run_continues_from_the_weight_level_its_records_give():
     stricter = SecureRounds(config.model_copy(update={"validation": config.validation.model_copy(update={"max_weight_share": 0.4})}), rounds.aggregator, {"q": (8, 8)})
     stricter.restore(metrics)
     assert stricter.weight_level.for_round(3) == pytest.approx(0.4 * 200 / (1 - 0.4))
+
+
+def test_a_resume_that_changes_the_rounds_a_target_epsilon_is_spread_over_is_refused():
+    """sigma is calibrated over federation.rounds: the replayed ledger differs from the stored one."""
+    from florist.federation.secure import SecureRounds
+
+    private = ['aggregation.method="florist-secure"', "federation.num_clients=3", "federation.ranks=[2, 4, 8]", "privacy.dp=true",
+               "privacy.clip_norm=0.5", "privacy.target_epsilon=8"]
+    stored = load_config(None, [*private, "federation.rounds=3"])
+    ledger = PrivacyLedger(1e-5)
+    sigma = noise_for_epsilon(8, 1e-5, 3, 1.0)
+    secure = {"sketch_width": 16, "sites_sampled": 3, "sites_summed": 3, "update_norm": 1.0, "privacy": ledger.spend(sigma, 1.0)}
+    metrics = [{"round": 0}, {"round": 1, "clients": [{}] * 3, "secure": secure}]
+    SecureRounds(stored, make_aggregator("florist-secure"), {"q": (8, 8)}).restore(metrics)
+    longer = load_config(None, [*private, "federation.rounds=5"])
+    with pytest.raises(ValueError, match=r"^checkpoint/state.json round 1: secure.privacy.noise_multiplier is .*federation.rounds under privacy.target_epsilon\)$"):
+        SecureRounds(longer, make_aggregator("florist-secure"), {"q": (8, 8)}).restore(metrics)
