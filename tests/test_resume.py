@@ -1,9 +1,13 @@
 """A real `florist run` process killed (SIGKILL) after its first round, then `florist run --resume`:
-the result equals the same federation run without interruption."""
+the result equals the same federation run without interruption. And a private florist-secure run
+stopped after its first round and resumed: the privacy ledger is the uninterrupted run's, and an
+edited ledger in the checkpoint is refused."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +15,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import tomli_w
 import torch
 
@@ -93,3 +98,84 @@ def test_a_killed_server_resumes_and_ends_as_the_uninterrupted_run(tiny_model_di
     _, expected = read_adapter(whole / "final" / "adapter")
     for name, module in expected.modules.items():
         assert torch.equal(final.modules[name].A, module.A) and torch.equal(final.modules[name].B, module.B), name
+
+
+# -- florist-secure with differential privacy: the privacy ledger across a stop and a resume -------
+
+DP = ['federation.engine="inline"', "federation.rounds=3", "privacy.dp=true", "privacy.clip_norm=0.5", "privacy.target_epsilon=8"]
+
+
+class Stopped(Exception):
+    pass
+
+
+def stopped_after_round_one(tiny_model_dir, run_dir: Path, monkeypatch) -> None:
+    """A florist-secure run with DP, stopped as its round 2 begins (its checkpoint holds round 1)."""
+    from florist.federation.secure import SecureRounds
+    from florist.federation.simulation import run_federation
+
+    begin = SecureRounds.train_round
+
+    def train_round(self, server_round, report):
+        if server_round == 2:
+            raise Stopped(f"stopped before round {server_round}")
+        return begin(self, server_round, report)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(SecureRounds, "train_round", train_round)
+        with pytest.raises(Stopped):
+            run_federation(federation_config(tiny_model_dir, run_dir, "florist-secure", *DP))
+    assert [r["round"] for r in read_rounds(run_dir)] == [0, 1]
+
+
+def test_a_private_run_stopped_and_resumed_reports_the_epsilon_of_the_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
+    from florist.federation.simulation import run_federation
+
+    run_dir = tmp_path / "stopped"
+    stopped_after_round_one(tiny_model_dir, run_dir, monkeypatch)
+    run_federation(federation_config(tiny_model_dir, run_dir, "florist-secure", *DP), resume=run_dir)
+    whole = run_federation(federation_config(tiny_model_dir, tmp_path / "whole", "florist-secure", *DP))
+
+    ours, theirs = read_rounds(run_dir), read_rounds(whole)
+    assert [r["round"] for r in ours] == [r["round"] for r in theirs] == [0, 1, 2, 3]
+    spent = [r["secure"]["privacy"] for r in ours[1:]]
+    assert spent == [r["secure"]["privacy"] for r in theirs[1:]]  # per round: multiplier, rate, round and run epsilon
+    assert spent[-1]["run_epsilon"] > spent[0]["run_epsilon"] > 0  # the resumed rounds add to round 1's spending
+    summary, expected = (json.loads((path / "summary.json").read_text()) for path in (run_dir, whole))
+    assert summary["privacy"] == expected["privacy"] and summary["privacy"]["rounds"] == 3
+    assert summary["privacy"]["epsilon"] <= 8 * 1.001
+
+
+@pytest.fixture(scope="module")
+def stopped_private_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """One stopped run that each tampering case copies (a refused resume trains nothing)."""
+    run_dir = tmp_path_factory.mktemp("private") / "stopped"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        stopped_after_round_one(tiny_model_dir, run_dir, monkeypatch)
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    ("tamper", "key"),
+    [
+        (lambda privacy: privacy.update(run_epsilon=privacy["run_epsilon"] / 2), "secure.privacy.run_epsilon"),
+        (lambda privacy: privacy.update(noise_multiplier=privacy["noise_multiplier"] * 2), "secure.privacy.noise_multiplier"),
+        (lambda privacy: privacy.update(delta=1e-3), "secure.privacy.delta"),
+        (lambda privacy: privacy.clear(), "secure.privacy.noise_multiplier is None"),
+    ],
+)
+def test_a_tampered_privacy_ledger_in_the_checkpoint_is_refused_in_one_line(tiny_model_dir, tmp_path, stopped_private_run, tamper, key):
+    from florist.federation.simulation import run_federation
+
+    run_dir = tmp_path / "stopped"
+    shutil.copytree(stopped_private_run, run_dir)
+    state_path = run_dir / "checkpoint" / "state.json"
+    state = json.loads(state_path.read_text())
+    tamper(state["metrics"][1]["secure"]["privacy"])
+    state_path.write_text(json.dumps(state))
+    metrics_before = (run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError) as refused:
+        run_federation(federation_config(tiny_model_dir, run_dir, "florist-secure", *DP), resume=run_dir)
+    message = str(refused.value)
+    assert message.startswith(f"checkpoint/state.json round 1: {key}") and "\n" not in message
+    assert (run_dir / "metrics.jsonl").read_text() == metrics_before and not (run_dir / "summary.json").exists()

@@ -26,7 +26,8 @@ from florist.aggregation.sketch import (
 )
 from florist.aggregation.norms import adapter_norm
 from florist.config import load_config
-from florist.federation.secure import SumNormCheck
+from florist.federation.influence import WeightCap, weight_level
+from florist.federation.secure import SumNormCheck, WeightLevel, capped_weight
 from florist.federation.train_round import RoundFailed
 from florist.privacy import PrivacyLedger, effective_multiplier, noise_for_epsilon, site_noise_std
 
@@ -219,6 +220,66 @@ def test_the_sum_norm_check_refuses_a_round_far_above_the_previous_ones():
         check.check(4, 200.0)
 
 
+# ---------------------------------------------------------------- the weight cap, applied by the sites
+
+
+def plain_weights(claims: list[int], share: float) -> list[float]:
+    """What a plain round gives the claims: WeightCap, every reply offered, then closed."""
+    cap, weights = WeightCap(share), {}
+    for node, claim in enumerate(claims):
+        weights |= cap.offer(node, claim)
+    weights |= cap.close()
+    return [weights[node] for node in range(len(claims))]
+
+
+def secure_rounds(claims: list[int], share: float, rounds: int) -> list[list[float]]:
+    """The weights the sites give themselves round after round at the levels the server sends,
+    from the sums alone (the summed weight and the number of sites cut)."""
+    level, history = WeightLevel(share), []
+    for _ in range(rounds):
+        sent = level.for_round(len(claims))
+        weights, cuts = zip(*(capped_weight(claim, sent) for claim in claims))
+        level.observe(len(claims), sent, sum(weights), sum(cuts))
+        history.append(list(weights))
+    return history
+
+
+def normalised(weights: list[float]) -> list[float]:
+    return [w / sum(weights) for w in weights]
+
+
+@PROPERTY
+@given(
+    st.lists(st.integers(1, 2000), min_size=2, max_size=9),
+    st.sampled_from([0.2, 0.25, 0.3, 0.5, 0.7, 0.9]),
+)
+def test_the_sites_weights_reach_the_plain_cap_and_never_cut_harder(claims, share):
+    """With the same claims every round, the level from the sums never cuts below plain's and is
+    plain's from round d + 1 at the latest, d the number of distinct claims."""
+    history = secure_rounds(claims, share, len(set(claims)) + 1)
+    plain = normalised(plain_weights(claims, share))
+    if share * len(claims) <= 1:  # plain splits evenly; so do the sites, from round 1
+        assert all(normalised(weights) == pytest.approx(plain, rel=1e-12) for weights in history)
+        return
+    assert history[0] == [float(claim) for claim in claims]  # round 1: no sums yet, no cut
+    for weights in history:  # the level is never below plain's: no site is cut more than plain cuts it
+        assert max(normalised(weights)) >= max(plain) * (1 - 1e-12)
+    assert normalised(history[-1]) == pytest.approx(plain, rel=1e-12, abs=1e-15)
+    assert max(plain) <= share * (1 + 1e-12)
+
+
+def test_one_dominant_site_is_capped_exactly_from_round_three():
+    """Three sites, one with 10x the others' examples: round 1 is uncapped (it holds 10/12), round 2
+    is cut at half of round 1's summed weight (600: it holds 3/4), and from round 3 it is plain's
+    level (200: half), one Newton step from round 2's sums."""
+    claims, share = [100, 100, 1000], 0.5
+    history = secure_rounds(claims, share, 4)
+    assert normalised(history[0])[2] == pytest.approx(1000 / 1200)
+    assert history[1] == [100.0, 100.0, 600.0]
+    assert history[2] == history[3] == plain_weights(claims, share) == [100.0, 100.0, 200.0]
+    assert weight_level(claims, share) == 200.0
+
+
 # ---------------------------------------------------------------- configuration
 
 
@@ -298,3 +359,59 @@ def test_a_private_run_reports_the_epsilon_dp_accounting_gives_and_meets_its_tar
     assert summary["privacy"]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
     assert summary["privacy"]["epsilon"] <= 8 * 1.001 and summary["privacy"]["delta"] == 1e-5
     assert all(c.get("dp-clip-factor", None) is None for r in rounds[1:] for c in r["clients"])  # the clip stays with the site
+
+
+def test_at_the_default_weight_cap_a_secure_run_weighs_its_sites_as_plain_florist_once_the_level_settles(tiny_model_dir, tmp_path):
+    """The test federation at validation.max_weight_share = 0.5 over three rounds: the secure sites
+    cut their own weights at the level the server sets from the sums; round 1 is uncapped, and by
+    round 3 every site's weight is the one plain FLoRIST's cap gives it (the same claims each round)."""
+    three = ("federation.rounds=3", "aggregation.sketch_width=16")
+    secure, _ = _run(tiny_model_dir, tmp_path / "secure", "florist-secure", *three)
+    plain, _ = _run(tiny_model_dir, tmp_path / "plain", "florist", "federation.rounds=3")
+
+    def weights(record: dict) -> dict[int, float]:
+        return {client["partition"]: client["weight"] for client in record["clients"]}
+
+    claims = {client["partition"]: client["examples"] for client in plain[1]["clients"]}
+    assert all({c["partition"]: c["examples"] for c in r["clients"]} == claims for r in plain[1:] + secure[1:])
+    capped = weights(plain[1])
+    assert capped != claims  # the cap binds on this federation, else the comparison shows nothing
+    assert weights(secure[1]) == {partition: float(n) for partition, n in claims.items()}
+    assert secure[1]["secure"]["weight_level"] is None and secure[3]["secure"]["weight_level"] == pytest.approx(max(capped.values()))
+    assert weights(secure[3]) == pytest.approx(weights(plain[3]), rel=1e-12) and weights(plain[3]) == capped
+
+
+def test_a_resumed_run_continues_from_the_weight_level_its_records_give():
+    """The level is restored from the stored sums at the level each round was sent (validation.* may
+    change on resume: the next step takes the resumed share)."""
+    from florist.federation.secure import SecureRounds
+
+    def record(server_round, level, weight, cut):
+        secure = {"sketch_width": 16, "sites_sampled": 3, "sites_summed": 3, "update_norm": 1.0}
+        return {"round": server_round, "clients": [{}] * 3, "secure": secure | {"weight_level": level, "summed_weight": weight, "sites_cut": cut}}
+
+    metrics = [{"round": 0}, record(1, None, 1200.0, 0.0), record(2, 600.0, 800.0, 1.0)]
+    config = load_config(None, ['aggregation.method="florist-secure"', "federation.num_clients=3", "federation.ranks=[2, 4, 8]"])
+    rounds = SecureRounds(config, make_aggregator("florist-secure"), {"q": (8, 8)})
+    rounds.restore(metrics)
+    assert rounds.weight_level.for_round(3) == 200.0  # claims (100, 100, 1000): plain's level
+    stricter = SecureRounds(config.model_copy(update={"validation": config.validation.model_copy(update={"max_weight_share": 0.4})}), rounds.aggregator, {"q": (8, 8)})
+    stricter.restore(metrics)
+    assert stricter.weight_level.for_round(3) == pytest.approx(0.4 * 200 / (1 - 0.4))
+
+
+def test_a_resume_that_changes_the_rounds_a_target_epsilon_is_spread_over_is_refused():
+    """sigma is calibrated over federation.rounds: the replayed ledger differs from the stored one."""
+    from florist.federation.secure import SecureRounds
+
+    private = ['aggregation.method="florist-secure"', "federation.num_clients=3", "federation.ranks=[2, 4, 8]", "privacy.dp=true",
+               "privacy.clip_norm=0.5", "privacy.target_epsilon=8"]
+    stored = load_config(None, [*private, "federation.rounds=3"])
+    ledger = PrivacyLedger(1e-5)
+    sigma = noise_for_epsilon(8, 1e-5, 3, 1.0)
+    secure = {"sketch_width": 16, "sites_sampled": 3, "sites_summed": 3, "update_norm": 1.0, "privacy": ledger.spend(sigma, 1.0)}
+    metrics = [{"round": 0}, {"round": 1, "clients": [{}] * 3, "secure": secure}]
+    SecureRounds(stored, make_aggregator("florist-secure"), {"q": (8, 8)}).restore(metrics)
+    longer = load_config(None, [*private, "federation.rounds=5"])
+    with pytest.raises(ValueError, match=r"^checkpoint/state.json round 1: secure.privacy.noise_multiplier is .*federation.rounds under privacy.target_epsilon\)$"):
+        SecureRounds(longer, make_aggregator("florist-secure"), {"q": (8, 8)}).restore(metrics)

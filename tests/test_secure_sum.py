@@ -6,7 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import ConfigRecord
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes, sign_message
 
 from florist.federation.intake import guarded
 from florist.federation.reports import Stage
@@ -14,6 +17,7 @@ from florist.federation.secure_sum import (
     EncryptedShares,
     Layout,
     MaskedInput,
+    NodeSigning,
     ProtocolRefused,
     PublicKeys,
     Quantizer,
@@ -26,6 +30,7 @@ from florist.federation.secure_sum import (
 )
 from florist.federation.secure_sum.protocol import ForwardedShares, KeyDirectory
 from florist.federation.secure_sum.server import threshold_for
+from florist.federation.secure_sum.signing import signed_message
 
 QUANTIZER = Quantizer(clip_range=1.0, bits=20)
 
@@ -47,9 +52,11 @@ def inputs(count: int, seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
 class Run:
     """A server and its nodes, each message passed through its Flower record as on the wire."""
 
-    def __init__(self, tensors: dict[int, dict[str, torch.Tensor]], fraction: float = 2 / 3, min_sites: int = 2):
+    def __init__(
+        self, tensors: dict[int, dict[str, torch.Tensor]], fraction: float = 2 / 3, min_sites: int = 2, signing: dict[int, NodeSigning] = {}
+    ):
         self.tensors = tensors
-        self.nodes = {node: SecureSumNode(node) for node in tensors}
+        self.nodes = {node: SecureSumNode(node, signing=signing[node]) if node in signing else SecureSumNode(node) for node in tensors}
         layout = Layout.of(next(iter(tensors.values())))
         self.server = SecureSumServer(1, list(tensors), threshold_for(len(tensors), fraction, min_sites), min_sites, QUANTIZER, layout)
 
@@ -309,3 +316,130 @@ def test_an_unmask_request_without_dropped_nodes_is_counted_and_read_back():
     record = request.record()
     assert record.count_bytes() > 0
     assert UnmaskRequest.read(record) == request
+
+
+# -- signed public keys: a server that swaps a site's keys is refused by its peers ---------------
+
+
+def signing_keys(nodes, untrusted: set[int] = frozenset()) -> dict[int, NodeSigning]:
+    """Per node a P-384 node key (as SuperNodes authenticate with), each trusting the keys of every
+    node but the `untrusted` ones (which still trust their own)."""
+    private = {node: ec.generate_private_key(ec.SECP384R1()) for node in nodes}
+    trusted = [private[node].public_key() for node in nodes if node not in untrusted]
+    return {node: NodeSigning.of(private[node], trusted + ([private[node].public_key()] if node in untrusted else [])) for node in nodes}
+
+
+def test_a_signed_sum_is_the_plain_sum_and_every_directory_entry_is_signed():
+    tensors = inputs(5, seed=3)
+    run = Run(tensors, signing=signing_keys(tensors))
+    total, survivors = run.summed()
+    assert survivors == sorted(tensors)
+    assert_within_bound(total, plain_sum(tensors, survivors), 5)
+    assert set(run.server.signatures) == set(tensors)
+
+
+def swapped_directory(run: Run, victim: int, sign_with: ec.EllipticCurvePrivateKey | None = None, keep_signature: bool = True) -> KeyDirectory:
+    """The directory a hostile server sends: `victim`'s two keys replaced by key pairs of its own
+    (whose private halves it holds), with `victim`'s own signature kept, its own, or none."""
+    directory = run.server.directory()
+    _, mask_public = generate_key_pairs()
+    _, share_public = generate_key_pairs()
+    forged = (public_key_to_bytes(mask_public), public_key_to_bytes(share_public))
+    keys = dict(directory.keys) | {victim: forged}
+    signatures = dict(directory.signatures)
+    if sign_with is not None:
+        signatures[victim] = (public_key_to_bytes(sign_with.public_key()), sign_message(sign_with, signed_message(directory.session, victim, *forged)))
+    elif not keep_signature:
+        signatures.pop(victim, None)
+    return KeyDirectory.read(KeyDirectory(directory.session, keys, signatures).record())
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("victim's signature kept", "node {victim}'s signature does not match its public keys in the directory (replaced on the way?)"),
+        ("signed by the server", "node {victim}'s public keys are signed by a key outside secure-sum-peers"),
+        ("signature left out", "node {victim}'s public keys are unsigned, and this node accepts only keys signed by secure-sum-peers"),
+    ],
+)
+def test_every_peer_refuses_a_directory_in_which_the_server_swapped_one_sites_keys(how, reason):
+    tensors = inputs(4)
+    nodes = sorted(tensors)
+    victim = nodes[1]
+    run = Run(tensors, signing=signing_keys(nodes))
+    run.through_setup()
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    directory = swapped_directory(run, victim, server_key if how == "signed by the server" else None, how == "victim's signature kept")
+    for node in nodes:
+        if node == victim:
+            continue  # the victim itself refuses already: its own keys are not in the directory
+        with pytest.raises(ProtocolRefused) as refused:
+            run.nodes[node].answer_directory(directory)
+        assert str(refused.value) == f"secure sum 1: {reason.format(victim=victim)}"
+        assert run.nodes[node].expects == "share" and not run.nodes[node].seed  # nothing shared, nothing masked
+
+
+def test_without_signatures_the_same_swap_goes_through():
+    """The attack the signatures stop is real: unsigned nodes take the swapped directory and would
+    encrypt their shares to, and mask with, keys the server holds."""
+    tensors = inputs(4)
+    nodes = sorted(tensors)
+    run = Run(tensors)
+    run.through_setup()
+    directory = swapped_directory(run, nodes[1], keep_signature=False)
+    for node in nodes:
+        if node != nodes[1]:
+            assert set(run.nodes[node].answer_directory(directory).ciphertexts) == set(nodes) - {node}
+
+
+def test_a_site_signing_with_a_key_its_peers_do_not_trust_is_refused_by_them():
+    tensors = inputs(4)
+    nodes = sorted(tensors)
+    stranger = nodes[2]
+    run = Run(tensors, signing=signing_keys(nodes, untrusted={stranger}))
+    run.through_setup()
+    directory = run.server.directory()
+    for node in nodes:
+        if node == stranger:
+            continue
+        with pytest.raises(ProtocolRefused, match=f"^secure sum 1: node {stranger}'s public keys are signed by a key outside secure-sum-peers$"):
+            run.nodes[node].answer_directory(directory)
+    # The stranger trusts everyone's key: it takes part; the round is refused by the others.
+    assert run.nodes[stranger].answer_directory(directory).ciphertexts
+
+
+def test_an_unsigned_site_among_signing_ones_is_refused_by_them_and_takes_the_signed_directory_itself():
+    tensors = inputs(4)
+    nodes = sorted(tensors)
+    unsigned = nodes[0]
+    signing = signing_keys(nodes)
+    del signing[unsigned]
+    run = Run(tensors, signing=signing)
+    run.through_setup()
+    directory = run.server.directory()
+    assert set(directory.signatures) == set(nodes) - {unsigned}
+    for node in nodes[1:]:
+        with pytest.raises(ProtocolRefused, match=f"node {unsigned}'s public keys are unsigned"):
+            run.nodes[node].answer_directory(directory)
+    # A node without signing material checks no signature (the inline engine's trust in its server).
+    assert run.nodes[unsigned].answer_directory(directory).ciphertexts
+
+
+def test_the_server_refuses_a_reply_whose_signature_is_not_over_its_keys_or_reuses_a_signer():
+    tensors = inputs(4)
+    nodes = sorted(tensors)
+    signing = signing_keys(nodes)
+    run = Run(tensors, signing=signing)
+    setup = run.server.setup
+    keys = {node: run.nodes[node].answer_setup(setup) for node in nodes}
+    first, second = keys[nodes[0]], keys[nodes[1]]
+    # nodes[0]'s signed keys claimed by nodes[1]: the signature names nodes[0].
+    with pytest.raises(ProtocolRefused, match=f"^node {nodes[1]}'s signature does not match its public keys$"):
+        run.server.receive_keys(nodes[1], PublicKeys(1, first.mask_key, first.share_key, first.signer, first.signature))
+    run.server.receive_keys(nodes[0], first)
+    resigned = signing[nodes[0]].sign(1, nodes[1], second.mask_key, second.share_key)
+    with pytest.raises(ProtocolRefused, match=f"^node {nodes[1]} signed with a key another node already signed with$"):
+        run.server.receive_keys(nodes[1], PublicKeys(1, second.mask_key, second.share_key, first.signer, resigned))
+    with pytest.raises(ProtocolRefused, match="the secure-sum message lacks 'signer'"):
+        PublicKeys.read(ConfigRecord({"secure-stage": "setup", "session": 1, "mask-key": b"a", "share-key": b"b", "signature": b"c"}))
+    assert "signer" not in PublicKeys(1, b"a", b"b").record()  # unsigned keys travel as before

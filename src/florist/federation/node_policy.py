@@ -106,6 +106,8 @@ NODE_KEYS = {
     "modules-to-save": "the modules it may train and send in full (model.modules_to_save), comma-separated (default: none)",
     "min-category-examples": f"the examples a category needs before its score is sent (default {DEFAULT_MIN_CATEGORY_EXAMPLES})",
     "memory-gib": "the memory its device has for training, GiB: a run whose planned peak (florist plan) is above it is refused (default: no limit)",
+    "secure-sum-key": "this site's own node private key (OpenSSH EC, as --auth-supernode-private-key): it signs its secure-sum keys",
+    "secure-sum-peers": "a file of the federation's node public keys (OpenSSH, one a line, this site's among them): the only signers of secure-sum keys it accepts",
     "worker-socket": "the Unix socket of this site's resident worker (`florist site-worker --socket PATH`), which then answers every message",
 }
 

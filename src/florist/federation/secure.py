@@ -10,8 +10,13 @@ these tensors: nothing below reads one site's values except the per-reply bounda
 (shapes, finiteness), which a masked upload still passes. Until it lands the server receives each
 upload in the clear; it still only sums them.
 
-What the per-reply norm screen (federation/influence.py) and the weight cap cannot do here: both
-judge one site's update, which the server must not read. What protects the sum instead:
+The weight cap (validation.max_weight_share) is applied by the sites themselves, at a level the
+server sends (`WeightLevel`): each weighs its sketches by min(examples, level) and adds 1 to a
+summed count of the sites cut. The server sees only the sums (the weight and the count), from which
+it sets the next round's level; it never needs one site's examples.
+
+What the per-reply norm screen (federation/influence.py) cannot do here: it judges one site's
+update, which the server must not read. What protects the sum instead:
 - client-side clipping (privacy.clip_norm), which honest sites apply before sketching;
 - federation.min_sites, the fewest sites any sum is built from (the round's quorum);
 - `SumNormCheck`: the reconstructed update's norm against the previous rounds' median, the only
@@ -55,8 +60,11 @@ from florist.privacy import PrivacyLedger, effective_multiplier, noise_for_epsil
 
 SKETCH = "sketch"
 """The train instruction's record of the round's sketch: seed, width, sites sampled, noise multiplier."""
-SKETCH_DTYPES = {WEIGHT: np.dtype("<f8")}
-"""A sketch upload's arrays are float32 but its weight, float64 (an example count, exactly)."""
+CUT = "cut"
+"""A sketch upload's key for 1 if the site cut its weight to the round's weight level, else 0: summed,
+how many sites were cut (`WeightLevel`)."""
+SKETCH_DTYPES = {WEIGHT: np.dtype("<f8"), CUT: np.dtype("<f8")}
+"""A sketch upload's arrays are float32 but its weight and cut, float64 (counts, exactly)."""
 
 
 @dataclass(frozen=True)
@@ -68,14 +76,63 @@ class SketchRound:
     width: int
     sites: int
     noise_multiplier: float = 0.0
+    weight_level: float = math.inf
+    """Each site weighs its sketches by min(its examples, this) (`WeightLevel`); inf: no cut."""
 
     def record(self) -> ConfigRecord:
-        return ConfigRecord({"seed": self.seed, "width": self.width, "sites": self.sites, "noise-multiplier": self.noise_multiplier})
+        return ConfigRecord({
+            "seed": self.seed, "width": self.width, "sites": self.sites, "noise-multiplier": self.noise_multiplier, "weight-level": self.weight_level,
+        })
 
     @classmethod
     def read(cls, message: Message) -> SketchRound:
         record = message.content[SKETCH]
-        return cls(int(record["seed"]), int(record["width"]), int(record["sites"]), float(record["noise-multiplier"]))
+        level = float(record["weight-level"])
+        if not level > 0:
+            raise ValueError(f"the server's weight level {level!r} is not positive")
+        return cls(int(record["seed"]), int(record["width"]), int(record["sites"]), float(record["noise-multiplier"]), level)
+
+
+class WeightLevel:
+    """validation.max_weight_share in florist-secure, without the server reading a site's examples.
+
+    Plain rounds cut each claim n_k to min(n_k, c), c = weight_level(claims, share): the root of
+    c = share * F(c), F(c) = sum_k min(n_k, c), concave and piecewise linear in c. Here the server
+    sends a level c_r before the round and gets back two sums: the weight W = F(c_r) and the number
+    m of sites cut (n_k > c_r). They give F's piece at c_r, P + m c with P = W - m c_r, and the next
+    level is that line's root, a Newton step: c_{r+1} = share P / (1 - share m). F is concave, so
+    with the same claims the step never goes below plain's level (no site is cut harder than plain
+    cuts it) and lands on it by round d + 1, d the number of distinct claims (tests/test_secure.py).
+
+    So secure equals plain (the same weights, hence the same aggregate from the same start) when the
+    same sites, with the same examples, take part every round (full participation, no dropped
+    reply), once the level has settled: typically from round 3. Round 1 has no sums yet and is not
+    cut (c_1 = inf); round 2 is cut at share * round 1's summed examples, looser than plain's (one
+    site of 1000 examples beside two of 100 holds 10/12 of round 1, 3/4 of round 2, 1/2 from round 3,
+    as in plain). Where share * sites <= 1, plain weighs every site evenly and so does the level 1
+    sent then (each weight min(n_k, 1) = 1), in every round. Where sites change between rounds, the
+    level is last round's sites'. Under privacy.dp every site weighs 1 and no level is used.
+    """
+
+    def __init__(self, share: float):
+        self.share = share
+        self.level = math.inf
+
+    def for_round(self, sites: int) -> float:
+        return 1.0 if self.share * sites <= 1 else self.level
+
+    def observe(self, sites: int, level: float, weight: float, cut: float) -> None:
+        """The round's sums at the level it was sent: set the next round's level."""
+        if self.share * sites <= 1:
+            return
+        below = weight - (cut * level if cut else 0.0)
+        # share * cut >= 1 only below plain's level (claims grew): a plain fixed-point step, which rises.
+        self.level = self.share * below / (1 - self.share * cut) if self.share * cut < 1 else self.share * weight
+
+
+def capped_weight(examples: int, level: float) -> tuple[float, float]:
+    """A site's weight at the round's level, and whether it was cut (1.0) or not (0.0)."""
+    return (level, 1.0) if examples > level else (float(examples), 0.0)
 
 
 def site_upload(config: RunConfig, sketch: SketchRound, factors: Mapping[str, LoraFactors], examples: int) -> tuple[dict[str, torch.Tensor], dict]:
@@ -84,13 +141,15 @@ def site_upload(config: RunConfig, sketch: SketchRound, factors: Mapping[str, Lo
     from a generator the server cannot know."""
     privacy = config.privacy
     if not privacy.dp:
-        return client_sketch(factors, float(examples), sketch.seed, sketch.width), {}
+        weight, cut = capped_weight(examples, sketch.weight_level)
+        return client_sketch(factors, weight, sketch.seed, sketch.width) | {CUT: torch.tensor(cut, dtype=torch.float64)}, {}
     if privacy.noise_multiplier is not None and sketch.noise_multiplier < privacy.noise_multiplier:
         raise ValueError(f"the server asks for noise multiplier {sketch.noise_multiplier:g}, below privacy.noise_multiplier {privacy.noise_multiplier:g}")
     clipped, factor = clip_to_norm(factors, privacy.clip_norm)
     std = site_noise_std(sketch.noise_multiplier, sketch_sensitivity(privacy.clip_norm), sketch.sites)
     generator = torch.Generator().manual_seed(secrets.randbits(63))
-    return add_noise(client_sketch(clipped, 1.0, sketch.seed, sketch.width), std, generator), {"dp-clip-factor": factor}
+    upload = add_noise(client_sketch(clipped, 1.0, sketch.seed, sketch.width), std, generator)
+    return upload | {CUT: torch.tensor(0.0, dtype=torch.float64)}, {"dp-clip-factor": factor}
 
 
 def put_upload(content, upload: Mapping[str, torch.Tensor]) -> int:
@@ -132,12 +191,14 @@ def check_sketch_reply(message: Message, reply: Reply, limits: Limits, sketch: S
             raise Rejected(f"array {key} holds NaN or Inf values")
     if not upload[WEIGHT].item() > 0:
         raise Rejected(f"sketch weight {upload[WEIGHT].item()!r} is not positive")
+    if upload[CUT].item() not in (0.0, 1.0):
+        raise Rejected(f"sketch cut {upload[CUT].item()!r} is neither 0 nor 1")
     update = ClientUpdate({}, {}, examples, reply.partition, reply.integer("rank", 1, limits.max_rank), reply.metrics, size)
     return update, upload
 
 
 def expected_shapes(shapes: Mapping[str, tuple[int, int]], width: int) -> dict[str, tuple[int, ...]]:
-    expected: dict[str, tuple[int, ...]] = {WEIGHT: ()}
+    expected: dict[str, tuple[int, ...]] = {WEIGHT: (), CUT: ()}
     for name, (m, n) in shapes.items():
         sketch, co_sketch = widths((m, n), width)
         expected[sketch_key(name, RANGE)], expected[sketch_key(name, CORANGE)] = (m, sketch), (co_sketch, n)
@@ -145,17 +206,21 @@ def expected_shapes(shapes: Mapping[str, tuple[int, int]], width: int) -> dict[s
 
 
 class SecureTrainRound(TrainRound):
-    """A round whose replies go straight into the sum: no per-reply norm screen, clip or weight cap
-    (each would judge one site's update), and no reply kept apart."""
+    """A round whose replies go straight into the sum: no per-reply norm screen or clip (each would
+    judge one site's update; the sites cut their own weights), and no reply kept apart."""
+
+    cut: float = 0.0
+    """The summed cuts of the sketches added: how many sites cut their weight to the level."""
 
     def admit(self, node: int, update: ClientUpdate, upload: Mapping[str, torch.Tensor], norms: Mapping[str, float] = {}) -> None:
         self.partitions[update.partition] = node
         self.accepted[node] = update
         try:
-            self.accumulator.add(upload)
+            self.accumulator.add({key: value for key, value in upload.items() if key != CUT})
         except AggregationError as error:
             self.drop(node, str(error))
             return
+        self.cut += float(upload[CUT].item())
         self.clips[node], self.weights[node] = {}, float(upload[WEIGHT].item())
 
     def close(self) -> dict[int, ClientUpdate]:
@@ -196,8 +261,10 @@ class SecureRounds:
             )
         self.ledger = PrivacyLedger(privacy.delta) if privacy.dp else None
         self.norm_check = SumNormCheck(config.validation.norm_factor)
+        self.weight_level = None if privacy.dp else WeightLevel(config.validation.max_weight_share)
         self.kept_rank: int | None = None
         self.sketch: SketchRound | None = None
+        self.round: SecureTrainRound | None = None
 
     def width(self) -> int:
         """aggregation.sketch_width, else twice the largest rank kept last round, at least
@@ -210,30 +277,65 @@ class SecureRounds:
 
     def train_round(self, server_round: int, report: RoundReport) -> SecureTrainRound:
         seed = (self.config.training.seed * 1_000_003 + server_round) % 2**63
-        self.sketch = SketchRound(seed, self.width(), len(report.sampled), self.noise_multiplier)
+        sites = len(report.sampled)
+        level = self.weight_level.for_round(sites) if self.weight_level is not None else math.inf
+        self.sketch = SketchRound(seed, self.width(), sites, self.noise_multiplier, level)
         total = self.aggregator.sum_of_sketches(seed, self.shapes)
-        return SecureTrainRound(report, total, None, None, {}, False)
+        self.round = SecureTrainRound(report, total, None, None, {}, False)
+        return self.round
 
     def finish(self, report: RoundReport, aggregate: Aggregate, summed: int) -> None:
-        """Check the sum's norm, spend the round's privacy, and size the next round's sketch."""
+        """Check the sum's norm, spend the round's privacy, set the next round's weight level and size its sketch."""
         norm = math.sqrt(sum(float(m.singular_values.double().square().sum()) for m in aggregate.modules.values()))
         self.norm_check.check(report.round, norm)
-        report.secure = {"sketch_width": self.sketch.width, "sites_summed": summed, "update_norm": norm}
+        report.secure = {"sketch_width": self.sketch.width, "sites_sampled": self.sketch.sites, "sites_summed": summed, "update_norm": norm}
+        if self.weight_level is not None:
+            level, weight = self.sketch.weight_level, float(self.round.accumulator.sums[WEIGHT].item())
+            report.secure |= {"weight_level": level if math.isfinite(level) else None, "summed_weight": weight, "sites_cut": self.round.cut}
+            self.weight_level.observe(self.sketch.sites, level, weight, self.round.cut)
         if self.ledger is not None:
             multiplier = effective_multiplier(self.noise_multiplier, summed, self.sketch.sites)
             report.secure["privacy"] = self.ledger.spend(multiplier, self.sampling_rate)
         self.kept_rank = max(module.rank for module in aggregate.modules.values())
 
     def restore(self, metrics: list[dict]) -> None:
-        """A resumed run's privacy spent and kept ranks, from its stored rounds' records."""
+        """A resumed run's privacy spent, weight level, norms and kept ranks, replayed from its stored
+        rounds' records. The privacy ledger the replay gives must be the one each record holds
+        (ValueError, one line naming the round and the key): an edited ledger (a smaller epsilon,
+        another noise multiplier, sampling rate or delta, more sites summed than the round lists) is
+        refused. The records carry no key: a checkpoint rewritten consistently throughout by someone
+        who can write the run directory is not detected."""
         for record in metrics:
-            secure = record.get("secure", {})
-            if "privacy" in secure and self.ledger is not None:
-                self.ledger.spend(secure["privacy"]["noise_multiplier"], secure["privacy"]["sampling_rate"])
-            if "update_norm" in secure:
-                self.norm_check.norms.append(secure["update_norm"])
+            secure = record.get("secure")
+            if not secure:
+                continue
+            try:
+                self._replay(record["round"], secure, len(record.get("clients", [])))
+            except (KeyError, TypeError) as error:
+                raise ValueError(f"checkpoint/state.json round {record.get('round')}: malformed secure record ({type(error).__name__}: {error})") from None
+            self.norm_check.norms.append(secure["update_norm"])
             if record.get("ranks"):
                 self.kept_rank = max(record["ranks"].values())
+
+    def _replay(self, server_round: int, secure: dict, clients: int) -> None:
+        def refuse(key: str, stored, replayed) -> ValueError:
+            return ValueError(
+                f"checkpoint/state.json round {server_round}: secure.{key} is {stored!r}, but the run's settings and records give {replayed!r} "
+                "(an edited privacy ledger, or a setting the noise depends on changed: federation.rounds under privacy.target_epsilon)"
+            )
+
+        sites, summed = secure["sites_sampled"], secure["sites_summed"]
+        if summed != clients or not 0 < summed <= sites:
+            raise refuse("sites_summed", summed, clients)
+        if self.weight_level is not None:  # the next level from the sums at the level sent (validation.* may change on resume)
+            level = math.inf if secure["weight_level"] is None else float(secure["weight_level"])
+            self.weight_level.observe(sites, level, float(secure["summed_weight"]), float(secure["sites_cut"]))
+        if self.ledger is not None:
+            stored = secure.get("privacy")
+            replayed = self.ledger.spend(effective_multiplier(self.noise_multiplier, summed, sites), self.sampling_rate)
+            for key, value in replayed.items():
+                if stored is None or stored.get(key) != value:
+                    raise refuse(f"privacy.{key}", None if stored is None else stored.get(key), value)
 
 
 def privacy_summary(rounds: list[dict]) -> dict | None:

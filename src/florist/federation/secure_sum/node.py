@@ -41,6 +41,7 @@ from florist.federation.secure_sum.protocol import (
     UnmaskShares,
 )
 from florist.federation.secure_sum.quantization import Quantizer
+from florist.federation.secure_sum.signing import NodeSigning
 
 
 def checked_setup(setup: Setup) -> Quantizer:
@@ -72,6 +73,8 @@ class SecureSumNode:
     key_shares: dict[int, bytes] = field(default_factory=dict)
     """Per node (this one included), its share of that node's mask key held here."""
     masked_with: list[int] = field(default_factory=list)
+    signing: NodeSigning | None = None
+    """This site's signing key and the node keys it trusts; None: unsigned keys, no directory checked."""
 
     def _stage(self, stage: str, session: int) -> None:
         if session != self.session:
@@ -88,9 +91,15 @@ class SecureSumNode:
         checked_setup(setup)
         mask_private, mask_public = generate_key_pairs()
         share_private, share_public = generate_key_pairs()
-        fresh = SecureSumNode(self.node, setup.session, SHARE, setup, private_key_to_bytes(mask_private), private_key_to_bytes(share_private))
+        fresh = SecureSumNode(
+            self.node, setup.session, SHARE, setup, private_key_to_bytes(mask_private), private_key_to_bytes(share_private), signing=self.signing
+        )
         vars(self).update(vars(fresh))  # nothing of an earlier sum carries over
-        return PublicKeys(setup.session, public_key_to_bytes(mask_public), public_key_to_bytes(share_public))
+        keys = PublicKeys(setup.session, public_key_to_bytes(mask_public), public_key_to_bytes(share_public))
+        if self.signing is None:
+            return keys
+        signature = self.signing.sign(setup.session, self.node, keys.mask_key, keys.share_key)
+        return PublicKeys(keys.session, keys.mask_key, keys.share_key, self.signing.public_key, signature)
 
     def answer_directory(self, directory: KeyDirectory) -> EncryptedShares:
         """Shamir shares of a fresh self-mask seed and of the mask key, one per node of the directory,
@@ -110,6 +119,8 @@ class SecureSumNode:
         every = [key for pair in keys.values() for key in pair]
         if len(set(every)) != len(every):
             raise ProtocolRefused("the key directory repeats a public key")
+        if self.signing is not None:
+            self.signing.check(directory)
         self.seed = os.urandom(32)
         seed_shares = create_shares(self.seed, self.setup.threshold, len(keys))
         key_shares = create_shares(self.mask_private, self.setup.threshold, len(keys))

@@ -15,7 +15,7 @@ that is absent reads as empty.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ConfigRecord
@@ -122,19 +122,27 @@ class KeyDirectory:
     session: int
     keys: dict[int, tuple[bytes, bytes]]
     """Per node that answered the setup, its public keys: (mask agreement, share encryption)."""
+    signatures: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    """Per node that signed its keys (secure_sum/signing.py): (its signing public key, the signature)."""
 
     def record(self) -> ConfigRecord:
-        nodes = list(self.keys)
+        nodes, signed = list(self.keys), list(self.signatures)
         return _record({
             STAGE: SHARE, "session": self.session, "nodes": [str(n) for n in nodes],
             "mask-keys": [self.keys[n][0] for n in nodes], "share-keys": [self.keys[n][1] for n in nodes],
+            "signed-nodes": [str(n) for n in signed],
+            "signers": [self.signatures[n][0] for n in signed], "signatures": [self.signatures[n][1] for n in signed],
         })
 
     @classmethod
     def read(cls, record: ConfigRecord) -> KeyDirectory:
         _expect(record, SHARE)
         masks, shares = _by_node(record, "nodes", "mask-keys"), _by_node(record, "nodes", "share-keys")
-        return cls(_field(record, "session", int), {node: (masks[node], shares[node]) for node in masks})
+        signers, signatures = _by_node(record, "signed-nodes", "signers"), _by_node(record, "signed-nodes", "signatures")
+        return cls(
+            _field(record, "session", int), {node: (masks[node], shares[node]) for node in masks},
+            {node: (signers[node], signatures[node]) for node in signers},
+        )
 
 
 @dataclass(frozen=True)
@@ -181,14 +189,22 @@ class PublicKeys:
     session: int
     mask_key: bytes
     share_key: bytes
+    signer: bytes = b""
+    """The node's signing public key (PEM), or empty: the keys are unsigned."""
+    signature: bytes = b""
+    """Its signature over (session, node id, both keys), secure_sum/signing.py."""
 
     def record(self) -> ConfigRecord:
-        return _record({STAGE: SETUP, "session": self.session, "mask-key": self.mask_key, "share-key": self.share_key})
+        signed = {"signer": self.signer, "signature": self.signature} if self.signer else {}
+        return _record({STAGE: SETUP, "session": self.session, "mask-key": self.mask_key, "share-key": self.share_key} | signed)
 
     @classmethod
     def read(cls, record: ConfigRecord) -> PublicKeys:
         _expect(record, SETUP)
-        return cls(_field(record, "session", int), _field(record, "mask-key", bytes), _field(record, "share-key", bytes))
+        keys = _field(record, "session", int), _field(record, "mask-key", bytes), _field(record, "share-key", bytes)
+        if "signer" not in record and "signature" not in record:
+            return cls(*keys)
+        return cls(*keys, _field(record, "signer", bytes), _field(record, "signature", bytes))
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from florist.federation.secure_sum.protocol import (
     UnmaskShares,
 )
 from florist.federation.secure_sum.quantization import Layout, Quantizer
+from florist.federation.secure_sum.signing import signature_holds
 
 
 def threshold_for(count: int, fraction: float, min_sites: int) -> int:
@@ -49,6 +50,8 @@ class SecureSumServer:
         self.quantizer = quantizer
         self.stage = SETUP
         self.keys: dict[int, tuple[bytes, bytes]] = {}
+        self.signatures: dict[int, tuple[bytes, bytes]] = {}
+        """Per node that signed its keys: (signing public key, signature); the nodes judge whom they trust."""
         self.ciphertexts: dict[int, dict[int, bytes]] = {}
         """Per source node that shared its keys, its encrypted shares by destination."""
         self.masked: dict[int, np.ndarray] = {}
@@ -94,12 +97,19 @@ class SecureSumServer:
         used = {key for pair in self.keys.values() for key in pair}
         if reply.mask_key == reply.share_key or {reply.mask_key, reply.share_key} & used:
             raise ProtocolRefused(f"node {node} sent a public key already in use")
+        if reply.signer:
+            # Checked here too, so that one bad reply is refused alone instead of failing every signing peer's check.
+            if not signature_holds(reply.signer, reply.signature, self.session, node, reply.mask_key, reply.share_key):
+                raise ProtocolRefused(f"node {node}'s signature does not match its public keys")
+            if reply.signer in (signer for signer, _ in self.signatures.values()):
+                raise ProtocolRefused(f"node {node} signed with a key another node already signed with")
+            self.signatures[node] = (reply.signer, reply.signature)
         self.keys[node] = (reply.mask_key, reply.share_key)
 
     def directory(self) -> KeyDirectory:
-        """Close the setup stage: every node that answered gets every public key."""
+        """Close the setup stage: every node that answered gets every public key, and the signatures of those signed."""
         self._close(SETUP, len(self.keys), SHARE)
-        return KeyDirectory(self.session, dict(self.keys))
+        return KeyDirectory(self.session, dict(self.keys), dict(self.signatures))
 
     # -- share keys ----------------------------------------------------------------------------
 
