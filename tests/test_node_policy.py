@@ -24,7 +24,8 @@ from florist.federation import node, workspace
 from florist.federation.client_app import build_client_app
 from florist.federation.identity import identity_of, settings_fingerprint
 from florist.federation.messages import CONFIG, IDENTITY, METRICS, TRAINED, EVALUATED, Instruction, instruction_content
-from florist.federation.node_policy import DEFAULT_CAPS, NodePolicy, Refused, message_bytes, node_policy
+from florist.federation.node_config import Refused
+from florist.federation.node_policy import DEFAULT_CAPS, NodePolicy, message_bytes, node_policy
 
 from federations import federation_config
 

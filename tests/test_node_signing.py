@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from deployment import make_node_key
-from florist.federation.node_policy import NodePolicy, Refused
+from florist.federation.node_config import Refused
+from florist.federation.node_policy import NodePolicy
 from florist.federation.node_signing import node_signing
 from florist.federation.secure_sum import SecureSumNode, Setup
 from florist.federation.secure_sum.protocol import KeyDirectory

@@ -16,7 +16,8 @@ from florist.cli import main
 from florist.config import load_config
 from florist.data import encode, generate_embedded
 from florist.federation import payload
-from florist.federation.node_policy import NodePolicy, Refused
+from florist.federation.node_config import Refused
+from florist.federation.node_policy import NodePolicy
 from florist.lora.model import attach_lora, lora_layers, weightless_model
 from florist.models import load_model
 from florist.planning import GIB, ModelShape, SiteTraining, site_memory, weight_bytes

@@ -20,7 +20,8 @@ from florist.federation.client_app import train_round
 from florist.federation.delivery import GlobalUpdate, update_digest
 from florist.federation.identity import identity_of, model_digest
 from florist.federation.messages import IDENTITY, TRAINED, Instruction, instruction_content, update_key
-from florist.federation.node_policy import NodePolicy, Refused
+from florist.federation.node_config import Refused
+from florist.federation.node_policy import NodePolicy
 from florist.federation.simulation import prepare, run_federation
 from florist.federation.workspace import Workspace
 from florist.lora.beside import held_beside

