@@ -18,7 +18,7 @@ from florist.reporting.run_directory import read_rounds
 from local_grid import LocalGrid
 from test_deployment import DYING_SITE, RUN_TIMEOUT_SECONDS, SITE_CODE, site_config, site_data, write_config  # noqa: F401 (site_data: a fixture)
 
-TIMEOUT = 40
+TIMEOUT = 60
 """federation.round_timeout: each stage's deadline. The collect stage waits it out for the dying site."""
 SETTINGS = [
     "federation.rounds=1", "federation.round_retries=0", f"federation.round_timeout={TIMEOUT}",

@@ -30,10 +30,8 @@ from florist.federation.messages import SECURE_SUM, SECURE_SUM_TYPE, error_reaso
 from florist.federation.reports import RoundReport
 from florist.federation.secure import SecureRounds, SecureSumTrainRound
 from florist.federation.secure_sum import EncryptedShares, MaskedInput, ProtocolRefused, SecureSumFailed, UnmaskShares
+from florist.federation.strategy import MAX_RESENDS
 from florist.federation.train_round import RoundFailed
-
-MAX_RESENDS = 2
-"""Resends of a stage's message to a node the SuperLink reported unavailable (it dropped the message)."""
 
 
 def secure_sum_stages(grid: Grid, secure: SecureRounds, timeout: float) -> None:

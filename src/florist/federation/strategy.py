@@ -229,7 +229,7 @@ class LoraStrategy:
         """The stage's instruction for `node` once more (from update `start` of the chain if given),
         its bytes counted; a node still missing after MAX_RESENDS is left out of the stage. A node the
         SuperLink reported unavailable dropped the instruction, but on a busy machine a live node that
-        missed its heartbeats reports again and is then asked for the reply (rounds.exchange)."""
+        missed its heartbeats reports again and is then asked for the reply (exchange.exchange)."""
         resends = stage.resends.get(node, 0)
         if resends >= MAX_RESENDS:
             stage.event(node, "failed", f"not sent again after {resends} resends ({why})")
