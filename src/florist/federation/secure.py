@@ -5,7 +5,7 @@ checks of the sum.
 The upload is a plain dict of tensors that the server only ADDS (aggregation/sketch.py): each
 site weighs its own sketches by its examples (by 1 under differential privacy, florist/privacy.py)
 and sends its weight beside them, and the server divides the summed sketches by the summed weight.
-A secure-summation protocol (pairwise masks, Shamir shares; not built yet) can then mask exactly
+The secure-summation protocol (federation/secure_sum: pairwise masks, Shamir shares) masks exactly
 these tensors: nothing below reads one site's values except the per-reply boundary checks
 (shapes, finiteness). Without privacy.secure_aggregation the server receives each upload in the
 clear and only sums them; with it, a site's train reply holds its public keys for the round's
@@ -103,15 +103,21 @@ def put_upload(content, upload: Mapping[str, torch.Tensor]) -> int:
     return record.count_bytes()
 
 
-def check_sketch_reply(message: Message, reply: Reply, limits: Limits, sketch: SketchRound) -> tuple[ClientUpdate, dict[str, torch.Tensor]]:
-    """A sketch reply's update report and its upload, or `Rejected` with the first reason: the same
-    per-reply boundary as a factor reply's (examples, metrics, size, every array's header before it
-    is read, finite values), with the shapes of the round's sketches."""
+def checked_examples(reply: Reply, limits: Limits) -> int:
+    """A train reply's example count, within the limits, once its reported metrics are numbers."""
     examples = reply.integer("num-examples")
     if not limits.min_examples <= examples <= limits.max_examples:
         raise Rejected(f"num-examples {examples!r} is outside [{limits.min_examples}, {limits.max_examples}]")
     for key in REPORTED_METRICS:
         reply.number(key)
+    return examples
+
+
+def check_sketch_reply(message: Message, reply: Reply, limits: Limits, sketch: SketchRound) -> tuple[ClientUpdate, dict[str, torch.Tensor]]:
+    """A sketch reply's update report and its upload, or `Rejected` with the first reason: the same
+    per-reply boundary as a factor reply's (examples, metrics, size, every array's header before it
+    is read, finite values), with the shapes of the round's sketches."""
+    examples = checked_examples(reply, limits)
     record = message.content.get(ADAPTER)
     if not isinstance(record, ArrayRecord):
         raise Rejected(f"malformed reply: the sketch upload is {type(record).__name__}, not an ArrayRecord")
@@ -143,11 +149,7 @@ def check_sketch_reply(message: Message, reply: Reply, limits: Limits, sketch: S
 def check_keys_reply(message: Message, reply: Reply, limits: Limits) -> tuple[ClientUpdate, PublicKeys]:
     """With the secure sum: a train reply's update report and the site's public keys for the round's
     sum, checked as a sketch reply's report is (its sketches come masked, at the collect stage)."""
-    examples = reply.integer("num-examples")
-    if not limits.min_examples <= examples <= limits.max_examples:
-        raise Rejected(f"num-examples {examples!r} is outside [{limits.min_examples}, {limits.max_examples}]")
-    for key in REPORTED_METRICS:
-        reply.number(key)
+    examples = checked_examples(reply, limits)
     record = message.content.get(SECURE_SUM)
     if not isinstance(record, ConfigRecord):
         raise Rejected(f"malformed reply: the secure-sum keys are {type(record).__name__}, not a ConfigRecord")
