@@ -44,6 +44,8 @@ class Recorded:
         self.uploads: dict[int, dict[str, torch.Tensor]] = {}
         """Per node, its clear upload: the sketches a secure site keeps to mask, or a clear site's reply."""
         self.sums: list[dict[str, torch.Tensor]] = []
+        self.added: list[dict[str, torch.Tensor]] = []
+        """Every upload the accumulator took: the sites' in the clear, or the one unmasked sum."""
         result, add, answer_setup = SketchSum.result, SketchSum.add, secure_site.answer_setup
 
         def recording_result(summed):
@@ -58,7 +60,6 @@ class Recorded:
             self.uploads[context.node_id] = {key: value.double().clone() for key, value in upload.items()}
             return answer_setup(context, record, upload)
 
-        self.added: list[dict[str, torch.Tensor]] = []
         monkeypatch.setattr(SketchSum, "result", recording_result)
         monkeypatch.setattr(SketchSum, "add", recording_add)
         monkeypatch.setattr(secure_site, "answer_setup", recording_setup)
@@ -215,7 +216,7 @@ def test_the_server_receives_no_sites_sketch_and_records_every_protocol_byte(tin
     assert down > 0 and up > 4 * Layout.of(recorded.uploads[101]).size * len(NODES)  # the masked inputs alone
 
 
-def test_the_nodes_protocol_state_survives_flowers_context_serialisation(monkeypatch):
+def test_the_nodes_protocol_state_survives_flowers_context_serialisation():
     """A SuperNode's Context state is serialised between messages (and to the site worker and back):
     a sum whose nodes reload their state from a serialised Context at every stage is the plain sum."""
     tensors = {n: {"x": torch.randn(3, 5, dtype=torch.float64) * 0.1, WEIGHT: torch.tensor(1.0 + n % 5, dtype=torch.float64)} for n in (11, 22, 33)}

@@ -12,8 +12,6 @@ from florist.federation.sampling import nodes_for_round
 from florist.federation.secure_round import secure_sum_stages
 from florist.federation.strategy import LoraStrategy
 
-__all__ = ["evaluate_stage", "exchange", "select_stage", "train_stage"]
-
 
 def train_stage(grid: Grid, strategy: LoraStrategy, federation: FederationConfig, seed: int, server_round: int, first: bool) -> RoundReport:
     """One round's training: sample, send, take replies until the deadline, retry the nodes that
