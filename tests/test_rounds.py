@@ -20,7 +20,7 @@ from florist.aggregation import make_aggregator
 from florist.federation import client_app, payload
 from florist.federation.client_app import build_client_app
 from florist.federation.messages import ADAPTER, METRICS
-from florist.federation.rounds import exchange
+from florist.federation.exchange import exchange
 from florist.federation.sampling import NotEnoughNodes, sample
 from florist.federation.server_app import serve
 from florist.federation.strategy import RoundFailed

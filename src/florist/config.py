@@ -315,6 +315,20 @@ class PrivacyConfig(Section):
     """florist-secure: the held-out examples of one category a site needs before it sends that
     category's score (a node's own min-category-examples may ask more); below it the site sends
     none and counts the category as withheld (federation/evaluation_sums.py)."""
+    secure_aggregation: bool = False
+    """florist-secure: the sites' sketches are summed by the secure-sum protocol (pairwise masks,
+    Shamir shares; federation/secure_round.py), so that the server reads only their sum. Off by
+    default: it costs three more round trips per round, and runs without it keep their results."""
+    secure_threshold: float = Field(2 / 3, gt=0.5, le=1)
+    """The fraction of a round's sites whose shares unmask the sum (never below federation.min_sites):
+    fewer survivors and the round is not aggregated; more sites than 1 - this fraction colluding with
+    the server could unmask one site."""
+    secure_bits: int = Field(24, ge=8, le=31)
+    """Bits each value of a site's upload is quantised to; a round sums at most 2**32 // 2**bits sites."""
+    secure_clip_range: float = Field(1e4, gt=0, allow_inf_nan=False)
+    """The largest magnitude of any value of a site's upload: its sketches weighted by its examples
+    (by 1 under privacy.dp), and its example count. A site whose upload exceeds it fails its round with
+    this key named; each value is rounded to a step of 2 * secure_clip_range / (2**secure_bits - 1)."""
 
     @field_validator("clip_norm", "noise_multiplier", "target_epsilon")
     @classmethod
@@ -524,6 +538,16 @@ class RunConfig(Section):
         if self.privacy.dp and not self.aggregation.secure:
             raise ValueError(
                 f"privacy.dp needs aggregation.method = \"florist-secure\", whose server only sums noised sketches, not {self.aggregation.method!r}"
+            )
+        if self.privacy.secure_aggregation and not self.aggregation.secure:
+            raise ValueError(
+                f"privacy.secure_aggregation needs aggregation.method = \"florist-secure\", whose uploads are sums; not {self.aggregation.method!r}"
+            )
+        most_sites = (2**32 - 1) // (2**self.privacy.secure_bits - 1)
+        if self.privacy.secure_aggregation and self.federation.sample_size > most_sites:
+            raise ValueError(
+                f"privacy.secure_bits {self.privacy.secure_bits}: a secure sum of {self.federation.sample_size} sites "
+                f"(federation.sample_size) overflows 32 bits; at most {most_sites} sites fit, use fewer bits"
             )
         if not self.aggregation.secure:
             return self

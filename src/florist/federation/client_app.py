@@ -34,6 +34,8 @@ from florist.federation.messages import (
     IDENTITY,
     METRICS,
     MISMATCH,
+    SECURE_SUM,
+    SECURE_SUM_ACTION,
     SCORED,
     TRAINED,
     UPDATE_PREFIX,
@@ -45,6 +47,7 @@ from florist.federation.node_config import Refused
 from florist.federation.node_policy import NodePolicy, node_policy
 from florist.federation.resources import peak_rss_mib
 from florist.federation.secure import SketchRound, put_upload, site_upload
+from florist.federation.secure_site import answer_setup, check_range, secure_sum_stage
 from florist.federation.workspace import Update, Workspace, workspace_for
 from florist.lora.model import attach_lora, freeze_shared_A, frozen_lora_A, load_dense, load_global, merge_into_base, move_into_lora, read_dense, read_factors
 from florist.training import train_lora
@@ -106,13 +109,17 @@ def _cut_of_candidate(state: RecordDict, key: str, digest: str) -> bool:
 
 
 def _reply(
-    msg: Message, workspace: Workspace, status: str, metrics: dict, adapter: dict | None = None, dense: dict | None = None, sketch: dict | None = None
+    msg: Message, workspace: Workspace, status: str, metrics: dict, adapter: dict | None = None, dense: dict | None = None,
+    sketch: dict | None = None, keys: ConfigRecord | None = None,
 ) -> Message:
     """The reply; a trained one carries the client's LoRA factors and its tensors trained in full,
-    or under florist-secure its sketches (federation/secure.py), which the server only sums."""
+    or under florist-secure its sketches (federation/secure.py), which the server only sums, or with
+    the secure sum its public keys (federation/secure_site.py: the sketches follow masked)."""
     content = RecordDict({IDENTITY: workspace.identity.record(status), METRICS: MetricRecord(metrics)})
     if sketch is not None:
         put_upload(content, sketch)
+    if keys is not None:
+        content[SECURE_SUM] = keys
     if adapter is not None:
         # FFA-LoRA's A is frozen and derivable from the shared seed: only B travels.
         factors = "B" if workspace.config.aggregation.method == "ffa" else "AB"
@@ -260,6 +267,10 @@ def _train(config: RunConfig, policy: NodePolicy, node: NodeSettings, instructio
         factors = {name: truncate_update(f, config.wire.client_tau) for name, f in factors.items()}
     if config.aggregation.secure:
         sketch, privacy = site_upload(config, SketchRound.read(msg), factors, len(features))
+        if config.privacy.secure_aggregation:
+            check_range(config, sketch)
+            keys = answer_setup(context, msg.content[SECURE_SUM], sketch)
+            return _reply(msg, workspace, TRAINED, metrics | privacy, keys=keys)
         return _reply(msg, workspace, TRAINED, metrics | privacy, sketch=sketch)
     return _reply(msg, workspace, TRAINED, metrics, factors, read_dense(model))
 
@@ -364,6 +375,10 @@ def build_client_app(config: RunConfig | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         return train_round(config, msg, context)
+
+    @app.train(SECURE_SUM_ACTION)
+    def secure_sum(msg: Message, context: Context) -> Message:
+        return secure_sum_stage(msg, context)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:

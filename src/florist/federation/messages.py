@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
 CONFIG = "config"
@@ -31,6 +31,11 @@ UPDATE_PREFIX = "update:"
 CANDIDATE = "candidate"
 """Automatic tau: the round's exact update, whose cuts a node scores."""
 CUTS = "cuts"
+SECURE_SUM = "secure-sum"
+"""privacy.secure_aggregation: the record of a secure-sum message, both ways (the setup's rides in the train instruction)."""
+SECURE_SUM_ACTION = "secure_sum"
+SECURE_SUM_TYPE = f"{MessageType.TRAIN}.{SECURE_SUM_ACTION}"
+"""The message type of the secure sum's later stages (share, collect, unmask): the ClientApp's train action `secure_sum`."""
 
 TRAINED, GAP, MISMATCH, EVALUATED, SCORED = "trained", "gap", "mismatch", "evaluated", "scored"
 

@@ -5,10 +5,12 @@ checks of the sum.
 The upload is a plain dict of tensors that the server only ADDS (aggregation/sketch.py): each
 site weighs its own sketches by its examples (by 1 under differential privacy, florist/privacy.py)
 and sends its weight beside them, and the server divides the summed sketches by the summed weight.
-A secure-summation protocol (pairwise masks, Shamir shares; not built yet) can then mask exactly
+The secure-summation protocol (federation/secure_sum: pairwise masks, Shamir shares) masks exactly
 these tensors: nothing below reads one site's values except the per-reply boundary checks
-(shapes, finiteness), which a masked upload still passes. Until it lands the server receives each
-upload in the clear; it still only sums them.
+(shapes, finiteness). Without privacy.secure_aggregation the server receives each upload in the
+clear and only sums them; with it, a site's train reply holds its public keys for the round's
+secure sum (`SecureSumTrainRound`, federation/secure_site.py), and the server receives only
+masked uploads and, from the protocol (federation/secure_round.py), their sum.
 
 The weight cap (validation.max_weight_share) is applied by the sites themselves, at a level the
 server sends (`WeightLevel`): each weighs its sketches by min(examples, level) and adds 1 to a
@@ -52,8 +54,10 @@ from florist.aggregation.sketch import (
 )
 from florist.config import RunConfig
 from florist.federation import payload
-from florist.federation.messages import ADAPTER, Reply
+from florist.federation.messages import ADAPTER, SECURE_SUM, Reply
 from florist.federation.reports import RoundReport
+from florist.federation.secure_sum import Layout, PublicKeys, Quantizer, SecureSumServer
+from florist.federation.secure_sum.server import threshold_for
 from florist.federation.train_round import RoundFailed, TrainRound
 from florist.federation.validation import MiB, REPORTED_METRICS, ClientUpdate, Limits, Rejected
 from florist.privacy import PrivacyLedger, effective_multiplier, noise_for_epsilon, site_noise_std
@@ -158,15 +162,21 @@ def put_upload(content, upload: Mapping[str, torch.Tensor]) -> int:
     return record.count_bytes()
 
 
-def check_sketch_reply(message: Message, reply: Reply, limits: Limits, sketch: SketchRound) -> tuple[ClientUpdate, dict[str, torch.Tensor]]:
-    """A sketch reply's update report and its upload, or `Rejected` with the first reason: the same
-    per-reply boundary as a factor reply's (examples, metrics, size, every array's header before it
-    is read, finite values), with the shapes of the round's sketches."""
+def checked_examples(reply: Reply, limits: Limits) -> int:
+    """A train reply's example count, within the limits, once its reported metrics are numbers."""
     examples = reply.integer("num-examples")
     if not limits.min_examples <= examples <= limits.max_examples:
         raise Rejected(f"num-examples {examples!r} is outside [{limits.min_examples}, {limits.max_examples}]")
     for key in REPORTED_METRICS:
         reply.number(key)
+    return examples
+
+
+def check_sketch_reply(message: Message, reply: Reply, limits: Limits, sketch: SketchRound) -> tuple[ClientUpdate, dict[str, torch.Tensor]]:
+    """A sketch reply's update report and its upload, or `Rejected` with the first reason: the same
+    per-reply boundary as a factor reply's (examples, metrics, size, every array's header before it
+    is read, finite values), with the shapes of the round's sketches."""
+    examples = checked_examples(reply, limits)
     record = message.content.get(ADAPTER)
     if not isinstance(record, ArrayRecord):
         raise Rejected(f"malformed reply: the sketch upload is {type(record).__name__}, not an ArrayRecord")
@@ -195,6 +205,18 @@ def check_sketch_reply(message: Message, reply: Reply, limits: Limits, sketch: S
         raise Rejected(f"sketch cut {upload[CUT].item()!r} is neither 0 nor 1")
     update = ClientUpdate({}, {}, examples, reply.partition, reply.integer("rank", 1, limits.max_rank), reply.metrics, size)
     return update, upload
+
+
+def check_keys_reply(message: Message, reply: Reply, limits: Limits) -> tuple[ClientUpdate, PublicKeys]:
+    """With the secure sum: a train reply's update report and the site's public keys for the round's
+    sum, checked as a sketch reply's report is (its sketches come masked, at the collect stage)."""
+    examples = checked_examples(reply, limits)
+    record = message.content.get(SECURE_SUM)
+    if not isinstance(record, ConfigRecord):
+        raise Rejected(f"malformed reply: the secure-sum keys are {type(record).__name__}, not a ConfigRecord")
+    keys = PublicKeys.read(record)
+    update = ClientUpdate({}, {}, examples, reply.partition, reply.integer("rank", 1, limits.max_rank), reply.metrics, record.count_bytes())
+    return update, keys
 
 
 def expected_shapes(shapes: Mapping[str, tuple[int, int]], width: int) -> dict[str, tuple[int, ...]]:
@@ -227,6 +249,34 @@ class SecureTrainRound(TrainRound):
         if not self.has_quorum():
             raise RoundFailed(f"round {self.report.round}: {len(self.accepted)} sketches summed, below the quorum of {self.report.quorum}")
         return dict(sorted(self.accepted.items(), key=lambda item: item[1].partition))
+
+
+class SecureSumTrainRound(SecureTrainRound):
+    """A round whose sites answer the train instruction with their public keys (the secure sum's
+    setup stage); their sketches reach the accumulator only as the protocol's unmasked sum (`add_sum`)."""
+
+    def __init__(self, report: RoundReport, accumulator, server: SecureSumServer, dp: bool):
+        super().__init__(report, accumulator, None, None, {}, False)
+        self.server, self.dp = server, dp
+
+    def admit(self, node: int, update: ClientUpdate, keys: PublicKeys, norms: Mapping[str, float] = {}) -> None:
+        self.server.receive_keys(node, keys)
+        self.report.bytes_up[node] = self.report.bytes_up.get(node, 0) + update.bytes_up
+        self.partitions[update.partition] = node
+        self.accepted[node] = update
+        # The weight each site says it gave its sketches; the server sees only their sum.
+        self.clips[node], self.weights[node] = {}, 1.0 if self.dp else float(update.examples)
+
+    def add_sum(self, total: Mapping[str, torch.Tensor], survivors: list[int]) -> None:
+        """The survivors' summed sketches join the accumulator, at the float32 resolution of the sites'
+        uploads; a site that took part but is not among the survivors leaves the round."""
+        for node in [node for node in self.accepted if node not in survivors]:
+            update = self.accepted.pop(node)
+            del self.partitions[update.partition]
+            self.report.event(node, "failed", "its masked sketches are not in the secure sum (it dropped out before unmasking)", update.partition)
+        # The summed cut counts sites: an integer, which the quantised sum holds to within K steps.
+        self.cut = float(round(total[CUT].item()))
+        self.accumulator.add({key: value if key == WEIGHT else value.float() for key, value in total.items() if key != CUT})
 
 
 class SumNormCheck:
@@ -264,6 +314,8 @@ class SecureRounds:
         self.weight_level = None if privacy.dp else WeightLevel(config.validation.max_weight_share)
         self.kept_rank: int | None = None
         self.sketch: SketchRound | None = None
+        self.protocol = privacy.secure_aggregation
+        """The sketches are summed by the secure-sum protocol (federation/secure_round.py), not in the clear."""
         self.round: SecureTrainRound | None = None
 
     def width(self) -> int:
@@ -281,8 +333,32 @@ class SecureRounds:
         level = self.weight_level.for_round(sites) if self.weight_level is not None else math.inf
         self.sketch = SketchRound(seed, self.width(), sites, self.noise_multiplier, level)
         total = self.aggregator.sum_of_sketches(seed, self.shapes)
-        self.round = SecureTrainRound(report, total, None, None, {}, False)
+        if not self.protocol:
+            self.round = SecureTrainRound(report, total, None, None, {}, False)
+            return self.round
+        privacy, min_sites = self.config.privacy, self.config.federation.min_sites
+        sampled = list(report.sampled)
+        layout = Layout(tuple(sorted(expected_shapes(self.shapes, self.sketch.width).items())))
+        threshold = threshold_for(len(sampled), privacy.secure_threshold, min_sites)
+        server = SecureSumServer(server_round, sampled, threshold, min_sites, Quantizer(privacy.secure_clip_range, privacy.secure_bits), layout)
+        self.round = SecureSumTrainRound(report, total, server, privacy.dp)
         return self.round
+
+    def instruct(self, content) -> int:
+        """Put the round's sketch (and with the secure sum, its setup) in a train instruction; the
+        protocol bytes it adds."""
+        content[SKETCH] = self.sketch.record()
+        if not self.protocol:
+            return 0
+        record = self.round.server.setup.record()
+        content[SECURE_SUM] = record
+        return record.count_bytes()
+
+    def check_reply(self, message: Message, reply: Reply, limits: Limits):
+        """A train reply's update report and what joins the sum: the sketch upload, or the site's keys."""
+        if self.protocol:
+            return check_keys_reply(message, reply, limits)
+        return check_sketch_reply(message, reply, limits, self.sketch)
 
     def finish(self, report: RoundReport, aggregate: Aggregate, summed: int) -> None:
         """Check the sum's norm, spend the round's privacy, set the next round's weight level and size its sketch."""

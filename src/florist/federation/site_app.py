@@ -17,6 +17,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+from florist.federation.messages import SECURE_SUM_ACTION
 from florist.federation.worker_socket import Unreachable, exchange
 
 WORKER_SOCKET = "worker-socket"
@@ -48,5 +49,6 @@ def handle(msg: Message, context: Context) -> Message:
 
 app = ClientApp()
 app.train()(handle)
+app.train(SECURE_SUM_ACTION)(handle)  # the secure sum's later stages (privacy.secure_aggregation)
 app.evaluate()(handle)
 app.query()(handle)

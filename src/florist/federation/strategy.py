@@ -44,7 +44,7 @@ from florist.federation.messages import (
     update_key,
 )
 from florist.federation.reports import EvaluationReport, RoundReport, Stage, TauSelection
-from florist.federation.secure import SKETCH, SecureRounds, check_sketch_reply
+from florist.federation.secure import SecureRounds
 from florist.federation.tau_selection import AutomaticTau
 from florist.federation.train_round import RoundFailed, TrainRound
 from florist.federation.validation import Limits, checked_adapter
@@ -142,7 +142,7 @@ class LoraStrategy:
             factors = "B" if self.frozen_a else "AB"
             sent = payload.put(content, GLOBAL, modules, self.wire, factors=factors, dense=self.current.dense)
         if self.secure is not None and message_type == MessageType.TRAIN:
-            content[SKETCH] = self.secure.sketch.record()
+            sent += self.secure.instruct(content)
         ttl = self.config.federation.round_timeout
         return Message(content=content, message_type=message_type, dst_node_id=node, ttl=ttl), sent
 
@@ -206,7 +206,7 @@ class LoraStrategy:
     def _checked(self, message: Message, reply: Reply):
         """The reply's update and its sketch upload (florist-secure: no per-reply screen, see secure.py) or adapter."""
         if self.secure is not None:
-            return check_sketch_reply(message, reply, self.limits, self.secure.sketch)
+            return self.secure.check_reply(message, reply, self.limits)
         start = self.chain.updates[-1].modules if self.config.federation.warm_start and len(self.chain) else None
         return checked_adapter(message, reply, self.limits, self.config.federation.ffa_seed if self.frozen_a else None, start)
 
@@ -229,7 +229,7 @@ class LoraStrategy:
         """The stage's instruction for `node` once more (from update `start` of the chain if given),
         its bytes counted; a node still missing after MAX_RESENDS is left out of the stage. A node the
         SuperLink reported unavailable dropped the instruction, but on a busy machine a live node that
-        missed its heartbeats reports again and is then asked for the reply (rounds.exchange)."""
+        missed its heartbeats reports again and is then asked for the reply (exchange.exchange)."""
         resends = stage.resends.get(node, 0)
         if resends >= MAX_RESENDS:
             stage.event(node, "failed", f"not sent again after {resends} resends ({why})")
