@@ -97,6 +97,14 @@ def make_node_key(directory: Path, name: str, env: Mapping[str, str]) -> Path:
     return private
 
 
+
+def federation_keys(directory: Path, count: int) -> tuple[list[Path], Path]:
+    """`count` node keys (ssh-keygen, ECDSA P-384) and the peers file of their public halves."""
+    keys = [make_node_key(directory, f"site-{index}", os.environ) for index in range(count)]
+    peers = directory / "peers.pub"
+    peers.write_text("# the federation's node keys\n" + "".join(key.with_name(key.name + ".pub").read_text() for key in keys))
+    return keys, peers
+
 def environment(flwr_home: Path) -> dict[str, str]:
     """What every process of the deployment runs with: this environment's executables first on
     PATH, the florist this process imported first on PYTHONPATH (the nodes import the installed

@@ -4,28 +4,18 @@ file refused in one line naming the node-config key, never the path."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from deployment import make_node_key
+from deployment import federation_keys
 from florist.federation.node_config import Refused
 from florist.federation.node_policy import NodePolicy
 from florist.federation.node_signing import node_signing
 from florist.federation.secure_sum import SecureSumNode, Setup
 from florist.federation.secure_sum.protocol import KeyDirectory
 from florist.federation.secure_sum.quantization import Layout
-
-
-def federation_keys(directory: Path, count: int) -> tuple[list[Path], Path]:
-    """`count` node keys (ssh-keygen, ECDSA P-384) and the peers file of their public halves."""
-    keys = [make_node_key(directory, f"site-{index}", os.environ) for index in range(count)]
-    peers = directory / "peers.pub"
-    peers.write_text("# the federation's node keys\n" + "".join(key.with_name(key.name + ".pub").read_text() for key in keys))
-    return keys, peers
 
 
 def test_node_keys_sign_and_the_peers_file_is_the_trusted_set(tmp_path):

@@ -17,12 +17,13 @@ from florist.federation import secure_site
 from florist.federation.client_app import build_client_app
 from florist.federation.messages import ADAPTER, SECURE_SUM, SECURE_SUM_TYPE
 from florist.federation.secure_site import load_node, save_node
-from florist.federation.secure_sum import Layout, MaskedInput, Quantizer, SecureSumNode, SecureSumServer
+from florist.federation.secure_sum import Layout, MaskedInput, Quantizer, SecureSumServer
 from florist.federation.secure_sum.protocol import COLLECT, UNMASK, stage_of
 from florist.federation.server_app import serve
 from florist.federation.strategy import RoundFailed
 from florist.reporting.run_directory import read_rounds
 
+from deployment import federation_keys
 from federations import federation_config
 from local_grid import LocalGrid
 
@@ -216,17 +217,21 @@ def test_the_server_receives_no_sites_sketch_and_records_every_protocol_byte(tin
     assert down > 0 and up > 4 * Layout.of(recorded.uploads[101]).size * len(NODES)  # the masked inputs alone
 
 
-def test_the_nodes_protocol_state_survives_flowers_context_serialisation():
+def test_the_nodes_protocol_state_survives_flowers_context_serialisation(tmp_path):
     """A SuperNode's Context state is serialised between messages (and to the site worker and back):
-    a sum whose nodes reload their state from a serialised Context at every stage is the plain sum."""
+    a sum whose nodes reload their state from a serialised Context at every stage, signing with the
+    node keys their node configs name, is the plain sum."""
     tensors = {n: {"x": torch.randn(3, 5, dtype=torch.float64) * 0.1, WEIGHT: torch.tensor(1.0 + n % 5, dtype=torch.float64)} for n in (11, 22, 33)}
     layout = Layout.of(tensors[11])
     server = SecureSumServer(4, list(tensors), 2, 2, QUANTIZER, layout)
-    contexts = {n: Context(1, n, {}, RecordDict(), {}) for n in tensors}
+    keys, peers = federation_keys(tmp_path, len(tensors))
+    signed = {n: {"secure-sum-key": str(key), "secure-sum-peers": str(peers)} for n, key in zip(tensors, keys)}
+    contexts = {n: Context(1, n, signed[n], RecordDict(), {}) for n in tensors}
 
     def step(node: int, answer):
         context = context_from_proto(context_to_proto(contexts[node]))
-        state = load_node(context.state, node)
+        state = load_node(context)
+        assert state.signing is not None
         reply = answer(state)
         save_node(context.state, state)
         contexts[node] = context
@@ -234,6 +239,7 @@ def test_the_nodes_protocol_state_survives_flowers_context_serialisation():
 
     for n in tensors:
         server.receive_keys(n, step(n, lambda s: s.answer_setup(server.setup)))
+        assert server.keys[n] and server.signatures[n]
     directory = server.directory()
     for n in tensors:
         server.receive_shares(n, step(n, lambda s: s.answer_directory(directory)))
@@ -246,8 +252,8 @@ def test_the_nodes_protocol_state_survives_flowers_context_serialisation():
     total, survivors = server.result()
     assert survivors == [11, 22]
     within_quantisation(total, plain_sum([tensors[11], tensors[22]]), 2)
-    assert load_node(contexts[11].state, 11).expects == ""  # the sum is done: a replayed request is refused
-    assert isinstance(load_node(RecordDict(), 7), SecureSumNode)
+    assert load_node(contexts[11]).expects == ""  # the sum is done: a replayed request is refused
+    assert load_node(Context(1, 7, {}, RecordDict(), {})).signing is None  # a fresh, unsigned node
 
 
 @pytest.mark.parametrize(

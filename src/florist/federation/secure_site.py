@@ -9,6 +9,9 @@ site that fails to train is simply not among the sum's participants. The later s
 (messages.SECURE_SUM_TYPE: share, collect, unmask) are answered from the state alone: no model is loaded
 for them, and a site holds its upload until it masks it at the collect stage, then forgets it.
 
+A site whose node config names `secure-sum-key` and `secure-sum-peers` signs its public keys and
+checks every peer's in the key directory (federation/node_signing.py, secure_sum/signing.py).
+
 The state holds the node's private keys and its shares of the others' secrets: it stays on the
 node (Flower keeps a SuperNode's Context state in its own process; the site worker hands it back
 with each reply). A protocol message for which the state holds no pending sum is refused.
@@ -24,6 +27,8 @@ from flwr.common.constant import ErrorCode
 
 from florist.config import RunConfig
 from florist.federation.messages import SECURE_SUM
+from florist.federation.node_config import Refused
+from florist.federation.node_signing import node_signing
 from florist.federation.secure_sum import (
     Layout,
     ProtocolRefused,
@@ -50,7 +55,7 @@ def answer_setup(context: Context, setup_record: ConfigRecord, upload: Mapping[s
     setup = Setup.read(setup_record)
     if set(upload) != {name for name, _ in setup.layout.shapes}:
         raise ProtocolRefused(f"the secure-sum layout's tensors differ from this site's upload {sorted(upload)}")
-    node = load_node(context.state, context.node_id)
+    node = load_node(context)
     keys: PublicKeys = node.answer_setup(setup)
     save_node(context.state, node)
     context.state[INPUT_STATE] = ArrayRecord({name: Array(value.detach().cpu().numpy()) for name, value in upload.items()})
@@ -63,7 +68,7 @@ def secure_sum_stage(msg: Message, context: Context) -> Message:
         record = msg.content[SECURE_SUM]
         if not isinstance(record, ConfigRecord):
             raise ProtocolRefused("a secure-sum message without its record")
-        node = load_node(context.state, context.node_id)
+        node = load_node(context)
         stage = stage_of(record)
         if stage == SHARE:
             answer = node.answer_directory(KeyDirectory.read(record))
@@ -79,7 +84,7 @@ def secure_sum_stage(msg: Message, context: Context) -> Message:
             raise ProtocolRefused(f"a {stage!r} message outside the train instruction")
         save_node(context.state, node)
         return Message(RecordDict({SECURE_SUM: answer.record()}), reply_to=msg)
-    except ProtocolRefused as refusal:
+    except (ProtocolRefused, Refused) as refusal:
         print(f"node {context.node_id}: secure sum refused: {refusal}", flush=True)
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(refusal)), reply_to=msg)
 
@@ -102,12 +107,14 @@ def save_node(state: RecordDict, node: SecureSumNode) -> None:
         state[SETUP_STATE] = node.setup.record()
 
 
-def load_node(state: RecordDict, node_id: int) -> SecureSumNode:
-    """The node as its state left it; a node that never took part in a sum, fresh."""
+def load_node(context: Context) -> SecureSumNode:
+    """The node as its state left it (a node that never took part in a sum, fresh), signing with the
+    key its node config names (federation/node_signing.py), which never enters the state."""
+    state, signing = context.state, node_signing(context.node_config)
     if NODE_STATE not in state:
-        return SecureSumNode(node_id)
+        return SecureSumNode(context.node_id, signing=signing)
     record = state[NODE_STATE]
-    node = SecureSumNode(int(record["node"]))
+    node = SecureSumNode(int(record["node"]), signing=signing)
     node.session, node.expects = int(record["session"]), str(record["expects"])
     node.setup = Setup.read(state[SETUP_STATE]) if SETUP_STATE in state else None
     node.mask_private, node.share_private, node.seed = record["mask-private"], record["share-private"], record["seed"]
