@@ -97,13 +97,13 @@ def make_node_key(directory: Path, name: str, env: Mapping[str, str]) -> Path:
     return private
 
 
-
 def federation_keys(directory: Path, count: int) -> tuple[list[Path], Path]:
     """`count` node keys (ssh-keygen, ECDSA P-384) and the peers file of their public halves."""
     keys = [make_node_key(directory, f"site-{index}", os.environ) for index in range(count)]
     peers = directory / "peers.pub"
     peers.write_text("# the federation's node keys\n" + "".join(key.with_name(key.name + ".pub").read_text() for key in keys))
     return keys, peers
+
 
 def environment(flwr_home: Path) -> dict[str, str]:
     """What every process of the deployment runs with: this environment's executables first on
@@ -372,7 +372,9 @@ class Deployment:
         return run_command(["flwr", *arguments], self.env, timeout=timeout, cwd=self.root)
 
     def node_key(self, name: str) -> Path:
-        return make_node_key(self.keys, name, self.env)
+        """The named site's node key, made on first use (a site's node config may name it before its SuperNode starts)."""
+        key = self.keys / name
+        return key if key.exists() else make_node_key(self.keys, name, self.env)
 
     def register(self, key: Path) -> int:
         """Register a node's public key with the SuperLink; the node id it will have."""

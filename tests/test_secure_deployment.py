@@ -1,6 +1,6 @@
 """A secure florist-secure round (privacy.secure_aggregation) on Flower's deployment engine: a SuperLink
 and three SuperNodes on loopback (tests/deployment.py: TLS, node keys, its own FLWR_HOME, free ports),
-each site answering through its resident worker (the node's protocol state goes to the worker and back
+each site signing its secure-sum keys with its SuperNode's node key and answering through its resident worker (the node's protocol state goes to the worker and back
 with every message; and a ClientApp process that imports torch for each of the four stages would miss
 the deadlines on a loaded machine), site 2 dying as it uploads its masked sketches."""
 
@@ -45,9 +45,13 @@ def test_a_site_killed_after_masking_leaves_the_rounds_sum_correct_over_the_othe
     config_file = write_config(federation_config(tiny_model_dir, tmp_path / "run", "florist-secure", *SETTINGS, *SECURE), tmp_path / "florist.toml")
     with Deployment(tmp_path / "deployment") as deployment:
         deployment.start_superlink()
+        # Each site signs its secure-sum keys with its SuperNode's key and trusts the three node keys.
+        keys = [deployment.node_key(f"site{site}") for site in range(3)]
+        peers = tmp_path / "peers.pub"
+        peers.write_text("".join(key.with_name(key.name + ".pub").read_text() for key in keys))
         for site in range(3):
             _, socket_path = deployment.start_site_worker(f"site{site}")
-            policy = {"worker-socket": str(socket_path)}
+            policy = {"worker-socket": str(socket_path), "secure-sum-key": str(keys[site]), "secure-sum-peers": str(peers)}
             env = None
             if site == 2:
                 pythonpath = f"{DYING_SITE}:{SITE_CODE}:{deployment.env['PYTHONPATH']}"
@@ -62,7 +66,7 @@ def test_a_site_killed_after_masking_leaves_the_rounds_sum_correct_over_the_othe
         processes = deployment.processes()
     assert died and status == "finished:completed", log[-4000:]
     [record] = read_rounds(tmp_path / "run")[1:]
-    assert record["secure"]["sites_summed"] == 2
+    assert record["secure"]["sites_summed"] == 2 and record["secure"]["keys_signed"] == 3
     assert sorted(client["node"] for client in record["clients"]) == sorted([nodes["site0"], nodes["site1"]])
     assert ("late", nodes["site2"]) in {(e["status"], e["node"]) for e in record["events"]}
 

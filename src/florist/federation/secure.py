@@ -365,6 +365,8 @@ class SecureRounds:
         norm = math.sqrt(sum(float(m.singular_values.double().square().sum()) for m in aggregate.modules.values()))
         self.norm_check.check(report.round, norm)
         report.secure = {"sketch_width": self.sketch.width, "sites_sampled": self.sketch.sites, "sites_summed": summed, "update_norm": norm}
+        if self.protocol:  # how many sites' secure-sum keys came signed with a node key (node_signing.py)
+            report.secure["keys_signed"] = len(self.round.server.signatures)
         if self.weight_level is not None:
             level, weight = self.sketch.weight_level, float(self.round.accumulator.sums[WEIGHT].item())
             report.secure |= {"weight_level": level if math.isfinite(level) else None, "summed_weight": weight, "sites_cut": self.round.cut}
