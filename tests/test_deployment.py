@@ -70,6 +70,10 @@ class DeployedRun:
         return f"{self.status}: {details}\n{self.server_log[-4000:]}"
 
 
+def write_examples(path: Path, examples: list) -> None:
+    path.write_text(json.dumps([dataclasses.asdict(example) for example in examples]))
+
+
 @pytest.fixture(scope="module")
 def site_data(tiny_model_dir, tmp_path_factory) -> Path:
     """Each site's own training file, laid out as `data.partition = "given"` reads a directory
