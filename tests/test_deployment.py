@@ -5,8 +5,12 @@ run in simulation.
 
 The apps are driven only through the run config's `config-file` and the nodes' `--node-config`
 (each site's data, the base model it pins, its threads and its policy),
-so these tests hold while the apps' internals change. The module takes about 4 minutes on the
-shared 2-core machine at load 7 to 16, most of it the two runs (BENCHMARKS.md, "Deployment engine").
+so these tests hold while the apps' internals change.
+
+Each federation costs minutes of CPU on the 2-core machine (every message starts a ClientApp
+process that imports torch), so tests share one where their scenarios allow: `deployed` serves the
+first run, the resident workers' check and the resumed run; the hostile and the policy-refusing
+node join one federation (BENCHMARKS.md, "The deployment tests' wall time").
 """
 
 from __future__ import annotations
