@@ -380,18 +380,17 @@ def test_a_site_dying_mid_upload_holds_the_deadline_and_no_round_is_aggregated_f
     """Three sites, federation.min_sites 2 (the default), every core busy. Site 2 dies while it
     uploads its round-1 reply (tests/sites/dying): the server is left waiting for a reply's last
     object, which Flower 1.42 would wait for until its 180 s object-push session expires; round 1
-    ends at its deadline all the same, with sites 0 and 1. Round 2 samples the 2 sites left, and
-    its quorum stays 2 (half of 2 would be 1): site 1 dies mid-upload in it too, only site 0
+    ends at its deadline all the same, with sites 0 and 1. Round 2 samples the 2 sites left: its
+    quorum stays 2 (half of 2 would be 1). In round 3 site 1 dies mid-upload too: only site 0
     delivers, and the run fails naming the quorum instead of sending site 0's update back as the
-    aggregate. (That the rounds after a site is lost aggregate the sites left is
-    test_a_killed_supernode_...'s.)"""
+    aggregate."""
     timeout = 60
-    settings = ["federation.rounds=2", "federation.round_retries=0", f"federation.round_timeout={timeout}"]
+    settings = ["federation.rounds=3", "federation.round_retries=0", f"federation.round_timeout={timeout}"]
     config_file = write_config(federation_config(tiny_model_dir, tmp_path / "run", "florist", *settings), tmp_path / "florist.toml")
     run_dir = tmp_path / "run"
     with Deployment(tmp_path / "deployment") as deployment:
         deployment.start_superlink()
-        for site, dies_at_reply in ((0, None), (1, 2), (2, 1)):
+        for site, dies_at_reply in ((0, None), (1, 3), (2, 1)):
             env = None
             if dies_at_reply:
                 pythonpath = f"{DYING_SITE}:{SITE_CODE}:{deployment.env['PYTHONPATH']}"
@@ -405,15 +404,16 @@ def test_a_site_dying_mid_upload_holds_the_deadline_and_no_round_is_aggregated_f
         died = {name: "half-sent" in deployment.supernodes[name].started.output() for name in ("site1", "site2")}
     assert died == {"site1": True, "site2": True}
     assert status == "finished:failed", failure[-4000:]
-    # Site 2 had left: the 2 sampled are sites 0 and 1.
-    assert "round 2: 1 of 2 sampled clients delivered an update, below the quorum of 2" in failure, failure[-4000:]
+    assert "round 3: 1 of 2 sampled clients delivered an update, below the quorum of 2" in failure, failure[-4000:]
     rounds = read_rounds(run_dir)
-    assert [r["round"] for r in rounds] == [0, 1]  # round 2 was not aggregated
-    first = rounds[1]
+    assert [r["round"] for r in rounds] == [0, 1, 2]  # round 3 was not aggregated
+    first, second = rounds[1], rounds[2]
     assert ("late", nodes["site2"]) in {(e["status"], e["node"]) for e in first["events"]}
     train_seconds = first["unix_time"] - rounds[0]["unix_time"] - first["evaluation_seconds"]
     assert timeout <= train_seconds < timeout + DEADLINE_MARGIN_SECONDS, train_seconds
-    assert sorted(c["partition"] for c in first["clients"]) == [0, 1]
+    assert second["sampled"] == sorted([nodes["site0"], nodes["site1"]]) and second["quorum"] == 2
+    for record in (first, second):
+        assert sorted(c["partition"] for c in record["clients"]) == [0, 1]
 
 
 # ---------------------------------------------------------------------------------------------
