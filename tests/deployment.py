@@ -438,13 +438,17 @@ class Deployment:
 
     def wait_for_nodes(self, names: list[str] | None = None, timeout: float = 60.0) -> None:
         """Wait until the named SuperNodes (default: every registered one) are online; fails at once
-        if one of them exits."""
+        if one of them exits. The SuperLink is asked only once each node's log says it was let in
+        ("SuperNode ID: N"): each `flwr supernode list` costs ~1.5 s of CPU, which the starting
+        nodes need on a busy machine."""
         nodes = [self.supernodes[name] for name in names] if names else [n for n in self.supernodes.values() if n.node_id]
 
         def connected() -> bool:
             for node in nodes:
                 if not node.started.alive:
                     raise DeploymentError(f"SuperNode {node.name} exited:\n{node.started.output()[-3000:]}")
+            if not all(f"SuperNode ID: {node.node_id}" in node.started.output() for node in nodes):
+                return False
             return {node.node_id for node in nodes} <= self.online_nodes()
 
         wait_until(connected, timeout, f"SuperNodes {[node.name for node in nodes]} online", interval=0.5)

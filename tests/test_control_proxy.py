@@ -3,9 +3,14 @@
 `ca.crt` and the sites' address, but not the server's shell, is refused every Control API command;
 the SuperNodes, which reach the SuperLink only through the proxy, train a federation to the end.
 
+The same federation's sites quantise, or not, as their own node configs choose: one holds its base
+in nf4, one in int8, one in full precision. They agree with the full-precision server on the base
+(its unquantised digest), train two rounds of FLoRIST (the second on the first's global update),
+and the final adapter loads with peft on the full-precision base.
+
 Real processes on loopback, as tests/test_deployment.py: TLS, registered node keys, a private
 FLWR_HOME per party, everything stopped by PID. The test starts nginx itself, from the binary the
-Makefile's set-up installs. It takes 53 s on the shared 2-core machine at load 2, 109 s at load 14.
+Makefile's set-up installs.
 """
 
 from __future__ import annotations
@@ -15,17 +20,24 @@ import http.client
 import json
 import ssl
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import tomli_w
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from deployment import CONNECTION, PROJECT, RENDER_NGINX_CONF, Deployment, still_running
-from federations import federation_config
+from federations import CLIENT_RANKS, federation_config
 from florist.federation.datasets import federated_data
 from florist.reporting.run_directory import read_rounds
 
-SITES = 2
+QUANTIZATIONS = ("nf4", "int8", "none")
+"""Each site's `quantization` node config, by site."""
+ROUNDS = 2
 RUN_TIMEOUT_SECONDS = 600
 OUTSIDER = "outsider"
 
@@ -70,17 +82,40 @@ def post(deployment: Deployment, port: int, path: str, method: str = "POST") -> 
         connection.close()
 
 
-def test_a_party_with_the_ca_and_the_public_port_is_refused_every_control_command_while_the_sites_train_through_the_proxy(tiny_model_dir, tmp_path):
-    extra = [f"federation.num_clients={SITES}", "federation.ranks=[2, 4]", "federation.rounds=1"]
-    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", *extra)
-    config_file = tmp_path / "florist.toml"
+@dataclass
+class ProxiedRun:
+    """What the federation behind the proxy left: its run, what the outsider got, and the proxy's log."""
+
+    deployment: Deployment
+    run_id: int
+    status: str
+    log: str
+    run_dir: Path
+    refused: dict[str, tuple[int, str]]
+    served: tuple[int, str]
+    probes: dict[str, tuple[tuple[int, str], tuple[int, str]]]
+    fleet_by_get: tuple[int, str]
+    runs: list[dict]
+    registered: list[dict]
+    requests: list[tuple[str, int]]
+    leftover: list
+
+
+@pytest.fixture(scope="module")
+def proxied(tiny_model_dir, tmp_path_factory) -> ProxiedRun:
+    """Three quantising sites train through the proxy while an outsider tries every Control API
+    command through it; every process is stopped before the tests look."""
+    root = tmp_path_factory.mktemp("proxied")
+    config = federation_config(tiny_model_dir, root / "run", "florist", f"federation.rounds={ROUNDS}")
+    config_file = root / "florist.toml"
     config_file.write_text(tomli_w.dumps(config.model_dump(exclude_none=True)))
-    data = site_files(config, tmp_path / "sites")
-    with Deployment(tmp_path / "deployment") as deployment:
+    data = site_files(config, root / "sites")
+    with Deployment(root / "deployment") as deployment:
         deployment.start_superlink()
         proxy = deployment.start_fleet_proxy()
-        for site in range(SITES):
-            deployment.add_supernode(f"site{site}", {"partition-id": site, "data": str(data[site]), "model": str(tiny_model_dir)})
+        for site, quantization in enumerate(QUANTIZATIONS):
+            node_config = {"partition-id": site, "data": str(data[site]), "model": str(tiny_model_dir), "quantization": quantization}
+            deployment.add_supernode(f"site{site}", node_config)
         deployment.wait_for_nodes()
         run_id = deployment.submit({"config-file": str(config_file)})  # the operator, on the server
 
@@ -107,30 +142,56 @@ def test_a_party_with_the_ca_and_the_public_port_is_refused_every_control_comman
         registered = json.loads(deployment.flwr("supernode", "list", CONNECTION, "--format", "json"))["nodes"]
         requests = proxy.requests()
         processes = deployment.processes()
+    return ProxiedRun(deployment, run_id, status, log, root / "run", refused, served, probes, fleet_by_get,
+                      runs, registered, requests, still_running(processes))
 
-    for name, (returncode, output) in refused.items():
+
+def test_a_party_with_the_ca_and_the_public_port_is_refused_every_control_command_while_the_sites_train_through_the_proxy(proxied):
+    run_id, deployment = proxied.run_id, proxied.deployment
+    for name, (returncode, output) in proxied.refused.items():
         assert returncode != 0 and "403 Forbidden" in output, f"flwr {name} through the proxy: {output[-1000:]}"
-    assert served[0] == 0 and f"{run_id}" in served[1], served[1][-1000:]
-    for path, ((through_proxy, body), (direct, _)) in probes.items():
+    assert proxied.served[0] == 0 and f"{run_id}" in proxied.served[1], proxied.served[1][-1000:]
+    for path, ((through_proxy, body), (direct, _)) in proxied.probes.items():
         assert through_proxy == 403 and "nginx" in body, f"{path} through the proxy: {through_proxy} {body[:200]}"
         assert direct != 403, f"{path} at the SuperLink itself: {direct}"
-    assert fleet_by_get[0] == 403
+    assert proxied.fleet_by_get[0] == 403
 
     # Nothing the outsider tried took effect: one run, completed; only the sites' keys registered.
-    assert status == "finished:completed", log[-4000:]
-    assert [int(run["run-id"]) for run in runs] == [run_id]
+    assert proxied.status == "finished:completed", proxied.log[-4000:]
+    assert [int(run["run-id"]) for run in proxied.runs] == [run_id]
     site_ids = {node.node_id for node in deployment.supernodes.values() if node.node_id}
-    assert {int(node["node-id"]) for node in registered} == site_ids
+    assert {int(node["node-id"]) for node in proxied.registered} == site_ids
     # The sites trained through the proxy: every round's replies came over its port, and no request
     # outside /v1/fleet/ was ever passed on.
-    rounds = read_rounds(tmp_path / "run")
-    assert [record["round"] for record in rounds] == [0, 1]
-    assert {client["node"] for client in rounds[1]["clients"]} == site_ids
-    assert rounds[1]["evaluation"]["test_loss"] != rounds[0]["evaluation"]["test_loss"]
-    assert ("POST /v1/fleet/push-messages HTTP/1.1", 200) in requests
-    assert all(request.split()[1].startswith("/v1/fleet/") for request, code in requests if code != 403)
-    leftover = still_running(processes)
-    assert not leftover, f"processes outlived the deployment: {leftover}"
+    rounds = read_rounds(proxied.run_dir)
+    assert [record["round"] for record in rounds] == list(range(ROUNDS + 1))
+    for record in rounds[1:]:
+        assert {client["node"] for client in record["clients"]} == site_ids
+    assert rounds[-1]["evaluation"]["test_loss"] != rounds[0]["evaluation"]["test_loss"]
+    assert ("POST /v1/fleet/push-messages HTTP/1.1", 200) in proxied.requests
+    assert all(request.split()[1].startswith("/v1/fleet/") for request, code in proxied.requests if code != 403)
+    assert not proxied.leftover, f"processes outlived the deployment: {proxied.leftover}"
+
+
+def test_an_nf4_an_int8_and_a_full_precision_site_train_every_round_of_florist(proxied, tiny_model_dir):
+    assert proxied.status == "finished:completed", proxied.log[-4000:]
+    rounds = read_rounds(proxied.run_dir)
+    assert [record["round"] for record in rounds] == list(range(ROUNDS + 1))
+    for record in rounds[1:]:
+        # Every site's reply was accepted: none was refused as a mismatch of the base model.
+        assert [client["partition"] for client in record["clients"]] == list(range(len(CLIENT_RANKS))), record.get("events")
+    assert rounds[-1]["evaluation"]["test_loss"] != rounds[0]["evaluation"]["test_loss"]
+
+    # final/model is saved in full precision, and the last global adapter loads with peft on the unquantised base.
+    saved = json.loads((proxied.run_dir / "final" / "model" / "config.json").read_text())
+    assert saved.get("quantization_config") is None
+    final = load_file(proxied.run_dir / "final" / "model" / "model.safetensors")
+    assert all(tensor.dtype == torch.float32 for tensor in final.values())
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    pristine = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    merged = PeftModel.from_pretrained(base, proxied.run_dir / "final" / "adapter").merge_and_unload().state_dict()
+    changed = [name for name in pristine if not torch.equal(merged[name], pristine[name])]
+    assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed)
 
 
 NAMES = {"LISTEN": "203.0.113.10:9093", "SUPERLINK": "127.0.0.1:9091", "SUPERLINK_NAME": "superlink.example.org",

@@ -5,8 +5,12 @@ run in simulation.
 
 The apps are driven only through the run config's `config-file` and the nodes' `--node-config`
 (each site's data, the base model it pins, its threads and its policy),
-so these tests hold while the apps' internals change. The module takes about 4 minutes on the
-shared 2-core machine at load 7 to 16, most of it the two runs (BENCHMARKS.md, "Deployment engine").
+so these tests hold while the apps' internals change.
+
+Each federation costs minutes of CPU on the 2-core machine (every message starts a ClientApp
+process that imports torch), so tests share one where their scenarios allow: `deployed` serves the
+first run, the resident workers' check and the resumed run; the hostile and the policy-refusing
+node join one federation (BENCHMARKS.md, "The deployment tests' wall time").
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from flwr.cli.build import build_fab_from_disk
 from safetensors.torch import load_file
 
-from deployment import PROJECT, Deployment, recorded_rounds, saturated_cores, still_running, stop_process_trees, wait_until
+from deployment import PROJECT, Deployment, Started, recorded_rounds, saturated_cores, still_running, stop_process_trees, wait_until
 from federations import CLIENT_RANKS, ROUNDS, federation_config
 from florist.config import RunConfig
 from florist.federation.client_app import build_client_app
@@ -60,6 +64,8 @@ class DeployedRun:
     status: str
     run_dir: Path
     server_log: str
+    workers: dict[int, Started]
+    """The resident worker of each site that has one, by site."""
 
     def failure(self) -> str:
         """Why the run did not complete, for an assertion's message."""
@@ -85,21 +91,34 @@ def site_data(tiny_model_dir, tmp_path_factory) -> Path:
     return directory
 
 
+WORKER_SITES = (1, 2)
+"""The sites of `deployed` whose SuperNode names a resident worker (`florist site-worker`) in its
+node config; site 0 trains in the ClientApp process Flower starts for each message."""
+
+
 @pytest.fixture(scope="module")
 def deployed(tiny_model_dir, site_data, tmp_path_factory) -> DeployedRun:
+    """The module's deployment, after its first run has ended; still up, so that later tests can
+    run on it (test_a_killed_server_resumes_...). Every process it started is checked stopped at
+    the module's end."""
     root = tmp_path_factory.mktemp("deployment")
     config = write_config(federation_config(tiny_model_dir, root / "run", "florist"), root / "florist.toml")
     deployment = Deployment(root)
     processes = []
     try:
         deployment.start_superlink()
+        workers = {}
         for site in range(SITES):
-            deployment.add_supernode(f"site{site}", site_config(site, site_data, tiny_model_dir))
+            worker = {}
+            if site in WORKER_SITES:
+                workers[site], socket_path = deployment.start_site_worker(f"site{site}")
+                worker = {"worker-socket": str(socket_path)}
+            deployment.add_supernode(f"site{site}", site_config(site, site_data, tiny_model_dir, **worker))
         deployment.wait_for_nodes()
         run_id = deployment.submit({"config-file": str(config)})
         status = deployment.wait(run_id, RUN_TIMEOUT_SECONDS)
+        yield DeployedRun(deployment, run_id, status, root / "run", deployment.log(run_id), workers)
         processes = deployment.processes()
-        yield DeployedRun(deployment, run_id, status, root / "run", deployment.log(run_id))
     finally:
         deployment.stop()
     leftover = still_running(processes)
@@ -176,32 +195,19 @@ def assert_same_run(run_dir: Path, simulated: Path) -> None:
             torch.testing.assert_close(tensor, simulated_tensors[name], rtol=1e-5, atol=1e-6, msg=f"{weights}: {name}")
 
 
-def test_sites_with_resident_workers_end_the_run_as_in_process(tiny_model_dir, site_data, simulated, tmp_path):
-    """Each site's SuperNode names a resident worker (`florist site-worker`) in its node config: every
-    ClientApp process Flower starts hands its message to it. The run ends as the simulation (and so
-    as the in-process deployment above), and each worker, one process from first to last, trained
-    its site in every round."""
-    config = write_config(federation_config(tiny_model_dir, tmp_path / "run", "florist"), tmp_path / "florist.toml")
-    with Deployment(tmp_path / "deployment") as deployment:
-        deployment.start_superlink()
-        workers = {}
-        for site in range(SITES):
-            workers[site], socket_path = deployment.start_site_worker(f"site{site}")
-            deployment.add_supernode(f"site{site}", site_config(site, site_data, tiny_model_dir, **{"worker-socket": str(socket_path)}))
-        deployment.wait_for_nodes()
-        run_id = deployment.submit({"config-file": str(config)})
-        status = deployment.wait(run_id, RUN_TIMEOUT_SECONDS)
-        log = deployment.log(run_id)
-        alive = {site: worker.alive for site, worker in workers.items()}
-        processes = deployment.processes()
-    assert status == "finished:completed", log[-4000:]
-    assert alive == {site: True for site in range(SITES)}
-    for site, worker in workers.items():
+def test_sites_with_resident_workers_end_the_run_as_in_process(deployed, simulated):
+    """Sites 1 and 2 of `deployed` name a resident worker in their node config: every ClientApp
+    process Flower starts for them hands its message to it. The run ends as the simulation (and so
+    as site 0, in process, computes), and each worker, one process from first to last, trained its
+    site in every round."""
+    assert deployed.status == "finished:completed", deployed.failure()
+    assert {site: worker.alive for site, worker in deployed.workers.items()} == {site: True for site in WORKER_SITES}
+    for site, worker in deployed.workers.items():
         trained = [line for line in worker.output().splitlines() if line.startswith("round ") and f" client {site}: rank " in line]
         assert [int(line.split()[1]) for line in trained] == list(range(1, ROUNDS + 1)), worker.output()[-3000:]
-    assert_same_run(tmp_path / "run", simulated)
-    leftover = still_running(processes)
-    assert not leftover, f"processes outlived the deployment: {leftover}"
+    # Site 0 trained in the processes Flower started, not in a worker.
+    assert "round 1 client 0: rank " in deployed.deployment.supernodes["site0"].started.output()
+    assert_same_run(deployed.run_dir, simulated)
 
 
 def test_unregistered_node_key_is_refused_and_every_process_is_stopped(tmp_path):
@@ -262,10 +268,10 @@ def busy_machine():
     assert all(burner.returncode is not None for burner in burners)
 
 
-def start_sites(deployment: Deployment, site_data: Path, model_dir: Path, policies: dict[int, dict] | None = None) -> None:
+def start_sites(deployment: Deployment, site_data: Path, model_dir: Path) -> None:
     deployment.start_superlink()
     for site in range(SITES):
-        deployment.add_supernode(f"site{site}", site_config(site, site_data, model_dir, **(policies or {}).get(site, {})))
+        deployment.add_supernode(f"site{site}", site_config(site, site_data, model_dir))
     deployment.wait_for_nodes()
 
 
@@ -284,21 +290,22 @@ def wait_for_records(deployment: Deployment, run_id: int, run_dir: Path, records
     wait_until(recorded, RUN_TIMEOUT_SECONDS, f"{records} round records", interval=5.0)
 
 
-def test_a_killed_server_resumes_from_its_last_round_and_ends_as_the_uninterrupted_run(tiny_model_dir, site_data, simulated, tmp_path):
+def test_a_killed_server_resumes_from_its_last_round_and_ends_as_the_uninterrupted_run(tiny_model_dir, deployed, simulated, tmp_path):
+    """On the SuperLink and SuperNodes of `deployed`, after its run: a new run's ServerApp is
+    SIGKILLed during round 2, and a run resuming its directory ends as the simulation."""
     config = write_config(federation_config(tiny_model_dir, tmp_path / "run", "florist"), tmp_path / "florist.toml")
     run_dir = tmp_path / "run"
-    with Deployment(tmp_path / "deployment") as deployment:
-        start_sites(deployment, site_data, tiny_model_dir)
-        first = deployment.submit({"config-file": str(config)})
-        wait_for_records(deployment, first, run_dir, 2)
-        deployment.kill_serverapp()  # the server crashes during round 2
-        recorded = read_rounds(run_dir)
-        assert [r["round"] for r in recorded] == [0, 1] and not (run_dir / "summary.json").exists()
-        second = deployment.submit({"config-file": str(config), "resume": str(run_dir)})
-        status = deployment.wait(second, RUN_TIMEOUT_SECONDS)
-        assert status == "finished:completed", deployment.log(second)[-4000:]
-        assert deployment.status(first) != "finished:completed"
-        log = deployment.log(second)
+    deployment = deployed.deployment
+    first = deployment.submit({"config-file": str(config)})
+    wait_for_records(deployment, first, run_dir, 2)
+    deployment.kill_serverapp()  # the server crashes during round 2
+    recorded = read_rounds(run_dir)
+    assert [r["round"] for r in recorded] == [0, 1] and not (run_dir / "summary.json").exists()
+    second = deployment.submit({"config-file": str(config), "resume": str(run_dir)})
+    status = deployment.wait(second, RUN_TIMEOUT_SECONDS)
+    assert status == "finished:completed", deployment.log(second)[-4000:]
+    assert deployment.status(first) != "finished:completed"
+    log = deployment.log(second)
     assert f"resuming {run_dir} after round 1" in log
     ours, theirs = read_rounds(run_dir), read_rounds(simulated)
     assert ours[:2] == recorded and ours[2].pop("resumed") is True
@@ -405,19 +412,23 @@ def test_a_site_dying_mid_upload_holds_the_deadline_and_no_round_is_aggregated_f
 
 
 # ---------------------------------------------------------------------------------------------
-# A hostile site: a real SuperNode that runs its own code (sites/hostile/sitecustomize.py).
+# A hostile site, a real SuperNode that runs its own code (sites/hostile/sitecustomize.py), and a
+# site whose policy refuses the run.
 
 HOSTILE_SITE = SITE_CODE / "hostile"
 
 
-def test_a_hostile_supernode_is_refused_reply_by_reply_and_the_run_ends_as_without_it(tiny_model_dir, site_data, simulated, tmp_path):
-    """Four SuperNodes, the fourth running code of its own that breaks each reply it sends (its
-    train replies in rounds 1 and 2, its evaluation replies in rounds 0 and 2) in a way that used to
-    end the run. The run completes, each of those replies is refused with its reason, the server's
-    log prints the node's "[/]" as text, metrics.jsonl is strict JSON, and the final adapter is the
-    three honest sites' (the simulation of the same federation without the fourth)."""
-    four = ["federation.num_clients=4", "federation.ranks=[2, 4, 8, 4]", "evaluation.federated=true"]
-    config = write_config(federation_config(tiny_model_dir, tmp_path / "run", "florist", *four), tmp_path / "florist.toml")
+def test_a_hostile_supernode_and_one_refusing_by_policy_are_left_out_reply_by_reply_and_the_run_ends_as_without_them(tiny_model_dir, site_data, simulated, tmp_path):
+    """Five SuperNodes: the three sites, a fourth running code of its own that breaks each reply it
+    sends (its train replies in rounds 1 and 2, its evaluation replies in rounds 0 and 2) in a way
+    that used to end the run, and a fifth whose policy allows one local step where the run asks for
+    two (training.local_steps). The run completes; each of the hostile node's replies is refused
+    with its reason, the server's log prints its "[/]" as text, and metrics.jsonl is strict JSON;
+    the fifth refuses every round with the one line naming its key, which the server records as the
+    node's failure. The final adapter is the three honest sites' (the simulation of the same
+    federation without the other two)."""
+    five = ["federation.num_clients=5", "federation.ranks=[2, 4, 8, 4, 4]", "evaluation.federated=true"]
+    config = write_config(federation_config(tiny_model_dir, tmp_path / "run", "florist", *five), tmp_path / "florist.toml")
     run_dir = tmp_path / "run"
     with Deployment(tmp_path / "deployment") as deployment:
         deployment.start_superlink()
@@ -426,11 +437,14 @@ def test_a_hostile_supernode_is_refused_reply_by_reply_and_the_run_ends_as_witho
         hostile_env = dict(deployment.env, PYTHONPATH=f"{HOSTILE_SITE}:{SITE_CODE}:{deployment.env['PYTHONPATH']}")
         hostile_config = site_config(SITES, site_data, tiny_model_dir) | {"data": str(site_data / "client_0.json")}
         hostile = deployment.add_supernode("hostile", hostile_config, env=hostile_env)
+        refusing_config = site_config(SITES + 1, site_data, tiny_model_dir, **{"max-local-steps": 1}) | {"data": str(site_data / "client_0.json")}
+        refusing = deployment.add_supernode("refusing", refusing_config)
         deployment.wait_for_nodes()
         run_id = deployment.submit({"config-file": str(config)})
         status = deployment.wait(run_id, RUN_TIMEOUT_SECONDS)
         log = deployment.log(run_id)
         assert status == "finished:completed", log[-4000:]
+        refusing_log = refusing.started.output()
 
     def refuse(constant: str):
         raise ValueError(f"{constant} in metrics.jsonl")
@@ -448,32 +462,13 @@ def test_a_hostile_supernode_is_refused_reply_by_reply_and_the_run_ends_as_witho
     assert reason(rounds[0]["federated_evaluation"]["events"]) == "test_loss 1000.0 is outside [0, 700]"
     assert reason(rounds[2]["federated_evaluation"]["events"]).startswith("evaluation reply: status '[/]'")
     assert f"node {hostile.node_id} rejected: evaluation reply: status '[/]'" in log
+    refusal = "node config max-local-steps=1: the run asks for training.local_steps 2"
     for record in rounds[1:]:
         assert sorted(client["partition"] for client in record["clients"]) == list(range(SITES))
+        assert [(event["status"], event["reason"]) for event in record["events"] if event["node"] == refusing.node_id] == [("failed", refusal)]
+    assert f"refused: {refusal}" in refusing_log
     weights = "adapter/adapter_model.safetensors"
     final, honest = load_file(run_dir / "final" / weights), load_file(simulated / "final" / weights)
     assert final.keys() == honest.keys()
     for name, tensor in final.items():
         torch.testing.assert_close(tensor, honest[name], rtol=1e-5, atol=1e-6, msg=name)
-
-
-def test_a_supernode_refuses_a_run_beyond_its_policy_in_one_line_and_the_other_sites_carry_the_rounds(tiny_model_dir, site_data, tmp_path):
-    """Site 2 allows one local step; the run asks for two (training.local_steps). Its SuperNode refuses
-    every round with the one line naming its key, which the server records as the node's failure;
-    the other two sites are the quorum, and the run completes."""
-    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", "federation.min_clients=2")
-    config_file = write_config(config, tmp_path / "florist.toml")
-    with Deployment(tmp_path / "deployment") as deployment:
-        start_sites(deployment, site_data, tiny_model_dir, policies={2: {"max-local-steps": 1}})
-        run_id = deployment.submit({"config-file": str(config_file)})
-        status = deployment.wait(run_id, RUN_TIMEOUT_SECONDS)
-        assert status == "finished:completed", deployment.log(run_id)[-4000:]
-        refusing = deployment.supernodes["site2"]
-        node_log = refusing.started.output()
-    refusal = "node config max-local-steps=1: the run asks for training.local_steps 2"
-    rounds = read_rounds(tmp_path / "run")
-    assert len(rounds) == ROUNDS + 1
-    for record in rounds[1:]:
-        assert sorted(client["partition"] for client in record["clients"]) == [0, 1]
-        assert [(event["status"], event["reason"]) for event in record["events"] if event["node"] == refusing.node_id] == [("failed", refusal)]
-    assert f"refused: {refusal}" in node_log
