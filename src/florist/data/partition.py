@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import random
 import warnings
+from typing import TYPE_CHECKING
 
 import datasets
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
 from florist.data.prompts import Example
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 SCHEMES = ("dirichlet", "iid")
 
@@ -39,6 +42,10 @@ def partition(
             f"cannot give {num_clients} clients at least {min_size} examples each from {len(examples)} examples; "
             "use fewer clients, a smaller min size, or more data"
         )
+    # Imported here: flwr_datasets pulls seaborn and scipy in through its plotting package (seconds of
+    # CPU), and a SuperNode's ClientApp, which imports florist.data once per message, never partitions.
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
     table = datasets.Dataset.from_dict(
         {"position": list(range(len(examples))), "category": [example.category for example in examples]}
     )
