@@ -383,6 +383,36 @@ def test_every_cell_of_the_scale_grid_is_a_valid_whole_federation(tmp_path: Path
     assert scale.cells()[0].row == grid.SOURCE
 
 
+def test_the_secure_grid_pairs_florist_secure_with_plain_florist_at_the_rounds_scale_and_adds_dp_rows(tmp_path: Path):
+    """Issue 21's rows: the rounds grid's scale, tau 0.90 and fresh LoRAs each round in every cell; the
+    automatic sketch width; DP at epsilon 1, 4 and 16 (delta 1e-5) with one measured clip."""
+    secure = GRIDS["secure"]
+    configs = {(cell.label, cell.seed): load_config(CONFIG, [*secure.scale, *cell.overrides(tmp_path)]) for cell in secure.cells()}
+    assert secure.scale == GRIDS["rounds"].scale and secure.seeds == (0, 1, 2)
+    assert {c.aggregation.tau for c in configs.values()} == {0.9}
+    assert not any(c.federation.warm_start for c in configs.values())
+    plain = {label: c for (label, _), c in configs.items() if c.aggregation.method == "florist"}
+    assert set(plain) == {"florist-tau0.90"} and plain["florist-tau0.90"].output.save_client_adapters
+    # The plain row is the rounds grid's own, saving its clients besides.
+    rounds_cell = Cell("heterogeneous", florist(0.9), 0)
+    rounds_plain = load_config(CONFIG, [*GRIDS["rounds"].scale, *rounds_cell.overrides(tmp_path)])
+    mine = configs[("florist-tau0.90", 0)]
+    assert mine.model_copy(update={"output": rounds_plain.output}) == rounds_plain
+    private = {label: c.privacy for (label, _), c in configs.items() if c.privacy.dp}
+    assert {c.aggregation.method for c in configs.values() if c.aggregation.method != "florist"} == {"florist-secure"}
+    assert all(c.aggregation.sketch_width is None for c in configs.values())
+    assert sorted(p.target_epsilon for p in private.values()) == [1, 4, 16]
+    assert {(p.delta, p.clip_norm, p.noise_multiplier) for p in private.values()} == {(1e-5, grid.DP_CLIP_NORM, None)}
+    assert sum(c.aggregation.secure and not c.privacy.dp for c in configs.values()) == 3
+
+
+def test_a_grid_without_flora_pairs_each_variant_with_the_plain_row_it_changes():
+    rows = rows_with({"florist-tau0.90": (1.9, 0), "florist-tau0.80": (2.0, 0)})
+    rows["florist-tau0.90-secure"] = rows["florist-tau0.90"]
+    assert report.varied_rows(rows) == ["florist-tau0.90"]
+    assert report.varied_rows({**rows, "flora": rows["florist-tau0.80"]}) == []
+
+
 def test_spectrum_summary_gives_the_share_of_directions_each_energy_level_needs():
     # Energies 9 and 1: the first direction holds 90%.
     summary = spectra.summarise({"q": [3.0, 1.0], "v": [1.0, 0.0]})
