@@ -149,14 +149,20 @@ def main() -> None:
     if len(layers) != len(args.clients):
         parser.error(f"--protocol-layers: give one value or one per --clients entry ({len(args.clients)}), got {len(layers)}")
     torch.set_num_threads(1)
+    results = []
+    for count, layer_count in zip(args.clients, layers):
+        results.append(measure(count, layer_count))
+        print(f"clients {count}:", flush=True)
+        print_tables(results[-1:])
+
+
+def print_tables(results: list[dict]) -> None:
     print("| clients | sketch width l | ranks kept, plain / secure | secure vs plain (rel. Frobenius) | plain server CPU s | site sketch CPU s (mean) | secure server CPU s | upload MB, plain / secure | download MB, plain / secure |")
     print("|---|---|---|---|---|---|---|---|---|")
-    results = [measure(count, layer_count) for count, layer_count in zip(args.clients, layers)]
     for r in results:
         print(
             f"| {r['clients']} | {r['width']} | {r['plain_rank']} / {r['secure_rank']} | {r['secure_vs_plain']:.2e} | {r['plain_server_s']:.2f} | "
-            f"{r['site_s_mean']:.3f} | {r['secure_server_s']:.2f} | {r['plain_up_mb']:.3f} / {r['secure_up_mb']:.3f} | {r['plain_down_mb']:.3f} / {r['secure_down_mb']:.3f} |",
-            flush=True,
+            f"{r['site_s_mean']:.3f} | {r['secure_server_s']:.2f} | {r['plain_up_mb']:.3f} / {r['secure_up_mb']:.3f} | {r['plain_down_mb']:.3f} / {r['secure_down_mb']:.3f} |"
         )
     print()
     print("SecAgg+ over the sketches (all nodes' CPU s together; one node's bytes, the most of any):")
