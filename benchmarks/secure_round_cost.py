@@ -22,6 +22,7 @@ processes on a shared machine) and bytes:
 One thread (`torch.set_num_threads(1)`), nodes one after another in one process.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/secure_round_cost.py --clients 8 100 --protocol-layers 30 3
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/secure_round_cost.py --clients 8 --width 128
 """
 
 from __future__ import annotations
@@ -91,10 +92,11 @@ def factor_bytes(modules) -> int:
     return 4 * sum(f.A.numel() + f.B.numel() for f in modules.values())
 
 
-def measure(count: int, protocol_layers: int) -> dict:
+def measure(count: int, protocol_layers: int, width: int | None = None) -> dict:
+    """One K's costs; `width` None: the automatic sketch width."""
     adapters = clients(count)
     plain, plain_seconds = cpu(lambda: make_aggregator("florist", tau=TAU).aggregate(adapters))
-    width = max(MIN_SKETCH_WIDTH, 2 * max(m.rank for m in plain.modules.values()))
+    width = width or max(MIN_SKETCH_WIDTH, 2 * max(m.rank for m in plain.modules.values()))
     seed = 7
     sketches, site_seconds = [], []
     for adapter in adapters:
@@ -144,6 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[8, 100])
     parser.add_argument("--protocol-layers", type=int, nargs="+", default=[LAYERS], help="layers whose sketches the protocol sums, per --clients entry (one value: for all)")
+    parser.add_argument("--width", type=int, help="sketch width l instead of the automatic one (the CPU grid's round 2 used 128)")
     args = parser.parse_args()
     layers = args.protocol_layers * len(args.clients) if len(args.protocol_layers) == 1 else args.protocol_layers
     if len(layers) != len(args.clients):
@@ -151,7 +154,7 @@ def main() -> None:
     torch.set_num_threads(1)
     results = []
     for count, layer_count in zip(args.clients, layers):
-        results.append(measure(count, layer_count))
+        results.append(measure(count, layer_count, args.width))
         print(f"clients {count}:", flush=True)
         print_tables(results[-1:])
 
