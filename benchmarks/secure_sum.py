@@ -31,7 +31,6 @@ from florist.federation.secure_sum import (
     SecureSumServer,
     UnmaskShares,
 )
-from florist.federation.secure_sum.protocol import ForwardedShares, KeyDirectory, Setup, UnmaskRequest
 from florist.federation.secure_sum.server import threshold_for
 
 LAYERS, HIDDEN, KV = 30, 576, 192
@@ -53,50 +52,64 @@ def signing_material(nodes: list[int]) -> dict[int, NodeSigning]:
     return {node: NodeSigning.of(key, trusted) for node, key in private.items()}
 
 
-def measure(count: int, rank: int, signed: bool = False) -> dict:
-    inputs = {node + 1: upload(rank, node) for node in range(count)}
-    layout = Layout.of(inputs[1])
-    server = SecureSumServer(1, list(inputs), threshold_for(count, 2 / 3, 2), 2, Quantizer(1.0, 20), layout)
-    signing = signing_material(list(inputs)) if signed else {}
-    nodes = {node: SecureSumNode(node, signing=signing.get(node)) for node in inputs}
-    up = dict.fromkeys(inputs, 0)
-    down = dict.fromkeys(inputs, 0)
-    node_seconds = server_seconds = 0.0
+STAGES = ("setup", "shares", "collect", "unmask")
+"""The protocol's four round trips: public keys, encrypted Shamir shares, the masked input, unmasking shares."""
+
+
+def run_protocol(inputs: dict[int, dict[str, torch.Tensor]], quantizer: Quantizer, clock=time.perf_counter, signing: dict[int, NodeSigning] | None = None) -> dict:
+    """The secure sum of `inputs` (node id -> its tensors), every message through its Flower record.
+
+    Per stage: `node_seconds` (all nodes' work together, as if one after another), `server_seconds`,
+    and each node's bytes up and down (`up`, `down`: node id -> bytes); `clock` is what times them;
+    `signing`: each node's signing material (None: unsigned keys). Also the
+    dequantised sum's largest difference from the plain sum (`max_error`) and its bound."""
+    count = len(inputs)
+    layout = Layout.of(next(iter(inputs.values())))
+    server = SecureSumServer(1, list(inputs), threshold_for(count, 2 / 3, 2), 2, quantizer, layout)
+    nodes = {node: SecureSumNode(node, signing=(signing or {}).get(node)) for node in inputs}
+    stages = {name: {"node_seconds": 0.0, "server_seconds": 0.0, "up": dict.fromkeys(inputs, 0), "down": dict.fromkeys(inputs, 0)} for name in STAGES}
 
     def timed(work):
-        start = time.perf_counter()
+        start = clock()
         value = work()
-        return value, time.perf_counter() - start
+        return value, clock() - start
 
-    def stage(messages, answer, receive, reader):
-        nonlocal node_seconds, server_seconds
+    def stage(name, messages, answer, receive, reader, then):
+        cost = stages[name]
         for node, message in messages.items():
             record = message.record()
-            down[node] += record.count_bytes()
+            cost["down"][node] += record.count_bytes()
             reply, seconds = timed(lambda: answer(node, type(message).read(record)).record())
-            node_seconds += seconds
-            up[node] += reply.count_bytes()
-            server_seconds += timed(lambda: receive(node, reader.read(reply)))[1]
+            cost["node_seconds"] += seconds
+            cost["up"][node] += reply.count_bytes()
+            cost["server_seconds"] += timed(lambda: receive(node, reader.read(reply)))[1]
+        value, seconds = timed(then)
+        cost["server_seconds"] += seconds
+        return value
 
-    stage({n: server.setup for n in nodes}, lambda n, m: nodes[n].answer_setup(m), server.receive_keys, PublicKeys)
-    directory, seconds = timed(server.directory)
-    server_seconds += seconds
-    stage({n: directory for n in nodes}, lambda n, m: nodes[n].answer_directory(m), server.receive_shares, EncryptedShares)
-    forwarded, seconds = timed(server.forwarded)
-    server_seconds += seconds
-    stage(forwarded, lambda n, m: nodes[n].answer_collect(m, inputs[n]), server.receive_masked, MaskedInput)
-    request, seconds = timed(server.unmask_request)
-    server_seconds += seconds
-    stage({n: request for n in request.survivors}, lambda n, m: nodes[n].answer_unmask(m), server.receive_unmask, UnmaskShares)
-    (total, _), seconds = timed(server.result)
-    server_seconds += seconds
-    plain = {name: sum(inputs[n][name] for n in inputs) for name in total}
-    error = max((total[name] - plain[name]).abs().max().item() for name in total)
+    directory = stage("setup", {n: server.setup for n in nodes}, lambda n, m: nodes[n].answer_setup(m), server.receive_keys, PublicKeys, server.directory)
+    forwarded = stage("shares", {n: directory for n in nodes}, lambda n, m: nodes[n].answer_directory(m), server.receive_shares, EncryptedShares, server.forwarded)
+    request = stage("collect", forwarded, lambda n, m: nodes[n].answer_collect(m, inputs[n]), server.receive_masked, MaskedInput, server.unmask_request)
+    total, _ = stage("unmask", {n: request for n in request.survivors}, lambda n, m: nodes[n].answer_unmask(m), server.receive_unmask, UnmaskShares, server.result)
+    plain = {name: sum(inputs[n][name].double() for n in inputs) for name in total}
     return {
-        "clients": count, "signed": signed, "values": layout.size, "plain_upload_bytes": 4 * layout.size,
-        "secure_upload_bytes": max(up.values()), "secure_download_bytes": max(down.values()),
-        "node_seconds_mean": node_seconds / count, "server_seconds": server_seconds, "max_error": error,
-        "bound": server.quantizer.bound(count),
+        "clients": count, "values": layout.size, "total": total,
+        "stages": stages,
+        "max_error": max((total[name] - plain[name]).abs().max().item() for name in total),
+        "bound": quantizer.bound(count),
+    }
+
+
+def measure(count: int, rank: int, signed: bool = False) -> dict:
+    inputs = {node + 1: upload(rank, node) for node in range(count)}
+    run = run_protocol(inputs, Quantizer(1.0, 20), signing=signing_material(list(inputs)) if signed else None)
+    stages = run["stages"].values()
+    return {
+        "clients": count, "signed": signed, "values": run["values"], "plain_upload_bytes": 4 * run["values"],
+        "secure_upload_bytes": max(sum(s["up"][node] for s in stages) for node in inputs),
+        "secure_download_bytes": max(sum(s["down"][node] for s in stages) for node in inputs),
+        "node_seconds_mean": sum(s["node_seconds"] for s in stages) / count, "server_seconds": sum(s["server_seconds"] for s in stages),
+        "max_error": run["max_error"], "bound": run["bound"],
     }
 
 

@@ -221,6 +221,8 @@ def test_the_committed_results_are_still_reportable(tmp_path: Path):
         ("scale", "48 of 48 cells finished.", "| FLoRA | 3 | 152 |"),
         # The warm start paired against FLoRA over three seeds.
         ("rounds", "18 of 18 cells finished.", "| FLoRIST (tau 0.90), warm | 0.90 | -0.0107 ± 0.0044 |"),
+        # Issue 21's secure row, one cell so far, with its sketch width per round.
+        ("secure", "1 of 15 cells finished (a partial grid).", "| FLoRIST (tau 0.90), secure | 64 ± 0 | 128 ± 0 | 124 ± 0 |"),
     ],
 )
 def test_the_committed_multi_round_results_are_still_reportable(tmp_path: Path, grid, finished, excerpt):
@@ -381,6 +383,36 @@ def test_every_cell_of_the_scale_grid_is_a_valid_whole_federation(tmp_path: Path
     budgets = {(c.aggregation.download_budget_mb, c.aggregation.budget_criterion) for c in configs if c.aggregation.download_budget_mb}
     assert budgets == {(2, "normalized"), (5, "normalized"), (10, "normalized"), (5, "absolute"), (5, "per-byte")}
     assert scale.cells()[0].row == grid.SOURCE
+
+
+def test_the_secure_grid_pairs_florist_secure_with_plain_florist_at_the_rounds_scale_and_adds_dp_rows(tmp_path: Path):
+    """Issue 21's rows: the rounds grid's scale, tau 0.90 and fresh LoRAs each round in every cell; the
+    automatic sketch width; DP at epsilon 1, 4 and 16 (delta 1e-5) with one measured clip."""
+    secure = GRIDS["secure"]
+    configs = {(cell.label, cell.seed): load_config(CONFIG, [*secure.scale, *cell.overrides(tmp_path)]) for cell in secure.cells()}
+    assert secure.scale == GRIDS["rounds"].scale and secure.seeds == (0, 1, 2)
+    assert {c.aggregation.tau for c in configs.values()} == {0.9}
+    assert not any(c.federation.warm_start for c in configs.values())
+    plain = {label: c for (label, _), c in configs.items() if c.aggregation.method == "florist"}
+    assert set(plain) == {"florist-tau0.90"} and plain["florist-tau0.90"].output.save_client_adapters
+    # The plain row is the rounds grid's own, saving its clients besides.
+    rounds_cell = Cell("heterogeneous", florist(0.9), 0)
+    rounds_plain = load_config(CONFIG, [*GRIDS["rounds"].scale, *rounds_cell.overrides(tmp_path)])
+    mine = configs[("florist-tau0.90", 0)]
+    assert mine.model_copy(update={"output": rounds_plain.output}) == rounds_plain
+    private = {label: c.privacy for (label, _), c in configs.items() if c.privacy.dp}
+    assert {c.aggregation.method for c in configs.values() if c.aggregation.method != "florist"} == {"florist-secure"}
+    assert all(c.aggregation.sketch_width is None for c in configs.values())
+    assert sorted(p.target_epsilon for p in private.values()) == [1, 4, 16]
+    assert {(p.delta, p.clip_norm, p.noise_multiplier) for p in private.values()} == {(1e-5, grid.DP_CLIP_NORM, None)}
+    assert sum(c.aggregation.secure and not c.privacy.dp for c in configs.values()) == 3
+
+
+def test_a_grid_without_flora_pairs_each_variant_with_the_plain_row_it_changes():
+    rows = rows_with({"florist-tau0.90": (1.9, 0), "florist-tau0.80": (2.0, 0)})
+    rows["florist-tau0.90-secure"] = rows["florist-tau0.90"]
+    assert report.varied_rows(rows) == ["florist-tau0.90"]
+    assert report.varied_rows({**rows, "flora": rows["florist-tau0.80"]}) == []
 
 
 def test_spectrum_summary_gives_the_share_of_directions_each_energy_level_needs():

@@ -81,7 +81,8 @@ def scale_of(config) -> dict:
 
 def round_details(trained: Sequence[dict]) -> list[dict]:
     """Per trained round: the rank kept over all modules, the mean share of energy it holds (None where
-    the method computes no spectrum), the tau automatic tau chose (else None) and the bytes both ways."""
+    the method computes no spectrum), the tau automatic tau chose (else None), the bytes both ways, the
+    mean client's upload and florist-secure's sketch width (else None)."""
     details = []
     for record in trained:
         energies = [e for e in record.get("energy", {}).values() if e is not None]
@@ -91,6 +92,8 @@ def round_details(trained: Sequence[dict]) -> list[dict]:
                 "total_rank": sum(record["ranks"].values()),
                 "energy": statistics.mean(energies) if energies else None,
                 "tau_chosen": record.get("tau_selection", {}).get("chosen"),
+                "up_mb_per_client": statistics.mean(c["bytes_up"] for c in record["clients"]) / MB,
+                "sketch_width": record.get("secure", {}).get("sketch_width"),
                 **record.get("communication", {"down_bytes": None, "up_bytes": None}),
             }
         )
@@ -138,7 +141,7 @@ def read_cell(run_dir: Path) -> dict:
         "setting": SETTINGS_BY_RANKS.get(tuple(config.federation.ranks), "custom"),
         "row": run_dir.parent.name,
         "method": method,
-        "tau": config.aggregation.tau if method == "florist" and not (config.aggregation.automatic_tau or config.aggregation.download_budget_mb) else None,
+        "tau": config.aggregation.tau if config.aggregation.is_florist and not (config.aggregation.automatic_tau or config.aggregation.download_budget_mb) else None,
         "seed": config.training.seed,
         **{key: final.get(key) for key in QUALITY_KEYS},
         "download_mb": statistics.mean(download_bytes(method, d, shapes, wire) for d in downloads) / MB,

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from florist.bench.reproduce.grid import BASELINES, is_tau_row, row_name, row_order  # noqa: E402
+from florist.bench.reproduce.grid import BASELINES, FLORIST_METHODS, is_tau_row, row_name, row_order  # noqa: E402
 from florist.bench.reproduce.spectra import FRACTIONS  # noqa: E402
 from florist.reporting.plots import rank_matrix  # noqa: E402
 
@@ -87,7 +87,7 @@ def plot_spectra(records: Sequence[dict], target: Path) -> None:
     directions (mean over modules and seeds; from the cells that saved their clients). Right: the total
     rank each FLoRIST row keeps per round (mean over seeds). No file when neither has data."""
     saved = [r for r in records if r["spectra"]]
-    florist = [r for r in records if r["method"] == "florist" and r["rounds"]]
+    florist = [r for r in records if r["method"] in FLORIST_METHODS and r["rounds"]]
     if not saved and not any(len(r["rounds"]) > 1 for r in florist):
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(15, 4.5))

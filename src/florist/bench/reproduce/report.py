@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from florist.bench.reproduce.cells import finished_cells
-from florist.bench.reproduce.grid import BASELINES, NAMES, SETTINGS, SOURCE, is_tau_row, row_name, row_order
+from florist.bench.reproduce.grid import BASELINES, FLORIST_METHODS, NAMES, SETTINGS, SOURCE, is_tau_row, row_name, row_order
 from florist.bench.reproduce.plots import plot_pareto, plot_ranks_per_layer, plot_spectra
 from florist.bench.reproduce.spectra import ENERGY_LEVELS
 from florist.files import write_atomically
@@ -214,7 +214,7 @@ def spectra_lines(records: Sequence[dict]) -> list[str]:
 
 def per_round_lines(records: Sequence[dict], field: str, digits: int) -> list[str]:
     """Per round, a field of FLoRIST's round details (mean ± std over seeds), one line per row that has it."""
-    multi = [r for r in records if r["method"] == "florist" and len(r["rounds"]) > 1]
+    multi = [r for r in records if r["method"] in FLORIST_METHODS and len(r["rounds"]) > 1]
     rounds = sorted({d["round"] for r in multi for d in r["rounds"]})
     lines = ["| row | " + " | ".join(f"round {t}" for t in rounds) + " |", "|---|" + "---|" * len(rounds)]
     for key in sorted({r["row"] for r in multi}, key=row_order):
@@ -237,19 +237,33 @@ def scale_lines(records: Sequence[dict]) -> list[str]:
     return lines
 
 
+def varied_rows(rows: dict[str, dict]) -> list[str]:
+    """In a grid without the exact aggregate (FLoRA): the plain FLoRIST rows that its other rows vary
+    (florist-tau0.90 for florist-tau0.90-secure), each the reference its variants are paired against."""
+    if REFERENCE in rows:
+        return []
+    return [key for key in rows if is_tau_row(key) and any(other.startswith(f"{key}-") for other in rows)]
+
+
 def setting_lines(setting: str, rows: dict[str, dict], selection: dict, records: Sequence[dict]) -> list[str]:
     lines = ["", f"## {setting.capitalize()} ranks {SETTINGS.get(setting, '')}", "", *table_lines(rows, selection), ""]
     best = selection["best_baseline"]
     lines += [f"Selected on validation loss: FLoRIST-O tau {selection['optimal']}, FLoRIST-E tau {selection['efficient']}, "
               f"best baseline {NAMES[best] if best else 'none'}.", ""]
     lines += ["Targets:", "", *check_targets(rows, selection), ""]
-    for reference in dict.fromkeys(key for key in (REFERENCE, best) if key in rows):
-        why = "the exact aggregate" if reference == REFERENCE else "the best baseline on validation loss"
+    for reference in dict.fromkeys(key for key in (REFERENCE, best, *varied_rows(rows)) if key in rows):
+        why = "the exact aggregate" if reference == REFERENCE else "the best baseline on validation loss" if reference == best else "the row its variants change"
         lines += [f"Paired by seed, each row minus {row_name(reference)} ({why}):", "", *paired_lines(records, rows, reference), ""]
     # At a fixed tau, fewer directions in later rounds means the same energy sits in fewer of them.
     kept = per_round_lines(records, "total_rank", 1)
     if kept:
         lines += ["Total rank FLoRIST keeps, per round:", "", *kept, ""]
+    uploads = per_round_lines(records, "up_mb_per_client", 3)
+    if uploads:
+        lines += ["MB one client uploads, per round (florist-secure: its sketches, at that round's width):", "", *uploads, ""]
+    widths = per_round_lines(records, "sketch_width", 0)
+    if widths:
+        lines += ["Sketch width l, per round (florist-secure):", "", *widths, ""]
     chosen = per_round_lines(records, "tau_chosen", 2)
     if chosen:
         lines += ["Tau that automatic tau chose, per round:", "", *chosen, ""]
