@@ -202,7 +202,8 @@ def test_the_server_receives_no_sites_sketch_and_records_every_protocol_byte(tin
         secure = reply.content[SECURE_SUM]
         everything = b"".join(v if isinstance(v, bytes) else b"".join(x for x in v if isinstance(x, bytes)) if isinstance(v, list) else b"" for v in secure.values())
         for tensor in recorded.uploads[reply.metadata.src_node_id].values():
-            assert tensor.float().numpy().tobytes()[:16] not in everything
+            if tensor.numel() >= 4:  # a scalar's 4 bytes (the weight, the cut flag 0.0) turn up by chance among ids and keys
+                assert tensor.float().numpy().tobytes()[:16] not in everything
         if stage_of(secure) == COLLECT:
             masked[reply.metadata.src_node_id] = MaskedInput.read(secure).vector
     assert len(masked) == 3
