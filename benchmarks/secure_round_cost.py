@@ -11,8 +11,9 @@ processes on a shared machine) and bytes:
 - plain: FLoRIST's aggregation at tau 0.9 of the K clients' factors (the server's work), each
   client's float32 upload and the aggregate's float32 download;
 - florist-secure with the sums in the clear: every site's sketching (`client_sketch`), the server's
-  sum and reconstruction (`SketchSum`), at the automatic width (twice the largest rank plain FLoRIST
-  kept, at least MIN_SKETCH_WIDTH: what the round after this one would use), float32 uploads;
+  sum and reconstruction (`SketchSum`), at the automatic per-module widths (twice the rank plain
+  FLoRIST kept in each module, at least MIN_SKETCH_WIDTH: what the round after this one would
+  use), float32 uploads;
 - the SecAgg+ protocol (federation/secure_sum) over those sketch uploads, run in process through
   its Flower records by benchmarks/secure_sum.py's `run_protocol`: per stage, all nodes' CPU
   seconds together and the server's, and one node's bytes up and down. Its cost is linear in the
@@ -36,7 +37,7 @@ import torch
 from secure_sum import HIDDEN, KV, LAYERS, STAGES, run_protocol
 
 from florist.aggregation import ClientAdapter, LoraFactors, make_aggregator
-from florist.aggregation.sketch import MIN_SKETCH_WIDTH, SecureFLoRIST, client_sketch
+from florist.aggregation.sketch import SecureFLoRIST, automatic_widths, client_sketch
 from florist.federation.secure_sum import Quantizer
 
 RANKS = (4, 4, 8, 8, 16, 16, 32, 64)
@@ -93,17 +94,18 @@ def factor_bytes(modules) -> int:
 
 
 def measure(count: int, protocol_layers: int, width: int | None = None) -> dict:
-    """One K's costs; `width` None: the automatic sketch width."""
+    """One K's costs; `width` None: the automatic per-module sketch widths."""
     adapters = clients(count)
     plain, plain_seconds = cpu(lambda: make_aggregator("florist", tau=TAU).aggregate(adapters))
-    width = width or max(MIN_SKETCH_WIDTH, 2 * max(m.rank for m in plain.modules.values()))
+    kept = {name: m.rank for name, m in plain.modules.items()}
+    widths = automatic_widths(shapes(), kept, max(RANKS)) if width is None else dict.fromkeys(shapes(), width)
     seed = 7
     sketches, site_seconds = [], []
     for adapter in adapters:
-        upload, seconds = cpu(lambda: client_sketch(adapter.modules, adapter.weight, seed, width))
+        upload, seconds = cpu(lambda: client_sketch(adapter.modules, adapter.weight, seed, widths))
         sketches.append(upload)
         site_seconds.append(seconds)
-    aggregator = SecureFLoRIST(tau=TAU, sketch_width=width)
+    aggregator = SecureFLoRIST(tau=TAU)
     total = aggregator.sum_of_sketches(seed, shapes())
 
     def server():
@@ -122,7 +124,7 @@ def measure(count: int, protocol_layers: int, width: int | None = None) -> dict:
     reference = sum(d.square().sum() for d in total_dense.values()) ** 0.5
     return {
         "clients": count,
-        "width": width,
+        "width": f"{min(widths.values())}-{max(widths.values())} (mean {statistics.mean(widths.values()):.1f})",
         "plain_rank": sum(m.rank for m in plain.modules.values()),
         "secure_rank": sum(m.rank for m in secure.modules.values()),
         "secure_vs_plain": float(error / reference),
@@ -160,7 +162,7 @@ def main() -> None:
 
 
 def print_tables(results: list[dict]) -> None:
-    print("| clients | sketch width l | ranks kept, plain / secure | secure vs plain (rel. Frobenius) | plain server CPU s | site sketch CPU s (mean) | secure server CPU s | upload MB, plain / secure | download MB, plain / secure |")
+    print("| clients | sketch widths l | ranks kept, plain / secure | secure vs plain (rel. Frobenius) | plain server CPU s | site sketch CPU s (mean) | secure server CPU s | upload MB, plain / secure | download MB, plain / secure |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(

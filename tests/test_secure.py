@@ -11,10 +11,11 @@ import dp_accounting
 import pytest
 import torch
 from dp_accounting import rdp
+from flwr.app import Message, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from florist.aggregation import AggregationError, ClientAdapter, make_aggregator
+from florist.aggregation import AggregationError, ClientAdapter, LoraFactors, make_aggregator
 from florist.aggregation.sketch import (
     WEIGHT,
     SketchSum,
@@ -27,7 +28,9 @@ from florist.aggregation.sketch import (
 from florist.aggregation.norms import adapter_norm
 from florist.config import load_config
 from florist.federation.influence import WeightCap, weight_level
-from florist.federation.secure import SumNormCheck, WeightLevel, capped_weight
+from florist.federation.node_config import Refused
+from florist.federation.reports import RoundReport
+from florist.federation.secure import SKETCH, SketchRound, SumNormCheck, WeightLevel, capped_weight, expected_shapes, site_upload
 from florist.federation.train_round import RoundFailed
 from florist.privacy import PrivacyLedger, effective_multiplier, noise_for_epsilon, site_noise_std
 
@@ -123,7 +126,7 @@ def test_the_result_depends_on_the_sums_only(clients, seed, factor):
     for order, scale in ((clients, 1.0), (clients[::-1], factor)):
         total = SketchSum(aggregator, seed, shapes)
         for client in order:
-            total.add(client_sketch(client.modules, client.weight * scale, seed, aggregator.sketch_width, torch.float64))
+            total.add(client_sketch(client.modules, client.weight * scale, seed, dict.fromkeys(client.modules, aggregator.sketch_width), torch.float64))
         totals.append(total.result())
     for name in shapes:
         assert relative_error(totals[0].modules[name].delta(), totals[1].modules[name].delta().double()) <= 1e-9
@@ -132,7 +135,7 @@ def test_the_result_depends_on_the_sums_only(clients, seed, factor):
 def test_a_sketch_of_other_modules_or_shapes_or_values_is_refused():
     clients = [spectral_client(torch.Generator().manual_seed(0), 20, 10, torch.tensor([1.0, 0.5]), 2.0, 5.0)]
     aggregator = make_aggregator("florist-secure", sketch_width=4)
-    upload = client_sketch(clients[0].modules, 5.0, 0, 4)
+    upload = client_sketch(clients[0].modules, 5.0, 0, dict.fromkeys(clients[0].modules, 4))
     for bad, message in (
         ({**upload, "y:range": upload["x:range"]}, "differ from the round's modules"),
         ({**upload, "x:range": torch.full_like(upload["x:range"], float("nan"))}, "NaN or Inf"),
@@ -161,7 +164,7 @@ def test_clipping_bounds_the_update_norm_and_leaves_a_small_one_alone():
 def test_a_clipped_sites_sketches_are_within_the_stated_sensitivity():
     client = spectral_client(torch.Generator().manual_seed(2), 64, 48, torch.tensor([5.0, 4.0, 3.0, 2.0]), 1.5, 1.0, torch.float64)
     clipped, _ = clip_to_norm(client.modules, 1.0)
-    upload = client_sketch(clipped, 1.0, 9, 8, torch.float64)
+    upload = client_sketch(clipped, 1.0, 9, dict.fromkeys(clipped, 8), torch.float64)
     norm = sum(value.square().sum() for key, value in upload.items() if key != WEIGHT).sqrt().item()
     assert norm <= sketch_sensitivity(1.0) + 1e-12
 
@@ -415,3 +418,112 @@ def test_a_resume_that_changes_the_rounds_a_target_epsilon_is_spread_over_is_ref
     longer = load_config(None, [*private, "federation.rounds=5"])
     with pytest.raises(ValueError, match=r"^checkpoint/state.json round 1: secure.privacy.noise_multiplier is .*federation.rounds under privacy.target_epsilon\)$"):
         SecureRounds(longer, make_aggregator("florist-secure"), {"q": (8, 8)}).restore(metrics)
+
+
+# ---------------------------------------------------------------- per-module sketch widths (issue 21)
+
+WIDTH_SHAPES = {"high": (96, 80), "low": (64, 48), "thin": (20, 12)}
+
+
+def width_rounds(*overrides: str):
+    from florist.federation.secure import SecureRounds
+
+    config = load_config(None, ['aggregation.method="florist-secure"', "federation.num_clients=3", "federation.ranks=[4, 8, 8]", *overrides])
+    return config, SecureRounds(config, make_aggregator("florist-secure", tau=0.9), WIDTH_SHAPES)
+
+
+def site_factors(seed: int) -> dict[str, LoraFactors]:
+    """One site's update: "high" of rank 8 in its own directions (the round keeps many), "low" the
+    same rank-1 direction at every site (the round keeps 1), "thin" rank 8 of a 20 x 12 module."""
+    generator = torch.Generator().manual_seed(seed)
+    shared = torch.Generator().manual_seed(99)
+    low_b, low_a = torch.randn(64, 1, generator=shared), torch.randn(1, 48, generator=shared)
+    return {
+        "high": LoraFactors(A=torch.randn(8, 80, generator=generator), B=torch.randn(96, 8, generator=generator), scale=1.0),
+        "low": LoraFactors(A=low_a * (1 + seed), B=low_b, scale=1.0),
+        "thin": LoraFactors(A=torch.randn(8, 12, generator=generator), B=torch.randn(20, 8, generator=generator), scale=1.0),
+    }
+
+
+def run_width_round(config, rounds, server_round: int):
+    """One round in the clear: the instruction's sketch record read by three sites, their uploads
+    summed, the aggregate's ranks recorded and the round finished. The round's metrics record."""
+    report = RoundReport(round=server_round, sampled=[1, 2, 3])
+    rounds.train_round(server_round, report)
+    content = RecordDict()
+    rounds.instruct(content)
+    sent = SketchRound.read(Message(content, dst_node_id=1, message_type="train"))
+    assert sent == rounds.sketch  # the record round-trips
+    for site in range(3):
+        upload, _ = site_upload(config, sent, site_factors(site), 100)
+        assert {key: tuple(value.shape) for key, value in upload.items()} == expected_shapes(WIDTH_SHAPES, sent.module_widths(WIDTH_SHAPES))
+        rounds.round.accumulator.add({key: value for key, value in upload.items() if key != "cut"})
+    aggregate = rounds.round.accumulator.result()
+    report.record_ranks(aggregate.modules)
+    rounds.finish(report, aggregate, 3)
+    return {"round": server_round, "clients": [{}] * 3, "ranks": report.ranks, "secure": report.secure}
+
+
+def test_each_modules_sketch_width_follows_the_rank_that_module_kept_last_round():
+    config, rounds = width_rounds()
+    assert rounds.widths() == {"high": 8, "low": 8, "thin": 8}  # round 1: the widest client rank, at least the floor
+    first = run_width_round(config, rounds, 1)
+    kept = first["ranks"]
+    assert kept["low"] == 1 and kept["high"] == 8  # one module kept a rank-1 update, another all its sketch held
+    widths = rounds.widths()
+    assert widths == {"high": 2 * kept["high"], "low": 8, "thin": min(2 * kept["thin"], 12)}
+    second = run_width_round(config, rounds, 2)
+    assert second["ranks"]["high"] > 8  # the wider sketch holds more of the stacked rank 24
+    assert second["secure"]["sketch_width"] == max(widths.values())
+    assert second["secure"]["sketch_width_mean"] == pytest.approx(sum(widths.values()) / 3)
+
+
+def test_the_widths_follow_ranks_per_module_and_cap_at_the_modules_sides():
+    from florist.aggregation.sketch import automatic_widths
+
+    shapes = {"a": (576, 576), "b": (576, 192), "c": (16, 12)}
+    assert automatic_widths(shapes, {"a": 3, "b": 40, "c": 9}, 8) == {"a": 8, "b": 80, "c": 12}
+    assert automatic_widths(shapes, None, 64) == {"a": 64, "b": 64, "c": 12}
+    _, rounds = width_rounds("aggregation.sketch_width=16")
+    assert rounds.widths() == {"high": 16, "low": 16, "thin": 12}  # one width for all, each at most min(m, n)
+
+
+def test_a_resumed_run_sizes_its_sketches_as_the_uninterrupted_run():
+    config, rounds = width_rounds()
+    records = [{"round": 0}, run_width_round(config, rounds, 1), run_width_round(config, rounds, 2)]
+    _, resumed = width_rounds()
+    resumed.restore(records)
+    assert resumed.widths() == rounds.widths() and resumed.kept_ranks == records[-1]["ranks"]
+    assert resumed.widths() != dict.fromkeys(WIDTH_SHAPES, max(resumed.widths().values()))  # per module, not one width
+
+
+def test_a_resume_whose_records_lack_a_modules_kept_rank_is_refused_in_one_line():
+    config, rounds = width_rounds()
+    record = run_width_round(config, rounds, 1)
+    del record["ranks"]["low"]
+    _, resumed = width_rounds()
+    with pytest.raises(ValueError, match=r"^checkpoint/state.json round 1: malformed secure record \(KeyError: 'low'\)$"):
+        resumed.restore([{"round": 0}, record])
+
+
+@pytest.mark.parametrize(
+    ("widths", "message"),
+    [
+        ([8, 8], r"the server sends 2 sketch widths for the 3 modules this site trains"),
+        ([8, 8, 13], r"the server's sketch width 13 for module thin is outside \[1, 12\]"),
+        ([8, -4, 8], r"the server's sketch width -4 for module low is outside \[1, 48\]"),
+        ([0, 8, 8], r"the server's sketch width 0 for module high is outside \[1, 80\]"),
+        ([8.0, 8.0, 8.0], r"the server's sketch widths \[8.0, 8.0, 8.0\] are not a list of integers"),
+        (None, r"the server's sketch widths None are not a list of integers"),
+    ],
+)
+def test_a_site_refuses_a_malformed_widths_record_in_one_line(widths, message):
+    config, rounds = width_rounds()
+    rounds.train_round(1, RoundReport(round=1, sampled=[1, 2, 3]))
+    record = rounds.sketch.record()
+    if widths is None:
+        del record["widths"]
+    else:
+        record["widths"] = widths
+    with pytest.raises(Refused, match=rf"^{message}$"):
+        site_upload(config, SketchRound.read(Message(RecordDict({SKETCH: record}), dst_node_id=1, message_type="train")), site_factors(0), 100)

@@ -230,9 +230,10 @@ class AggregationConfig(Section):
     tau_tolerance: float = Field(0.0, ge=0)
     """Nats of validation loss a smaller tau may lose against the best candidate and still win."""
     sketch_width: int | None = Field(None, ge=1)
-    """florist-secure: the width l of every module's sketch (its second sketch is 2l wide). None:
-    twice the largest rank the last round kept, at least aggregation.sketch.MIN_SKETCH_WIDTH (in
-    round 1, the largest client rank), so the sketch holds what tau keeps with room for its error."""
+    """florist-secure: the width l of every module's sketch (its second sketch is 2l wide; at most
+    the module's min(m, n)). None: per module, twice the rank that module kept last round, at least
+    aggregation.sketch.MIN_SKETCH_WIDTH (in round 1, the largest client rank), so each sketch holds
+    what tau keeps with room for its error."""
 
     @model_validator(mode="after")
     def _known_names(self) -> AggregationConfig:

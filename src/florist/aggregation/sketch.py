@@ -42,9 +42,9 @@ WEIGHT = "weight"
 RANGE, CORANGE = "range", "corange"
 """Suffixes of a module's two sketches in an upload: `name:range` is Y_k, `name:corange` W_k."""
 MIN_SKETCH_WIDTH = 8
-"""The narrowest automatic sketch: twice the rank kept last round, at least this (and in round 1,
-before any rank was kept, `first_width`). Below 8 a rank-1 update of a round with several clients
-would be sketched by 2 columns, whose randomized error (Tropp et al.'s bound, about (1 + l/(l-p-1)))
+"""The narrowest automatic sketch: twice the rank a module kept last round, at least this (and in
+round 1, before any rank was kept, the widest client rank, at least this: `automatic_widths`).
+Below 8 a rank-1 update of a round with several clients would be sketched by 2 columns, whose randomized error (Tropp et al.'s bound, about (1 + l/(l-p-1)))
 is large against the components tau keeps."""
 
 
@@ -65,6 +65,17 @@ def _module_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
 
 
+def automatic_widths(shapes: Mapping[str, tuple[int, int]], kept: Mapping[str, int] | None, first: int) -> dict[str, int]:
+    """Each module's sketch width l: twice the rank it kept last round (`kept`), at least
+    MIN_SKETCH_WIDTH, and at most min(m, n), where the sketch is exact. Per module, not the widest
+    module's: tau keeps 62-64 ranks in some modules where the mean keeps ~38 (BENCHMARKS.md, issue 21).
+    Round 1 (`kept` None) sizes every module at `first` (the widest client rank), at least the floor."""
+    return {
+        name: min(max(MIN_SKETCH_WIDTH, first if kept is None else 2 * kept[name]), m, n)
+        for name, (m, n) in shapes.items()
+    }
+
+
 @lru_cache(maxsize=1024)
 def sketching_matrices(seed: int, name: str, shape: tuple[int, int], width: int) -> tuple[Tensor, Tensor]:
     """(Omega, Psi) of module `name` for the round's `seed`: float64, the same in every process
@@ -77,14 +88,17 @@ def sketching_matrices(seed: int, name: str, shape: tuple[int, int], width: int)
     return omega, psi
 
 
-def client_sketch(modules: Mapping[str, LoraFactors], weight: float, seed: int, width: int, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """What client k uploads: w_k s_k B_k (A_k Omega) and w_k s_k (Psi B_k) A_k per module, and w_k,
-    computed in float64 from its factors and returned in `dtype`. The server only adds uploads up."""
+def client_sketch(
+    modules: Mapping[str, LoraFactors], weight: float, seed: int, widths: Mapping[str, int], dtype: torch.dtype = torch.float32
+) -> dict[str, Tensor]:
+    """What client k uploads: w_k s_k B_k (A_k Omega) and w_k s_k (Psi B_k) A_k per module, each
+    module's sketch `widths[name]` wide, and w_k, computed in float64 from its factors and returned
+    in `dtype`. The server only adds uploads up."""
     if not (math.isfinite(weight) and weight > 0):
         raise AggregationError(f"a sketch's weight must be a positive number, got {weight}")
     upload = {WEIGHT: torch.tensor(float(weight), dtype=torch.float64)}
     for name, factors in modules.items():
-        omega, psi = sketching_matrices(seed, name, factors.shape, width)
+        omega, psi = sketching_matrices(seed, name, factors.shape, widths[name])
         b, a = factors.B.double(), factors.A.double() * (weight * factors.scale)
         upload[sketch_key(name, RANGE)] = (b @ (a @ omega)).to(dtype)
         upload[sketch_key(name, CORANGE)] = ((psi @ b) @ a).to(dtype)
@@ -153,7 +167,8 @@ class SketchSum:
 @dataclass(frozen=True)
 class SecureFLoRIST(FLoRIST):
     """FLoRIST from summed sketches: the rank options (tau, max_rank, a download budget) as FLoRIST's;
-    `sketch_width` the l of the sketches (`aggregate` uses it; a federation sends it each round)."""
+    `sketch_width` the l of every module's sketch in `aggregate` (a federation sends per-module widths
+    each round, federation/secure.py)."""
 
     sketch_width: int = 2 * MIN_SKETCH_WIDTH
 
@@ -174,10 +189,11 @@ class SecureFLoRIST(FLoRIST):
         if any(client.dense for client in clients):
             raise AggregationError("florist-secure sums LoRA sketches only; tensors trained in full are not supported")
         shapes = {name: factors.shape for name, factors in clients[0].modules.items()}
+        widths = dict.fromkeys(shapes, self.sketch_width)
         total = self.sum_of_sketches(seed, shapes)
         for k, client in enumerate(clients):
             try:
-                total.add(client_sketch(client.modules, client.weight, seed, self.sketch_width, client_dtype(client)))
+                total.add(client_sketch(client.modules, client.weight, seed, widths, client_dtype(client)))
             except AggregationError as error:
                 raise AggregationError(str(error), client=k) from None
         return total.result()

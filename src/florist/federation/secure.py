@@ -41,11 +41,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from florist.aggregation import Aggregate, AggregationError, LoraFactors
 from florist.aggregation.sketch import (
     CORANGE,
-    MIN_SKETCH_WIDTH,
     RANGE,
     WEIGHT,
     SecureFLoRIST,
     add_noise,
+    automatic_widths,
     client_sketch,
     clip_to_norm,
     sketch_key,
@@ -55,6 +55,7 @@ from florist.aggregation.sketch import (
 from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.messages import ADAPTER, SECURE_SUM, Reply
+from florist.federation.node_config import Refused
 from florist.federation.reports import RoundReport
 from florist.federation.secure_sum import Layout, PublicKeys, Quantizer, SecureSumServer
 from florist.federation.secure_sum.server import threshold_for
@@ -63,7 +64,7 @@ from florist.federation.validation import MiB, REPORTED_METRICS, ClientUpdate, L
 from florist.privacy import PrivacyLedger, effective_multiplier, noise_for_epsilon, site_noise_std
 
 SKETCH = "sketch"
-"""The train instruction's record of the round's sketch: seed, width, sites sampled, noise multiplier."""
+"""The train instruction's record of the round's sketch: seed, widths, sites sampled, noise multiplier, weight level."""
 CUT = "cut"
 """A sketch upload's key for 1 if the site cut its weight to the round's weight level, else 0: summed,
 how many sites were cut (`WeightLevel`)."""
@@ -73,11 +74,13 @@ SKETCH_DTYPES = {WEIGHT: np.dtype("<f8"), CUT: np.dtype("<f8")}
 
 @dataclass(frozen=True)
 class SketchRound:
-    """What every site of a round needs to sketch alike: the test matrices' seed and width, how many
-    sites were sampled (each adds 1/sites of the noise), and the noise multiplier (0 without DP)."""
+    """What every site of a round needs to sketch alike: the test matrices' seed and each module's
+    width, how many sites were sampled (each adds 1/sites of the noise), and the noise multiplier
+    (0 without DP)."""
 
     seed: int
-    width: int
+    widths: tuple[int, ...]
+    """Each module's sketch width l, in the order of the sorted module names (`module_widths`)."""
     sites: int
     noise_multiplier: float = 0.0
     weight_level: float = math.inf
@@ -85,7 +88,7 @@ class SketchRound:
 
     def record(self) -> ConfigRecord:
         return ConfigRecord({
-            "seed": self.seed, "width": self.width, "sites": self.sites, "noise-multiplier": self.noise_multiplier, "weight-level": self.weight_level,
+            "seed": self.seed, "widths": list(self.widths), "sites": self.sites, "noise-multiplier": self.noise_multiplier, "weight-level": self.weight_level,
         })
 
     @classmethod
@@ -94,7 +97,26 @@ class SketchRound:
         level = float(record["weight-level"])
         if not level > 0:
             raise ValueError(f"the server's weight level {level!r} is not positive")
-        return cls(int(record["seed"]), int(record["width"]), int(record["sites"]), float(record["noise-multiplier"]), level)
+        widths = record.get("widths")
+        if not isinstance(widths, list) or not all(type(width) is int for width in widths):
+            raise Refused(f"the server's sketch widths {widths!r} are not a list of integers")
+        return cls(int(record["seed"]), tuple(widths), int(record["sites"]), float(record["noise-multiplier"]), level)
+
+    @classmethod
+    def of(cls, seed: int, widths: Mapping[str, int], sites: int, noise_multiplier: float, weight_level: float) -> SketchRound:
+        return cls(seed, tuple(widths[name] for name in sorted(widths)), sites, noise_multiplier, weight_level)
+
+    def module_widths(self, shapes: Mapping[str, tuple[int, int]]) -> dict[str, int]:
+        """Each module's width, once every one is a width its sketch can have (1 <= l <= min(m, n)):
+        a site refuses (one line) widths that name other modules or would make it upload more than
+        the exact sketch, which a hostile server could use to read more of its update."""
+        names = sorted(shapes)
+        if len(self.widths) != len(names):
+            raise Refused(f"the server sends {len(self.widths)} sketch widths for the {len(names)} modules this site trains")
+        for name, width in zip(names, self.widths):
+            if not 1 <= width <= min(shapes[name]):
+                raise Refused(f"the server's sketch width {width} for module {name} is outside [1, {min(shapes[name])}]")
+        return dict(zip(names, self.widths))
 
 
 class WeightLevel:
@@ -144,15 +166,16 @@ def site_upload(config: RunConfig, sketch: SketchRound, factors: Mapping[str, Lo
     examples, or, under DP, clipped to privacy.clip_norm, at weight 1, with its share of the noise
     from a generator the server cannot know."""
     privacy = config.privacy
+    widths = sketch.module_widths({name: f.shape for name, f in factors.items()})
     if not privacy.dp:
         weight, cut = capped_weight(examples, sketch.weight_level)
-        return client_sketch(factors, weight, sketch.seed, sketch.width) | {CUT: torch.tensor(cut, dtype=torch.float64)}, {}
+        return client_sketch(factors, weight, sketch.seed, widths) | {CUT: torch.tensor(cut, dtype=torch.float64)}, {}
     if privacy.noise_multiplier is not None and sketch.noise_multiplier < privacy.noise_multiplier:
         raise ValueError(f"the server asks for noise multiplier {sketch.noise_multiplier:g}, below privacy.noise_multiplier {privacy.noise_multiplier:g}")
     clipped, factor = clip_to_norm(factors, privacy.clip_norm)
     std = site_noise_std(sketch.noise_multiplier, sketch_sensitivity(privacy.clip_norm), sketch.sites)
     generator = torch.Generator().manual_seed(secrets.randbits(63))
-    upload = add_noise(client_sketch(clipped, 1.0, sketch.seed, sketch.width), std, generator)
+    upload = add_noise(client_sketch(clipped, 1.0, sketch.seed, widths), std, generator)
     return upload | {CUT: torch.tensor(0.0, dtype=torch.float64)}, {"dp-clip-factor": factor}
 
 
@@ -180,7 +203,7 @@ def check_sketch_reply(message: Message, reply: Reply, limits: Limits, sketch: S
     record = message.content.get(ADAPTER)
     if not isinstance(record, ArrayRecord):
         raise Rejected(f"malformed reply: the sketch upload is {type(record).__name__}, not an ArrayRecord")
-    expected = expected_shapes(limits.shapes, sketch.width)
+    expected = expected_shapes(limits.shapes, sketch.module_widths(limits.shapes))
     size = record.count_bytes()
     cap = sum(4 * math.prod(shape) + 256 for shape in expected.values())
     if size > cap:
@@ -219,10 +242,10 @@ def check_keys_reply(message: Message, reply: Reply, limits: Limits) -> tuple[Cl
     return update, keys
 
 
-def expected_shapes(shapes: Mapping[str, tuple[int, int]], width: int) -> dict[str, tuple[int, ...]]:
+def expected_shapes(shapes: Mapping[str, tuple[int, int]], module_widths: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
     expected: dict[str, tuple[int, ...]] = {WEIGHT: (), CUT: ()}
     for name, (m, n) in shapes.items():
-        sketch, co_sketch = widths((m, n), width)
+        sketch, co_sketch = widths((m, n), module_widths[name])
         expected[sketch_key(name, RANGE)], expected[sketch_key(name, CORANGE)] = (m, sketch), (co_sketch, n)
     return expected
 
@@ -312,33 +335,34 @@ class SecureRounds:
         self.ledger = PrivacyLedger(privacy.delta) if privacy.dp else None
         self.norm_check = SumNormCheck(config.validation.norm_factor)
         self.weight_level = None if privacy.dp else WeightLevel(config.validation.max_weight_share)
-        self.kept_rank: int | None = None
+        self.kept_ranks: dict[str, int] | None = None
+        """Each module's rank kept last round: its next sketch's width (`widths`)."""
         self.sketch: SketchRound | None = None
         self.protocol = privacy.secure_aggregation
         """The sketches are summed by the secure-sum protocol (federation/secure_round.py), not in the clear."""
         self.round: SecureTrainRound | None = None
 
-    def width(self) -> int:
-        """aggregation.sketch_width, else twice the largest rank kept last round, at least
-        MIN_SKETCH_WIDTH (round 1: the largest client rank, at least MIN_SKETCH_WIDTH)."""
-        if self.config.aggregation.sketch_width is not None:
-            return self.config.aggregation.sketch_width
-        if self.kept_rank is None:
-            return max(MIN_SKETCH_WIDTH, max(self.config.federation.ranks))
-        return max(MIN_SKETCH_WIDTH, 2 * self.kept_rank)
+    def widths(self) -> dict[str, int]:
+        """Each module's sketch width: aggregation.sketch_width for all (at most min(m, n)), else
+        twice the rank that module kept last round, at least MIN_SKETCH_WIDTH (round 1: the largest
+        client rank, at least MIN_SKETCH_WIDTH; the stacked rank, where round 1 is exact, is larger)."""
+        fixed = self.config.aggregation.sketch_width
+        if fixed is not None:
+            return {name: min(fixed, *shape) for name, shape in self.shapes.items()}
+        return automatic_widths(self.shapes, self.kept_ranks, max(self.config.federation.ranks))
 
     def train_round(self, server_round: int, report: RoundReport) -> SecureTrainRound:
         seed = (self.config.training.seed * 1_000_003 + server_round) % 2**63
         sites = len(report.sampled)
         level = self.weight_level.for_round(sites) if self.weight_level is not None else math.inf
-        self.sketch = SketchRound(seed, self.width(), sites, self.noise_multiplier, level)
+        self.sketch = SketchRound.of(seed, self.widths(), sites, self.noise_multiplier, level)
         total = self.aggregator.sum_of_sketches(seed, self.shapes)
         if not self.protocol:
             self.round = SecureTrainRound(report, total, None, None, {}, False)
             return self.round
         privacy, min_sites = self.config.privacy, self.config.federation.min_sites
         sampled = list(report.sampled)
-        layout = Layout(tuple(sorted(expected_shapes(self.shapes, self.sketch.width).items())))
+        layout = Layout(tuple(sorted(expected_shapes(self.shapes, self.sketch.module_widths(self.shapes)).items())))
         threshold = threshold_for(len(sampled), privacy.secure_threshold, min_sites)
         server = SecureSumServer(server_round, sampled, threshold, min_sites, Quantizer(privacy.secure_clip_range, privacy.secure_bits), layout)
         self.round = SecureSumTrainRound(report, total, server, privacy.dp)
@@ -364,7 +388,8 @@ class SecureRounds:
         """Check the sum's norm, spend the round's privacy, set the next round's weight level and size its sketch."""
         norm = math.sqrt(sum(float(m.singular_values.double().square().sum()) for m in aggregate.modules.values()))
         self.norm_check.check(report.round, norm)
-        report.secure = {"sketch_width": self.sketch.width, "sites_sampled": self.sketch.sites, "sites_summed": summed, "update_norm": norm}
+        widths = self.sketch.widths  # each module's from the ranks the round's record holds (`restore`)
+        report.secure = {"sketch_width": max(widths), "sketch_width_mean": sum(widths) / len(widths), "sites_sampled": self.sketch.sites, "sites_summed": summed, "update_norm": norm}
         if self.protocol:  # how many sites' secure-sum keys came signed with a node key (node_signing.py)
             report.secure["keys_signed"] = len(self.round.server.signatures)
         if self.weight_level is not None:
@@ -374,7 +399,7 @@ class SecureRounds:
         if self.ledger is not None:
             multiplier = effective_multiplier(self.noise_multiplier, summed, self.sketch.sites)
             report.secure["privacy"] = self.ledger.spend(multiplier, self.sampling_rate)
-        self.kept_rank = max(module.rank for module in aggregate.modules.values())
+        self.kept_ranks = {name: module.rank for name, module in aggregate.modules.items()}
 
     def restore(self, metrics: list[dict]) -> None:
         """A resumed run's privacy spent, weight level, norms and kept ranks, replayed from its stored
@@ -389,11 +414,11 @@ class SecureRounds:
                 continue
             try:
                 self._replay(record["round"], secure, len(record.get("clients", [])))
+                if record.get("ranks"):  # each module's next width (`widths`)
+                    self.kept_ranks = {name: int(record["ranks"][name]) for name in self.shapes}
             except (KeyError, TypeError) as error:
                 raise ValueError(f"checkpoint/state.json round {record.get('round')}: malformed secure record ({type(error).__name__}: {error})") from None
             self.norm_check.norms.append(secure["update_norm"])
-            if record.get("ranks"):
-                self.kept_rank = max(record["ranks"].values())
 
     def _replay(self, server_round: int, secure: dict, clients: int) -> None:
         def refuse(key: str, stored, replayed) -> ValueError:
