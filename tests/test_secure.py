@@ -30,7 +30,9 @@ from florist.config import load_config
 from florist.federation.influence import WeightCap, weight_level
 from florist.federation.node_config import Refused
 from florist.federation.reports import RoundReport
-from florist.federation.secure import SKETCH, SketchRound, SumNormCheck, WeightLevel, capped_weight, expected_shapes, site_upload
+from florist.federation.secure import SumNormCheck, expected_shapes
+from florist.federation.sketch_round import SKETCH, SketchRound, site_upload
+from florist.federation.weight_level import WeightLevel, capped_weight
 from florist.federation.train_round import RoundFailed
 from florist.privacy import PrivacyLedger, effective_multiplier, noise_for_epsilon, site_noise_std
 
@@ -464,7 +466,7 @@ def run_width_round(config, rounds, server_round: int):
     return {"round": server_round, "clients": [{}] * 3, "ranks": report.ranks, "secure": report.secure}
 
 
-def test_each_modules_sketch_width_follows_the_rank_that_module_kept_last_round():
+def test_each_modules_sketch_width_follows_the_rank_that_module_kept_last_round(server_task):
     config, rounds = width_rounds()
     assert rounds.widths() == {"high": 8, "low": 8, "thin": 8}  # round 1: the widest client rank, at least the floor
     first = run_width_round(config, rounds, 1)
@@ -488,7 +490,7 @@ def test_the_widths_follow_ranks_per_module_and_cap_at_the_modules_sides():
     assert rounds.widths() == {"high": 16, "low": 16, "thin": 12}  # one width for all, each at most min(m, n)
 
 
-def test_a_resumed_run_sizes_its_sketches_as_the_uninterrupted_run():
+def test_a_resumed_run_sizes_its_sketches_as_the_uninterrupted_run(server_task):
     config, rounds = width_rounds()
     records = [{"round": 0}, run_width_round(config, rounds, 1), run_width_round(config, rounds, 2)]
     _, resumed = width_rounds()
@@ -497,7 +499,7 @@ def test_a_resumed_run_sizes_its_sketches_as_the_uninterrupted_run():
     assert resumed.widths() != dict.fromkeys(WIDTH_SHAPES, max(resumed.widths().values()))  # per module, not one width
 
 
-def test_a_resume_whose_records_lack_a_modules_kept_rank_is_refused_in_one_line():
+def test_a_resume_whose_records_lack_a_modules_kept_rank_is_refused_in_one_line(server_task):
     config, rounds = width_rounds()
     record = run_width_round(config, rounds, 1)
     del record["ranks"]["low"]
@@ -517,7 +519,7 @@ def test_a_resume_whose_records_lack_a_modules_kept_rank_is_refused_in_one_line(
         (None, r"the server's sketch widths None are not a list of integers"),
     ],
 )
-def test_a_site_refuses_a_malformed_widths_record_in_one_line(widths, message):
+def test_a_site_refuses_a_malformed_widths_record_in_one_line(widths, message, server_task):
     config, rounds = width_rounds()
     rounds.train_round(1, RoundReport(round=1, sampled=[1, 2, 3]))
     record = rounds.sketch.record()

@@ -16,11 +16,11 @@ from florist.config import load_config
 from florist.federation import secure_site
 from florist.federation.client_app import build_client_app
 from florist.federation.messages import ADAPTER, SECURE_SUM, SECURE_SUM_TYPE
-from florist.federation.secure import CUT
 from florist.federation.secure_site import load_node, save_node
 from florist.federation.secure_sum import Layout, MaskedInput, Quantizer, SecureSumServer
 from florist.federation.secure_sum.protocol import COLLECT, UNMASK, stage_of
 from florist.federation.server_app import serve
+from florist.federation.sketch_round import CUT
 from florist.federation.strategy import RoundFailed
 from florist.reporting.run_directory import read_rounds
 
@@ -96,7 +96,7 @@ def run(tiny_model_dir, path, *extra, grid_class=LocalGrid, tamper=None):
 
 
 def plain_sum(uploads: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The sketches and weights summed; the sites' cut flags are counted beside the sum (secure.WeightLevel)."""
+    """The sketches and weights summed; the sites' cut flags are counted beside the sum (weight_level.WeightLevel)."""
     return {key: sum(upload[key] for upload in uploads) for key in uploads[0] if key != CUT}
 
 

@@ -46,7 +46,7 @@ from florist.federation.node import NodeSettings, node_data
 from florist.federation.node_config import Refused
 from florist.federation.node_policy import NodePolicy, node_policy
 from florist.federation.resources import peak_rss_mib
-from florist.federation.secure import SketchRound, put_upload, site_upload
+from florist.federation.sketch_round import SketchRound, put_upload, site_upload
 from florist.federation.secure_site import answer_setup, check_range, secure_sum_stage
 from florist.federation.workspace import Update, Workspace, workspace_for
 from florist.lora.model import attach_lora, freeze_shared_A, frozen_lora_A, load_dense, load_global, merge_into_base, move_into_lora, read_dense, read_factors

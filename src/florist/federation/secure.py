@@ -1,6 +1,6 @@
-"""florist-secure on the federation: what a round's train instruction says about the sketches, what
-a site uploads, how the server checks a sketch reply and adds it to the round's sum, and what it
-checks of the sum.
+"""florist-secure on the federation, the server's side: how it checks a sketch reply and adds it to the
+round's sum, and what it checks of the sum (a site's side, the round's sketch record and what a site
+uploads for it: federation/sketch_round.py).
 
 The upload is a plain dict of tensors that the server only ADDS (aggregation/sketch.py): each
 site weighs its own sketches by its examples (by 1 under differential privacy, florist/privacy.py)
@@ -13,7 +13,7 @@ secure sum (`SecureSumTrainRound`, federation/secure_site.py), and the server re
 masked uploads and, from the protocol (federation/secure_round.py), their sum.
 
 The weight cap (validation.max_weight_share) is applied by the sites themselves, at a level the
-server sends (`WeightLevel`): each weighs its sketches by min(examples, level) and adds 1 to a
+server sends (federation/weight_level.py): each weighs its sketches by min(examples, level) and adds 1 to a
 summed count of the sites cut. The server sees only the sums (the weight and the count), from which
 it sets the next round's level; it never needs one site's examples.
 
@@ -29,160 +29,27 @@ update, which the server must not read. What protects the sum instead:
 from __future__ import annotations
 
 import math
-import secrets
 import statistics
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from florist.aggregation import Aggregate, AggregationError, LoraFactors
-from florist.aggregation.sketch import (
-    CORANGE,
-    RANGE,
-    WEIGHT,
-    SecureFLoRIST,
-    add_noise,
-    automatic_widths,
-    client_sketch,
-    clip_to_norm,
-    sketch_key,
-    sketch_sensitivity,
-    widths,
-)
+from florist.aggregation import Aggregate, AggregationError
+from florist.aggregation.sketch import CORANGE, RANGE, WEIGHT, SecureFLoRIST, automatic_widths, sketch_key, widths
 from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.messages import ADAPTER, SECURE_SUM, Reply
-from florist.federation.node_config import Refused
 from florist.federation.reports import RoundReport
 from florist.federation.secure_sum import Layout, PublicKeys, Quantizer, SecureSumServer
 from florist.federation.secure_sum.server import threshold_for
+from florist.federation.sketch_round import CUT, SKETCH, SKETCH_DTYPES, SketchRound
 from florist.federation.train_round import RoundFailed, TrainRound
 from florist.federation.validation import MiB, REPORTED_METRICS, ClientUpdate, Limits, Rejected
-from florist.privacy import PrivacyLedger, effective_multiplier, noise_for_epsilon, site_noise_std
+from florist.federation.weight_level import WeightLevel
+from florist.privacy import PrivacyLedger, effective_multiplier, noise_for_epsilon
 
-SKETCH = "sketch"
-"""The train instruction's record of the round's sketch: seed, widths, sites sampled, noise multiplier, weight level."""
-CUT = "cut"
-"""A sketch upload's key for 1 if the site cut its weight to the round's weight level, else 0: summed,
-how many sites were cut (`WeightLevel`)."""
-SKETCH_DTYPES = {WEIGHT: np.dtype("<f8"), CUT: np.dtype("<f8")}
-"""A sketch upload's arrays are float32 but its weight and cut, float64 (counts, exactly)."""
-
-
-@dataclass(frozen=True)
-class SketchRound:
-    """What every site of a round needs to sketch alike: the test matrices' seed and each module's
-    width, how many sites were sampled (each adds 1/sites of the noise), and the noise multiplier
-    (0 without DP)."""
-
-    seed: int
-    widths: tuple[int, ...]
-    """Each module's sketch width l, in the order of the sorted module names (`module_widths`)."""
-    sites: int
-    noise_multiplier: float = 0.0
-    weight_level: float = math.inf
-    """Each site weighs its sketches by min(its examples, this) (`WeightLevel`); inf: no cut."""
-
-    def record(self) -> ConfigRecord:
-        return ConfigRecord({
-            "seed": self.seed, "widths": list(self.widths), "sites": self.sites, "noise-multiplier": self.noise_multiplier, "weight-level": self.weight_level,
-        })
-
-    @classmethod
-    def read(cls, message: Message) -> SketchRound:
-        record = message.content[SKETCH]
-        level = float(record["weight-level"])
-        if not level > 0:
-            raise ValueError(f"the server's weight level {level!r} is not positive")
-        widths = record.get("widths")
-        if not isinstance(widths, list) or not all(type(width) is int for width in widths):
-            raise Refused(f"the server's sketch widths {widths!r} are not a list of integers")
-        return cls(int(record["seed"]), tuple(widths), int(record["sites"]), float(record["noise-multiplier"]), level)
-
-    @classmethod
-    def of(cls, seed: int, widths: Mapping[str, int], sites: int, noise_multiplier: float, weight_level: float) -> SketchRound:
-        return cls(seed, tuple(widths[name] for name in sorted(widths)), sites, noise_multiplier, weight_level)
-
-    def module_widths(self, shapes: Mapping[str, tuple[int, int]]) -> dict[str, int]:
-        """Each module's width, once every one is a width its sketch can have (1 <= l <= min(m, n)):
-        a site refuses (one line) widths that name other modules or would make it upload more than
-        the exact sketch, which a hostile server could use to read more of its update."""
-        names = sorted(shapes)
-        if len(self.widths) != len(names):
-            raise Refused(f"the server sends {len(self.widths)} sketch widths for the {len(names)} modules this site trains")
-        for name, width in zip(names, self.widths):
-            if not 1 <= width <= min(shapes[name]):
-                raise Refused(f"the server's sketch width {width} for module {name} is outside [1, {min(shapes[name])}]")
-        return dict(zip(names, self.widths))
-
-
-class WeightLevel:
-    """validation.max_weight_share in florist-secure, without the server reading a site's examples.
-
-    Plain rounds cut each claim n_k to min(n_k, c), c = weight_level(claims, share): the root of
-    c = share * F(c), F(c) = sum_k min(n_k, c), concave and piecewise linear in c. Here the server
-    sends a level c_r before the round and gets back two sums: the weight W = F(c_r) and the number
-    m of sites cut (n_k > c_r). They give F's piece at c_r, P + m c with P = W - m c_r, and the next
-    level is that line's root, a Newton step: c_{r+1} = share P / (1 - share m). F is concave, so
-    with the same claims the step never goes below plain's level (no site is cut harder than plain
-    cuts it) and lands on it by round d + 1, d the number of distinct claims (tests/test_secure.py).
-
-    So secure equals plain (the same weights, hence the same aggregate from the same start) when the
-    same sites, with the same examples, take part every round (full participation, no dropped
-    reply), once the level has settled: typically from round 3. Round 1 has no sums yet and is not
-    cut (c_1 = inf); round 2 is cut at share * round 1's summed examples, looser than plain's (one
-    site of 1000 examples beside two of 100 holds 10/12 of round 1, 3/4 of round 2, 1/2 from round 3,
-    as in plain). Where share * sites <= 1, plain weighs every site evenly and so does the level 1
-    sent then (each weight min(n_k, 1) = 1), in every round. Where sites change between rounds, the
-    level is last round's sites'. Under privacy.dp every site weighs 1 and no level is used.
-    """
-
-    def __init__(self, share: float):
-        self.share = share
-        self.level = math.inf
-
-    def for_round(self, sites: int) -> float:
-        return 1.0 if self.share * sites <= 1 else self.level
-
-    def observe(self, sites: int, level: float, weight: float, cut: float) -> None:
-        """The round's sums at the level it was sent: set the next round's level."""
-        if self.share * sites <= 1:
-            return
-        below = weight - (cut * level if cut else 0.0)
-        # share * cut >= 1 only below plain's level (claims grew): a plain fixed-point step, which rises.
-        self.level = self.share * below / (1 - self.share * cut) if self.share * cut < 1 else self.share * weight
-
-
-def capped_weight(examples: int, level: float) -> tuple[float, float]:
-    """A site's weight at the round's level, and whether it was cut (1.0) or not (0.0)."""
-    return (level, 1.0) if examples > level else (float(examples), 0.0)
-
-
-def site_upload(config: RunConfig, sketch: SketchRound, factors: Mapping[str, LoraFactors], examples: int) -> tuple[dict[str, torch.Tensor], dict]:
-    """What a site uploads for its trained `factors`, and metrics about it: its sketches weighted by its
-    examples, or, under DP, clipped to privacy.clip_norm, at weight 1, with its share of the noise
-    from a generator the server cannot know."""
-    privacy = config.privacy
-    widths = sketch.module_widths({name: f.shape for name, f in factors.items()})
-    if not privacy.dp:
-        weight, cut = capped_weight(examples, sketch.weight_level)
-        return client_sketch(factors, weight, sketch.seed, widths) | {CUT: torch.tensor(cut, dtype=torch.float64)}, {}
-    if privacy.noise_multiplier is not None and sketch.noise_multiplier < privacy.noise_multiplier:
-        raise ValueError(f"the server asks for noise multiplier {sketch.noise_multiplier:g}, below privacy.noise_multiplier {privacy.noise_multiplier:g}")
-    clipped, factor = clip_to_norm(factors, privacy.clip_norm)
-    std = site_noise_std(sketch.noise_multiplier, sketch_sensitivity(privacy.clip_norm), sketch.sites)
-    generator = torch.Generator().manual_seed(secrets.randbits(63))
-    upload = add_noise(client_sketch(clipped, 1.0, sketch.seed, widths), std, generator)
-    return upload | {CUT: torch.tensor(0.0, dtype=torch.float64)}, {"dp-clip-factor": factor}
-
-
-def put_upload(content, upload: Mapping[str, torch.Tensor]) -> int:
-    record = ArrayRecord({key: Array(value.detach().cpu().numpy()) for key, value in upload.items()})
-    content[ADAPTER] = record
-    return record.count_bytes()
 
 
 def checked_examples(reply: Reply, limits: Limits) -> int:

@@ -2,7 +2,7 @@
 node's Context state between messages, and its answer to each stage of the protocol.
 
 The site trains at the setup stage, which is the round's train instruction: it trains as without
-the protocol, sketches its update (federation/secure.py's `site_upload`), keeps the upload in its
+the protocol, sketches its update (federation/sketch_round.py's `site_upload`), keeps the upload in its
 state and answers with its public keys. The gap and resend machinery, the node's policy and the
 check of the server's settings all apply to that instruction as to any train instruction, and a
 site that fails to train is simply not among the sum's participants. The later stages
