@@ -222,7 +222,7 @@ def test_the_committed_results_are_still_reportable(tmp_path: Path):
         # The warm start paired against FLoRA over three seeds.
         ("rounds", "18 of 18 cells finished.", "| FLoRIST (tau 0.90), warm | 0.90 | -0.0107 ± 0.0044 |"),
         # Issue 21's secure row, one cell so far, with its sketch width per round.
-        ("secure", "1 of 15 cells finished (a partial grid).", "| FLoRIST (tau 0.90), secure | 64 ± 0 | 128 ± 0 | 124 ± 0 |"),
+        ("secure", "2 of 15 cells finished (a partial grid).", "| FLoRIST (tau 0.90), secure | 64 ± 0 | 128 ± 0 | 124 ± 0 |"),
     ],
 )
 def test_the_committed_multi_round_results_are_still_reportable(tmp_path: Path, grid, finished, excerpt):
