@@ -9,7 +9,6 @@ added, the survivors' self masks and the dropped nodes' pairwise masks removed w
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import numpy as np
 import torch
