@@ -23,9 +23,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import dp_accounting
 from dp_accounting import rdp
+
+if TYPE_CHECKING:
+    from florist.config import PrivacyConfig
 
 # dp-accounting logs a warning per Renyi order whose series it drops; the epsilon accounts for that.
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -54,6 +58,20 @@ def noise_for_epsilon(target_epsilon: float, delta: float, rounds: int, sampling
         delta,
         bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
     )
+
+
+def planned_noise_multiplier(privacy: PrivacyConfig, rounds: int, sampling_rate: float) -> float:
+    """sigma of every round of a private run: privacy.noise_multiplier, or the smallest that spends
+    privacy.target_epsilon over `rounds` rounds at `sampling_rate`. The server asks for it and each
+    site recomputes it, so that a server cannot ask for less noise than the run's settings state."""
+    if privacy.noise_multiplier is not None:
+        return privacy.noise_multiplier
+    return noise_for_epsilon(privacy.target_epsilon, privacy.delta, rounds, sampling_rate)
+
+
+def planned_epsilon(privacy: PrivacyConfig, rounds: int, sampling_rate: float) -> float:
+    """The epsilon a private run spends over `rounds` rounds at privacy.delta if every sampled site is summed."""
+    return epsilon([(planned_noise_multiplier(privacy, rounds, sampling_rate), sampling_rate)] * rounds, privacy.delta)
 
 
 def site_noise_std(noise_multiplier: float, sensitivity: float, sites: int) -> float:

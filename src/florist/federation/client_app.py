@@ -204,6 +204,9 @@ def score_round(config: RunConfig | None, msg: Message, context: Context) -> Mes
 
 
 def _train(config: RunConfig, policy: NodePolicy, node: NodeSettings, instruction: Instruction, msg: Message, context: Context) -> Message:
+    sketch_round = SketchRound.read(msg) if config.aggregation.secure else None
+    if sketch_round is not None:
+        policy.privacy.check_round(config, sketch_round, instruction.round)
     workspace, chain = _prepare(config, policy, node, instruction, msg, context)
     if isinstance(chain, Message):
         return chain
@@ -266,7 +269,7 @@ def _train(config: RunConfig, policy: NodePolicy, node: NodeSettings, instructio
     if config.wire.client_tau < 1:
         factors = {name: truncate_update(f, config.wire.client_tau) for name, f in factors.items()}
     if config.aggregation.secure:
-        sketch, privacy = site_upload(config, SketchRound.read(msg), factors, len(features))
+        sketch, privacy = site_upload(config, sketch_round, factors, len(features))
         if config.privacy.secure_aggregation:
             check_range(config, sketch)
             keys = answer_setup(context, msg.content[SECURE_SUM], sketch)

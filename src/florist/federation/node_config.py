@@ -50,6 +50,14 @@ def number(node_config: Mapping[str, object], key: str) -> float:
     return number
 
 
+def boolean(node_config: Mapping[str, object], key: str) -> bool:
+    """False where the key is absent."""
+    value = node_config.get(key, False)
+    if not isinstance(value, bool):
+        raise Refused(f"node config {key}={value!r} must be true or false (TOML: unquoted)")
+    return value
+
+
 def text(node_config: Mapping[str, object], key: str) -> str:
     value = node_config[key]
     if not isinstance(value, str):

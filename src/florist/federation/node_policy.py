@@ -43,6 +43,8 @@ from florist.federation.identity import settings_fingerprint
 from florist.federation.messages import Instruction
 from florist.federation.node import NodeSettings
 from florist.federation.node_config import Refused
+from florist.federation.node_privacy import DEFAULT_MAX_DELTA, PrivacyDemands
+from florist.federation.node_signing import node_signing
 from florist.models import EMBEDDED_MODEL
 from florist.planning import GIB
 from florist.planning.plan import model_config, site_peak
@@ -105,6 +107,9 @@ NODE_KEYS = {
     "modules-to-save": "the modules it may train and send in full (model.modules_to_save), comma-separated (default: none)",
     "min-category-examples": f"the examples a category needs before its score is sent (default {DEFAULT_MIN_CATEGORY_EXAMPLES})",
     "memory-gib": "the memory its device has for training, GiB: a run whose planned peak (florist plan) is above it is refused (default: no limit)",
+    "require-secure-sum": "true: it trains only for runs whose server reads nothing but sums (florist-secure with privacy.secure_aggregation)",
+    "max-epsilon": "it trains only for runs with client-level DP, summed securely, planning at most this epsilon (default: no demand)",
+    "max-delta": f"with max-epsilon, the largest privacy.delta (default {DEFAULT_MAX_DELTA:g})",
     "secure-sum-key": "this site's own node private key (OpenSSH EC, as --auth-supernode-private-key): it signs its secure-sum keys",
     "secure-sum-peers": "a file of the federation's node public keys (OpenSSH, one a line, this site's among them): the only signers of secure-sum keys it accepts",
     "worker-socket": "the Unix socket of this site's resident worker (`florist site-worker --socket PATH`), which then answers every message",
@@ -130,6 +135,7 @@ class NodePolicy:
     modules_to_save: tuple[str, ...] = ()
     min_category_examples: int = DEFAULT_MIN_CATEGORY_EXAMPLES
     memory_gib: float | None = None
+    privacy: PrivacyDemands = PrivacyDemands()
     in_process: bool = False
     """A node of `florist run`, inside the operator's own process: it may take its part of the run's
     split, shares the cores with the other simulated clients, and its failures keep their text."""
@@ -141,6 +147,8 @@ class NodePolicy:
             raise Refused(f"node config key {unknown[0]!r} is unknown; known keys: {', '.join(NODE_KEYS)}")
         if "partition-id" not in node_config:
             raise Refused("node config lacks partition-id: start the SuperNode with --node-config \"partition-id=N ...\"")
+        # Read with the rest, so that a bad key file is refused at the node's first message, not in its first secure sum.
+        node_signing(node_config)
         caps = {
             field: read.number(node_config, key) if field == "message_mb" else read.integer(node_config, key, minimum=1)
             for key, field in CAP_KEYS.items()
@@ -166,6 +174,7 @@ class NodePolicy:
                 else DEFAULT_MIN_CATEGORY_EXAMPLES
             ),
             memory_gib=read.number(node_config, "memory-gib") if "memory-gib" in node_config else None,
+            privacy=PrivacyDemands.from_node_config(node_config),
         )
 
     @classmethod
@@ -258,6 +267,7 @@ class NodePolicy:
                 )
         if self.memory_gib is not None:
             self._check_memory(config, rank)
+        self.privacy.check(config)
         cores = len(os.sched_getaffinity(0))
         # A node of `florist run` shares the machine's cores with the clients training beside it (EMBEDDED.md).
         threads = self.threads or (max(1, cores // config.federation.parallel_clients) if self.in_process else cores)

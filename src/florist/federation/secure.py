@@ -48,7 +48,7 @@ from florist.federation.sketch_round import CUT, SKETCH, SKETCH_DTYPES, SketchRo
 from florist.federation.train_round import RoundFailed, TrainRound
 from florist.federation.validation import MiB, REPORTED_METRICS, ClientUpdate, Limits, Rejected
 from florist.federation.weight_level import WeightLevel
-from florist.privacy import PrivacyLedger, effective_multiplier, noise_for_epsilon
+from florist.privacy import PrivacyLedger, effective_multiplier, planned_noise_multiplier
 
 
 
@@ -192,13 +192,9 @@ class SecureRounds:
 
     def __init__(self, config: RunConfig, aggregator: SecureFLoRIST, shapes: Mapping[str, tuple[int, int]]):
         self.config, self.aggregator, self.shapes = config, aggregator, dict(shapes)
-        federation, privacy = config.federation, config.privacy
-        self.sampling_rate = federation.sample_size / federation.num_clients
-        self.noise_multiplier = 0.0
-        if privacy.dp:
-            self.noise_multiplier = privacy.noise_multiplier or noise_for_epsilon(
-                privacy.target_epsilon, privacy.delta, federation.rounds, self.sampling_rate
-            )
+        privacy = config.privacy
+        self.sampling_rate = config.federation.sample_size / config.federation.num_clients
+        self.noise_multiplier = planned_noise_multiplier(privacy, config.federation.rounds, self.sampling_rate) if privacy.dp else 0.0
         self.ledger = PrivacyLedger(privacy.delta) if privacy.dp else None
         self.norm_check = SumNormCheck(config.validation.norm_factor)
         self.weight_level = None if privacy.dp else WeightLevel(config.validation.max_weight_share)
@@ -222,7 +218,7 @@ class SecureRounds:
         seed = (self.config.training.seed * 1_000_003 + server_round) % 2**63
         sites = len(report.sampled)
         level = self.weight_level.for_round(sites) if self.weight_level is not None else math.inf
-        self.sketch = SketchRound.of(seed, self.widths(), sites, self.noise_multiplier, level)
+        self.sketch = SketchRound.of(seed, self.widths(), sites, self.noise_multiplier, level, self.config.federation.rounds)
         total = self.aggregator.sum_of_sketches(seed, self.shapes)
         if not self.protocol:
             self.round = SecureTrainRound(report, total, None, None, {}, False)

@@ -22,7 +22,7 @@ from florist.config import RunConfig
 from florist.federation.messages import ADAPTER
 from florist.federation.node_config import Refused
 from florist.federation.weight_level import capped_weight
-from florist.privacy import site_noise_std
+from florist.privacy import planned_noise_multiplier, site_noise_std
 
 SKETCH = "sketch"
 """The train instruction's record of the round's sketch: seed, widths, sites sampled, noise multiplier, weight level."""
@@ -46,10 +46,14 @@ class SketchRound:
     noise_multiplier: float = 0.0
     weight_level: float = math.inf
     """Each site weighs its sketches by min(its examples, this) (`WeightLevel`); inf: no cut."""
+    rounds: int = 1
+    """federation.rounds, which is not a shared setting (a resumed run may change it): what a private
+    run's epsilon is spent over, so that each site recomputes the noise it must add (`site_upload`)."""
 
     def record(self) -> ConfigRecord:
         return ConfigRecord({
-            "seed": self.seed, "widths": list(self.widths), "sites": self.sites, "noise-multiplier": self.noise_multiplier, "weight-level": self.weight_level,
+            "seed": self.seed, "widths": list(self.widths), "sites": self.sites, "noise-multiplier": self.noise_multiplier,
+            "weight-level": self.weight_level, "rounds": self.rounds,
         })
 
     @classmethod
@@ -61,11 +65,18 @@ class SketchRound:
         widths = record.get("widths")
         if not isinstance(widths, list) or not all(type(width) is int for width in widths):
             raise Refused(f"the server's sketch widths {widths!r} are not a list of integers")
-        return cls(int(record["seed"]), tuple(widths), int(record["sites"]), float(record["noise-multiplier"]), level)
+        rounds, sites = record.get("rounds"), record["sites"]
+        if type(rounds) is not int or rounds < 1 or type(sites) is not int or sites < 1:
+            raise Refused(f"the server's sketch record states {rounds!r} rounds and {sites!r} sites, not positive integers")
+        return cls(int(record["seed"]), tuple(widths), sites, float(record["noise-multiplier"]), level, rounds)
 
     @classmethod
-    def of(cls, seed: int, widths: Mapping[str, int], sites: int, noise_multiplier: float, weight_level: float) -> SketchRound:
-        return cls(seed, tuple(widths[name] for name in sorted(widths)), sites, noise_multiplier, weight_level)
+    def of(cls, seed: int, widths: Mapping[str, int], sites: int, noise_multiplier: float, weight_level: float, rounds: int) -> SketchRound:
+        return cls(seed, tuple(widths[name] for name in sorted(widths)), sites, noise_multiplier, weight_level, rounds)
+
+    def sampling_rate(self, config: RunConfig) -> float:
+        """The share of the federation's clients this round sampled (federation.num_clients is shared)."""
+        return min(1.0, self.sites / config.federation.num_clients)
 
     def module_widths(self, shapes: Mapping[str, tuple[int, int]]) -> dict[str, int]:
         """Each module's width, once every one is a width its sketch can have (1 <= l <= min(m, n)):
@@ -89,8 +100,11 @@ def site_upload(config: RunConfig, sketch: SketchRound, factors: Mapping[str, Lo
     if not privacy.dp:
         weight, cut = capped_weight(examples, sketch.weight_level)
         return client_sketch(factors, weight, sketch.seed, widths) | {CUT: torch.tensor(cut, dtype=torch.float64)}, {}
-    if privacy.noise_multiplier is not None and sketch.noise_multiplier < privacy.noise_multiplier:
-        raise ValueError(f"the server asks for noise multiplier {sketch.noise_multiplier:g}, below privacy.noise_multiplier {privacy.noise_multiplier:g}")
+    planned = planned_noise_multiplier(privacy, sketch.rounds, sketch.sampling_rate(config))
+    # A relative tolerance: the server computed the same number, maybe with another float order.
+    if sketch.noise_multiplier < planned * (1 - 1e-9):
+        stated = "privacy.noise_multiplier" if privacy.noise_multiplier is not None else f"privacy.target_epsilon {privacy.target_epsilon:g}"
+        raise Refused(f"the server asks for noise multiplier {sketch.noise_multiplier:g}, below the {planned:.6g} that {stated} needs")
     clipped, factor = clip_to_norm(factors, privacy.clip_norm)
     std = site_noise_std(sketch.noise_multiplier, sketch_sensitivity(privacy.clip_norm), sketch.sites)
     generator = torch.Generator().manual_seed(secrets.randbits(63))
