@@ -1,7 +1,7 @@
 """A real `florist run` process killed (SIGKILL) after its first round, then `florist run --resume`:
 the result equals the same federation run without interruption. And a private florist-secure run
-stopped after its first round and resumed: the privacy ledger is the uninterrupted run's, and an
-edited ledger in the checkpoint is refused."""
+summed by the secure-sum protocol, killed after its first round and resumed: the privacy ledger is
+the uninterrupted run's; an edited ledger in the checkpoint is refused."""
 
 from __future__ import annotations
 
@@ -128,19 +128,34 @@ def stopped_after_round_one(tiny_model_dir, run_dir: Path, monkeypatch) -> None:
     assert [r["round"] for r in read_rounds(run_dir)] == [0, 1]
 
 
-def test_a_private_run_stopped_and_resumed_reports_the_epsilon_of_the_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
+def test_a_private_secure_sum_run_killed_after_round_one_reports_the_epsilon_of_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    """A real `florist run` (DP, the sketches summed by the secure-sum protocol) killed with SIGKILL
+    once round 1 is checkpointed, then resumed in a new process."""
     from florist.federation.simulation import run_federation
 
-    run_dir = tmp_path / "stopped"
-    stopped_after_round_one(tiny_model_dir, run_dir, monkeypatch)
-    run_federation(federation_config(tiny_model_dir, run_dir, "florist-secure", *DP), resume=run_dir)
-    whole = run_federation(federation_config(tiny_model_dir, tmp_path / "whole", "florist-secure", *DP))
+    config = federation_config(tiny_model_dir, tmp_path / "killed", "florist-secure", *DP, "privacy.secure_aggregation=true")
+    config_file = tmp_path / "private.toml"
+    config_file.write_text(tomli_w.dumps(config.model_dump(exclude_none=True)))
+    run_dir = Path(config.output.run_dir)
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen(florist("run", "--config", str(config_file)), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for_round(run_dir, 1, process)
+        finally:
+            kill_everything(process)
+    recorded = read_rounds(run_dir)
+    assert 1 <= recorded[-1]["round"] < 3 and not (run_dir / "summary.json").exists()
+    resumed = subprocess.run(florist("run", "--resume", str(run_dir)), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = run_federation(federation_config(tiny_model_dir, tmp_path / "whole", "florist-secure", *DP, "privacy.secure_aggregation=true"))
 
     ours, theirs = read_rounds(run_dir), read_rounds(whole)
     assert [r["round"] for r in ours] == [r["round"] for r in theirs] == [0, 1, 2, 3]
+    assert ours[: len(recorded)] == recorded  # the rounds recorded before the kill are kept as they were
     spent = [r["secure"]["privacy"] for r in ours[1:]]
     assert spent == [r["secure"]["privacy"] for r in theirs[1:]]  # per round: multiplier, rate, round and run epsilon
     assert spent[-1]["run_epsilon"] > spent[0]["run_epsilon"] > 0  # the resumed rounds add to round 1's spending
+    assert all("keys_signed" in r["secure"] for r in ours[1:])  # every round summed by the protocol
     summary, expected = (json.loads((path / "summary.json").read_text()) for path in (run_dir, whole))
     assert summary["privacy"] == expected["privacy"] and summary["privacy"]["rounds"] == 3
     assert summary["privacy"]["epsilon"] <= 8 * 1.001
