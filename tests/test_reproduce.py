@@ -646,3 +646,41 @@ def test_cell_timeout_must_be_a_positive_number_of_seconds(value: str, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "reproduce", "--cell-timeout", value])
     assert "--cell-timeout" in capsys.readouterr().err
+
+
+def test_rows_select_cells_of_a_grid_seed_by_seed_and_an_unknown_row_is_named():
+    secure = GRIDS["secure"]
+    labels = ["florist-tau0.90-secure", "florist-tau0.90"]
+    chosen = secure.cells([1, 2], labels)
+    assert [(cell.label, cell.seed) for cell in chosen] == [(label, seed) for seed in (1, 2) for label in labels]
+    assert secure.cells(None, labels) == [cell for cell in secure.cells() if cell.label in labels]
+    with pytest.raises(ValueError, match=r"^row 'florist-tau0.50' is not in this grid; its rows: florist-tau0.90-secure, florist-tau0.90, "):
+        secure.cells([0], ["florist-tau0.50"])
+
+
+def test_only_the_first_cell_of_a_grid_with_none_finished_evaluates_the_base_model(tmp_path: Path, monkeypatch):
+    out = tmp_path / "out"
+    first, second, later = [cell for cell in GRIDS["full"].cells([0]) if not grid.replayable(cell.row, rounds=1)][:3]
+    evaluated = {}
+
+    class FakeCell:
+        cpu_seconds = 0.0
+
+        def __init__(self, command, log, timeout, cores=None):
+            run_dir = Path(json.loads(next(item for item in command if item.startswith("output.run_dir=")).partition("=")[2]))
+            evaluated[run_dir] = "evaluation.base=true" in command
+            run_dir.mkdir(parents=True)
+            (run_dir / "summary.json").write_text("{}")
+
+        def poll(self):
+            return True
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(running, "FederatedCell", FakeCell)
+    assert running.run_grid([first, second], out, grid.QUICK_SCALE) == []
+    assert evaluated == {first.path(out): True, second.path(out): False}
+    # Resumed later with another row first: the base model was evaluated already.
+    assert running.run_grid([later, first, second], out, grid.QUICK_SCALE) == []
+    assert evaluated[later.path(out)] is False

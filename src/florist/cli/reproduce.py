@@ -25,6 +25,7 @@ def register(benchmarks) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="results root (resumable)")
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the grid's, 0 1 2; quick: 0)")
+    parser.add_argument("--rows", nargs="+", metavar="LABEL", help="only these rows of the grid (their directory names; default: all)")
     parser.add_argument("--paper-scale", action="store_true", help="the paper's scale on a GPU: TinyLlama-1.1B, whole clients, bf16")
     parser.add_argument("--model", default=PAPER_MODEL, help=f"model of --paper-scale (default {PAPER_MODEL})")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from the cells that exist")
@@ -49,13 +50,17 @@ def _reproduce(args: argparse.Namespace) -> int:
     from florist.bench.reproduce.running import run_grid
 
     grid = GRIDS[args.grid]
-    cells = grid.cells(args.seeds)
+    try:
+        cells = grid.cells(args.seeds, args.rows)
+    except ValueError as error:
+        print(f"--rows: {error}", file=sys.stderr)
+        return 2
     out = args.out.resolve()
     failed = []
     if not args.report:
         paper = (*PAPER_SCALE, f"model.name={json.dumps(args.model)}") if args.paper_scale else ()
         failed = run_grid(cells, out, [*grid.scale, *paper, *args.overrides], args.cell_timeout, args.jobs)
-    print(f"report: {write_report(out, len(cells))}")
+    print(f"report: {write_report(out, len(grid.cells(args.seeds)))}")
     if failed:
         print(f"{len(failed)} cells failed; run the same command again to retry them", file=sys.stderr)
     return 1 if failed else 0

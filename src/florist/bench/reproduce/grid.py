@@ -117,9 +117,16 @@ class Grid:
     scale: tuple[str, ...] = ()
     seeds: tuple[int, ...] = (0, 1, 2)
 
-    def cells(self, seeds: Sequence[int] | None = None) -> list[Cell]:
-        """Seed by seed, so that a partial grid holds whole seeds first; the source run before the rest."""
+    def cells(self, seeds: Sequence[int] | None = None, labels: Sequence[str] | None = None) -> list[Cell]:
+        """Seed by seed, so that a partial grid holds whole seeds first; the source run before the rest.
+        `labels`: only these rows (a one-round grid's replayed rows need the source row's cell, run or selected)."""
         rows = sorted(self.rows, key=lambda row: row != SOURCE)
+        if labels is not None:
+            known = [row.label for row in rows]
+            unknown = [label for label in labels if label not in known]
+            if unknown:
+                raise ValueError(f"row {unknown[0]!r} is not in this grid; its rows: {', '.join(known)}")
+            rows = [row for row in rows if row.label in labels]
         return [Cell(setting, row, seed) for seed in seeds or self.seeds for setting in self.settings for row in rows]
 
 

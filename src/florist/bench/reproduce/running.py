@@ -82,7 +82,7 @@ def run_grid(cells: Sequence[Cell], out: Path, scale: Sequence[str], cell_timeou
     cells at once; returns the cells that failed (their logs say why).
 
     A replayed cell runs in this process once its source has finished. Only the grid's first cell
-    evaluates the base model: it is the same for every cell. Timings go to OUT/timings.jsonl, one line
+    evaluates the base model, and only while none has finished: it is the same for every cell. Timings go to OUT/timings.jsonl, one line
     per cell run.
     """
     failed: list[Cell] = []
@@ -116,13 +116,15 @@ def run_grid(cells: Sequence[Cell], out: Path, scale: Sequence[str], cell_timeou
                 return
             time.sleep(0.2)
 
+    # The base model is the same in every cell: evaluated once, in the first cell of a grid with none finished.
+    fresh = not recorded and not any((cell.path(out) / "summary.json").exists() for cell in cells)
     try:
         for index, cell in enumerate(cells, 1):
             target = cell.path(out)
             if (target / "summary.json").exists() or (cell.setting, cell.label, cell.seed) in recorded:
                 continue
             shutil.rmtree(target, ignore_errors=True)  # a half-finished run directory is redone from scratch
-            overrides = [*scale, *cell.overrides(out, evaluate_base=index == 1)]
+            overrides = [*scale, *cell.overrides(out, evaluate_base=fresh and index == 1)]
             config = load_config(CONFIG, overrides)  # a bad override fails here, in one line, before the cell runs
             replayed = replayable(cell.row, config.federation.rounds)
             log = out / "logs" / cell.setting / cell.label / f"seed{cell.seed}.log"
