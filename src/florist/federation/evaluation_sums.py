@@ -180,7 +180,8 @@ class EvaluationSums:
             return round(value[name])
 
         def float_sum(name: str) -> float:
-            return value[f"{name}:{WHOLE}"] + value[f"{name}:{FRACTION}"]
+            # Every site's sum is >= 0: quantisation noise below 0 (a total of 0 rounds either way) is cut.
+            return max(0.0, value[f"{name}:{WHOLE}"] + value[f"{name}:{FRACTION}"])
 
         keys = [EXACT_MATCH, *(f"{EXACT_MATCH}/{c}" for c in categories)]
         return cls(
