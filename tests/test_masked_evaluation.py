@@ -244,11 +244,30 @@ def test_a_site_refuses_a_layout_or_session_that_is_not_the_evaluation_sums():
     assert Setup.read(Setup(1, [5], 1, 1.0, 8, layout).record()).layout == layout
 
 
-def test_a_site_refuses_an_evaluate_instruction_without_the_sums_setup_in_one_line(tiny_model_dir, tmp_path):
+EVALUATION_LAYOUT = masked_layout(EMBEDDED_CATEGORIES)
+
+
+@pytest.mark.parametrize(
+    ("setup", "reason"),
+    [
+        (None, "privacy.secure_aggregation: the evaluate instruction carries no secure-sum setup"),
+        (Setup(1, [21, 22, 23], 2, CLIP_RANGE, BITS, EVALUATION_LAYOUT), "a setup for secure sum 1, which is not a session of this kind of sum"),
+        (
+            Setup(EVALUATION_SESSIONS + 1, [21, 22, 23], 2, CLIP_RANGE, BITS, Layout(EVALUATION_LAYOUT.shapes[1:], EVALUATION_LAYOUT.counts)),
+            "the secure-sum layout is not the evaluation sums' layout",
+        ),
+    ],
+    ids=["no-setup", "a-training-session", "another-layout"],
+)
+def test_a_site_refuses_an_evaluate_instruction_without_the_sums_setup_in_one_line(tiny_model_dir, tmp_path, setup, reason):
     base_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     config = federation_config(tiny_model_dir, tmp_path / "run", "florist-secure", MASKED)
     pristine = {n: m.weight.detach().clone() for n, m in base_model.named_modules() if n.endswith(("q_proj", "v_proj"))}
     update = random_update(pristine, 3, 1.5, seed=1)
-    reply = evaluate_round(config, instruction(config, base_model, 1, 21, [update], {update_key(1): update}, kind=MessageType.EVALUATE), context(21, partition=1))
-    assert reply.has_error()
-    assert reply.error.reason == "privacy.secure_aggregation: the evaluate instruction carries no secure-sum setup"
+    message = instruction(config, base_model, 1, 21, [update], {update_key(1): update}, kind=MessageType.EVALUATE)
+    if setup is not None:
+        message.content[SECURE_SUM] = setup.record()
+    state = context(21, partition=1)
+    reply = evaluate_round(config, message, state)
+    assert reply.has_error() and reply.error.reason == reason
+    assert not state.state.keys()  # refused before any key was made or kept

@@ -277,7 +277,7 @@ def _train(config: RunConfig, policy: NodePolicy, node: NodeSettings, instructio
 
 def _evaluate(config: RunConfig, policy: NodePolicy, node: NodeSettings, instruction: Instruction, msg: Message, context: Context) -> Message:
     masked = config.aggregation.secure and config.privacy.secure_aggregation
-    setup = evaluation_setup(msg) if masked else None  # read before the work it is for
+    setup = evaluation_setup(msg) if masked else None  # read and checked before the work it is for
     workspace, chain = _prepare(config, policy, node, instruction, msg, context)
     if isinstance(chain, Message):
         return chain
@@ -313,7 +313,8 @@ def _evaluate(config: RunConfig, policy: NodePolicy, node: NodeSettings, instruc
             categories = layout_categories(setup.layout)
             sums = sums.in_layout(categories)
         if sums.withheld_categories:
-            print(f"round {instruction.round} client {node.partition}: withheld {sums.withheld_categories} categories of fewer than {minimum} examples or outside the run's", flush=True)
+            why = f"of fewer than {minimum} examples" + (" or outside the run's" if setup is not None else "")
+            print(f"round {instruction.round} client {node.partition}: withheld {sums.withheld_categories} categories {why}", flush=True)
         if setup is not None:
             return _reply(msg, workspace, EVALUATED, metrics, keys=answer_evaluation_setup(context, setup, sums.tensors(categories)))
         return _reply(msg, workspace, EVALUATED, metrics | sums.record())

@@ -65,9 +65,11 @@ def secure_sum_stages(grid: Grid, summing: SecureSum, timeout: float) -> None:
         _stage(grid, report, "unmask", asked, timeout, lambda n, r: server.receive_unmask(n, UnmaskShares.read(r)))
         total, survivors = server.result()
     except SecureSumFailed as failure:
-        summing.sum_failed(str(failure))
+        reason = str(failure)
+    else:
+        summing.add_sum(total, survivors)
         return
-    summing.add_sum(total, survivors)
+    summing.sum_failed(reason)  # outside the handler: a RoundFailed it raises stands alone
 
 
 def _stage(

@@ -34,7 +34,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
-from florist.federation.evaluation_sums import EVALUATION_SESSIONS
+from florist.federation.evaluation_sums import EVALUATION_SESSIONS, layout_categories
 from florist.federation.messages import SECURE_SUM
 from florist.federation.node_config import Refused
 from florist.federation.node_signing import node_signing
@@ -47,6 +47,7 @@ from florist.federation.secure_sum import (
 )
 from florist.federation.secure_sum.node import checked_setup
 from florist.federation.secure_sum.protocol import COLLECT, SHARE, UNMASK, ForwardedShares, KeyDirectory, stage_of
+
 
 @dataclass(frozen=True)
 class SumState:
@@ -73,11 +74,16 @@ def answer_setup(context: Context, setup_record: ConfigRecord, upload: Mapping[s
 
 
 def evaluation_setup(msg: Message) -> Setup:
-    """The evaluation sums' setup an evaluate instruction carries, read before the site evaluates."""
+    """The evaluation sums' setup an evaluate instruction carries, read and checked (its session, its
+    layout: evaluation_sums.layout_categories) before the site evaluates."""
     record = msg.content.get(SECURE_SUM)
     if not isinstance(record, ConfigRecord):
         raise ProtocolRefused("privacy.secure_aggregation: the evaluate instruction carries no secure-sum setup")
-    return Setup.read(record)
+    setup = Setup.read(record)
+    if sum_state(setup.session) != EVALUATION_SUM:
+        raise ProtocolRefused(f"a setup for secure sum {setup.session}, which is not a session of this kind of sum")
+    layout_categories(setup.layout)
+    return setup
 
 
 def answer_evaluation_setup(context: Context, setup: Setup, sums: Mapping[str, torch.Tensor]) -> ConfigRecord:
