@@ -548,10 +548,13 @@ class RunConfig(Section):
                 f"privacy.secure_aggregation needs aggregation.method = \"florist-secure\", whose uploads are sums; not {self.aggregation.method!r}"
             )
         most_sites = (2**32 - 1) // (2**self.privacy.secure_bits - 1)
-        if self.privacy.secure_aggregation and self.federation.sample_size > most_sites:
+        key, sites = "federation.sample_size", self.federation.sample_size
+        if self.evaluation.federated:  # an evaluation's sum is over every site
+            key, sites = "federation.num_clients", self.federation.num_clients
+        if self.privacy.secure_aggregation and sites > most_sites:
             raise ValueError(
-                f"privacy.secure_bits {self.privacy.secure_bits}: a secure sum of {self.federation.sample_size} sites "
-                f"(federation.sample_size) overflows 32 bits; at most {most_sites} sites fit, use fewer bits"
+                f"privacy.secure_bits {self.privacy.secure_bits}: a secure sum of {sites} sites "
+                f"({key}) overflows 32 bits; at most {most_sites} sites fit, use fewer bits"
             )
         if not self.aggregation.secure:
             return self
