@@ -242,6 +242,10 @@ def test_a_site_refuses_a_layout_or_session_that_is_not_the_evaluation_sums():
     assert setup.record()["layout"] == json.dumps([["x", [2]]])  # a training layout has no counts
     assert json.loads(Setup(1, [5], 1, 1.0, 8, layout).record()["layout"])[0][2:] == ["count"]
     assert Setup.read(Setup(1, [5], 1, 1.0, 8, layout).record()).layout == layout
+    record = Setup(1, [5], 1, 1.0, 8, layout).record()
+    record["layout"] = json.dumps([["x", [], "float"]])
+    with pytest.raises(ProtocolRefused, match=r"^the secure-sum layout cannot be read \(an entry's kind is not 'count'\)$"):
+        Setup.read(record)
 
 
 EVALUATION_LAYOUT = masked_layout(EMBEDDED_CATEGORIES)
