@@ -276,8 +276,7 @@ def _train(config: RunConfig, policy: NodePolicy, node: NodeSettings, instructio
 
 
 def _evaluate(config: RunConfig, policy: NodePolicy, node: NodeSettings, instruction: Instruction, msg: Message, context: Context) -> Message:
-    masked = config.aggregation.secure and config.privacy.secure_aggregation
-    setup = evaluation_setup(msg) if masked else None  # read and checked before the work it is for
+    setup = evaluation_setup(msg) if config.aggregation.secure and config.privacy.secure_aggregation else None  # checked before the work
     workspace, chain = _prepare(config, policy, node, instruction, msg, context)
     if isinstance(chain, Message):
         return chain
@@ -310,13 +309,12 @@ def _evaluate(config: RunConfig, policy: NodePolicy, node: NodeSettings, instruc
         minimum = policy.category_minimum(config)
         sums = EvaluationSums.of_site(results, loss, held_out, minimum)
         if setup is not None:  # the sums masked, in the layout every site sends (federation/evaluation_sums.py)
-            categories = layout_categories(setup.layout)
-            sums = sums.in_layout(categories)
+            sums = sums.in_layout(layout_categories(setup.layout))
         if sums.withheld_categories:
             why = f"of fewer than {minimum} examples" + (" or outside the run's" if setup is not None else "")
             print(f"round {instruction.round} client {node.partition}: withheld {sums.withheld_categories} categories {why}", flush=True)
         if setup is not None:
-            return _reply(msg, workspace, EVALUATED, metrics, keys=answer_evaluation_setup(context, setup, sums.tensors(categories)))
+            return _reply(msg, workspace, EVALUATED, metrics, keys=answer_evaluation_setup(context, setup, sums))
         return _reply(msg, workspace, EVALUATED, metrics | sums.record())
     scores = policy.shareable(results, held_out)
     if loss is not None:

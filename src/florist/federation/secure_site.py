@@ -34,7 +34,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
-from florist.federation.evaluation_sums import EVALUATION_SESSIONS, layout_categories
+from florist.federation.evaluation_sums import EVALUATION_SESSIONS, EvaluationSums, layout_categories
 from florist.federation.messages import SECURE_SUM
 from florist.federation.node_config import Refused
 from florist.federation.node_signing import node_signing
@@ -86,9 +86,10 @@ def evaluation_setup(msg: Message) -> Setup:
     return setup
 
 
-def answer_evaluation_setup(context: Context, setup: Setup, sums: Mapping[str, torch.Tensor]) -> ConfigRecord:
-    """The public keys for an evaluation's sums; the node's state and its vector of sums kept in `context`."""
-    return _answer_setup(context, setup, sums, EVALUATION_SUM)
+def answer_evaluation_setup(context: Context, setup: Setup, sums: EvaluationSums) -> ConfigRecord:
+    """The public keys for an evaluation's sums (`EvaluationSums.in_layout` of the setup's categories);
+    the node's state and its vector of sums in the setup's layout kept in `context`."""
+    return _answer_setup(context, setup, sums.tensors(layout_categories(setup.layout)), EVALUATION_SUM)
 
 
 def _answer_setup(context: Context, setup: Setup, tensors: Mapping[str, torch.Tensor], kept: SumState) -> ConfigRecord:
