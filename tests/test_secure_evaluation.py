@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, MessageType
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from transformers import AutoModelForCausalLM
 
 from florist.config import load_config
@@ -86,6 +86,11 @@ def reply_of(partition: int, metrics: dict) -> Reply:
     return Reply(Identity("fingerprint", {}, "digest"), EVALUATED, 1, partition, {"round": 1, "partition-id": partition, "chain-length": 0} | metrics)
 
 
+def message_of(node: int) -> Message:
+    """The message a reply was read from (a clear sums stage reads the reply alone)."""
+    return Message(RecordDict(), dst_node_id=node, message_type=MessageType.EVALUATE)
+
+
 # Three sites' clear scores: distinctive token counts, so that a recorded per-site value would show.
 CLEAR = [
     ({"test_loss": 2.5, "test_tokens": 1013, "rouge_l": 0.34, "exact_match": 0.5, "exact_match/a": 0.5, "exact_match/b": 0.5}, ["a"] * 2 + ["b"] * 2, LossResult(1.75, 5.75, 517)),
@@ -102,7 +107,7 @@ def test_the_server_combines_the_sums_as_the_clear_per_site_values_combine():
     stage = evaluation_stage(federation_config("model", "run", "florist-secure"), 1, max_examples=100)
     assert isinstance(stage, SecureFederatedEvaluation)
     for node, sums in enumerate(site_sums(), start=1):
-        assert stage.receive(node, reply_of(node, sums.record()))
+        assert stage.receive(node, reply_of(node, sums.record()), message_of(node))
     combined = stage.finish([]).combined()
     clear = [results for results, _, _ in CLEAR]
     tokens = [r["test_tokens"] for r in clear]
@@ -133,7 +138,7 @@ def test_the_servers_record_holds_no_sites_values_and_a_sum_below_min_sites_is_n
     stage = evaluation_stage(config, 1, max_examples=100)
     sums = site_sums()
     for node, site in enumerate(sums, start=1):
-        stage.receive(node, reply_of(node, site.record()))
+        stage.receive(node, reply_of(node, site.record()), message_of(node))
     record = round_record(1, None, {}, stage.finish([]), {})["federated_evaluation"]
     assert set(record) == {"combined", "sites_summed", "events"} and record["sites_summed"] == 3
     recorded = set(numbers(record))
@@ -142,7 +147,7 @@ def test_the_servers_record_holds_no_sites_values_and_a_sum_below_min_sites_is_n
             assert site.record().get(key) not in recorded, key
 
     alone = evaluation_stage(config, 1, max_examples=100)
-    alone.receive(1, reply_of(1, sums[0].record()))
+    alone.receive(1, reply_of(1, sums[0].record()), message_of(1))
     report = alone.finish([])
     assert report.combined() == {}
     assert [(e.status, e.reason) for e in report.events] == [("withheld", "1 sites' evaluation sums, below federation.min_sites = 2: not combined")]

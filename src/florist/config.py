@@ -317,9 +317,10 @@ class PrivacyConfig(Section):
     category's score (a node's own min-category-examples may ask more); below it the site sends
     none and counts the category as withheld (federation/evaluation_sums.py)."""
     secure_aggregation: bool = False
-    """florist-secure: the sites' sketches are summed by the secure-sum protocol (pairwise masks,
-    Shamir shares; federation/secure_round.py), so that the server reads only their sum. Off by
-    default: it costs three more round trips per round, and runs without it keep their results."""
+    """florist-secure: the sites' sketches, and with evaluation.federated their evaluation sums, are
+    summed by the secure-sum protocol (pairwise masks, Shamir shares; federation/secure_round.py), so
+    that the server reads only their sum. Off by default: it costs three more round trips per round
+    (and per federated evaluation), and runs without it keep their results."""
     secure_threshold: float = Field(2 / 3, gt=0.5, le=1)
     """The fraction of a round's sites whose shares unmask the sum (never below federation.min_sites):
     fewer survivors and the round is not aggregated; more sites than 1 - this fraction colluding with
@@ -329,7 +330,9 @@ class PrivacyConfig(Section):
     secure_clip_range: float = Field(1e4, gt=0, allow_inf_nan=False)
     """The largest magnitude of any value of a site's upload: its sketches weighted by its examples
     (by 1 under privacy.dp), and its example count. A site whose upload exceeds it fails its round with
-    this key named; each value is rounded to a step of 2 * secure_clip_range / (2**secure_bits - 1)."""
+    this key named; each value is rounded to a step of 2 * secure_clip_range / (2**secure_bits - 1).
+    The evaluation sums need no range: their counts are summed exactly and only the fractions of their
+    float sums are quantised (federation/evaluation_sums.py)."""
 
     @field_validator("clip_norm", "noise_multiplier", "target_epsilon")
     @classmethod
@@ -545,10 +548,13 @@ class RunConfig(Section):
                 f"privacy.secure_aggregation needs aggregation.method = \"florist-secure\", whose uploads are sums; not {self.aggregation.method!r}"
             )
         most_sites = (2**32 - 1) // (2**self.privacy.secure_bits - 1)
-        if self.privacy.secure_aggregation and self.federation.sample_size > most_sites:
+        key, sites = "federation.sample_size", self.federation.sample_size
+        if self.evaluation.federated:  # an evaluation's sum is over every site
+            key, sites = "federation.num_clients", self.federation.num_clients
+        if self.privacy.secure_aggregation and sites > most_sites:
             raise ValueError(
-                f"privacy.secure_bits {self.privacy.secure_bits}: a secure sum of {self.federation.sample_size} sites "
-                f"(federation.sample_size) overflows 32 bits; at most {most_sites} sites fit, use fewer bits"
+                f"privacy.secure_bits {self.privacy.secure_bits}: a secure sum of {sites} sites "
+                f"({key}) overflows 32 bits; at most {most_sites} sites fit, use fewer bits"
             )
         if not self.aggregation.secure:
             return self

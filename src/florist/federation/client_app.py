@@ -23,7 +23,7 @@ from florist.config import RunConfig
 from florist.evaluation import evaluate, instruction_loss
 from florist.federation import payload
 from florist.federation.delivery import GlobalUpdate, apply_update, update_digest
-from florist.federation.evaluation_sums import EvaluationSums
+from florist.federation.evaluation_sums import EvaluationSums, layout_categories
 from florist.federation.messages import (
     ADAPTER,
     CANDIDATE,
@@ -47,7 +47,8 @@ from florist.federation.node_config import Refused
 from florist.federation.node_policy import NodePolicy, node_policy
 from florist.federation.resources import peak_rss_mib
 from florist.federation.sketch_round import SketchRound, put_upload, site_upload
-from florist.federation.secure_site import answer_setup, check_range, secure_sum_stage
+from florist.federation.secure_site import answer_evaluation_setup, answer_setup, evaluation_setup, secure_sum_stage
+from florist.federation.secure_sum import ProtocolRefused
 from florist.federation.workspace import Update, Workspace, workspace_for
 from florist.lora.model import attach_lora, freeze_shared_A, frozen_lora_A, load_dense, load_global, merge_into_base, move_into_lora, read_dense, read_factors
 from florist.training import train_lora
@@ -143,7 +144,7 @@ def _answer(stage: Stage, config: RunConfig | None, msg: Message, context: Conte
         instruction = policy.read_instruction(msg)
         config = config if in_process else policy.run_config(instruction.settings)
         return stage(config, policy, policy.admit(config), instruction, msg, context)
-    except Refused as refusal:
+    except (Refused, ProtocolRefused) as refusal:
         print(f"node {context.node_id}: refused: {refusal}", flush=True)
         return _error(msg, str(refusal))
     except Exception as error:
@@ -271,7 +272,6 @@ def _train(config: RunConfig, policy: NodePolicy, node: NodeSettings, instructio
     if config.aggregation.secure:
         sketch, privacy = site_upload(config, sketch_round, factors, len(features))
         if config.privacy.secure_aggregation:
-            check_range(config, sketch)
             keys = answer_setup(context, msg.content[SECURE_SUM], sketch)
             return _reply(msg, workspace, TRAINED, metrics | privacy, keys=keys)
         return _reply(msg, workspace, TRAINED, metrics | privacy, sketch=sketch)
@@ -279,6 +279,7 @@ def _train(config: RunConfig, policy: NodePolicy, node: NodeSettings, instructio
 
 
 def _evaluate(config: RunConfig, policy: NodePolicy, node: NodeSettings, instruction: Instruction, msg: Message, context: Context) -> Message:
+    setup = evaluation_setup(msg) if config.aggregation.secure and config.privacy.secure_aggregation else None  # checked before the work
     workspace, chain = _prepare(config, policy, node, instruction, msg, context)
     if isinstance(chain, Message):
         return chain
@@ -310,8 +311,13 @@ def _evaluate(config: RunConfig, policy: NodePolicy, node: NodeSettings, instruc
     if config.aggregation.secure:
         minimum = policy.category_minimum(config)
         sums = EvaluationSums.of_site(results, loss, held_out, minimum)
+        if setup is not None:  # the sums masked, in the layout every site sends (federation/evaluation_sums.py)
+            sums = sums.in_layout(layout_categories(setup.layout))
         if sums.withheld_categories:
-            print(f"round {instruction.round} client {node.partition}: withheld {sums.withheld_categories} categories of fewer than {minimum} examples", flush=True)
+            why = f"of fewer than {minimum} examples" + (" or outside the run's" if setup is not None else "")
+            print(f"round {instruction.round} client {node.partition}: withheld {sums.withheld_categories} categories {why}", flush=True)
+        if setup is not None:
+            return _reply(msg, workspace, EVALUATED, metrics, keys=answer_evaluation_setup(context, setup, sums))
         return _reply(msg, workspace, EVALUATED, metrics | sums.record())
     scores = policy.shareable(results, held_out)
     if loss is not None:

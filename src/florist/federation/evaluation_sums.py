@@ -19,13 +19,17 @@ The server divides sums by sums: loss = sum(nll) / sum(tokens), exact match = su
 sum(count), ROUGE-L = sum(rouge_l:sum) / sum(num-examples); and only once at least
 federation.min_sites sites are in the sum, as for the training sums.
 
-Masking (the shape a secure-sum protocol takes, as federation/secure_sum/ does the training
-sums): the numbers above are one flat vector of non-negative values per site, every entry a plain
-sum. To mask them every site must send the same entries: the run then fixes its categories in
-advance and a site sends 0 and 0 for a category it withholds or lacks (its withheld count says
-which is which only in the sum); the counts are integers, quantised exactly, and the nll and ROUGE
-sums are floats, quantised as the sketches are. Until that is wired the server receives each reply
-in the clear; it still reads nothing but the sums, and records none of one site's values.
+Masking (privacy.secure_aggregation): the sums travel as one vector per site, masked by the
+secure-sum protocol (federation/secure_sum), so that the server reads only their total. Every site
+must send the same entries (`masked_layout`, carried in the protocol's setup): the run's categories
+are fixed in advance (`run_categories`: the embedded task's, else Dolly's eight), and a site sends 0
+and 0 for a category it withholds, lacks or that is not among them, counting those it holds in
+`withheld:*`; every split's loss is an entry, 0 and 0 where the site has none. The counts are summed
+exactly (unquantised integers); each float sum (nll, ROUGE-L) is split into its whole part, a
+count, and its fraction in [0, 1), quantised, so that the total of K sites is within K quantisation
+steps (secure_sum/quantization.py's `Quantizer.bound`) whatever its size. Without the protocol the
+server receives each site's sums in the clear; it still reads nothing but the sums, and records none
+of one site's values.
 """
 
 from __future__ import annotations
@@ -35,9 +39,13 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from florist.data import Example
+import torch
+
+from florist.config import RunConfig
+from florist.data import EMBEDDED_CATEGORIES, Example
 from florist.evaluation import LossResult
 from florist.federation.messages import Malformed, Reply
+from florist.federation.secure_sum import Layout, ProtocolRefused
 
 SPLITS = ("test", "val")
 """The splits whose loss is combined over their tokens: `test`, held-out; `val`, validation."""
@@ -47,6 +55,41 @@ EXACT_MATCH = "exact_match"
 MAX_LOSS = 700.0
 """The largest loss a node may report: exp(700) = 1e304 is still a float, so the combined
 perplexity is. A site's summed nll is at most this times its tokens."""
+DOLLY_CATEGORIES = (
+    "brainstorming", "classification", "closed_qa", "creative_writing", "general_qa", "information_extraction", "open_qa", "summarization",
+)
+"""databricks-dolly-15k's categories, the paper's data."""
+EVALUATION_SESSIONS = 2**40
+"""The first secure-sum session of an evaluation's sums (the round's evaluation is this plus the round;
+a train sum's session is its round): no two sums of a run share a session, so a site's keys, signed
+for one sum, are never accepted in another."""
+WHOLE, FRACTION = "whole", "fraction"
+"""A float sum as the masked vector holds it: its whole part (a count) and its fraction."""
+
+
+def run_categories(config: RunConfig) -> tuple[str, ...]:
+    """The categories whose exact match the masked evaluation sums carry: fixed by the run's data."""
+    data = config.data
+    return EMBEDDED_CATEGORIES if "embedded" in (data.source, data.test_source) else DOLLY_CATEGORIES
+
+
+def masked_layout(categories: Sequence[str]) -> Layout:
+    """The entries every site's masked evaluation sums hold, each a scalar, for the run's `categories`."""
+    floats = [f"{split}:nll" for split in SPLITS] + ["rouge_l:sum"]
+    counts = ["num-examples", "withheld:categories", "withheld:examples"] + [f"{split}:tokens" for split in SPLITS]
+    counts += [f"{key}:{part}" for key in [EXACT_MATCH, *(f"{EXACT_MATCH}/{c}" for c in categories)] for part in ("correct", "count")]
+    counts += [f"{name}:{WHOLE}" for name in floats]
+    names = counts + [f"{name}:{FRACTION}" for name in floats]
+    return Layout(tuple((name, ()) for name in sorted(names)), tuple(sorted(counts)))
+
+
+def layout_categories(layout: Layout) -> tuple[str, ...]:
+    """The categories a setup's layout carries; `ProtocolRefused` unless it is `masked_layout`'s for them."""
+    prefix, suffix = f"{EXACT_MATCH}/", ":count"
+    categories = tuple(sorted(name[len(prefix) : -len(suffix)] for name, _ in layout.shapes if name.startswith(prefix) and name.endswith(suffix)))
+    if layout != masked_layout(categories):
+        raise ProtocolRefused("the secure-sum layout is not the evaluation sums' layout")
+    return categories
 
 
 @dataclass(frozen=True)
@@ -103,6 +146,51 @@ class EvaluationSums:
             exact_match=exact_match,
             withheld_categories=len(withheld),
             withheld_examples=sum(withheld.values()),
+        )
+
+    def in_layout(self, categories: Sequence[str]) -> EvaluationSums:
+        """These sums as the masked layout holds them: a category outside `categories` withheld."""
+        outside = {key: score for key, score in self.exact_match.items() if key != EXACT_MATCH and key.split("/", 1)[1] not in categories}
+        return EvaluationSums(
+            examples=self.examples, losses=self.losses, rouge_l=self.rouge_l,
+            exact_match={key: score for key, score in self.exact_match.items() if key not in outside},
+            withheld_categories=self.withheld_categories + len(outside),
+            withheld_examples=self.withheld_examples + sum(score.count for score in outside.values()),
+        )
+
+    def tensors(self, categories: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The sums as `masked_layout(categories)`'s entries (call `in_layout` first): 0 where the site has none."""
+        values: dict[str, float] = dict.fromkeys((name for name, _ in masked_layout(categories).shapes), 0.0)
+        floats = {f"{split}:nll": loss.total for split, loss in self.losses.items()} | {"rouge_l:sum": self.rouge_l}
+        for name, total in floats.items():
+            values[f"{name}:{WHOLE}"], values[f"{name}:{FRACTION}"] = math.floor(total), total - math.floor(total)
+        for name, value in self.record().items():
+            if name not in floats:
+                if name not in values:
+                    raise ValueError(f"sum {name} is outside the layout of categories {list(categories)} (EvaluationSums.in_layout)")
+                values[name] = value
+        return {name: torch.tensor(float(value), dtype=torch.float64) for name, value in values.items()}
+
+    @classmethod
+    def of_total(cls, total: Mapping[str, torch.Tensor], categories: Sequence[str]) -> EvaluationSums:
+        """The sums from the masked layout's total over the sites."""
+        value = {name: float(tensor.item()) for name, tensor in total.items()}
+
+        def count(name: str) -> int:
+            return round(value[name])
+
+        def float_sum(name: str) -> float:
+            # Every site's sum is >= 0: quantisation noise below 0 (a total of 0 rounds either way) is cut.
+            return max(0.0, value[f"{name}:{WHOLE}"] + value[f"{name}:{FRACTION}"])
+
+        keys = [EXACT_MATCH, *(f"{EXACT_MATCH}/{c}" for c in categories)]
+        return cls(
+            examples=count("num-examples"),
+            losses={split: Ratio(float_sum(f"{split}:nll"), count(f"{split}:tokens")) for split in SPLITS},
+            rouge_l=float_sum("rouge_l:sum"),
+            exact_match={key: Ratio(count(f"{key}:correct"), count(f"{key}:count")) for key in keys},
+            withheld_categories=count("withheld:categories"),
+            withheld_examples=count("withheld:examples"),
         )
 
     def record(self) -> dict[str, int | float]:

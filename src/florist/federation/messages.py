@@ -32,10 +32,12 @@ CANDIDATE = "candidate"
 """Automatic tau: the round's exact update, whose cuts a node scores."""
 CUTS = "cuts"
 SECURE_SUM = "secure-sum"
-"""privacy.secure_aggregation: the record of a secure-sum message, both ways (the setup's rides in the train instruction)."""
+"""privacy.secure_aggregation: the record of a secure-sum message, both ways (the setup's rides in the
+train instruction, and an evaluation sums' in the evaluate instruction)."""
 SECURE_SUM_ACTION = "secure_sum"
 SECURE_SUM_TYPE = f"{MessageType.TRAIN}.{SECURE_SUM_ACTION}"
-"""The message type of the secure sum's later stages (share, collect, unmask): the ClientApp's train action `secure_sum`."""
+"""The message type of the secure sum's later stages (share, collect, unmask), a training sum's or an
+evaluation's (the session tells them apart, secure_site.sum_state): the ClientApp's train action `secure_sum`."""
 
 TRAINED, GAP, MISMATCH, EVALUATED, SCORED = "trained", "gap", "mismatch", "evaluated", "scored"
 

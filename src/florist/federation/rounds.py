@@ -7,6 +7,7 @@ from flwr.serverapp import Grid
 
 from florist.config import FederationConfig
 from florist.federation.exchange import exchange
+from florist.federation.federated_evaluation import MaskedFederatedEvaluation
 from florist.federation.reports import EvaluationReport, RoundReport, TauSelection
 from florist.federation.sampling import nodes_for_round
 from florist.federation.secure_round import secure_sum_stages
@@ -26,7 +27,7 @@ def train_stage(grid: Grid, strategy: LoraStrategy, federation: FederationConfig
         strategy.note_late(late)
         if strategy.has_quorum():
             if strategy.secure is not None and strategy.secure.protocol:
-                secure_sum_stages(grid, strategy.secure, federation.round_timeout)
+                secure_sum_stages(grid, strategy.secure.round, federation.round_timeout)
             return strategy.finish_round()
         connected = set(grid.get_node_ids())
         nodes = [node for node in strategy.pending() if node in connected]
@@ -37,9 +38,13 @@ def train_stage(grid: Grid, strategy: LoraStrategy, federation: FederationConfig
 
 
 def evaluate_stage(grid: Grid, strategy: LoraStrategy, federation: FederationConfig, server_round: int) -> EvaluationReport:
-    """Every connected node scores the current global model on its own held-out examples."""
+    """Every connected node scores the current global model on its own held-out examples. With
+    privacy.secure_aggregation the replies are the sites' public keys, and the secure sum's stages
+    bring the sum of their evaluation sums."""
     nodes = sorted(grid.get_node_ids())
     late = exchange(grid, strategy.configure_evaluate(server_round, nodes), federation.round_timeout, strategy.receive_evaluate)
+    if isinstance(strategy.evaluation, MaskedFederatedEvaluation):
+        secure_sum_stages(grid, strategy.evaluation, federation.round_timeout)
     return strategy.finish_evaluate(late)
 
 

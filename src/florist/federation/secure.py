@@ -157,6 +157,9 @@ class SecureSumTrainRound(SecureTrainRound):
         # The weight each site says it gave its sketches; the server sees only their sum.
         self.clips[node], self.weights[node] = {}, 1.0 if self.dp else float(update.examples)
 
+    def sum_failed(self, reason: str) -> None:
+        raise RoundFailed(f"round {self.report.round}: {reason}")
+
     def add_sum(self, total: Mapping[str, torch.Tensor], survivors: list[int]) -> None:
         """The survivors' summed sketches join the accumulator, at the float32 resolution of the sites'
         uploads; a site that took part but is not among the survivors leaves the round."""

@@ -1,46 +1,60 @@
-"""The secure sum's later stages in a florist-secure round (privacy.secure_aggregation), over the grid.
+"""The secure sum's later stages over the grid (privacy.secure_aggregation), for a round's training
+sum and for an evaluation's sums alike.
 
-The round's train stage is the protocol's setup: each site trains, sketches, keeps its upload and
-answers with its public keys (federation/secure_site.py), and the round's `SecureSumTrainRound`
-holds the server's state machine (secure_sum/server.py). Once the train stage has its quorum,
-`secure_sum_stages` runs, each as one `exchange` with the round's deadline:
+The stage before them is the protocol's setup: the train instruction, where each site trains,
+sketches, keeps its upload and answers with its public keys (federation/secure_site.py), its sum
+held by the round's `SecureSumTrainRound` (secure.py); or the evaluate instruction, where each site
+evaluates, keeps its vector of sums and answers with its keys, its sum held by the
+`MaskedFederatedEvaluation` (federated_evaluation.py). Once that stage is over, `secure_sum_stages`
+runs, each as one `exchange` with the round's deadline:
 
   share    the key directory to every site that sent keys   -> its Shamir shares, encrypted per recipient
-  collect  the shares addressed to each site                -> its masked, quantised sketches
+  collect  the shares addressed to each site                -> its masked, encoded input
   unmask   who survived and who dropped, to the survivors   -> the shares that remove the masks
 
-and the server adds the survivors' unmasked SUM (sketches and weight) to the round's accumulator;
-the round then finishes as without the protocol (secure.py's reconstruction, SumNormCheck, the DP
-ledger). A site that drops out after masking is left out of the sum by the dropped sites' shares;
-one silent at unmasking is still in it. A stage that closes with fewer sites than the threshold and
-federation.min_sites fails the round, not aggregated. Every message both ways is counted in the
-round's bytes.
+and hands the survivors' unmasked SUM to its holder (`SecureSum.add_sum`): a training sum joins the
+round's accumulator (the round then finishes as without the protocol: secure.py's reconstruction,
+SumNormCheck, the DP ledger); an evaluation's sums are combined. A site that drops out after
+masking is left out of the sum by the dropped sites' shares; one silent at unmasking is still in
+it. A stage that closes with fewer sites than the threshold and federation.min_sites ends the sum
+(`SecureSum.sum_failed`): a round is then not aggregated, an evaluation not combined. Every message
+both ways is counted in the stage's bytes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
+import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from florist.federation.exchange import exchange
 from florist.federation.intake import guarded
 from florist.federation.messages import SECURE_SUM, SECURE_SUM_TYPE, error_reason, node_unavailable
-from florist.federation.reports import RoundReport
-from florist.federation.secure import SecureRounds, SecureSumTrainRound
-from florist.federation.secure_sum import EncryptedShares, MaskedInput, ProtocolRefused, SecureSumFailed, UnmaskShares
+from florist.federation.reports import Stage
+from florist.federation.secure_sum import EncryptedShares, MaskedInput, ProtocolRefused, SecureSumFailed, SecureSumServer, UnmaskShares
 from florist.federation.strategy import MAX_RESENDS
-from florist.federation.train_round import RoundFailed
 
 
-def secure_sum_stages(grid: Grid, secure: SecureRounds, timeout: float) -> None:
-    """Share, collect and unmask for the round in progress; its accumulator then holds the survivors' sum.
-    Raises RoundFailed (not aggregated) when a stage closes below the sites the sum needs."""
-    state = secure.round
-    if not isinstance(state, SecureSumTrainRound):
-        raise RuntimeError("the secure sum's stages follow a secure round's train stage")
-    server, report = state.server, state.report
+class SecureSum(Protocol):
+    """What holds one secure sum: its server's state machine, the stage its events and bytes go to,
+    and what becomes of the sum."""
+
+    server: SecureSumServer
+    report: Stage
+
+    def add_sum(self, total: Mapping[str, torch.Tensor], survivors: list[int]) -> None:
+        """The survivors' unmasked sum."""
+
+    def sum_failed(self, reason: str) -> None:
+        """The sum cannot be formed (`reason`, one line)."""
+
+
+def secure_sum_stages(grid: Grid, summing: SecureSum, timeout: float) -> None:
+    """Share, collect and unmask for the sum `summing` holds, once its setup stage is over."""
+    server, report = summing.server, summing.report
     try:
         directory = server.directory().record()
         _stage(grid, report, "share", dict.fromkeys(server.keys, directory), timeout, lambda n, r: server.receive_shares(n, EncryptedShares.read(r)))
@@ -51,12 +65,15 @@ def secure_sum_stages(grid: Grid, secure: SecureRounds, timeout: float) -> None:
         _stage(grid, report, "unmask", asked, timeout, lambda n, r: server.receive_unmask(n, UnmaskShares.read(r)))
         total, survivors = server.result()
     except SecureSumFailed as failure:
-        raise RoundFailed(f"round {report.round}: {failure}") from None
-    state.add_sum(total, survivors)
+        reason = str(failure)
+    else:
+        summing.add_sum(total, survivors)
+        return
+    summing.sum_failed(reason)  # outside the handler: a RoundFailed it raises stands alone
 
 
 def _stage(
-    grid: Grid, report: RoundReport, name: str, records: Mapping[int, ConfigRecord], timeout: float, take: Callable[[int, ConfigRecord], None]
+    grid: Grid, report: Stage, name: str, records: Mapping[int, ConfigRecord], timeout: float, take: Callable[[int, ConfigRecord], None]
 ) -> None:
     """One stage: each node its record, each reply's record taken (`take` checks it whole before the
     server's state changes; a refusal rejects that reply), until every node answered or the deadline."""

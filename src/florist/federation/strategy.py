@@ -31,17 +31,7 @@ from florist.federation.federated_evaluation import FederatedEvaluation, evaluat
 from florist.federation.influence import screened_norms
 from florist.federation.intake import guarded, identified
 from florist.federation.messages import (
-    ADAPTER,
-    GAP,
-    GLOBAL,
-    TRAINED,
-    Identity,
-    Instruction,
-    Reply,
-    error_reason,
-    instruction_content,
-    node_unavailable,
-    update_key,
+    ADAPTER, GAP, GLOBAL, TRAINED, Identity, Instruction, Reply, error_reason, instruction_content, node_unavailable, update_key,
 )
 from florist.federation.reports import EvaluationReport, RoundReport, Stage, TauSelection
 from florist.federation.secure import SecureRounds
@@ -143,6 +133,8 @@ class LoraStrategy:
             sent = payload.put(content, GLOBAL, modules, self.wire, factors=factors, dense=self.current.dense)
         if self.secure is not None and message_type == MessageType.TRAIN:
             sent += self.secure.instruct(content)
+        elif message_type == MessageType.EVALUATE and self.evaluation is not None:  # the evaluation sums' secure-sum setup
+            sent += self.evaluation.instruct(content)
         ttl = self.config.federation.round_timeout
         return Message(content=content, message_type=message_type, dst_node_id=node, ttl=ttl), sent
 
@@ -384,7 +376,7 @@ class LoraStrategy:
         if reply.status == GAP:
             return self._resend(node, reply, self.evaluation.report, MessageType.EVALUATE)
         held = reply.integer("chain-length", high=len(self.chain))
-        if self.evaluation.receive(node, reply):
+        if self.evaluation.receive(node, reply, message):
             self._confirm(node, held)
         return []
 

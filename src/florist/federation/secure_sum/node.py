@@ -135,7 +135,7 @@ class SecureSumNode:
         return EncryptedShares(self.session, ciphertexts)
 
     def answer_collect(self, forwarded: ForwardedShares, tensors: Mapping[str, torch.Tensor]) -> MaskedInput:
-        """This node's input quantised, plus its self mask and a pairwise mask with every node whose
+        """This node's input encoded (quantization.py), plus its self mask and a pairwise mask with every node whose
         shares reached it, mod 2**32."""
         self._stage(COLLECT, forwarded.session)
         sources = forwarded.ciphertexts
@@ -153,7 +153,7 @@ class SecureSumNode:
                 raise ProtocolRefused(f"shares forwarded as from node {source} to {self.node} were sent by {origin} to {destination}")
             self.seed_shares[source], self.key_shares[source] = seed_share, key_share
         layout = self.setup.layout
-        vector = checked_setup(self.setup).encode(layout.flatten(tensors))
+        vector = layout.encode(tensors, checked_setup(self.setup), len(self.setup.nodes))
         vector += mask(self.seed, layout.size)
         private = bytes_to_private_key(self.mask_private)
         for other in sources:

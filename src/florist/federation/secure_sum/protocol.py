@@ -25,6 +25,7 @@ from florist.federation.secure_sum.quantization import Layout
 STAGE = "secure-stage"
 SETUP, SHARE, COLLECT, UNMASK = "setup", "share", "collect", "unmask"
 STAGES = (SETUP, SHARE, COLLECT, UNMASK)
+COUNT = "count"
 
 
 class ProtocolRefused(ValueError):
@@ -72,6 +73,11 @@ def _field(record: ConfigRecord, key: str, kind: type):
     return value
 
 
+def _entry(layout: Layout, name: str, shape: tuple[int, ...]) -> list:
+    """A layout entry as the setup carries it: [name, shape], and "count" for a count (quantization.py)."""
+    return [name, list(shape)] + ([COUNT] if name in layout.counts else [])
+
+
 def stage_of(record: ConfigRecord) -> str:
     stage = _field(record, STAGE, str)
     if stage not in STAGES:
@@ -101,14 +107,19 @@ class Setup:
     def record(self) -> ConfigRecord:
         return _record({
             STAGE: SETUP, "session": self.session, "nodes": [str(n) for n in self.nodes], "threshold": self.threshold,
-            "clip-range": self.clip_range, "bits": self.bits, "layout": json.dumps([[name, list(shape)] for name, shape in self.layout.shapes]),
+            "clip-range": self.clip_range, "bits": self.bits, "layout": json.dumps([_entry(self.layout, name, shape) for name, shape in self.layout.shapes]),
         })
 
     @classmethod
     def read(cls, record: ConfigRecord) -> Setup:
         _expect(record, SETUP)
         try:
-            layout = Layout(tuple((str(name), tuple(int(d) for d in shape)) for name, shape in json.loads(_field(record, "layout", str))))
+            entries = json.loads(_field(record, "layout", str))
+            shapes = tuple((str(name), tuple(int(d) for d in shape)) for name, shape, *_ in entries)
+            counts = tuple(str(name) for name, _, *kind in entries if kind == [COUNT])
+            if any(kind not in ([], [COUNT]) for _, _, *kind in entries):
+                raise ValueError(f"an entry's kind is not {COUNT!r}")
+            layout = Layout(shapes, counts)
         except (ValueError, TypeError) as error:
             raise ProtocolRefused(f"the secure-sum layout cannot be read ({error})") from None
         return cls(

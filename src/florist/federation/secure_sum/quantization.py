@@ -4,6 +4,10 @@ Each value in [-clip_range, clip_range] maps to an integer in [0, 2**bits - 1], 
 at random so that the rounding is unbiased; a sum of K such integers fits the modulus while
 K * (2**bits - 1) < 2**32. The dequantised sum of K inputs differs from their plain sum by less
 than K quantisation steps per value (`Quantizer.bound`).
+
+A layout may name some tensors counts (`Layout.counts`): non-negative integers that travel as they
+are, unquantised, so that their sum is exact; each input's count is at most (2**32 - 1) // K, so
+that the sum of K fits the modulus.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ class Layout:
     """The names and shapes of the tensors summed, in a fixed order: the flat vector's layout."""
 
     shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    counts: tuple[str, ...] = ()
+    """The tensors of non-negative integers, summed exactly (the others are floats, quantised)."""
 
     @classmethod
     def of(cls, tensors: Mapping[str, torch.Tensor]) -> Layout:
@@ -43,6 +49,32 @@ class Layout:
                 raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)}, not the layout's {shape}")
             parts.append(tensors[name].detach().to(torch.float64).reshape(-1).numpy())
         return np.concatenate(parts) if parts else np.zeros(0)
+
+    def _count_entries(self) -> np.ndarray:
+        """Which entries of the flat vector are counts."""
+        return np.concatenate([np.full(math.prod(shape), name in self.counts) for name, shape in self.shapes] or [np.zeros(0, dtype=bool)])
+
+    def encode(self, tensors: Mapping[str, torch.Tensor], quantizer: Quantizer, inputs: int) -> np.ndarray:
+        """The tensors as one vector of integers for a sum of at most `inputs`: the floats quantised
+        (`Quantizer.encode`), the counts as they are. A value either cannot hold is refused, naming it."""
+        vector, counts = self.flatten(tensors), self._count_entries()
+        encoded = np.zeros(vector.size, dtype=np.uint32)
+        if (~counts).any():
+            encoded[~counts] = quantizer.encode(vector[~counts])
+        most = (2**MODULUS_BITS - 1) // inputs
+        for name in self.counts:
+            value = tensors[name].detach().to(torch.float64)
+            if not (torch.isfinite(value).all() and (value == value.round()).all() and ((value >= 0) & (value <= most)).all()):
+                raise ValueError(f"count {name} is not an integer in [0, {most}], which a secure sum of {inputs} inputs holds exactly")
+        encoded[counts] = vector[counts].astype(np.uint32)
+        return encoded
+
+    def decode_sum(self, total: np.ndarray, inputs: int, quantizer: Quantizer) -> dict[str, torch.Tensor]:
+        """The float sum of `inputs` inputs from the sum of their encodings: the counts exact."""
+        counts = self._count_entries()
+        vector = total.astype(np.float64)
+        vector[~counts] = quantizer.decode_sum(total[~counts], inputs)
+        return self.unflatten(vector)
 
     def unflatten(self, vector: np.ndarray) -> dict[str, torch.Tensor]:
         tensors, offset = {}, 0

@@ -177,7 +177,7 @@ class SecureSumServer:
                 key = pairwise_key(private, bytes_to_public_key(self.keys[survivor][0]))
                 total -= signed_pairwise_mask(survivor, dropped, key, size)
         survivors = self.request.survivors
-        return self.setup.layout.unflatten(self.quantizer.decode_sum(total, len(survivors))), survivors
+        return self.setup.layout.decode_sum(total, len(survivors), self.quantizer), survivors
 
     def _reconstruct(self, node: int) -> bytes:
         # Any `threshold` shares determine the secret; Shamir's combination is quadratic in the shares given.
