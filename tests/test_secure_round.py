@@ -5,6 +5,9 @@ through Flower's Context serialisation, and the switch's configuration."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -15,17 +18,19 @@ from florist.aggregation.sketch import WEIGHT, SketchSum
 from florist.config import load_config
 from florist.federation import secure_site
 from florist.federation.client_app import build_client_app
-from florist.federation.messages import ADAPTER, SECURE_SUM, SECURE_SUM_TYPE
+from florist.federation.messages import ADAPTER, METRICS, SECURE_SUM, SECURE_SUM_TYPE
 from florist.federation.secure_site import load_node, save_node
 from florist.federation.secure_sum import Layout, MaskedInput, Quantizer, SecureSumServer
 from florist.federation.secure_sum.protocol import COLLECT, UNMASK, stage_of
 from florist.federation.server_app import serve
 from florist.federation.sketch_round import CUT
 from florist.federation.strategy import RoundFailed
+from florist.federation.training_totals import CLEAR_METRICS, DIGITS, FRACTION_BITS, FixedPoint
 from florist.reporting.run_directory import read_rounds
 
 from deployment import federation_keys
 from federations import federation_config
+from test_secure_evaluation import numbers
 from local_grid import LocalGrid
 
 pytestmark = pytest.mark.usefixtures("server_task")
@@ -35,6 +40,8 @@ CLIP_RANGE, BITS = 64.0, 24
 """The tiny federation's uploads stay below 40 in magnitude (example-weighted sketches of 4 to 21
 examples): a range of 64 holds them, and at 24 bits a value is rounded to a step of 7.6e-6."""
 QUANTIZER = Quantizer(CLIP_RANGE, BITS)
+FIXED_POINT = FixedPoint(6)
+"""The totals' digits below the range of 64: 6 bits each."""
 SECURE = ["privacy.secure_aggregation=true", f"privacy.secure_clip_range={CLIP_RANGE}", f"privacy.secure_bits={BITS}"]
 ONE_ROUND = ["federation.rounds=1", "federation.round_retries=0", "federation.round_timeout=10", "evaluation.base=false", "evaluation.server=false"]
 
@@ -114,21 +121,32 @@ def within_quantisation(secure: dict, clear: dict, sites: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def clear_uploads(tiny_model_dir, tmp_path_factory) -> dict[int, dict[str, torch.Tensor]]:
-    """Each site's upload in the same round summed in the clear (privacy.secure_aggregation off)."""
+def clear_round(tiny_model_dir, tmp_path_factory) -> tuple[dict[int, dict[str, torch.Tensor]], dict]:
+    """Each site's upload in the same round summed in the clear (privacy.secure_aggregation off), and the round's record."""
     monkeypatch = pytest.MonkeyPatch()
     try:
         recorded = Recorded(monkeypatch)
-        grid, _ = run(tiny_model_dir, tmp_path_factory.mktemp("clear") / "run", grid_class=CapturingGrid)
+        grid, record = run(tiny_model_dir, tmp_path_factory.mktemp("clear") / "run", grid_class=CapturingGrid)
     finally:
         monkeypatch.undo()
     uploads = {}
     for reply in grid.received:
-        record = reply.content[ADAPTER]
-        uploads[reply.metadata.src_node_id] = {key: torch.from_numpy(array.numpy()).double() for key, array in record.items()}
+        adapter = reply.content[ADAPTER]
+        uploads[reply.metadata.src_node_id] = {key: torch.from_numpy(array.numpy()).double() for key, array in adapter.items()}
     assert len(recorded.sums) == 1 and len(uploads) == 3
     torch.testing.assert_close(plain_sum(list(uploads.values())), recorded.sums[0], rtol=0, atol=1e-12)
-    return uploads
+    return uploads, record
+
+
+@pytest.fixture(scope="module")
+def clear_uploads(clear_round) -> dict[int, dict[str, torch.Tensor]]:
+    return clear_round[0]
+
+
+def sketches_of(summed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A secure site's upload as the clear round's: its weight a scalar again, its totals left out."""
+    weight = FIXED_POINT.join(summed[WEIGHT], FRACTION_BITS)
+    return {key: value for key, value in summed.items() if key not in DIGITS} | {WEIGHT: torch.tensor(weight, dtype=torch.float64)}
 
 
 def test_the_secure_round_sums_what_the_clear_round_sums_within_the_quantisation_bound(tiny_model_dir, tmp_path, monkeypatch, clear_uploads):
@@ -136,8 +154,9 @@ def test_the_secure_round_sums_what_the_clear_round_sums_within_the_quantisation
     _, record = run(tiny_model_dir, tmp_path / "run", *SECURE)
     assert record["secure"]["sites_summed"] == 3 and record["secure"]["keys_signed"] == 0 and len(record["clients"]) == 3
     # The sites sketched exactly what they upload in the clear round: the runs differ only in the summing.
+    # Its weight travels in fixed point (training_totals.FRACTION_BITS): within 2**-21 of the clear one.
     for node, upload in recorded.uploads.items():
-        torch.testing.assert_close(upload, clear_uploads[node], rtol=0, atol=0)
+        torch.testing.assert_close(sketches_of(upload), clear_uploads[node], rtol=0, atol=2**-21)
     [secure] = recorded.sums
     clear = plain_sum(list(clear_uploads.values()))
     within_quantisation(secure, clear, 3)
@@ -220,6 +239,41 @@ def test_the_server_receives_no_sites_sketch_and_records_every_protocol_byte(tin
     assert down > 0 and up > 4 * Layout.of(recorded.uploads[101]).size * len(NODES)  # the masked inputs alone
 
 
+def test_a_secure_sum_round_shows_the_server_only_the_totals_of_the_sites_training(tiny_model_dir, tmp_path, monkeypatch, capfd, clear_round):
+    """Every train reply the server receives carries in the clear only training_totals.CLEAR_METRICS;
+    metrics.jsonl, summary.json and the server's console hold no site's examples, train loss, train
+    tokens or weight, but the round's totals, equal to the same round's summed in the clear: examples
+    and tokens exactly, the weighted train loss within the fixed point's 2**-20 a site."""
+    Recorded(monkeypatch)
+    capfd.readouterr()
+    grid, record = run(tiny_model_dir, tmp_path / "run", *SECURE, grid_class=CapturingGrid)
+    console = capfd.readouterr().err
+    _, clear = clear_round
+    sites = clear["clients"]  # each site's own numbers: the sites train alike in both runs (the first test)
+    assert len(sites) == 3 and len({site["train_loss"] for site in sites}) == 3
+    examples, tokens = sum(site["examples"] for site in sites), sum(site["train_tokens"] for site in sites)
+    assert record["totals"] == {"examples": examples, "train_tokens": tokens, "train_loss": pytest.approx(clear["train_loss"], abs=1e-6)}
+    assert record["train_loss"] == record["totals"]["train_loss"] and "sites_clipped" not in record["totals"]
+
+    trained = [reply.content[METRICS] for reply in grid.received if METRICS in reply.content]
+    assert len(trained) == 3
+    for metrics in trained:
+        assert set(metrics.keys()) == set(CLEAR_METRICS), sorted(metrics.keys())
+    assert all(set(client) == {"partition", "node", "rank", "bytes_down", "bytes_up"} for client in record["clients"])
+
+    stored = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    stored.append(json.loads((tmp_path / "run" / "summary.json").read_text()))
+    recorded_numbers = set(numbers(stored))
+    for site in sites:
+        # (A site's examples and weight, 4 to 21, are numbers that turn up in any record: no record has their keys, above.)
+        assert site["train_loss"] not in recorded_numbers and site["train_tokens"] not in recorded_numbers
+        assert not re.search(rf"\b{site['examples']} examples", console)
+        if f"{site['train_loss']:.3f}" != f"{clear['train_loss']:.3f}":  # one site's is the mean's, at the console's 3 places
+            assert f"{site['train_loss']:.3f}" not in console
+        assert f"{site['train_tokens']} train tokens" not in console
+    assert f"secure sum of 3 sites: {examples} examples, {tokens} train tokens, weighted train loss {clear['train_loss']:.3f}" in console
+
+
 def test_the_nodes_protocol_state_survives_flowers_context_serialisation(tmp_path):
     """A SuperNode's Context state is serialised between messages (and to the site worker and back):
     a sum whose nodes reload their state from a serialised Context at every stage, signing with the
@@ -265,6 +319,11 @@ def test_the_nodes_protocol_state_survives_flowers_context_serialisation(tmp_pat
         (["privacy.secure_aggregation=true"], 'privacy.secure_aggregation needs aggregation.method = "florist-secure", whose uploads are sums; not \'florist\''),
         (["aggregation.method=\"florist-secure\"", "privacy.secure_aggregation=true", "privacy.secure_bits=31", "federation.num_clients=3", "federation.ranks=[4]"],
          "privacy.secure_bits 31: a secure sum of 3 sites (federation.sample_size) overflows 32 bits; at most 2 sites fit, use fewer bits"),
+        (["aggregation.method=\"florist-secure\"", "privacy.secure_aggregation=true", "privacy.secure_bits=16", "federation.num_clients=3", "federation.ranks=[4]"],
+         "privacy.secure_bits 16 with secure_clip_range 10000: a secure sum of 3 sites (federation.sample_size) is off by up to 0.916, "
+         "and its counts need less than 0.5; use more bits or a smaller range"),
+        (["aggregation.method=\"florist-secure\"", "privacy.secure_aggregation=true", "privacy.secure_clip_range=1.5"],
+         "privacy.secure_clip_range 1.5 is below 2: the secure sum carries counts as digits below it"),
         (["privacy.secure_threshold=0.5"], "privacy.secure_threshold: Input should be greater than 0.5 (got 0.5)"),
         (["privacy.secure_clip_range=inf"], "privacy.secure_clip_range: Input should be a finite number (got inf)"),
     ],

@@ -328,8 +328,9 @@ class PrivacyConfig(Section):
     """Bits each value of a site's upload is quantised to; a round sums at most 2**32 // 2**bits sites."""
     secure_clip_range: float = Field(1e4, gt=0, allow_inf_nan=False)
     """The largest magnitude of any value of a site's upload: its sketches weighted by its examples
-    (by 1 under privacy.dp), and its example count. A site whose upload exceeds it fails its round with
-    this key named; each value is rounded to a step of 2 * secure_clip_range / (2**secure_bits - 1)."""
+    (by 1 under privacy.dp). A site whose upload exceeds it fails its round with this key named; each
+    value is rounded to a step of 2 * secure_clip_range / (2**secure_bits - 1). Counts and the weight
+    travel as digits below it, summed exactly (federation/training_totals.py)."""
 
     @field_validator("clip_norm", "noise_multiplier", "target_epsilon")
     @classmethod
@@ -534,6 +535,24 @@ class RunConfig(Section):
     privacy: PrivacyConfig = PrivacyConfig()
     output: OutputConfig = OutputConfig()
 
+    def _secure_counts_are_exact(self) -> None:
+        """The secure sum carries each site's counts as digits below the clip range, whose sums are
+        rounded to integers: exact only while a sum of sample_size sites is off by less than 1/2
+        (federation/training_totals.py)."""
+        privacy, sites = self.privacy, self.federation.sample_size
+        if not privacy.secure_aggregation:
+            return
+        if privacy.secure_clip_range < 2:
+            raise ValueError(
+                f"privacy.secure_clip_range {privacy.secure_clip_range:g} is below 2: the secure sum carries counts as digits below it"
+            )
+        error = sites * 2 * privacy.secure_clip_range / (2**privacy.secure_bits - 1)
+        if error >= 0.5:
+            raise ValueError(
+                f"privacy.secure_bits {privacy.secure_bits} with secure_clip_range {privacy.secure_clip_range:g}: a secure sum of {sites} sites "
+                f"(federation.sample_size) is off by up to {error:.3g}, and its counts need less than 0.5; use more bits or a smaller range"
+            )
+
     @model_validator(mode="after")
     def _secure_mode_is_consistent(self) -> RunConfig:
         if self.privacy.dp and not self.aggregation.secure:
@@ -550,6 +569,7 @@ class RunConfig(Section):
                 f"privacy.secure_bits {self.privacy.secure_bits}: a secure sum of {self.federation.sample_size} sites "
                 f"(federation.sample_size) overflows 32 bits; at most {most_sites} sites fit, use fewer bits"
             )
+        self._secure_counts_are_exact()
         if not self.aggregation.secure:
             return self
         if self.model.lora_bias != "none" or self.model.modules_to_save:

@@ -30,7 +30,6 @@ from florist.federation.messages import SECURE_SUM
 from florist.federation.node_config import Refused
 from florist.federation.node_signing import node_signing
 from florist.federation.secure_sum import (
-    Layout,
     ProtocolRefused,
     PublicKeys,
     Quantizer,
@@ -47,7 +46,12 @@ NODE_STATE, SETUP_STATE, INPUT_STATE = "secure-sum:node", "secure-sum:setup", "s
 def check_range(config: RunConfig, upload: Mapping[str, torch.Tensor]) -> None:
     """Refuse, before any key is made, an upload that the secure sum's quantiser could not encode."""
     privacy = config.privacy
-    Quantizer(privacy.secure_clip_range, privacy.secure_bits).encode(Layout.of(upload).flatten(upload))
+    quantizer = Quantizer(privacy.secure_clip_range, privacy.secure_bits)
+    for name, value in upload.items():
+        try:
+            quantizer.encode(value.detach().to(torch.float64).reshape(-1).numpy())
+        except ValueError as error:
+            raise ValueError(f"upload {name}: {error}") from None
 
 
 def answer_setup(context: Context, setup_record: ConfigRecord, upload: Mapping[str, torch.Tensor]) -> ConfigRecord:
