@@ -16,7 +16,7 @@ from flwr.common.serde import context_from_proto, context_to_proto
 
 from florist.aggregation.sketch import WEIGHT, SketchSum
 from florist.config import load_config
-from florist.federation import secure_site
+from florist.federation import secure_site, sketch_round
 from florist.federation.client_app import build_client_app
 from florist.federation.messages import ADAPTER, METRICS, SECURE_SUM, SECURE_SUM_TYPE
 from florist.federation.secure_site import load_node, save_node
@@ -40,6 +40,8 @@ CLIP_RANGE, BITS = 64.0, 24
 """The tiny federation's uploads stay below 40 in magnitude (example-weighted sketches of 4 to 21
 examples): a range of 64 holds them, and at 24 bits a value is rounded to a step of 7.6e-6."""
 QUANTIZER = Quantizer(CLIP_RANGE, BITS)
+DP_CLIP_NORM = 1.8
+"""Between the smallest (1.54) and the middle (2.07) of the three sites' update norms in round 1 (the test checks it)."""
 FIXED_POINT = FixedPoint(6)
 """The totals' digits below the range of 64: 6 bits each."""
 SECURE = ["privacy.secure_aggregation=true", f"privacy.secure_clip_range={CLIP_RANGE}", f"privacy.secure_bits={BITS}"]
@@ -272,6 +274,28 @@ def test_a_secure_sum_round_shows_the_server_only_the_totals_of_the_sites_traini
             assert f"{site['train_loss']:.3f}" not in console
         assert f"{site['train_tokens']} train tokens" not in console
     assert f"secure sum of 3 sites: {examples} examples, {tokens} train tokens, weighted train loss {clear['train_loss']:.3f}" in console
+
+
+def test_under_dp_the_server_reads_how_many_sites_were_clipped_and_no_sites_clip_factor(tiny_model_dir, tmp_path, monkeypatch):
+    """privacy.dp with the secure sum: each site's clip factor stays with it; the round records the
+    number of sites whose update was clipped (here 2 of 3, at a clip norm between the sites' norms)."""
+    factors: dict[int, float] = {}
+    clip = sketch_round.clip_to_norm
+
+    def recording_clip(modules, clip_norm):
+        clipped, factor = clip(modules, clip_norm)
+        factors[len(factors)] = factor
+        return clipped, factor
+
+    monkeypatch.setattr(sketch_round, "clip_to_norm", recording_clip)
+    grid, record = run(
+        tiny_model_dir, tmp_path / "run", *SECURE, "privacy.dp=true", f"privacy.clip_norm={DP_CLIP_NORM}", "privacy.noise_multiplier=1.0",
+        grid_class=CapturingGrid,
+    )
+    assert sorted(factor < 1 for factor in factors.values()) == [False, True, True]
+    assert record["totals"]["sites_clipped"] == 2
+    for reply in grid.received:
+        assert "dp-clip-factor" not in reply.content.get(METRICS, {})
 
 
 def test_the_nodes_protocol_state_survives_flowers_context_serialisation(tmp_path):

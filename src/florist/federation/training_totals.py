@@ -75,10 +75,11 @@ class FixedPoint:
         scaled, mask = round(value * 2**fraction_bits), 2**self.digit_bits - 1
         return torch.tensor([(scaled >> (i * self.digit_bits)) & mask for i in range(self.digits)], dtype=torch.float64)
 
-    def join(self, digit_sums: torch.Tensor, fraction_bits: int) -> float:
-        """The sum of the values whose digits were summed, each digit sum rounded to its integer."""
+    def join(self, digit_sums: torch.Tensor, fraction_bits: int) -> int | float:
+        """The sum of the values whose digits were summed, each digit sum rounded to its integer: a
+        count's an int, exact."""
         scaled = sum(round(d) << (i * self.digit_bits) for i, d in enumerate(digit_sums.tolist()))
-        return scaled / 2**fraction_bits
+        return scaled if fraction_bits == 0 else scaled / 2**fraction_bits
 
 
 def summed_shapes(shapes: Mapping[str, tuple[int, ...]], fixed_point: FixedPoint) -> dict[str, tuple[int, ...]]:
