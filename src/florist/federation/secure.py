@@ -10,7 +10,9 @@ these tensors: nothing below reads one site's values except the per-reply bounda
 (shapes, finiteness). Without privacy.secure_aggregation the server receives each upload in the
 clear and only sums them; with it, a site's train reply holds its public keys for the round's
 secure sum (`SecureSumTrainRound`, federation/secure_site.py), and the server receives only
-masked uploads and, from the protocol (federation/secure_round.py), their sum.
+masked uploads and, from the protocol (federation/secure_round.py), their sum. Then a site's
+examples and training metrics are summed too, not sent (federation/training_totals.py): the round
+records their totals, and per site neither those numbers nor a weight.
 
 The weight cap (validation.max_weight_share) is applied by the sites themselves, at a level the
 server sends (federation/weight_level.py): each weighs its sketches by min(examples, level) and adds 1 to a
