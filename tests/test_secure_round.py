@@ -1,7 +1,8 @@
 """florist-secure rounds with privacy.secure_aggregation, on the real ServerApp loop and ClientApp in
 this process (local_grid.py): the secure sum against the clear sum, sites dropping out mid-protocol,
-a round below the threshold, what the server receives, the bytes recorded, the node's protocol state
-through Flower's Context serialisation, and the switch's configuration."""
+a round below the threshold, what the server receives, the bytes recorded, the sites' training
+totals in place of their own numbers, the node's protocol state through Flower's Context
+serialisation, the switch's configuration, and one round on Flower's Ray simulation engine."""
 
 from __future__ import annotations
 
@@ -356,3 +357,21 @@ def test_secure_aggregation_settings_are_refused_in_one_line(overrides, message)
     with pytest.raises(ValueError) as error:
         load_config(None, overrides)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_flowers_ray_simulation_engine_runs_the_secure_sums_stages(tiny_model_dir, tmp_path, clear_round):
+    """federation.engine = "ray" (Flower's simulation engine, each node's Context state kept by it
+    between messages) through setup, share, collect and unmask: the round sums all three sites, and
+    its totals are the clear round's (the same sites train alike on either engine)."""
+    from florist.federation.simulation import run_federation
+
+    # Ray starts its workers within the first stage: a round timeout above its start-up at load.
+    ray = ['federation.engine="ray"', "federation.workers=2", "federation.round_timeout=300"]
+    config = federation_config(tiny_model_dir, tmp_path / "run", "florist-secure", *ONE_ROUND, *SECURE, *ray)
+    record = read_rounds(run_federation(config))[1]
+    _, clear = clear_round
+    assert record["secure"]["sites_summed"] == 3 and len(record["clients"]) == 3
+    assert record["totals"]["examples"] == sum(site["examples"] for site in clear["clients"])
+    assert record["totals"]["train_tokens"] == sum(site["train_tokens"] for site in clear["clients"])
+    assert record["totals"]["train_loss"] == pytest.approx(clear["train_loss"], rel=1e-4)
+    assert record["ranks"] == clear["ranks"]
