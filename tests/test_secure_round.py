@@ -1,9 +1,13 @@
 """florist-secure rounds with privacy.secure_aggregation, on the real ServerApp loop and ClientApp in
 this process (local_grid.py): the secure sum against the clear sum, sites dropping out mid-protocol,
-a round below the threshold, what the server receives, the bytes recorded, the node's protocol state
-through Flower's Context serialisation, and the switch's configuration."""
+a round below the threshold, what the server receives, the bytes recorded, the sites' training
+totals in place of their own numbers, the node's protocol state through Flower's Context
+serialisation, the switch's configuration, and one round on Flower's Ray simulation engine."""
 
 from __future__ import annotations
+
+import json
+import re
 
 import numpy as np
 import pytest
@@ -13,19 +17,21 @@ from flwr.common.serde import context_from_proto, context_to_proto
 
 from florist.aggregation.sketch import WEIGHT, SketchSum
 from florist.config import load_config
-from florist.federation import secure_site
+from florist.federation import secure_site, sketch_round
 from florist.federation.client_app import build_client_app
-from florist.federation.messages import ADAPTER, SECURE_SUM, SECURE_SUM_TYPE
+from florist.federation.messages import ADAPTER, METRICS, SECURE_SUM, SECURE_SUM_TYPE
 from florist.federation.secure_site import load_node, save_node
 from florist.federation.secure_sum import Layout, MaskedInput, Quantizer, SecureSumServer
 from florist.federation.secure_sum.protocol import COLLECT, UNMASK, stage_of
 from florist.federation.server_app import serve
 from florist.federation.sketch_round import CUT
 from florist.federation.strategy import RoundFailed
+from florist.federation.training_totals import CLEAR_METRICS, read_totals, summed_layout
 from florist.reporting.run_directory import read_rounds
 
 from deployment import federation_keys
 from federations import federation_config
+from test_secure_evaluation import numbers
 from local_grid import LocalGrid
 
 pytestmark = pytest.mark.usefixtures("server_task")
@@ -35,6 +41,8 @@ CLIP_RANGE, BITS = 64.0, 24
 """The tiny federation's uploads stay below 40 in magnitude (example-weighted sketches of 4 to 21
 examples): a range of 64 holds them, and at 24 bits a value is rounded to a step of 7.6e-6."""
 QUANTIZER = Quantizer(CLIP_RANGE, BITS)
+DP_CLIP_NORM = 1.8
+"""Between the smallest (1.54) and the middle (2.07) of the three sites' update norms in round 1 (the test checks it)."""
 SECURE = ["privacy.secure_aggregation=true", f"privacy.secure_clip_range={CLIP_RANGE}", f"privacy.secure_bits={BITS}"]
 ONE_ROUND = ["federation.rounds=1", "federation.round_retries=0", "federation.round_timeout=10", "evaluation.base=false", "evaluation.server=false"]
 
@@ -114,21 +122,31 @@ def within_quantisation(secure: dict, clear: dict, sites: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def clear_uploads(tiny_model_dir, tmp_path_factory) -> dict[int, dict[str, torch.Tensor]]:
-    """Each site's upload in the same round summed in the clear (privacy.secure_aggregation off)."""
+def clear_round(tiny_model_dir, tmp_path_factory) -> tuple[dict[int, dict[str, torch.Tensor]], dict]:
+    """Each site's upload in the same round summed in the clear (privacy.secure_aggregation off), and the round's record."""
     monkeypatch = pytest.MonkeyPatch()
     try:
         recorded = Recorded(monkeypatch)
-        grid, _ = run(tiny_model_dir, tmp_path_factory.mktemp("clear") / "run", grid_class=CapturingGrid)
+        grid, record = run(tiny_model_dir, tmp_path_factory.mktemp("clear") / "run", grid_class=CapturingGrid)
     finally:
         monkeypatch.undo()
     uploads = {}
     for reply in grid.received:
-        record = reply.content[ADAPTER]
-        uploads[reply.metadata.src_node_id] = {key: torch.from_numpy(array.numpy()).double() for key, array in record.items()}
+        adapter = reply.content[ADAPTER]
+        uploads[reply.metadata.src_node_id] = {key: torch.from_numpy(array.numpy()).double() for key, array in adapter.items()}
     assert len(recorded.sums) == 1 and len(uploads) == 3
     torch.testing.assert_close(plain_sum(list(uploads.values())), recorded.sums[0], rtol=0, atol=1e-12)
-    return uploads
+    return uploads, record
+
+
+@pytest.fixture(scope="module")
+def clear_uploads(clear_round) -> dict[int, dict[str, torch.Tensor]]:
+    return clear_round[0]
+
+
+def sketches_of(summed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A secure site's upload as the clear round's: its weight one scalar again, its totals left out."""
+    return read_totals(summed)[0]
 
 
 def test_the_secure_round_sums_what_the_clear_round_sums_within_the_quantisation_bound(tiny_model_dir, tmp_path, monkeypatch, clear_uploads):
@@ -137,7 +155,7 @@ def test_the_secure_round_sums_what_the_clear_round_sums_within_the_quantisation
     assert record["secure"]["sites_summed"] == 3 and record["secure"]["keys_signed"] == 0 and len(record["clients"]) == 3
     # The sites sketched exactly what they upload in the clear round: the runs differ only in the summing.
     for node, upload in recorded.uploads.items():
-        torch.testing.assert_close(upload, clear_uploads[node], rtol=0, atol=0)
+        torch.testing.assert_close(sketches_of(upload), clear_uploads[node], rtol=0, atol=1e-12)
     [secure] = recorded.sums
     clear = plain_sum(list(clear_uploads.values()))
     within_quantisation(secure, clear, 3)
@@ -209,7 +227,8 @@ def test_the_server_receives_no_sites_sketch_and_records_every_protocol_byte(tin
     assert len(masked) == 3
     for node, vector in masked.items():
         upload = recorded.uploads[node]
-        encoded = QUANTIZER.encode(Layout.of(upload).flatten(upload)).astype(np.float64)
+        sketch_shapes = {key: tuple(value.shape) for key, value in upload.items() if key.endswith((":range", ":corange"))}
+        encoded = summed_layout(sketch_shapes).encode(upload, QUANTIZER, len(NODES)).astype(np.float64)
         correlation = np.corrcoef(vector.astype(np.float64), encoded)[0, 1]
         # Uniform masks: the correlation of independent vectors, within 5 standard errors of 0.
         assert abs(correlation) < 5 / np.sqrt(vector.size), (node, correlation)
@@ -218,6 +237,65 @@ def test_the_server_receives_no_sites_sketch_and_records_every_protocol_byte(tin
     up = sum(reply.content[SECURE_SUM].count_bytes() for reply in grid.received)
     assert record["communication"] == {"down_bytes": down, "up_bytes": up}
     assert down > 0 and up > 4 * Layout.of(recorded.uploads[101]).size * len(NODES)  # the masked inputs alone
+
+
+def test_a_secure_sum_round_shows_the_server_only_the_totals_of_the_sites_training(tiny_model_dir, tmp_path, monkeypatch, capfd, clear_round):
+    """Every train reply the server receives carries in the clear only training_totals.CLEAR_METRICS;
+    metrics.jsonl, summary.json and the server's console hold no site's examples, train loss, train
+    tokens or weight, but the round's totals, equal to the same round's summed in the clear: examples
+    and tokens exactly, the weighted train loss within the quantisation bound."""
+    Recorded(monkeypatch)
+    capfd.readouterr()
+    grid, record = run(tiny_model_dir, tmp_path / "run", *SECURE, grid_class=CapturingGrid)
+    console = capfd.readouterr().err
+    _, clear = clear_round
+    sites = clear["clients"]  # each site's own numbers: the sites train alike in both runs (the first test)
+    assert len(sites) == 3 and len({site["train_loss"] for site in sites}) == 3
+    examples, tokens = sum(site["examples"] for site in sites), sum(site["train_tokens"] for site in sites)
+    # The loss times weight and the weight each carry a quantised fraction: within 3 steps each.
+    bound = QUANTIZER.bound(3) * (1 + clear["train_loss"]) / examples
+    assert record["totals"] == {"examples": examples, "train_tokens": tokens, "train_loss": pytest.approx(clear["train_loss"], abs=bound)}
+    assert record["train_loss"] == record["totals"]["train_loss"] and "sites_clipped" not in record["totals"]
+
+    trained = [reply.content[METRICS] for reply in grid.received if METRICS in reply.content]
+    assert len(trained) == 3
+    for metrics in trained:
+        assert set(metrics.keys()) == set(CLEAR_METRICS), sorted(metrics.keys())
+    assert all(set(client) == {"partition", "node", "rank", "bytes_down", "bytes_up"} for client in record["clients"])
+
+    stored = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    stored.append(json.loads((tmp_path / "run" / "summary.json").read_text()))
+    recorded_numbers = set(numbers(stored))
+    for site in sites:
+        # (A site's examples and weight, 4 to 21, are numbers that turn up in any record: no record has their keys, above.)
+        assert site["train_loss"] not in recorded_numbers and site["train_tokens"] not in recorded_numbers
+        assert not re.search(rf"\b{site['examples']} examples", console)
+        if f"{site['train_loss']:.3f}" != f"{clear['train_loss']:.3f}":  # one site's is the mean's, at the console's 3 places
+            assert f"{site['train_loss']:.3f}" not in console
+        assert f"{site['train_tokens']} train tokens" not in console
+    assert f"secure sum of 3 sites: {examples} examples, {tokens} train tokens, weighted train loss {clear['train_loss']:.3f}" in console
+
+
+def test_under_dp_the_server_reads_how_many_sites_were_clipped_and_no_sites_clip_factor(tiny_model_dir, tmp_path, monkeypatch):
+    """privacy.dp with the secure sum: each site's clip factor stays with it; the round records the
+    number of sites whose update was clipped (here 2 of 3, at a clip norm between the sites' norms)."""
+    factors: dict[int, float] = {}
+    clip = sketch_round.clip_to_norm
+
+    def recording_clip(modules, clip_norm):
+        clipped, factor = clip(modules, clip_norm)
+        factors[len(factors)] = factor
+        return clipped, factor
+
+    monkeypatch.setattr(sketch_round, "clip_to_norm", recording_clip)
+    grid, record = run(
+        tiny_model_dir, tmp_path / "run", *SECURE, "privacy.dp=true", f"privacy.clip_norm={DP_CLIP_NORM}", "privacy.noise_multiplier=1.0",
+        grid_class=CapturingGrid,
+    )
+    assert sorted(factor < 1 for factor in factors.values()) == [False, True, True]
+    assert record["totals"]["sites_clipped"] == 2
+    for reply in grid.received:
+        assert "dp-clip-factor" not in reply.content.get(METRICS, {})
 
 
 def test_the_nodes_protocol_state_survives_flowers_context_serialisation(tmp_path):
@@ -276,3 +354,21 @@ def test_secure_aggregation_settings_are_refused_in_one_line(overrides, message)
     with pytest.raises(ValueError) as error:
         load_config(None, overrides)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_flowers_ray_simulation_engine_runs_the_secure_sums_stages(tiny_model_dir, tmp_path, clear_round):
+    """federation.engine = "ray" (Flower's simulation engine, each node's Context state kept by it
+    between messages) through setup, share, collect and unmask: the round sums all three sites, and
+    its totals are the clear round's (the same sites train alike on either engine)."""
+    from florist.federation.simulation import run_federation
+
+    # Ray starts its workers within the first stage: a round timeout above its start-up at load.
+    ray = ['federation.engine="ray"', "federation.workers=2", "federation.round_timeout=300"]
+    config = federation_config(tiny_model_dir, tmp_path / "run", "florist-secure", *ONE_ROUND, *SECURE, *ray)
+    record = read_rounds(run_federation(config))[1]
+    _, clear = clear_round
+    assert record["secure"]["sites_summed"] == 3 and len(record["clients"]) == 3
+    assert record["totals"]["examples"] == sum(site["examples"] for site in clear["clients"])
+    assert record["totals"]["train_tokens"] == sum(site["train_tokens"] for site in clear["clients"])
+    assert record["totals"]["train_loss"] == pytest.approx(clear["train_loss"], rel=1e-4)
+    assert record["ranks"] == clear["ranks"]

@@ -329,10 +329,10 @@ class PrivacyConfig(Section):
     """Bits each value of a site's upload is quantised to; a round sums at most 2**32 // 2**bits sites."""
     secure_clip_range: float = Field(1e4, gt=0, allow_inf_nan=False)
     """The largest magnitude of any value of a site's upload: its sketches weighted by its examples
-    (by 1 under privacy.dp), and its example count. A site whose upload exceeds it fails its round with
-    this key named; each value is rounded to a step of 2 * secure_clip_range / (2**secure_bits - 1).
-    The evaluation sums need no range: their counts are summed exactly and only the fractions of their
-    float sums are quantised (federation/evaluation_sums.py)."""
+    (by 1 under privacy.dp). A site whose upload exceeds it fails its round with this key named; each
+    value is rounded to a step of 2 * secure_clip_range / (2**secure_bits - 1). Counts (examples,
+    tokens) and the weight need no range: counts are summed exactly, and a float of any size travels
+    as its whole part, a count, and its quantised fraction (secure_sum/quantization.py)."""
 
     @field_validator("clip_norm", "noise_multiplier", "target_epsilon")
     @classmethod

@@ -49,6 +49,7 @@ from florist.federation.resources import peak_rss_mib
 from florist.federation.sketch_round import SketchRound, put_upload, site_upload
 from florist.federation.secure_site import answer_evaluation_setup, answer_setup, evaluation_setup, secure_sum_stage
 from florist.federation.secure_sum import ProtocolRefused
+from florist.federation.training_totals import CLEAR_METRICS, with_totals
 from florist.federation.workspace import Update, Workspace, workspace_for
 from florist.lora.model import attach_lora, freeze_shared_A, frozen_lora_A, load_dense, load_global, merge_into_base, move_into_lora, read_dense, read_factors
 from florist.training import train_lora
@@ -272,8 +273,10 @@ def _train(config: RunConfig, policy: NodePolicy, node: NodeSettings, instructio
     if config.aggregation.secure:
         sketch, privacy = site_upload(config, sketch_round, factors, len(features))
         if config.privacy.secure_aggregation:
-            keys = answer_setup(context, msg.content[SECURE_SUM], sketch)
-            return _reply(msg, workspace, TRAINED, metrics | privacy, keys=keys)
+            clipped = privacy.get("dp-clip-factor", 1.0) < 1
+            summed = with_totals(sketch, len(features), result.tokens, result.loss, clipped)
+            keys = answer_setup(context, msg.content[SECURE_SUM], summed)
+            return _reply(msg, workspace, TRAINED, {key: metrics[key] for key in CLEAR_METRICS}, keys=keys)
         return _reply(msg, workspace, TRAINED, metrics | privacy, sketch=sketch)
     return _reply(msg, workspace, TRAINED, metrics, factors, read_dense(model))
 

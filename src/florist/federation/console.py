@@ -5,17 +5,25 @@ Much of it quotes what nodes sent (a reason, a metric's name), so the console re
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.table import Table
 
 from florist.printing import make_console
 
+if TYPE_CHECKING:
+    from florist.federation.validation import ClientUpdate
+
 console = make_console(stderr=True, markup=False)
 
 
-def show_reply(server_round: int, node: int, partition: int, rank: int, examples: int, loss: float, seconds: float) -> None:
+def show_reply(server_round: int, node: int, update: ClientUpdate) -> None:
+    if update.examples is None:  # a secure-sum site's numbers are only in the round's totals
+        console.print(f"round {server_round} client {update.partition} (node {node}): rank {update.rank}, trained (its numbers go into the secure sum)")
+        return
     console.print(
-        f"round {server_round} client {partition} (node {node}): rank {rank}, {examples} examples, "
-        f"loss {loss:.3f}, trained {seconds:.1f} s"
+        f"round {server_round} client {update.partition} (node {node}): rank {update.rank}, {update.examples} examples, "
+        f"loss {update.metrics['train-loss']:.3f}, trained {update.metrics['train-seconds']:.1f} s"
     )
 
 
@@ -26,15 +34,21 @@ def show_event(server_round: int, node: int, status: str, reason: str) -> None:
 
 def show_round(record: dict) -> None:
     table = Table(title=f"round {record['round']}", title_justify="left")
-    for column in ("client", "node", "rank", "examples", "loss", "train s", "down KiB", "up KiB"):
+    totals = record.get("totals")
+    trained = () if totals else ("examples", "loss", "train s")
+    for column in ("client", "node", "rank", *trained, "down KiB", "up KiB"):
         table.add_column(column, justify="right")
     for c in record.get("clients", []):
-        table.add_row(
-            str(c["partition"]), str(c["node"]), str(c["rank"]), str(c["examples"]), f"{c['train_loss']:.3f}",
-            f"{c['train_seconds']:.1f}", f"{c['bytes_down'] / 1024:.0f}", f"{c['bytes_up'] / 1024:.0f}",
-        )
+        numbers = () if totals else (str(c["examples"]), f"{c['train_loss']:.3f}", f"{c['train_seconds']:.1f}")
+        table.add_row(str(c["partition"]), str(c["node"]), str(c["rank"]), *numbers, f"{c['bytes_down'] / 1024:.0f}", f"{c['bytes_up'] / 1024:.0f}")
     if record.get("clients"):
         console.print(table)
+    if totals:
+        clipped = f", {totals['sites_clipped']} clipped" if "sites_clipped" in totals else ""
+        console.print(
+            f"round {record['round']} secure sum of {len(record['clients'])} sites: {totals['examples']} examples, "
+            f"{totals['train_tokens']} train tokens, weighted train loss {totals['train_loss']:.3f}{clipped}"
+        )
     if "total_rank" in record:
         console.print(
             f"round {record['round']}: {len(record['clients'])} of {len(record['sampled'])} sampled clients aggregated "

@@ -46,6 +46,8 @@ from florist.data import EMBEDDED_CATEGORIES, Example
 from florist.evaluation import LossResult
 from florist.federation.messages import Malformed, Reply
 from florist.federation.secure_sum import Layout, ProtocolRefused
+from florist.federation.secure_sum.quantization import exact_names, exact_parts, joined
+from florist.federation.secure_sum.quantization import exact_names, exact_parts, joined
 
 SPLITS = ("test", "val")
 """The splits whose loss is combined over their tokens: `test`, held-out; `val`, validation."""
@@ -63,8 +65,6 @@ EVALUATION_SESSIONS = 2**40
 """The first secure-sum session of an evaluation's sums (the round's evaluation is this plus the round;
 a train sum's session is its round): no two sums of a run share a session, so a site's keys, signed
 for one sum, are never accepted in another."""
-WHOLE, FRACTION = "whole", "fraction"
-"""A float sum as the masked vector holds it: its whole part (a count) and its fraction."""
 
 
 def run_categories(config: RunConfig) -> tuple[str, ...]:
@@ -78,8 +78,8 @@ def masked_layout(categories: Sequence[str]) -> Layout:
     floats = [f"{split}:nll" for split in SPLITS] + ["rouge_l:sum"]
     counts = ["num-examples", "withheld:categories", "withheld:examples"] + [f"{split}:tokens" for split in SPLITS]
     counts += [f"{key}:{part}" for key in [EXACT_MATCH, *(f"{EXACT_MATCH}/{c}" for c in categories)] for part in ("correct", "count")]
-    counts += [f"{name}:{WHOLE}" for name in floats]
-    names = counts + [f"{name}:{FRACTION}" for name in floats]
+    counts += [exact_names(name)[0] for name in floats]
+    names = counts + [exact_names(name)[1] for name in floats]
     return Layout(tuple((name, ()) for name in sorted(names)), tuple(sorted(counts)))
 
 
@@ -163,7 +163,7 @@ class EvaluationSums:
         values: dict[str, float] = dict.fromkeys((name for name, _ in masked_layout(categories).shapes), 0.0)
         floats = {f"{split}:nll": loss.total for split, loss in self.losses.items()} | {"rouge_l:sum": self.rouge_l}
         for name, total in floats.items():
-            values[f"{name}:{WHOLE}"], values[f"{name}:{FRACTION}"] = math.floor(total), total - math.floor(total)
+            values |= exact_parts(name, total)
         for name, value in self.record().items():
             if name not in floats:
                 if name not in values:
@@ -179,15 +179,11 @@ class EvaluationSums:
         def count(name: str) -> int:
             return round(value[name])
 
-        def float_sum(name: str) -> float:
-            # Every site's sum is >= 0: quantisation noise below 0 (a total of 0 rounds either way) is cut.
-            return max(0.0, value[f"{name}:{WHOLE}"] + value[f"{name}:{FRACTION}"])
-
         keys = [EXACT_MATCH, *(f"{EXACT_MATCH}/{c}" for c in categories)]
         return cls(
             examples=count("num-examples"),
-            losses={split: Ratio(float_sum(f"{split}:nll"), count(f"{split}:tokens")) for split in SPLITS},
-            rouge_l=float_sum("rouge_l:sum"),
+            losses={split: Ratio(joined(value, f"{split}:nll"), count(f"{split}:tokens")) for split in SPLITS},
+            rouge_l=joined(value, "rouge_l:sum"),
             exact_match={key: Ratio(count(f"{key}:correct"), count(f"{key}:count")) for key in keys},
             withheld_categories=count("withheld:categories"),
             withheld_examples=count("withheld:examples"),

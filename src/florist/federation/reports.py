@@ -103,18 +103,33 @@ class ClientReport:
 
 
 @dataclass
+class SummedClientReport:
+    """A site of a secure-sum round (privacy.secure_aggregation): who it is and what it exchanged.
+    Its examples, weight, train loss, tokens and clipping are only in the round's `totals`."""
+
+    partition: int
+    node: int
+    rank: int
+    bytes_down: int
+    bytes_up: int
+
+
+@dataclass
 class RoundReport(Stage):
     """What one train stage (a round) did, for the run's metrics file."""
 
     sampled: list[int] = field(default_factory=list)
     quorum: int = 0
     attempts: int = 0
-    clients: list[ClientReport] = field(default_factory=list)
+    clients: list[ClientReport | SummedClientReport] = field(default_factory=list)
     aggregation_seconds: float = 0.0
     ranks: dict[str, int] = field(default_factory=dict)
     energy: dict[str, float | None] = field(default_factory=dict)
     secure: dict = field(default_factory=dict)
     """florist-secure: the sketch width, the sites summed, the update's norm, and the privacy spent."""
+    totals: dict = field(default_factory=dict)
+    """A secure-sum round's (federation/training_totals.py): the summed sites' examples, train tokens,
+    weighted mean train loss and, under privacy.dp, how many were clipped; empty otherwise."""
 
     def record_ranks(self, modules: Mapping[str, GlobalModule]) -> None:
         """The rank and spectral energy kept of each module of the round's global update."""
@@ -124,6 +139,8 @@ class RoundReport(Stage):
     @property
     def train_loss(self) -> float:
         """The clients' losses as the aggregate weighs them."""
+        if self.totals:
+            return self.totals["train_loss"]
         return weighted_mean([c.train_loss for c in self.clients], [c.weight for c in self.clients])
 
 

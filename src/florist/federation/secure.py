@@ -10,7 +10,9 @@ these tensors: nothing below reads one site's values except the per-reply bounda
 (shapes, finiteness). Without privacy.secure_aggregation the server receives each upload in the
 clear and only sums them; with it, a site's train reply holds its public keys for the round's
 secure sum (`SecureSumTrainRound`, federation/secure_site.py), and the server receives only
-masked uploads and, from the protocol (federation/secure_round.py), their sum.
+masked uploads and, from the protocol (federation/secure_round.py), their sum. Then a site's
+examples and training metrics are summed too, not sent (federation/training_totals.py): the round
+records their totals, and per site neither those numbers nor a weight.
 
 The weight cap (validation.max_weight_share) is applied by the sites themselves, at a level the
 server sends (federation/weight_level.py): each weighs its sketches by min(examples, level) and adds 1 to a
@@ -41,11 +43,12 @@ from florist.aggregation.sketch import CORANGE, RANGE, WEIGHT, SecureFLoRIST, au
 from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.messages import ADAPTER, SECURE_SUM, Reply
-from florist.federation.reports import RoundReport
-from florist.federation.secure_sum import Layout, PublicKeys, Quantizer, SecureSumServer
+from florist.federation.reports import RoundReport, SummedClientReport
+from florist.federation.secure_sum import PublicKeys, Quantizer, SecureSumServer
 from florist.federation.secure_sum.server import threshold_for
 from florist.federation.sketch_round import CUT, SKETCH, SKETCH_DTYPES, SketchRound
 from florist.federation.train_round import RoundFailed, TrainRound
+from florist.federation.training_totals import read_totals, summed_layout
 from florist.federation.validation import MiB, REPORTED_METRICS, ClientUpdate, Limits, Rejected
 from florist.federation.weight_level import WeightLevel
 from florist.privacy import PrivacyLedger, effective_multiplier, planned_noise_multiplier
@@ -99,13 +102,13 @@ def check_sketch_reply(message: Message, reply: Reply, limits: Limits, sketch: S
 
 def check_keys_reply(message: Message, reply: Reply, limits: Limits) -> tuple[ClientUpdate, PublicKeys]:
     """With the secure sum: a train reply's update report and the site's public keys for the round's
-    sum, checked as a sketch reply's report is (its sketches come masked, at the collect stage)."""
-    examples = checked_examples(reply, limits)
+    sum. The report holds no examples or train metrics: they come summed, with its masked sketches
+    at the collect stage (federation/training_totals.py)."""
     record = message.content.get(SECURE_SUM)
     if not isinstance(record, ConfigRecord):
         raise Rejected(f"malformed reply: the secure-sum keys are {type(record).__name__}, not a ConfigRecord")
     keys = PublicKeys.read(record)
-    update = ClientUpdate({}, {}, examples, reply.partition, reply.integer("rank", 1, limits.max_rank), reply.metrics, record.count_bytes())
+    update = ClientUpdate({}, {}, None, reply.partition, reply.integer("rank", 1, limits.max_rank), {}, record.count_bytes())
     return update, keys
 
 
@@ -143,7 +146,8 @@ class SecureTrainRound(TrainRound):
 
 class SecureSumTrainRound(SecureTrainRound):
     """A round whose sites answer the train instruction with their public keys (the secure sum's
-    setup stage); their sketches reach the accumulator only as the protocol's unmasked sum (`add_sum`)."""
+    setup stage); their sketches reach the accumulator only as the protocol's unmasked sum (`add_sum`),
+    with their training's totals, which the round records in place of each site's numbers."""
 
     def __init__(self, report: RoundReport, accumulator, server: SecureSumServer, dp: bool):
         super().__init__(report, accumulator, None, None, {}, False)
@@ -154,8 +158,6 @@ class SecureSumTrainRound(SecureTrainRound):
         self.report.bytes_up[node] = self.report.bytes_up.get(node, 0) + update.bytes_up
         self.partitions[update.partition] = node
         self.accepted[node] = update
-        # The weight each site says it gave its sketches; the server sees only their sum.
-        self.clips[node], self.weights[node] = {}, 1.0 if self.dp else float(update.examples)
 
     def sum_failed(self, reason: str) -> None:
         raise RoundFailed(f"round {self.report.round}: {reason}")
@@ -167,9 +169,19 @@ class SecureSumTrainRound(SecureTrainRound):
             update = self.accepted.pop(node)
             del self.partitions[update.partition]
             self.report.event(node, "failed", "its masked sketches are not in the secure sum (it dropped out before unmasking)", update.partition)
-        # The summed cut counts sites: an integer, which the quantised sum holds to within K steps.
-        self.cut = float(round(total[CUT].item()))
-        self.accumulator.add({key: value if key == WEIGHT else value.float() for key, value in total.items() if key != CUT})
+        self.cut = float(total[CUT].item())  # how many sites cut their weight: a count, summed exactly
+        summed, totals = read_totals(total)
+        if not self.dp:
+            del totals["sites_clipped"]
+        self.report.totals = totals
+        self.accumulator.add({key: value if key == WEIGHT else value.float() for key, value in summed.items() if key != CUT})
+
+    def record_clients(self, updates: Mapping[int, ClientUpdate]) -> None:
+        """Each summed site's acceptance and report: who it is and what it sent, no training numbers
+        and no weight (the server never reads one site's)."""
+        for node, update in updates.items():
+            self.report.event(node, "accepted", partition=update.partition)
+            self.report.clients.append(SummedClientReport(update.partition, node, update.rank, self.report.bytes_down.get(node, 0), update.bytes_up))
 
 
 class SumNormCheck:
@@ -228,7 +240,7 @@ class SecureRounds:
             return self.round
         privacy, min_sites = self.config.privacy, self.config.federation.min_sites
         sampled = list(report.sampled)
-        layout = Layout(tuple(sorted(expected_shapes(self.shapes, self.sketch.module_widths(self.shapes)).items())))
+        layout = summed_layout(expected_shapes(self.shapes, self.sketch.module_widths(self.shapes)))
         threshold = threshold_for(len(sampled), privacy.secure_threshold, min_sites)
         server = SecureSumServer(server_round, sampled, threshold, min_sites, Quantizer(privacy.secure_clip_range, privacy.secure_bits), layout)
         self.round = SecureSumTrainRound(report, total, server, privacy.dp)

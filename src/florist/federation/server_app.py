@@ -58,6 +58,8 @@ def round_record(
         )
         if report.secure:
             record["secure"] = report.secure
+        if report.totals:
+            record["totals"] = report.totals
     if selection is not None:
         record["tau_selection"] = selection.record()
     record["evaluation"] = evaluation

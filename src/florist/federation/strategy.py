@@ -190,8 +190,7 @@ class LoraStrategy:
             state.report.event(node, "rejected", f"partition-id {update.partition} was already sent this round by node {first}", update.partition)
             return []
         self._confirm(node, held)
-        metrics = update.metrics
-        show_reply(state.report.round, node, update.partition, update.rank, update.examples, metrics["train-loss"], metrics["train-seconds"])
+        show_reply(state.report.round, node, update)
         state.admit(node, update, adapter, {} if self.secure else screened_norms(adapter, state.dense_start))
         return []
 

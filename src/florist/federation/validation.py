@@ -102,7 +102,8 @@ class ClientUpdate:
     """{module: {"A"?, "B", "scale"}} in float32, as `payload.take` reads them."""
     dense: dict[str, torch.Tensor]
     """The tensors trained in full, in float32, as `payload.take_dense` reads them."""
-    examples: int
+    examples: int | None
+    """None: a secure-sum site's, which the server does not read (federation/training_totals.py)."""
     partition: int
     rank: int
     metrics: dict

@@ -28,9 +28,10 @@ def loss_figure(rounds: list[dict]) -> Figure:
     """Each client's and the weighted mean training loss per round, and every held-out loss where measured."""
     trained = _trained(rounds)
     fig, ax = plt.subplots(figsize=(6, 4))
-    partitions = sorted({c["partition"] for r in trained for c in r["clients"]})
+    # A secure-sum round records no site's own loss (federation/training_totals.py): only the mean.
+    partitions = sorted({c["partition"] for r in trained for c in r["clients"] if "train_loss" in c})
     for partition in partitions:
-        points = [(r["round"], c["train_loss"]) for r in trained for c in r["clients"] if c["partition"] == partition]
+        points = [(r["round"], c["train_loss"]) for r in trained for c in r["clients"] if c["partition"] == partition and "train_loss" in c]
         ax.plot(*zip(*points), marker="o", alpha=0.4, label=f"client {partition}")
     ax.plot([r["round"] for r in trained], [r["train_loss"] for r in trained], "k-o", lw=2, label="weighted mean")
     for key, label in HELD_OUT.items():

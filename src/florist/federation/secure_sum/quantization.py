@@ -7,7 +7,9 @@ than K quantisation steps per value (`Quantizer.bound`).
 
 A layout may name some tensors counts (`Layout.counts`): non-negative integers that travel as they
 are, unquantised, so that their sum is exact; each input's count is at most (2**32 - 1) // K, so
-that the sum of K fits the modulus.
+that the sum of K fits the modulus. A non-negative float of any size travels as two entries
+(`exact_parts`): its whole part, a count, and its fraction in [0, 1), quantised; the total of K
+inputs (`joined`) is then within K quantisation steps of their sum, whatever their size.
 """
 
 from __future__ import annotations
@@ -21,6 +23,26 @@ import torch
 from flwr.common.secure_aggregation.quantization import quantize
 
 MODULUS_BITS = 32
+WHOLE, FRACTION = "whole", "fraction"
+"""The two entries of a float summed by `exact_parts`: `name:whole` (a count) and `name:fraction`."""
+
+
+def exact_parts(name: str, value: float) -> dict[str, float]:
+    """A non-negative float as its layout entries: its whole part (a count) and its fraction."""
+    whole = math.floor(value)
+    return {f"{name}:{WHOLE}": float(whole), f"{name}:{FRACTION}": value - whole}
+
+
+def exact_names(name: str) -> tuple[str, str]:
+    """The (count, float) entries `exact_parts` writes for `name`."""
+    return f"{name}:{WHOLE}", f"{name}:{FRACTION}"
+
+
+def joined(total: Mapping[str, float], name: str) -> float:
+    """The summed float from the sums of its `exact_parts`; every input was >= 0, so quantisation
+    noise below 0 (a total of 0 rounds either way) is cut."""
+    whole, fraction = exact_names(name)
+    return max(0.0, total[whole] + total[fraction])
 """Masked values are uint32: the arithmetic mod 2**32 is numpy's own wrap-around."""
 
 
