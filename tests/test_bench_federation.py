@@ -75,3 +75,12 @@ def test_bench_run_on_the_tiny_model_writes_its_figures(tiny_model_dir, tmp_path
     assert all(seconds >= 0 for seconds in figures["stage_seconds"].values())
     assert figures["precision"] in ("fp32", "bf16") and figures["machine"]["cores"] >= 1
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["precision"]["dtype"] == figures["precision"]
+
+
+def test_a_secure_sum_federation_is_refused_before_it_runs():
+    from florist.bench.federation import bench_federation
+    from florist.config import load_config
+
+    config = load_config(None, ['aggregation.method="florist-secure"', "privacy.secure_aggregation=true"])
+    with pytest.raises(ValueError, match="^privacy.secure_aggregation: a secure-sum run records no site's train seconds"):
+        bench_federation(config)

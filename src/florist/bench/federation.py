@@ -116,6 +116,9 @@ def _cpuinfo_lines() -> list[str]:
 
 
 def bench_federation(config: RunConfig) -> tuple[Path, dict]:
+    if config.privacy.secure_aggregation:
+        # Its rounds record only totals, none of one site's train seconds, which the stages are built from.
+        raise ValueError("privacy.secure_aggregation: a secure-sum run records no site's train seconds; benchmark the federation without it")
     load_before = os.getloadavg()
     started = time.time()
     run_dir = run_federation(config)
