@@ -24,6 +24,7 @@ from florist.aggregation.sketch import (
     clip_to_norm,
     sketch_sensitivity,
     sketching_matrices,
+    widths,
 )
 from florist.aggregation.norms import adapter_norm
 from florist.config import load_config
@@ -103,10 +104,10 @@ def test_the_kept_rank_at_tau_is_the_exact_spectrums_when_the_sketch_holds_it():
 
 
 def test_the_test_matrices_are_the_same_in_another_process_and_orthonormal():
-    omega, psi = sketching_matrices(12345, "model.layers.0.q_proj", (40, 30), 8)
+    omega, psi = sketching_matrices(12345, "model.layers.0.q_proj", (40, 30), (8, 16))
     code = (
         "import json; from florist.aggregation.sketch import sketching_matrices as s; "
-        "o, p = s(12345, 'model.layers.0.q_proj', (40, 30), 8); print(json.dumps([o.tolist(), p.tolist()]))"
+        "o, p = s(12345, 'model.layers.0.q_proj', (40, 30), (8, 16)); print(json.dumps([o.tolist(), p.tolist()]))"
     )
     theirs = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert torch.equal(torch.tensor(theirs[0], dtype=torch.float64), omega)
@@ -114,7 +115,7 @@ def test_the_test_matrices_are_the_same_in_another_process_and_orthonormal():
     assert omega.shape == (30, 8) and psi.shape == (16, 40)
     assert torch.allclose(omega.mT @ omega, torch.eye(8, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(psi @ psi.mT, torch.eye(16, dtype=torch.float64), atol=1e-12)
-    assert not torch.equal(sketching_matrices(12346, "model.layers.0.q_proj", (40, 30), 8)[0], omega)
+    assert not torch.equal(sketching_matrices(12346, "model.layers.0.q_proj", (40, 30), (8, 16))[0], omega)
 
 
 @PROPERTY
@@ -128,7 +129,7 @@ def test_the_result_depends_on_the_sums_only(clients, seed, factor):
     for order, scale in ((clients, 1.0), (clients[::-1], factor)):
         total = SketchSum(aggregator, seed, shapes)
         for client in order:
-            total.add(client_sketch(client.modules, client.weight * scale, seed, dict.fromkeys(client.modules, aggregator.sketch_width), torch.float64))
+            total.add(client_sketch(client.modules, client.weight * scale, seed, {name: widths(shapes[name], aggregator.sketch_width) for name in shapes}, torch.float64))
         totals.append(total.result())
     for name in shapes:
         assert relative_error(totals[0].modules[name].delta(), totals[1].modules[name].delta().double()) <= 1e-9
@@ -137,7 +138,7 @@ def test_the_result_depends_on_the_sums_only(clients, seed, factor):
 def test_a_sketch_of_other_modules_or_shapes_or_values_is_refused():
     clients = [spectral_client(torch.Generator().manual_seed(0), 20, 10, torch.tensor([1.0, 0.5]), 2.0, 5.0)]
     aggregator = make_aggregator("florist-secure", sketch_width=4)
-    upload = client_sketch(clients[0].modules, 5.0, 0, dict.fromkeys(clients[0].modules, 4))
+    upload = client_sketch(clients[0].modules, 5.0, 0, dict.fromkeys(clients[0].modules, (4, 8)))
     for bad, message in (
         ({**upload, "y:range": upload["x:range"]}, "differ from the round's modules"),
         ({**upload, "x:range": torch.full_like(upload["x:range"], float("nan"))}, "NaN or Inf"),
@@ -166,7 +167,7 @@ def test_clipping_bounds_the_update_norm_and_leaves_a_small_one_alone():
 def test_a_clipped_sites_sketches_are_within_the_stated_sensitivity():
     client = spectral_client(torch.Generator().manual_seed(2), 64, 48, torch.tensor([5.0, 4.0, 3.0, 2.0]), 1.5, 1.0, torch.float64)
     clipped, _ = clip_to_norm(client.modules, 1.0)
-    upload = client_sketch(clipped, 1.0, 9, dict.fromkeys(clipped, 8), torch.float64)
+    upload = client_sketch(clipped, 1.0, 9, dict.fromkeys(clipped, (8, 16)), torch.float64)
     norm = sum(value.square().sum() for key, value in upload.items() if key != WEIGHT).sqrt().item()
     assert norm <= sketch_sensitivity(1.0) + 1e-12
 
