@@ -14,6 +14,8 @@ widest client rank (today's rule) and l' by the rule:
     l = k + p,  l' = 2l
     l = k,      l' = 2l
     l' = 2l, l the widest whose upload is at most 3x a mean client's adapter (every round, whatever k)
+    two passes, l = k + 8: not florist-secure's single pass, a second round trip (`two_pass_modules`);
+      upload l (m + n) over both trips
 
 all at least MIN_SKETCH_WIDTH and at most what the module's sides allow (`widths`). Reported per rule
 and round, over every module together (and the worst module): a client's upload, sum of m l + l' n,
@@ -24,7 +26,8 @@ the secure one kept. `extra` is (secure - plain) / plain: how much the sketch ad
 truncation error. Mean over the test matrices' seeds [worst]. Float64 throughout: the error of the
 sketch, not of float32 uploads (a few 1e-7, BENCHMARKS.md).
 
-    .venv/bin/python benchmarks/secure_width_accuracy.py /work/runs/secure-g/heterogeneous/florist-tau0.90/seed0
+    .venv/bin/python benchmarks/secure_width_accuracy.py /work/runs/secure-g/heterogeneous/florist-tau0.90/seed0 \
+        > benchmarks/results/secure_width_accuracy.md
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ from pathlib import Path
 import torch
 
 from florist.aggregation import make_aggregator
-from florist.aggregation.sketch import MIN_SKETCH_WIDTH, SecureFLoRIST, SketchSum, automatic_widths, client_sketch, widths
-from florist.aggregation.types import ClientAdapter
+from florist.aggregation.sketch import MIN_SKETCH_WIDTH, SecureFLoRIST, SketchSum, automatic_widths, client_sketch, sketching_matrices, widths
+from florist.aggregation.types import ClientAdapter, GlobalModule
 from florist.lora.adapters import read_adapters
 
 
@@ -53,6 +56,9 @@ class Rule:
     oversampling: int = 0
     co_oversampling: int | None = None
     """l' = l + this; None: l' = 2l."""
+    two_pass: bool = False
+    """Not florist-secure's single pass: a second round trip in which each client sends Q^T (its
+    update) for the Q of the first pass's summed range sketch (l' unused)."""
 
     def sides(self, shapes: dict[str, tuple[int, int]], kept: dict[str, int] | None, first: int, mean_rank: float) -> dict[str, tuple[int, int]]:
         def width(name: str) -> int:
@@ -77,6 +83,7 @@ RULES = (
     Rule("l=k+8, l'=2l", 1, 8),
     Rule("l=k, l'=2l", 1),
     Rule("l'=2l, l widest within 3x", 0),
+    Rule("two passes, l=k+8", 1, 8, two_pass=True),
 )
 
 
@@ -101,6 +108,23 @@ def secure_modules(clients, seed: int, shapes, sides, tau: float):
     for client in clients:
         total.add(client_sketch(client.modules, client.weight, seed, sides, torch.float64))
     return total.result().modules
+
+
+def two_pass_modules(updates: dict[str, torch.Tensor], seed: int, sides, tau: float) -> dict[str, GlobalModule]:
+    """Two-pass randomized SVD from sums (Halko, Martinsson and Tropp 2011): Q = orth(dW Omega) from the
+    first pass's summed range sketches, then the summed Q^T dW (l x n) and its SVD. Computed from dW
+    itself: the sums are dW's sketches up to rounding. tau's share is of dW's energy as the range
+    sketch estimates it, (n / l) ||dW Omega||_F^2 (unbiased for Omega of l orthonormal columns)."""
+    aggregator, modules = SecureFLoRIST(tau=tau), {}
+    for name, dw in updates.items():
+        omega, _ = sketching_matrices(seed, name, tuple(dw.shape), (sides[name][0], sides[name][0]))
+        y = dw @ omega
+        q = torch.linalg.qr(y)[0]
+        u, s, vh = torch.linalg.svd(q.mT @ dw, full_matrices=False)
+        missed = (y.square().sum() * dw.shape[1] / y.shape[1] - s.square().sum()).clamp(min=0)
+        rank = int(aggregator.rank_rule(tuple(dw.shape))(torch.cat([s, missed.sqrt()[None]])[None])[0])
+        modules[name] = GlobalModule(A=vh[:rank], B=(q @ u[:, :rank]) * s[:rank], singular_values=s)
+    return modules
 
 
 def main() -> None:
@@ -142,10 +166,10 @@ def main() -> None:
             sides = rule.sides(shapes, kept, first, mean_rank)
             if rule == RULES[0]:  # the library's own rule
                 assert sides == {name: widths(shape, width) for (name, shape), width in zip(shapes.items(), automatic_widths(shapes, kept, first).values())}
-            upload = sum(m * l + lc * n for (m, n), (l, lc) in ((shapes[name], sides[name]) for name in shapes))
+            upload = sum(m * l + (l if rule.two_pass else lc) * n for (m, n), (l, lc) in ((shapes[name], sides[name]) for name in shapes))
             runs = []
             for seed in range(args.seeds):
-                secure = secure_modules(clients, seed, shapes, sides, tau)
+                secure = two_pass_modules(updates, seed, sides, tau) if rule.two_pass else secure_modules(clients, seed, shapes, sides, tau)
                 rows = {}
                 for name, dw in updates.items():
                     d = secure[name].delta().double()
@@ -160,6 +184,7 @@ def main() -> None:
                 for name, row in rows.items():
                     module_rows.append({
                         "round": server_round, "rule": rule.label, "seed": seed, "module": name, "l": sides[name][0], "l_co": sides[name][1],
+                        "upload": (shapes[name][0] * sides[name][0] + sides[name][1 - rule.two_pass] * shapes[name][1]) / (mean_rank * sum(shapes[name])),
                         "plain_rank": plain_ranks[name], "secure_rank": row["rank"],
                         "secure_error": math.sqrt(row["error2"] / norm2[name]), "plain_error": math.sqrt(plain_error2[name] / norm2[name]),
                         "optimum_error": math.sqrt(row["optimum2"] / norm2[name]),
@@ -182,6 +207,22 @@ def main() -> None:
                 flush=True,
             )
         kept = plain_ranks
+    print()
+    print("Per module, by kind, over every round, module and seed: the module's upload over a mean client's adapter")
+    print("of it, and its secure error over plain FLoRIST's (tau's truncation error), median [worst].")
+    print()
+    print("| rule | module | upload / mean adapter | secure error / plain's | rank, secure - plain |")
+    print("|---|---|---|---|---|")
+    for rule in RULES:
+        for kind in sorted({row["module"].rsplit(".", 1)[1] for row in module_rows}):
+            rows = [row for row in module_rows if row["rule"] == rule.label and row["module"].endswith(kind)]
+            ratios = [row["secure_error"] / row["plain_error"] for row in rows]
+            upload = [row["upload"] for row in rows]
+            ranks = [row["secure_rank"] - row["plain_rank"] for row in rows]
+            print(
+                f"| {rule.label} | {kind} | {min(upload):.2f}-{max(upload):.2f}x | {statistics.median(ratios):.2f} [{max(ratios):.2f}] "
+                f"| {statistics.mean(ranks):+.1f} [{min(ranks):+d}, {max(ranks):+d}] |"
+            )
     print()
     print(f"{time.perf_counter() - start:.0f} s")
     if args.modules:

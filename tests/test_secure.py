@@ -132,7 +132,7 @@ def test_on_a_heavy_tailed_update_a_co_range_sketch_of_l_plus_a_few_amplifies_th
     update whose tail holds a tenth of its energy far past the rank tau keeps (spectra decaying as
     0.97^i, like the real client adapters of BENCHMARKS.md, "Secure FLoRIST's sketch width on real
     client adapters"), X = (Psi Q)^+ W maps what the range sketch missed through a near-square
-    Psi Q. At l = 48 and l' = 52 the error was 2.6-4.4x that at l' = 96 (3 seeds); at l' = 96 it was
+    Psi Q. At l = 48 and l' = 52 the error was 2.7-4.4x that at l' = 96 (3 seeds); at l' = 96 it was
     1.43-1.50x tau 0.9's own truncation error."""
     generator = torch.Generator().manual_seed(5)
     clients = [
