@@ -56,7 +56,7 @@ def widths(shape: tuple[int, int], width: int) -> tuple[int, int]:
     """(l, l') for a module of this shape: `width` and twice it, each at most what orthonormal test
     matrices of its sides allow (l <= min(m, n), l' <= m). At l = min(m, n) the sketch is exact.
     l' = 2l, not l + a fixed oversampling: on real client adapters, whose spectra have a heavy tail,
-    l' = l + 16 made the reconstruction's error 2-3x tau 0.9's own (BENCHMARKS.md, "Secure FLoRIST's
+    l = k + 16, l' = l + 16 made the reconstruction's error 2.5-2.8x tau 0.9's own (BENCHMARKS.md, "Secure FLoRIST's
     sketch width on real client adapters")."""
     m, n = shape
     sketch = min(width, m, n)
