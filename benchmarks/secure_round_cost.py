@@ -37,7 +37,7 @@ import torch
 from secure_sum import HIDDEN, KV, LAYERS, STAGES, run_protocol
 
 from florist.aggregation import ClientAdapter, LoraFactors, make_aggregator
-from florist.aggregation.sketch import SecureFLoRIST, automatic_widths, client_sketch
+from florist.aggregation.sketch import SecureFLoRIST, automatic_widths, client_sketch, widths as sketch_widths
 from florist.federation.secure_sum import Quantizer
 
 RANKS = (4, 4, 8, 8, 16, 16, 32, 64)
@@ -99,10 +99,11 @@ def measure(count: int, protocol_layers: int, width: int | None = None) -> dict:
     plain, plain_seconds = cpu(lambda: make_aggregator("florist", tau=TAU).aggregate(adapters))
     kept = {name: m.rank for name, m in plain.modules.items()}
     widths = automatic_widths(shapes(), kept, max(RANKS)) if width is None else dict.fromkeys(shapes(), width)
+    sides = {name: sketch_widths(shape, widths[name]) for name, shape in shapes().items()}
     seed = 7
     sketches, site_seconds = [], []
     for adapter in adapters:
-        upload, seconds = cpu(lambda: client_sketch(adapter.modules, adapter.weight, seed, widths))
+        upload, seconds = cpu(lambda: client_sketch(adapter.modules, adapter.weight, seed, sides))
         sketches.append(upload)
         site_seconds.append(seconds)
     aggregator = SecureFLoRIST(tau=TAU)

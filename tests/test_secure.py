@@ -24,6 +24,7 @@ from florist.aggregation.sketch import (
     clip_to_norm,
     sketch_sensitivity,
     sketching_matrices,
+    widths,
 )
 from florist.aggregation.norms import adapter_norm
 from florist.config import load_config
@@ -99,14 +100,78 @@ def test_the_kept_rank_at_tau_is_the_exact_spectrums_when_the_sketch_holds_it():
     assert (module.delta().double() - dw).norm().item() <= 1.5 * optimum
 
 
+# ---------------------------------------------------------------- the co-range sketch's width l'
+
+
+def secure_module(clients: list[ClientAdapter], seed: int, sides: tuple[int, int], tau: float):
+    """Module "x" reconstructed from float64 sketches of (l, l') = `sides`."""
+    total = SketchSum(make_aggregator("florist-secure", tau=tau), seed, {"x": clients[0].modules["x"].shape})
+    for client in clients:
+        total.add(client_sketch(client.modules, client.weight, seed, {"x": sides}, torch.float64))
+    return total.result().modules["x"]
+
+
+@pytest.mark.parametrize("extra", [0, 1, 8])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_at_l_of_the_stacked_rank_any_co_range_width_from_l_up_is_exact(extra, seed):
+    """l >= R makes the range sketch exact, and then Psi Q has full column rank for any l' >= l: the
+    server reads l' from the uploads' shape, and dW comes back to float64 precision. Three clients of
+    ranks 2, 4, 8 whose norms span three decades, spectra halving, unequal scales and weights."""
+    generator = torch.Generator().manual_seed(seed)
+    clients = [
+        spectral_client(generator, 96, 64, 10 ** (-1.5 * k) * 0.5 ** torch.arange(r, dtype=torch.float64), 2 / r, 10.0 + 7 * k, torch.float64)
+        for k, r in enumerate([2, 4, 8])
+    ]
+    module = secure_module(clients, seed, (14, 14 + extra), 1.0)
+    assert module.rank == 14
+    assert relative_error(module.delta(), dense_update(clients, "x")) <= 1e-10
+
+
+def test_on_a_heavy_tailed_update_a_co_range_sketch_of_l_plus_a_few_amplifies_the_tail():
+    """Why `widths` keeps l' = 2l rather than randomized SVD's fixed oversampling l' = l + p: on an
+    update whose tail holds a tenth of its energy far past the rank tau keeps (spectra decaying as
+    0.97^i, like the real client adapters of BENCHMARKS.md, "Secure FLoRIST's sketch width on real
+    client adapters"), X = (Psi Q)^+ W maps what the range sketch missed through a near-square
+    Psi Q. At l = 48 and l' = 52 the error was 2.7-4.4x that at l' = 96 (3 seeds); at l' = 96 it was
+    1.43-1.50x tau 0.9's own truncation error."""
+    generator = torch.Generator().manual_seed(5)
+    clients = [
+        spectral_client(generator, 192, 576, 10 ** (-k / 7) * 0.97 ** torch.arange(r, dtype=torch.float64), 16 / r, 12.0, torch.float64)
+        for k, r in enumerate([4, 4, 8, 8, 16, 16, 32, 64])
+    ]
+    dw = dense_update(clients, "x")
+    truncation = relative_error(make_aggregator("florist", tau=0.9).aggregate(clients).modules["x"].delta(), dw)
+    assert widths((192, 576), 48) == (48, 96)
+    for seed in range(3):
+        doubled = relative_error(secure_module(clients, seed, (48, 96), 0.9).delta(), dw)
+        oversampled = relative_error(secure_module(clients, seed, (48, 52), 0.9).delta(), dw)
+        assert doubled <= 1.7 * truncation
+        assert oversampled >= 2 * doubled
+
+
+@pytest.mark.parametrize("sides", [(0, 8), (8, 7), (8, 41), (31, 40)])
+def test_test_matrices_of_widths_that_do_not_fit_the_module_are_refused_in_one_line(sides):
+    """1 <= l <= min(m, n) and l <= l' <= m for a 40 x 30 module: l' < l leaves Psi Q without full
+    column rank, and past the sides orthonormal test matrices do not exist."""
+    with pytest.raises(AggregationError, match=r"^module q: sketch widths \(l, l'\) = \(\d+, \d+\) do not fit a 40x30 module: need 1 <= l <= min\(m, n\), l <= l' <= m$"):
+        sketching_matrices(0, "q", (40, 30), sides)
+
+
+def test_the_server_refuses_summed_sketches_whose_co_range_is_narrower_than_the_range():
+    total = SketchSum(make_aggregator("florist-secure"), 0, {"x": (20, 10)})
+    total.add({WEIGHT: torch.tensor(1.0, dtype=torch.float64), "x:range": torch.ones(20, 6), "x:corange": torch.ones(4, 10)})
+    with pytest.raises(AggregationError, match=r"sketch widths \(l, l'\) = \(6, 4\) do not fit a 20x10 module"):
+        total.result()
+
+
 # ---------------------------------------------------------------- the sum and its inputs
 
 
 def test_the_test_matrices_are_the_same_in_another_process_and_orthonormal():
-    omega, psi = sketching_matrices(12345, "model.layers.0.q_proj", (40, 30), 8)
+    omega, psi = sketching_matrices(12345, "model.layers.0.q_proj", (40, 30), (8, 16))
     code = (
         "import json; from florist.aggregation.sketch import sketching_matrices as s; "
-        "o, p = s(12345, 'model.layers.0.q_proj', (40, 30), 8); print(json.dumps([o.tolist(), p.tolist()]))"
+        "o, p = s(12345, 'model.layers.0.q_proj', (40, 30), (8, 16)); print(json.dumps([o.tolist(), p.tolist()]))"
     )
     theirs = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert torch.equal(torch.tensor(theirs[0], dtype=torch.float64), omega)
@@ -114,7 +179,7 @@ def test_the_test_matrices_are_the_same_in_another_process_and_orthonormal():
     assert omega.shape == (30, 8) and psi.shape == (16, 40)
     assert torch.allclose(omega.mT @ omega, torch.eye(8, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(psi @ psi.mT, torch.eye(16, dtype=torch.float64), atol=1e-12)
-    assert not torch.equal(sketching_matrices(12346, "model.layers.0.q_proj", (40, 30), 8)[0], omega)
+    assert not torch.equal(sketching_matrices(12346, "model.layers.0.q_proj", (40, 30), (8, 16))[0], omega)
 
 
 @PROPERTY
@@ -128,7 +193,7 @@ def test_the_result_depends_on_the_sums_only(clients, seed, factor):
     for order, scale in ((clients, 1.0), (clients[::-1], factor)):
         total = SketchSum(aggregator, seed, shapes)
         for client in order:
-            total.add(client_sketch(client.modules, client.weight * scale, seed, dict.fromkeys(client.modules, aggregator.sketch_width), torch.float64))
+            total.add(client_sketch(client.modules, client.weight * scale, seed, {name: widths(shapes[name], aggregator.sketch_width) for name in shapes}, torch.float64))
         totals.append(total.result())
     for name in shapes:
         assert relative_error(totals[0].modules[name].delta(), totals[1].modules[name].delta().double()) <= 1e-9
@@ -137,7 +202,7 @@ def test_the_result_depends_on_the_sums_only(clients, seed, factor):
 def test_a_sketch_of_other_modules_or_shapes_or_values_is_refused():
     clients = [spectral_client(torch.Generator().manual_seed(0), 20, 10, torch.tensor([1.0, 0.5]), 2.0, 5.0)]
     aggregator = make_aggregator("florist-secure", sketch_width=4)
-    upload = client_sketch(clients[0].modules, 5.0, 0, dict.fromkeys(clients[0].modules, 4))
+    upload = client_sketch(clients[0].modules, 5.0, 0, dict.fromkeys(clients[0].modules, (4, 8)))
     for bad, message in (
         ({**upload, "y:range": upload["x:range"]}, "differ from the round's modules"),
         ({**upload, "x:range": torch.full_like(upload["x:range"], float("nan"))}, "NaN or Inf"),
@@ -166,7 +231,7 @@ def test_clipping_bounds_the_update_norm_and_leaves_a_small_one_alone():
 def test_a_clipped_sites_sketches_are_within_the_stated_sensitivity():
     client = spectral_client(torch.Generator().manual_seed(2), 64, 48, torch.tensor([5.0, 4.0, 3.0, 2.0]), 1.5, 1.0, torch.float64)
     clipped, _ = clip_to_norm(client.modules, 1.0)
-    upload = client_sketch(clipped, 1.0, 9, dict.fromkeys(clipped, 8), torch.float64)
+    upload = client_sketch(clipped, 1.0, 9, dict.fromkeys(clipped, (8, 16)), torch.float64)
     norm = sum(value.square().sum() for key, value in upload.items() if key != WEIGHT).sqrt().item()
     assert norm <= sketch_sensitivity(1.0) + 1e-12
 

@@ -2,8 +2,8 @@
 
 A single-pass randomized low-rank approximation (Tropp, Yurtsever, Udell and Cevher 2017). Every
 client and the server draw the same test matrices per module from the round's seed: Omega (n x l)
-with orthonormal columns and Psi (l' x m) with orthonormal rows, l' = 2l (both capped by the
-module's sides). Client k uploads, per module,
+with orthonormal columns and Psi (l' x m) with orthonormal rows, l' = 2l (`widths`; both capped by
+the module's sides). Client k uploads, per module,
 
     Y_k = w_k s_k B_k (A_k Omega)   (m x l)      W_k = w_k s_k (Psi B_k) A_k   (l' x n)
 
@@ -54,7 +54,10 @@ def sketch_key(name: str, part: str) -> str:
 
 def widths(shape: tuple[int, int], width: int) -> tuple[int, int]:
     """(l, l') for a module of this shape: `width` and twice it, each at most what orthonormal test
-    matrices of its sides allow (l <= min(m, n), l' <= m). At l = min(m, n) the sketch is exact."""
+    matrices of its sides allow (l <= min(m, n), l' <= m). At l = min(m, n) the sketch is exact.
+    l' = 2l, not l + a fixed oversampling: on real client adapters, whose spectra have a heavy tail,
+    l = k + 16, l' = l + 16 made the reconstruction's error 2.5-2.8x tau 0.9's own (BENCHMARKS.md, "Secure FLoRIST's
+    sketch width on real client adapters")."""
     m, n = shape
     sketch = min(width, m, n)
     return sketch, min(2 * sketch, m)
@@ -77,11 +80,14 @@ def automatic_widths(shapes: Mapping[str, tuple[int, int]], kept: Mapping[str, i
 
 
 @lru_cache(maxsize=1024)
-def sketching_matrices(seed: int, name: str, shape: tuple[int, int], width: int) -> tuple[Tensor, Tensor]:
-    """(Omega, Psi) of module `name` for the round's `seed`: float64, the same in every process
-    (torch.Generator on the CPU), Omega n x l with orthonormal columns, Psi l' x m with orthonormal rows."""
+def sketching_matrices(seed: int, name: str, shape: tuple[int, int], sides: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """(Omega, Psi) of module `name` for the round's `seed` and its sketch's (l, l') `sides`: float64,
+    the same in every process (torch.Generator on the CPU), Omega n x l with orthonormal columns, Psi
+    l' x m with orthonormal rows. Omega is drawn first, so l' does not change it."""
     m, n = shape
-    sketch, co_sketch = widths(shape, width)
+    sketch, co_sketch = sides
+    if not (1 <= sketch <= min(m, n) and sketch <= co_sketch <= m):
+        raise AggregationError(f"sketch widths (l, l') = {sides} do not fit a {m}x{n} module: need 1 <= l <= min(m, n), l <= l' <= m", module=name)
     generator = torch.Generator().manual_seed(_module_seed(seed, name))
     omega = torch.linalg.qr(torch.randn(n, sketch, generator=generator, dtype=torch.float64))[0]
     psi = torch.linalg.qr(torch.randn(m, co_sketch, generator=generator, dtype=torch.float64))[0].mT.contiguous()
@@ -89,11 +95,11 @@ def sketching_matrices(seed: int, name: str, shape: tuple[int, int], width: int)
 
 
 def client_sketch(
-    modules: Mapping[str, LoraFactors], weight: float, seed: int, widths: Mapping[str, int], dtype: torch.dtype = torch.float32
+    modules: Mapping[str, LoraFactors], weight: float, seed: int, widths: Mapping[str, tuple[int, int]], dtype: torch.dtype = torch.float32
 ) -> dict[str, Tensor]:
     """What client k uploads: w_k s_k B_k (A_k Omega) and w_k s_k (Psi B_k) A_k per module, each
-    module's sketch `widths[name]` wide, and w_k, computed in float64 from its factors and returned
-    in `dtype`. The server only adds uploads up."""
+    module's sketches `widths[name]` = (l, l') wide, and w_k, computed in float64 from its factors
+    and returned in `dtype`. The server only adds uploads up."""
     if not (math.isfinite(weight) and weight > 0):
         raise AggregationError(f"a sketch's weight must be a positive number, got {weight}")
     upload = {WEIGHT: torch.tensor(float(weight), dtype=torch.float64)}
@@ -189,11 +195,11 @@ class SecureFLoRIST(FLoRIST):
         if any(client.dense for client in clients):
             raise AggregationError("florist-secure sums LoRA sketches only; tensors trained in full are not supported")
         shapes = {name: factors.shape for name, factors in clients[0].modules.items()}
-        widths = dict.fromkeys(shapes, self.sketch_width)
+        sides = {name: widths(shape, self.sketch_width) for name, shape in shapes.items()}
         total = self.sum_of_sketches(seed, shapes)
         for k, client in enumerate(clients):
             try:
-                total.add(client_sketch(client.modules, client.weight, seed, widths, client_dtype(client)))
+                total.add(client_sketch(client.modules, client.weight, seed, sides, client_dtype(client)))
             except AggregationError as error:
                 raise AggregationError(str(error), client=k) from None
         return total.result()
@@ -211,7 +217,7 @@ class SecureFLoRIST(FLoRIST):
         modules = {}
         for name, shape in shapes.items():
             y, w = sums[sketch_key(name, RANGE)] / total, sums[sketch_key(name, CORANGE)] / total
-            _, psi = sketching_matrices(seed, name, shape, y.shape[1])
+            _, psi = sketching_matrices(seed, name, shape, (y.shape[1], w.shape[0]))
             left, right, s, missed = _low_rank(y, w, psi, resolution)
             # tau's share is of dW's whole energy: the sketch's spectrum plus an estimate of what it missed.
             rank = min(int(self.rank_rule(shape)(torch.cat([s, missed.sqrt()[None]])[None])[0]), len(s))

@@ -17,7 +17,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from florist.aggregation import LoraFactors
-from florist.aggregation.sketch import WEIGHT, add_noise, client_sketch, clip_to_norm, sketch_sensitivity
+from florist.aggregation.sketch import WEIGHT, add_noise, client_sketch, clip_to_norm, sketch_sensitivity, widths
 from florist.config import RunConfig
 from florist.federation.messages import ADAPTER
 from florist.federation.node_config import Refused
@@ -96,10 +96,11 @@ def site_upload(config: RunConfig, sketch: SketchRound, factors: Mapping[str, Lo
     examples, or, under DP, clipped to privacy.clip_norm, at weight 1, with its share of the noise
     from a generator the server cannot know."""
     privacy = config.privacy
-    widths = sketch.module_widths({name: f.shape for name, f in factors.items()})
+    shapes = {name: f.shape for name, f in factors.items()}
+    sides = {name: widths(shapes[name], width) for name, width in sketch.module_widths(shapes).items()}
     if not privacy.dp:
         weight, cut = capped_weight(examples, sketch.weight_level)
-        return client_sketch(factors, weight, sketch.seed, widths) | {CUT: torch.tensor(cut, dtype=torch.float64)}, {}
+        return client_sketch(factors, weight, sketch.seed, sides) | {CUT: torch.tensor(cut, dtype=torch.float64)}, {}
     planned = planned_noise_multiplier(privacy, sketch.rounds, sketch.sampling_rate(config))
     # A relative tolerance: the server computed the same number, maybe with another float order.
     if sketch.noise_multiplier < planned * (1 - 1e-9):
@@ -108,7 +109,7 @@ def site_upload(config: RunConfig, sketch: SketchRound, factors: Mapping[str, Lo
     clipped, factor = clip_to_norm(factors, privacy.clip_norm)
     std = site_noise_std(sketch.noise_multiplier, sketch_sensitivity(privacy.clip_norm), sketch.sites)
     generator = torch.Generator().manual_seed(secrets.randbits(63))
-    upload = add_noise(client_sketch(clipped, 1.0, sketch.seed, widths), std, generator)
+    upload = add_noise(client_sketch(clipped, 1.0, sketch.seed, sides), std, generator)
     return upload | {CUT: torch.tensor(0.0, dtype=torch.float64)}, {"dp-clip-factor": factor}
 
 
