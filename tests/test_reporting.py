@@ -15,7 +15,7 @@ from florist.federation.server_app import serve
 from florist.federation.server_model import ServerModel
 from florist.federation.simulation import run_federation
 from florist.reporting.plots import HELD_OUT, loss_figure
-from florist.reporting.run_directory import RunDirectory, read_rounds, write_atomically
+from florist.reporting.run_directory import RunDirectory, check_round_record, read_rounds, write_atomically
 
 
 def test_written_file_has_the_content_and_the_umask_mode_not_a_private_temp_files(tmp_path: Path):
@@ -104,6 +104,23 @@ def rounds_with(evaluated: dict[int, dict]) -> list[dict]:
 
 def lines_by_label(figure) -> dict[str, tuple[list, list]]:
     return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in figure.axes[0].get_lines()}
+
+
+def test_a_secure_sum_rounds_sites_carry_no_train_loss_and_the_record_still_checks_but_a_loss_as_text_does_not():
+    # A secure-sum site's loss is only in the round's summed totals (federation/training_totals.py):
+    # the record a resumed run reads back must pass without one.
+    site = {"partition": 0, "node": 7, "rank": 4, "bytes_down": 10, "bytes_up": 20}
+    record = {
+        "round": 1,
+        "communication": {"down_bytes": 10, "up_bytes": 20},
+        "evaluation": {},
+        "train_loss": 2.5,
+        "clients": [site],
+        "totals": {"examples": 12, "train_tokens": 300, "train_loss": 2.5},
+    }
+    assert check_round_record(record) is None
+    record["clients"] = [{**site, "train_loss": "0.5"}]
+    assert check_round_record(record) == "clients.0.train_loss: input should be a valid number"
 
 
 def test_loss_plot_has_whole_round_ticks():

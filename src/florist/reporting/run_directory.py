@@ -29,7 +29,8 @@ class _Communication(_Read):
 
 class _Client(_Read):
     partition: NonNegativeInt
-    train_loss: float
+    train_loss: float | None = None
+    """None for a site of a secure-sum round, whose loss is only in the round's summed `totals`."""
     bytes_down: NonNegativeInt
     bytes_up: NonNegativeInt
 
