@@ -4,6 +4,7 @@ and its accountant, against dense float64 references and dp-accounting called di
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ from florist.aggregation.sketch import (
     add_noise,
     client_sketch,
     clip_to_norm,
+    sketch_entries,
     sketch_sensitivity,
     sketching_matrices,
     widths,
@@ -35,7 +37,7 @@ from florist.federation.secure import SumNormCheck, expected_shapes
 from florist.federation.sketch_round import SKETCH, SketchRound, site_upload
 from florist.federation.weight_level import WeightLevel, capped_weight
 from florist.federation.train_round import RoundFailed
-from florist.privacy import PrivacyLedger, effective_multiplier, noise_for_epsilon, site_noise_std
+from florist.privacy import PrivacyLedger, effective_multiplier, noise_for_epsilon, noise_to_signal, site_noise_std
 
 from test_aggregation import any_federations, dense_update, kept_energy, relative_error, spectral_client
 
@@ -255,6 +257,24 @@ def test_the_sum_of_the_sites_noise_has_the_standard_deviation_sigma_times_the_s
     assert abs(torch.stack(sums).mean().item()) < 0.02 * measured
 
 
+@pytest.mark.parametrize("sites", [3, 8, 40])
+def test_the_stated_noise_to_signal_is_the_measured_noise_in_the_mean_sketch_over_the_sensitivity(sites):
+    """Each of K sites adds its share of noise to a 64 x 24 + 48 x 32 sketch (the widths of
+    `sketch_entries`); the mean's noise norm over S is noise_to_signal within 3%."""
+    sigma, clip = 0.8, 2.0
+    shapes, module_widths = {"q": (64, 32)}, {"q": 24}
+    (m, n), (l, l2) = shapes["q"], widths(shapes["q"], 24)
+    assert sketch_entries(shapes, module_widths) == m * l + l2 * n
+    zero = {WEIGHT: torch.tensor(1.0, dtype=torch.float64), "q:range": torch.zeros(m, l), "q:corange": torch.zeros(l2, n)}
+    std = site_noise_std(sigma, sketch_sensitivity(clip), sites)
+    ratios = []
+    for draw in range(20):
+        noised = [add_noise(zero, std, torch.Generator().manual_seed(draw * sites + site)) for site in range(sites)]
+        mean = [sum(n[key].double() for n in noised) / sites for key in ("q:range", "q:corange")]
+        ratios.append(math.sqrt(sum(float(part.square().sum()) for part in mean)) / sketch_sensitivity(clip))
+    assert sum(ratios) / len(ratios) == pytest.approx(noise_to_signal(sigma, sketch_entries(shapes, module_widths), sites), rel=0.03)
+
+
 def test_the_ledger_is_dp_accountings_rdp_accountant():
     ledger = PrivacyLedger(1e-5)
     rounds = [(1.1, 0.5), (1.1, 0.5), (0.9, 1.0)]
@@ -418,7 +438,7 @@ def test_a_secure_run_at_a_width_of_the_stacked_rank_is_the_plain_florist_run(ti
     assert secure_summary["method"] == "florist-secure" and "privacy" not in secure_summary
 
 
-def test_a_private_run_reports_the_epsilon_dp_accounting_gives_and_meets_its_target(tiny_model_dir, tmp_path):
+def test_a_private_run_reports_the_epsilon_dp_accounting_gives_and_meets_its_target(tiny_model_dir, tmp_path, capsys):
     rounds, summary = _run(
         tiny_model_dir, tmp_path / "dp", "florist-secure", "privacy.dp=true", "privacy.clip_norm=0.5", "privacy.target_epsilon=8"
     )
@@ -429,6 +449,8 @@ def test_a_private_run_reports_the_epsilon_dp_accounting_gives_and_meets_its_tar
     assert summary["privacy"]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
     assert summary["privacy"]["epsilon"] <= 8 * 1.001 and summary["privacy"]["delta"] == 1e-5
     assert all(c.get("dp-clip-factor", None) is None for r in rounds[1:] for c in r["clients"])  # the clip stays with the site
+    ratio = rounds[-1]["secure"]["noise_to_signal"]
+    assert ratio > 0 and f"the noise in the mean sketch is {ratio:.3g}x the largest mean update's norm" in capsys.readouterr().err
 
 
 def test_at_the_default_weight_cap_a_secure_run_weighs_its_sites_as_plain_florist_once_the_level_settles(tiny_model_dir, tmp_path):

@@ -84,6 +84,15 @@ def effective_multiplier(noise_multiplier: float, summed: int, sampled: int) -> 
     return noise_multiplier * math.sqrt(summed / sampled)
 
 
+def noise_to_signal(noise_multiplier: float, entries: int, summed: int) -> float:
+    """The expected Frobenius norm of the noise in the mean of `summed` sites' sketches (`entries`
+    values in all, each summed with noise of std noise_multiplier * S), over S, the largest norm that
+    mean can have (every site's clipped update at norm C and all alike): the round's noise-to-signal
+    ratio at its most favourable. Above 1 the noise outweighs any mean update; it falls as 1 / summed
+    and grows as the square root of the sketch's size, which is why DP needs many sites."""
+    return noise_multiplier * math.sqrt(entries) / summed
+
+
 @dataclass
 class PrivacyLedger:
     """The run's spending: per round its multiplier, sampling rate and epsilon alone, and the run's so far."""

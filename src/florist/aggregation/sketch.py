@@ -63,6 +63,15 @@ def widths(shape: tuple[int, int], width: int) -> tuple[int, int]:
     return sketch, min(2 * sketch, m)
 
 
+def sketch_entries(shapes: Mapping[str, tuple[int, int]], module_widths: Mapping[str, int]) -> int:
+    """How many values one site's sketch holds: m l + l' n a module."""
+    total = 0
+    for name, (m, n) in shapes.items():
+        sketch, co_sketch = widths((m, n), module_widths[name])
+        total += m * sketch + co_sketch * n
+    return total
+
+
 def _module_seed(seed: int, name: str) -> int:
     # crc32, not hash(): Python's string hash differs between processes.
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63

@@ -58,7 +58,8 @@ def show_round(record: dict) -> None:
     if privacy:
         console.print(
             f"round {record['round']} privacy: noise multiplier {privacy['noise_multiplier']:.4g}, epsilon {privacy['round_epsilon']:.4g} "
-            f"this round, {privacy['run_epsilon']:.4g} for the run so far (delta {privacy['delta']:g})"
+            f"this round, {privacy['run_epsilon']:.4g} for the run so far (delta {privacy['delta']:g}); "
+            f"the noise in the mean sketch is {record['secure']['noise_to_signal']:.3g}x the largest mean update's norm"
         )
     selection = record.get("tau_selection")
     if selection:

@@ -39,7 +39,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from florist.aggregation import Aggregate, AggregationError
-from florist.aggregation.sketch import CORANGE, RANGE, WEIGHT, SecureFLoRIST, automatic_widths, sketch_key, widths
+from florist.aggregation.sketch import CORANGE, RANGE, WEIGHT, SecureFLoRIST, automatic_widths, sketch_entries, sketch_key, widths
 from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.messages import ADAPTER, SECURE_SUM, Reply
@@ -51,7 +51,7 @@ from florist.federation.train_round import RoundFailed, TrainRound
 from florist.federation.training_totals import read_totals, summed_layout
 from florist.federation.validation import MiB, REPORTED_METRICS, ClientUpdate, Limits, Rejected
 from florist.federation.weight_level import WeightLevel
-from florist.privacy import PrivacyLedger, effective_multiplier, planned_noise_multiplier
+from florist.privacy import PrivacyLedger, effective_multiplier, noise_to_signal, planned_noise_multiplier
 
 
 
@@ -277,6 +277,8 @@ class SecureRounds:
         if self.ledger is not None:
             multiplier = effective_multiplier(self.noise_multiplier, summed, self.sketch.sites)
             report.secure["privacy"] = self.ledger.spend(multiplier, self.sampling_rate)
+            entries = sketch_entries(self.shapes, self.sketch.module_widths(self.shapes))
+            report.secure["noise_to_signal"] = noise_to_signal(multiplier, entries, summed)
         self.kept_ranks = {name: module.rank for name, module in aggregate.modules.items()}
 
     def restore(self, metrics: list[dict]) -> None:
