@@ -237,6 +237,12 @@ def test_the_server_receives_no_sites_sketch_and_records_every_protocol_byte(tin
     up = sum(reply.content[SECURE_SUM].count_bytes() for reply in grid.received)
     assert record["communication"] == {"down_bytes": down, "up_bytes": up}
     assert down > 0 and up > 4 * Layout.of(recorded.uploads[101]).size * len(NODES)  # the masked inputs alone
+    # Each site's entry holds what it sent and received over all four stages, not its keys alone.
+    for client in record["clients"]:
+        node = client["node"]
+        assert client["bytes_up"] == sum(r.content[SECURE_SUM].count_bytes() for r in grid.received if r.metadata.src_node_id == node)
+        assert client["bytes_down"] == sum(m.content[SECURE_SUM].count_bytes() for m in grid.sent if m.metadata.dst_node_id == node)
+    assert sum(client["bytes_up"] for client in record["clients"]) == up
 
 
 def test_a_secure_sum_round_shows_the_server_only_the_totals_of_the_sites_training(tiny_model_dir, tmp_path, monkeypatch, capfd, clear_round):

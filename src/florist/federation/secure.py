@@ -181,7 +181,7 @@ class SecureSumTrainRound(SecureTrainRound):
         and no weight (the server never reads one site's)."""
         for node, update in updates.items():
             self.report.event(node, "accepted", partition=update.partition)
-            self.report.clients.append(SummedClientReport(update.partition, node, update.rank, self.report.bytes_down.get(node, 0), update.bytes_up))
+            self.report.clients.append(SummedClientReport(update.partition, node, update.rank, self.report.bytes_down.get(node, 0), self.report.bytes_up.get(node, 0)))
 
 
 class SumNormCheck:
