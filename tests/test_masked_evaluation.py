@@ -275,3 +275,22 @@ def test_a_site_refuses_an_evaluate_instruction_without_the_sums_setup_in_one_li
     reply = evaluate_round(config, message, state)
     assert reply.has_error() and reply.error.reason == reason
     assert not state.state.keys()  # refused before any key was made or kept
+
+
+def test_flowers_ray_simulation_engine_masks_the_evaluation_sums_and_totals_the_clear_ones(tiny_model_dir, tmp_path, clear_run):
+    """federation.engine = "ray" (each node's Context state kept by Flower's simulation engine between
+    the evaluation's setup, share, collect and unmask): the base model's masked total is the clear
+    sites' total within the quantisation bound (the same sites evaluate the same base on either engine)."""
+    from florist.federation.simulation import run_federation
+
+    # Ray starts its workers within the first stage: a round timeout above its start-up at load.
+    ray = ['federation.engine="ray"', "federation.workers=2", "federation.round_timeout=300"]
+    config = federation_config(tiny_model_dir, tmp_path / "run", "florist-secure", *RUN, MASKED, *ray)
+    rounds = read_rounds(run_federation(config))
+    base = rounds[0]["federated_evaluation"]
+    clear_sites, clear_rounds = clear_run
+    # The four stages ran: keys, shares and masked vectors up, against the clear sums alone.
+    assert rounds[0]["communication"]["up_bytes"] > 2 * clear_rounds[0]["communication"]["up_bytes"]
+    total = clear_total([sums.in_layout(EMBEDDED_CATEGORIES).tensors(EMBEDDED_CATEGORIES) for sums in clear_sites.values()])
+    assert base["sites_summed"] == 3
+    assert_within_bound(base["combined"], clear_rounds[0]["federated_evaluation"]["combined"], total, 3)
