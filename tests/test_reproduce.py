@@ -222,7 +222,7 @@ def test_the_committed_results_are_still_reportable(tmp_path: Path):
         # The warm start paired against FLoRA over three seeds.
         ("rounds", "18 of 18 cells finished.", "| FLoRIST (tau 0.90), warm | 0.90 | -0.0107 ± 0.0044 |"),
         # Issue 21's secure row, one cell so far, with its sketch width per round.
-        ("secure", "2 of 15 cells finished (a partial grid).", "| FLoRIST (tau 0.90), secure | 64 ± 0 | 128 ± 0 | 124 ± 0 |"),
+        ("secure", "2 of 18 cells finished (a partial grid).", "| FLoRIST (tau 0.90), secure | 64 ± 0 | 128 ± 0 | 124 ± 0 |"),
     ],
 )
 def test_the_committed_multi_round_results_are_still_reportable(tmp_path: Path, grid, finished, excerpt):
@@ -387,7 +387,8 @@ def test_every_cell_of_the_scale_grid_is_a_valid_whole_federation(tmp_path: Path
 
 def test_the_secure_grid_pairs_florist_secure_with_plain_florist_at_the_rounds_scale_and_adds_dp_rows(tmp_path: Path):
     """Issue 21's rows: the rounds grid's scale, tau 0.90 and fresh LoRAs each round in every cell; the
-    automatic sketch width; DP at epsilon 1, 4 and 16 (delta 1e-5) with one measured clip."""
+    automatic sketch width, also capped at 3x a mean client's adapter; DP at epsilon 1, 4 and 16
+    (delta 1e-5) with one measured clip."""
     secure = GRIDS["secure"]
     configs = {(cell.label, cell.seed): load_config(CONFIG, [*secure.scale, *cell.overrides(tmp_path)]) for cell in secure.cells()}
     assert secure.scale == GRIDS["rounds"].scale and secure.seeds == (0, 1, 2)
@@ -405,7 +406,9 @@ def test_the_secure_grid_pairs_florist_secure_with_plain_florist_at_the_rounds_s
     assert all(c.aggregation.sketch_width is None for c in configs.values())
     assert sorted(p.target_epsilon for p in private.values()) == [1, 4, 16]
     assert {(p.delta, p.clip_norm, p.noise_multiplier) for p in private.values()} == {(1e-5, grid.DP_CLIP_NORM, None)}
-    assert sum(c.aggregation.secure and not c.privacy.dp for c in configs.values()) == 3
+    assert sum(c.aggregation.secure and not c.privacy.dp for c in configs.values()) == 6
+    capped = {label for (label, _), c in configs.items() if c.aggregation.sketch_upload is not None}
+    assert capped == {"florist-tau0.90-secure-up3x"} and configs[("florist-tau0.90-secure-up3x", 0)].aggregation.sketch_upload == 3
 
 
 def test_a_grid_without_flora_pairs_each_variant_with_the_plain_row_it_changes():

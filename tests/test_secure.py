@@ -577,6 +577,42 @@ def test_the_widths_follow_ranks_per_module_and_cap_at_the_modules_sides():
     assert rounds.widths() == {"high": 16, "low": 16, "thin": 12}  # one width for all, each at most min(m, n)
 
 
+@pytest.mark.parametrize("multiple", [0.5, 1.0, 3.0])
+def test_an_upload_cap_keeps_each_sites_sketch_within_its_multiple_of_a_mean_clients_adapter(multiple, server_task):
+    """Every module's sketch at most `multiple` times a mean client's share of it (ranks 4, 8, 8:
+    mean 6.67), and one width wider would break the cap where the automatic width was cut."""
+    from florist.aggregation.sketch import sketch_entries
+
+    _, uncapped = width_rounds()
+    config, rounds = width_rounds(f"aggregation.sketch_upload={multiple}")
+    mean_rank = (4 + 8 + 8) / 3
+    for name, (m, n) in WIDTH_SHAPES.items():
+        share = multiple * mean_rank * (m + n)
+        width = rounds.widths()[name]
+        assert sketch_entries({name: (m, n)}, {name: width}) <= share
+        if width < uncapped.widths()[name]:
+            assert sketch_entries({name: (m, n)}, {name: width + 1}) > share
+    first = rounds.widths()
+    assert run_width_round(config, rounds, 1)["secure"]["sketch_width"] == max(first.values())
+    assert all(width <= rounds.caps[name] for name, width in rounds.widths().items())  # round 2's widths too
+
+
+def test_the_widest_width_within_a_count_of_values_is_found_across_the_co_range_cap():
+    from florist.aggregation.sketch import widest_within
+
+    assert widest_within((576, 576), 3 * 19 * 1152) == 38  # q_proj of the embedded model at 3x a rank-19 client
+    assert widest_within((192, 576), 3 * 19 * 768) == 32  # v_proj: l' = 2l up to 192, then l' = 192
+    assert widest_within((192, 576), 192 * 192 + 192 * 576) == 192  # the exact sketch
+    assert widest_within((20, 12), 20 + 2 * 12 - 1) == 0
+
+
+def test_an_upload_cap_that_leaves_a_module_no_sketch_is_refused_in_one_line(server_task):
+    with pytest.raises(ValueError, match=r"^aggregation.sketch_upload=0.001 leaves module high no sketch: its narrowest \(l = 1\) uploads 0.\d+x"):
+        width_rounds("aggregation.sketch_upload=0.001")
+    with pytest.raises(ValueError, match="aggregation.sketch_upload sizes florist-secure's sketches; method 'florist' has none"):
+        load_config(None, ["aggregation.sketch_upload=3"])
+
+
 def test_a_resumed_run_sizes_its_sketches_as_the_uninterrupted_run(server_task):
     config, rounds = width_rounds()
     records = [{"round": 0}, run_width_round(config, rounds, 1), run_width_round(config, rounds, 2)]

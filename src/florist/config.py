@@ -234,6 +234,11 @@ class AggregationConfig(Section):
     the module's min(m, n)). None: per module, twice the rank that module kept last round, at least
     aggregation.sketch.MIN_SKETCH_WIDTH (in round 1, the largest client rank), so each sketch holds
     what tau keeps with room for its error."""
+    sketch_upload: float | None = Field(None, gt=0)
+    """florist-secure: the most a site uploads a round, as a multiple of a mean client's adapter
+    (the mean of federation.ranks, r (m + n) values a module): each module's width is capped at the
+    widest whose sketch (m l + l' n) holds at most this multiple of that module's share. None: no cap.
+    The automatic width uploads 5-7x on the embedded model (BENCHMARKS.md, issue 21)."""
 
     @model_validator(mode="after")
     def _known_names(self) -> AggregationConfig:
@@ -241,8 +246,9 @@ class AggregationConfig(Section):
             raise ValueError(f"aggregation.method {self.method!r} is unknown; choose from {', '.join(METHODS)}")
         if self.route not in ROUTES:
             raise ValueError(f"aggregation.route {self.route!r} is unknown; choose from {', '.join(ROUTES)}")
-        if self.sketch_width is not None and self.method != "florist-secure":
-            raise ValueError(f"aggregation.sketch_width sizes florist-secure's sketches; method {self.method!r} has none")
+        for key in ("sketch_width", "sketch_upload"):
+            if getattr(self, key) is not None and self.method != "florist-secure":
+                raise ValueError(f"aggregation.{key} sizes florist-secure's sketches; method {self.method!r} has none")
         if self.tau_candidates:
             if self.method != "florist":
                 raise ValueError(f"aggregation.tau_candidates choose FLoRIST's tau; method {self.method!r} has none")

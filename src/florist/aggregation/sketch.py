@@ -88,6 +88,12 @@ def automatic_widths(shapes: Mapping[str, tuple[int, int]], kept: Mapping[str, i
     }
 
 
+def widest_within(shape: tuple[int, int], values: float) -> int:
+    """The widest l whose sketch (m l + l' n, `widths`) holds at most `values` values; 0 if none does."""
+    m, n = shape
+    return max((width for width in range(1, min(m, n) + 1) if m * width + widths(shape, width)[1] * n <= values), default=0)
+
+
 @lru_cache(maxsize=1024)
 def sketching_matrices(seed: int, name: str, shape: tuple[int, int], sides: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """(Omega, Psi) of module `name` for the round's `seed` and its sketch's (l, l') `sides`: float64,

@@ -39,7 +39,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from florist.aggregation import Aggregate, AggregationError
-from florist.aggregation.sketch import CORANGE, RANGE, WEIGHT, SecureFLoRIST, automatic_widths, sketch_entries, sketch_key, widths
+from florist.aggregation.sketch import CORANGE, RANGE, WEIGHT, SecureFLoRIST, automatic_widths, sketch_entries, sketch_key, widest_within, widths
 from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.messages import ADAPTER, SECURE_SUM, Reply
@@ -202,6 +202,26 @@ class SumNormCheck:
         self.norms.append(norm)
 
 
+def upload_caps(shapes: Mapping[str, tuple[int, int]], config: RunConfig) -> dict[str, int]:
+    """Each module's widest sketch width whose upload is at most aggregation.sketch_upload times a
+    mean client's share of it, r (m + n) values at the mean of federation.ranks; min(m, n) without
+    the setting. A multiple that leaves a module no width (l = 1 uploads more) is refused in one line."""
+    multiple = config.aggregation.sketch_upload
+    if multiple is None:
+        return {name: min(shape) for name, shape in shapes.items()}
+    mean_rank = statistics.mean(config.federation.ranks)
+    caps = {name: widest_within((m, n), multiple * mean_rank * (m + n)) for name, (m, n) in shapes.items()}
+    for name, cap in caps.items():
+        if cap == 0:
+            m, n = shapes[name]
+            narrowest = (m + widths((m, n), 1)[1] * n) / (mean_rank * (m + n))
+            raise ValueError(
+                f"aggregation.sketch_upload={multiple:g} leaves module {name} no sketch: its narrowest (l = 1) uploads "
+                f"{narrowest:.3g}x a mean client's adapter (ranks {config.federation.ranks})"
+            )
+    return caps
+
+
 class SecureRounds:
     """The server's side of florist-secure over the run: each round's sketch and sum, its checks and its privacy spending."""
 
@@ -219,15 +239,20 @@ class SecureRounds:
         self.protocol = privacy.secure_aggregation
         """The sketches are summed by the secure-sum protocol (federation/secure_round.py), not in the clear."""
         self.round: SecureTrainRound | None = None
+        self.caps = upload_caps(self.shapes, config)
+        """Each module's widest width within aggregation.sketch_upload (min(m, n) without one)."""
 
     def widths(self) -> dict[str, int]:
         """Each module's sketch width: aggregation.sketch_width for all (at most min(m, n)), else
         twice the rank that module kept last round, at least MIN_SKETCH_WIDTH (round 1: the largest
-        client rank, at least MIN_SKETCH_WIDTH; the stacked rank, where round 1 is exact, is larger)."""
+        client rank, at least MIN_SKETCH_WIDTH; the stacked rank, where round 1 is exact, is larger);
+        either at most the module's cap under aggregation.sketch_upload."""
         fixed = self.config.aggregation.sketch_width
         if fixed is not None:
-            return {name: min(fixed, *shape) for name, shape in self.shapes.items()}
-        return automatic_widths(self.shapes, self.kept_ranks, max(self.config.federation.ranks))
+            wanted = {name: min(fixed, *shape) for name, shape in self.shapes.items()}
+        else:
+            wanted = automatic_widths(self.shapes, self.kept_ranks, max(self.config.federation.ranks))
+        return {name: min(width, self.caps[name]) for name, width in wanted.items()}
 
     def train_round(self, server_round: int, report: RoundReport) -> SecureTrainRound:
         seed = (self.config.training.seed * 1_000_003 + server_round) % 2**63

@@ -255,9 +255,13 @@ def private(epsilon: float) -> Row:
     return variant(SECURE_ROW, f"dp-eps{epsilon:g}", *settings)
 
 
+UPLOAD_CAP = 3.0
+"""aggregation.sketch_upload of the capped secure row: the issue's target, a site's upload at most 3x
+a mean client's adapter (the automatic width alone uploads 5-7x here)."""
 SECURE_ROWS = (
     SECURE_ROW,
     Row(florist(SCALE_TAU).label, "florist", SCALE_TAU, ("output.save_client_adapters=true",)),
+    variant(SECURE_ROW, "up3x", f"aggregation.sketch_upload={UPLOAD_CAP:g}"),
     *map(private, DP_EPSILONS),
 )
 
