@@ -294,3 +294,21 @@ def test_flowers_ray_simulation_engine_masks_the_evaluation_sums_and_totals_the_
     total = clear_total([sums.in_layout(EMBEDDED_CATEGORIES).tensors(EMBEDDED_CATEGORIES) for sums in clear_sites.values()])
     assert base["sites_summed"] == 3
     assert_within_bound(base["combined"], clear_rounds[0]["federated_evaluation"]["combined"], total, 3)
+
+
+def test_a_runs_own_categories_set_the_layout_and_bad_names_are_refused_in_one_line():
+    from florist.config import load_config
+    from florist.federation.evaluation_sums import DOLLY_CATEGORIES, run_categories
+
+    mine = load_config(None, ['privacy.masked_categories=["support", "billing"]'])
+    assert run_categories(mine) == ("billing", "support")  # sorted: the order layout_categories reads back
+    assert layout_categories(masked_layout(run_categories(mine))) == ("billing", "support")
+    assert run_categories(load_config(None, ['data.source="dolly"', 'data.test_source="dolly"'])) == DOLLY_CATEGORIES
+    for names, message in (
+        ('["a/b"]', r"privacy.masked_categories: 'a/b' is not a category name \(empty, or holding '/' or ':'\)"),
+        ('[" "]', r"privacy.masked_categories: ' ' is not a category name"),
+        ('["a", "a"]', r"privacy.masked_categories names a category twice: \['a', 'a'\]"),
+    ):
+        with pytest.raises(ValueError, match=message) as error:
+            load_config(None, [f"privacy.masked_categories={names}"])
+        assert "\n" not in str(error.value)

@@ -322,6 +322,11 @@ class PrivacyConfig(Section):
     """florist-secure: the held-out examples of one category a site needs before it sends that
     category's score (a node's own min-category-examples may ask more); below it the site sends
     none and counts the category as withheld (federation/evaluation_sums.py)."""
+    masked_categories: list[str] = []
+    """florist-secure with privacy.secure_aggregation: the categories whose exact match the masked
+    evaluation sums carry (every site's sums hold the same entries, so they are fixed in advance).
+    Empty: the embedded task's, else databricks-dolly-15k's eight. A site's category outside them is
+    withheld and counted as such."""
     secure_aggregation: bool = False
     """florist-secure: the sites' sketches, and with evaluation.federated their evaluation sums, are
     summed by the secure-sum protocol (pairwise masks, Shamir shares; federation/secure_round.py), so
@@ -347,6 +352,16 @@ class PrivacyConfig(Section):
             why = {"noise_multiplier": "without noise epsilon is infinite", "target_epsilon": "no noise reaches it"}.get(info.field_name, "")
             raise ValueError(f"privacy.{info.field_name} must be a finite number > 0{f' ({why})' if why else ''}, got {value!r}")
         return value
+
+    @field_validator("masked_categories")
+    @classmethod
+    def _category_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name.strip() or any(mark in name for mark in "/:"):
+                raise ValueError(f"privacy.masked_categories: {name!r} is not a category name (empty, or holding '/' or ':')")
+        if len(set(value)) != len(value):
+            raise ValueError(f"privacy.masked_categories names a category twice: {sorted(value)}")
+        return sorted(value)
 
     @field_validator("delta")
     @classmethod

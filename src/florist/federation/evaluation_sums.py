@@ -22,7 +22,7 @@ federation.min_sites sites are in the sum, as for the training sums.
 Masking (privacy.secure_aggregation): the sums travel as one vector per site, masked by the
 secure-sum protocol (federation/secure_sum), so that the server reads only their total. Every site
 must send the same entries (`masked_layout`, carried in the protocol's setup): the run's categories
-are fixed in advance (`run_categories`: the embedded task's, else Dolly's eight), and a site sends 0
+are fixed in advance (`run_categories`: privacy.masked_categories, else the embedded task's, else Dolly's eight), and a site sends 0
 and 0 for a category it withholds, lacks or that is not among them, counting those it holds in
 `withheld:*`; every split's loss is an entry, 0 and 0 where the site has none. The counts are summed
 exactly (unquantised integers); each float sum (nll, ROUGE-L) is split into its whole part, a
@@ -68,7 +68,10 @@ for one sum, are never accepted in another."""
 
 
 def run_categories(config: RunConfig) -> tuple[str, ...]:
-    """The categories whose exact match the masked evaluation sums carry: fixed by the run's data."""
+    """The categories whose exact match the masked evaluation sums carry: privacy.masked_categories,
+    else fixed by the run's data."""
+    if config.privacy.masked_categories:
+        return tuple(config.privacy.masked_categories)
     data = config.data
     return EMBEDDED_CATEGORIES if "embedded" in (data.source, data.test_source) else DOLLY_CATEGORIES
 
