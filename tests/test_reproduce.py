@@ -8,6 +8,7 @@ import statistics
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -427,6 +428,28 @@ def test_spectrum_summary_gives_the_share_of_directions_each_energy_level_needs(
     assert spectra.cumulative_energy([0.0, 0.0]) == [1.0, 1.0]
 
 
+def finishing_cell(launch: Callable[[Path, list[str]], None]) -> type:
+    """A stand-in for running.FederatedCell that calls `launch(run_dir, command)` and finishes at once
+    (an empty summary.json in its run directory)."""
+
+    class FinishingCell:
+        cpu_seconds = 0.0
+
+        def __init__(self, command, log, timeout, cores=None):
+            run_dir = Path(json.loads(next(item for item in command if item.startswith("output.run_dir=")).partition("=")[2]))
+            launch(run_dir, command)
+            run_dir.mkdir(parents=True)
+            (run_dir / "summary.json").write_text("{}")
+
+        def poll(self):
+            return True
+
+        def stop(self):
+            pass
+
+    return FinishingCell
+
+
 def test_grid_skips_finished_cells_and_redoes_half_finished_ones(tmp_path: Path, monkeypatch):
     out = tmp_path / "out"
     done, half, fresh = [cell for cell in GRIDS["full"].cells([0]) if not grid.replayable(cell.row, rounds=1)][:3]
@@ -436,21 +459,11 @@ def test_grid_skips_finished_cells_and_redoes_half_finished_ones(tmp_path: Path,
     (half.path(out) / "leftover").write_text("from an interrupted run")
     launched = []
 
-    class FakeCell:
-        cpu_seconds = 0.0
+    def launch(run_dir: Path, command: list[str]) -> None:
+        assert not run_dir.exists(), "a half-finished run directory must be removed before its cell runs again"
+        launched.append(run_dir)
 
-        def __init__(self, command, log, timeout, cores=None):
-            run_dir = Path(json.loads(next(item for item in command if item.startswith("output.run_dir=")).partition("=")[2]))
-            assert not run_dir.exists(), "a half-finished run directory must be removed before its cell runs again"
-            launched.append(run_dir)
-            run_dir.mkdir(parents=True)
-            (run_dir / "summary.json").write_text("{}")
-
-        def poll(self):
-            return True
-
-        def stop(self):
-            pass
+    FakeCell = finishing_cell(launch)
 
     # A cell another machine ran, recorded in the grid's results.json without its run directory.
     shipped = [cell for cell in GRIDS["full"].cells([1]) if not grid.replayable(cell.row, rounds=1)][0]
@@ -665,23 +678,7 @@ def test_only_the_first_cell_of_a_grid_with_none_finished_evaluates_the_base_mod
     out = tmp_path / "out"
     first, second, later = [cell for cell in GRIDS["full"].cells([0]) if not grid.replayable(cell.row, rounds=1)][:3]
     evaluated = {}
-
-    class FakeCell:
-        cpu_seconds = 0.0
-
-        def __init__(self, command, log, timeout, cores=None):
-            run_dir = Path(json.loads(next(item for item in command if item.startswith("output.run_dir=")).partition("=")[2]))
-            evaluated[run_dir] = "evaluation.base=true" in command
-            run_dir.mkdir(parents=True)
-            (run_dir / "summary.json").write_text("{}")
-
-        def poll(self):
-            return True
-
-        def stop(self):
-            pass
-
-    monkeypatch.setattr(running, "FederatedCell", FakeCell)
+    monkeypatch.setattr(running, "FederatedCell", finishing_cell(lambda run_dir, command: evaluated.update({run_dir: "evaluation.base=true" in command})))
     assert running.run_grid([first, second], out, grid.QUICK_SCALE) == []
     assert evaluated == {first.path(out): True, second.path(out): False}
     # Resumed later with another row first: the base model was evaluated already.

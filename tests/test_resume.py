@@ -64,19 +64,25 @@ def kill_everything(process: subprocess.Popen) -> None:
 
 
 
-def test_a_killed_server_resumes_and_ends_as_the_uninterrupted_run(tiny_model_dir, tmp_path, server_task):
-    config = federation_config(tiny_model_dir, tmp_path / "killed", "florist", *EXTRA)
-    config_file = tmp_path / "federation.toml"
+def killed_after_round_one(config, tmp_path: Path) -> tuple[Path, list[dict]]:
+    """A real `florist run` of `config`, killed with SIGKILL once round 1 is recorded: its run
+    directory and the rounds it recorded (at least round 1, not the last; no summary)."""
+    config_file = tmp_path / "killed.toml"
     config_file.write_text(tomli_w.dumps(config.model_dump(exclude_none=True)))
     run_dir = Path(config.output.run_dir)
-    log = open(tmp_path / "killed.log", "w")
-    process = subprocess.Popen(florist("run", "--config", str(config_file)), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for_round(run_dir, 1, process)
-    finally:
-        kill_everything(process)
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen(florist("run", "--config", str(config_file)), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for_round(run_dir, 1, process)
+        finally:
+            kill_everything(process)
     recorded = read_rounds(run_dir)
-    assert 1 <= recorded[-1]["round"] < ROUNDS and not (run_dir / "summary.json").exists()
+    assert 1 <= recorded[-1]["round"] < config.federation.rounds and not (run_dir / "summary.json").exists()
+    return run_dir, recorded
+
+
+def test_a_killed_server_resumes_and_ends_as_the_uninterrupted_run(tiny_model_dir, tmp_path, server_task):
+    run_dir, recorded = killed_after_round_one(federation_config(tiny_model_dir, tmp_path / "killed", "florist", *EXTRA), tmp_path)
 
     resumed = subprocess.run(florist("run", "--resume", str(run_dir)), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -134,17 +140,7 @@ def test_a_private_secure_sum_run_killed_after_round_one_reports_the_epsilon_of_
     from florist.federation.simulation import run_federation
 
     config = federation_config(tiny_model_dir, tmp_path / "killed", "florist-secure", *DP, "privacy.secure_aggregation=true")
-    config_file = tmp_path / "private.toml"
-    config_file.write_text(tomli_w.dumps(config.model_dump(exclude_none=True)))
-    run_dir = Path(config.output.run_dir)
-    with open(tmp_path / "killed.log", "w") as log:
-        process = subprocess.Popen(florist("run", "--config", str(config_file)), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_for_round(run_dir, 1, process)
-        finally:
-            kill_everything(process)
-    recorded = read_rounds(run_dir)
-    assert 1 <= recorded[-1]["round"] < 3 and not (run_dir / "summary.json").exists()
+    run_dir, recorded = killed_after_round_one(config, tmp_path)
     resumed = subprocess.run(florist("run", "--resume", str(run_dir)), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     whole = run_federation(federation_config(tiny_model_dir, tmp_path / "whole", "florist-secure", *DP, "privacy.secure_aggregation=true"))
