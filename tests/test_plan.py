@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from flwr.app import RecordDict
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config
 
-from florist.aggregation import LoraFactors
+from florist.aggregation import LoraFactors, make_aggregator
 from florist.cli import main
 from florist.config import load_config
 from florist.data import encode, generate_embedded
@@ -184,11 +185,66 @@ def test_a_sites_upload_is_the_bytes_its_reply_carries(tiny_config):
     assert plan.sites[0].memory.peak < plan.sites[1].memory.peak
 
 
+def secure_config(tiny_model_dir, *extra: str):
+    return load_config(
+        None,
+        [f'model.name="{tiny_model_dir}"', 'aggregation.method="florist-secure"', "federation.ranks=[2, 4]", "federation.num_clients=2", *extra],
+    )
+
+
+@pytest.mark.parametrize("extra", [[], ["aggregation.sketch_width=3"], ["aggregation.sketch_upload=2"]])
+def test_a_secure_sites_planned_upload_is_the_bytes_its_widest_and_its_first_sketches_carry(tiny_model_dir, extra, server_task):
+    """Round 1's sketches and the widest any round sends (the widths of a kept rank min(m, n)), as
+    the site's own upload code counts them."""
+    from florist.federation.secure import SecureRounds
+    from florist.federation.sketch_round import SketchRound, put_upload, site_upload
+
+    config = secure_config(tiny_model_dir, *extra)
+    plan = plan_run(config, device=torch.device("cpu"))
+    modules = plan.shape.module_paths(QV)
+    factors = {name: LoraFactors(A=torch.randn(4, n), B=torch.randn(m, 4), scale=2.0) for name, (m, n) in modules.items()}
+    rounds = SecureRounds(config, make_aggregator("florist-secure"), modules)
+
+    def sent(widths: dict[str, int]) -> int:
+        sketch = SketchRound.of(5, widths, 2, 0.0, math.inf, config.federation.rounds)
+        upload, _ = site_upload(config, sketch, factors, 10)
+        return put_upload(RecordDict(), upload)
+
+    assert plan.first_sketch_bytes == sent(rounds.widths())
+    rounds.kept_ranks = {name: min(shape) for name, shape in modules.items()}
+    assert {site.upload_bytes for site in plan.sites} == {sent(rounds.widths())}
+    assert plan.first_sketch_bytes <= plan.sites[0].upload_bytes
+
+
+def test_a_private_plan_gives_the_runs_noise_its_epsilon_and_round_ones_noise_to_signal(tiny_model_dir):
+    from florist.aggregation.sketch import sketch_entries
+    from florist.federation.secure import round_widths, upload_caps
+    from florist.privacy import noise_for_epsilon
+
+    config = secure_config(tiny_model_dir, "privacy.dp=true", "privacy.clip_norm=1", "privacy.target_epsilon=4", "federation.rounds=3")
+    privacy = plan_run(config, device=torch.device("cpu")).privacy
+    modules = ModelShape.from_config(AutoConfig.from_pretrained(tiny_model_dir)).module_paths(QV)
+    values = sketch_entries(modules, round_widths(modules, config, None, upload_caps(modules, config)))
+    sigma = noise_for_epsilon(4, 1e-5, 3, 1.0)
+    assert (privacy.noise_multiplier, privacy.sites, privacy.sketch_values) == (pytest.approx(sigma), 2, values)
+    assert privacy.epsilon == pytest.approx(4, rel=1e-3) and privacy.noise_to_signal == pytest.approx(sigma * math.sqrt(values) / 2)
+    assert privacy.sites_for_ratio_one >= privacy.sites * privacy.noise_to_signal > privacy.sites_for_ratio_one - 1
+    assert plan_run(secure_config(tiny_model_dir), device=torch.device("cpu")).privacy is None
+
+
 def test_florist_plan_prints_every_site_and_the_server(tiny_model_dir, capsys):
     assert main(["plan", "--set", f'model.name="{tiny_model_dir}"', "--set", "federation.ranks=[4]", "--set", "training.gradient_checkpointing=true"]) == 0
     printed = capsys.readouterr().out
     assert "Per site" in printed and "Server: aggregation by florist" in printed
     assert sum(line.startswith("│ ") and "MiB" in line for line in printed.splitlines()) == 8 + 1  # 8 sites, the server
+
+
+def test_florist_plan_of_a_private_secure_run_prints_its_sketches_and_its_privacy(tiny_model_dir, capsys):
+    settings = [f'model.name="{tiny_model_dir}"', 'aggregation.method="florist-secure"', "privacy.dp=true", "privacy.clip_norm=1", "privacy.noise_multiplier=1"]
+    assert main(["plan", *(item for setting in settings for item in ("--set", setting))]) == 0
+    printed = capsys.readouterr().out
+    assert "florist-secure: every site sends" in printed and "at most" in printed
+    assert "Client-level DP (privacy.dp)" in printed and "noise / signal" in printed
 
 
 def test_florist_plan_refuses_a_bad_key_in_one_line(capsys):

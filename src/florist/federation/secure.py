@@ -222,6 +222,21 @@ def upload_caps(shapes: Mapping[str, tuple[int, int]], config: RunConfig) -> dic
     return caps
 
 
+def round_widths(
+    shapes: Mapping[str, tuple[int, int]], config: RunConfig, kept: Mapping[str, int] | None, caps: Mapping[str, int]
+) -> dict[str, int]:
+    """Each module's sketch width: aggregation.sketch_width for all (at most min(m, n)), else twice
+    the rank that module kept last round (`kept`), at least MIN_SKETCH_WIDTH (round 1, `kept` None:
+    the largest client rank, at least MIN_SKETCH_WIDTH; the stacked rank, where round 1 is exact, is
+    larger); either at most the module's cap (`upload_caps`)."""
+    fixed = config.aggregation.sketch_width
+    if fixed is not None:
+        wanted = {name: min(fixed, *shape) for name, shape in shapes.items()}
+    else:
+        wanted = automatic_widths(shapes, kept, max(config.federation.ranks))
+    return {name: min(width, caps[name]) for name, width in wanted.items()}
+
+
 class SecureRounds:
     """The server's side of florist-secure over the run: each round's sketch and sum, its checks and its privacy spending."""
 
@@ -243,16 +258,8 @@ class SecureRounds:
         """Each module's widest width within aggregation.sketch_upload (min(m, n) without one)."""
 
     def widths(self) -> dict[str, int]:
-        """Each module's sketch width: aggregation.sketch_width for all (at most min(m, n)), else
-        twice the rank that module kept last round, at least MIN_SKETCH_WIDTH (round 1: the largest
-        client rank, at least MIN_SKETCH_WIDTH; the stacked rank, where round 1 is exact, is larger);
-        either at most the module's cap under aggregation.sketch_upload."""
-        fixed = self.config.aggregation.sketch_width
-        if fixed is not None:
-            wanted = {name: min(fixed, *shape) for name, shape in self.shapes.items()}
-        else:
-            wanted = automatic_widths(self.shapes, self.kept_ranks, max(self.config.federation.ranks))
-        return {name: min(width, self.caps[name]) for name, width in wanted.items()}
+        """Each module's sketch width this round (`round_widths`)."""
+        return round_widths(self.shapes, self.config, self.kept_ranks, self.caps)
 
     def train_round(self, server_round: int, report: RoundReport) -> SecureTrainRound:
         seed = (self.config.training.seed * 1_000_003 + server_round) % 2**63

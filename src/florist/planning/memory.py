@@ -31,6 +31,7 @@ from florist.planning.shapes import ModelShape
 GIB = 2**30
 MIB = 2**20
 FLOAT32 = 4
+FLOAT64 = 8
 BF16 = 2
 NF4_BLOCK = 64
 """Values per float32 absmax in bitsandbytes' 4-bit layers (its default block size)."""
@@ -181,6 +182,24 @@ class ServerMemory:
 
     def parts(self) -> dict[str, int]:
         return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+def secure_aggregation_memory(modules: Mapping[str, tuple[int, int]], sides: Mapping[str, tuple[int, int]]) -> ServerMemory:
+    """florist-secure's round at sketch sides {name: (l, l')}: the running float64 sum of the sketches
+    (m l + l' n values a module), whatever the number of sites; as work the larger of adding one
+    upload (float32, its float64 copy and the new sum: aggregation/sketch.py's SketchSum.add) and the
+    largest module's reconstruction in float64 (Omega n x l, Psi l' x m, Q m x l, Psi Q, X l x n and
+    its SVD's l x l and l x n factors); the float32 factors at rank at most l as its result."""
+    values = sum(m * sides[name][0] + sides[name][1] * n for name, (m, n) in modules.items())
+
+    def reconstruction(name: str) -> int:
+        (m, n), (l, l2) = modules[name], sides[name]
+        return (n * l + l2 * m + m * l + l2 * l + 2 * l * n + l * l) * FLOAT64
+
+    received = values * FLOAT64
+    work = max(values * (FLOAT32 + 2 * FLOAT64), max(map(reconstruction, modules)))
+    result = sum((m + n) * sides[name][0] for name, (m, n) in modules.items()) * FLOAT32
+    return ServerMemory(received, work, result)
 
 
 def aggregation_memory(

@@ -9,17 +9,32 @@ only cut it), the ranks of the largest sample of sites.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from florist.aggregation.base import chunk_size
+from florist.aggregation.sketch import CORANGE, RANGE, WEIGHT, sketch_entries, sketch_key, widths
 from florist.config import RunConfig
-from florist.federation.payload import update_cost
+from florist.federation.payload import ARRAY_HEADER_BYTES, update_cost
+from florist.federation.secure import round_widths, upload_caps
+from florist.federation.sketch_round import CUT
 from florist.lora.model import trained_in_full_shapes, weightless_model
 from florist.models import best_device, hardware_precision, resolve_model
-from florist.planning.memory import FLOAT32, MIB, ServerMemory, SiteMemory, SiteTraining, aggregation_memory, site_memory
+from florist.planning.memory import (
+    FLOAT32,
+    FLOAT64,
+    MIB,
+    ServerMemory,
+    SiteMemory,
+    SiteTraining,
+    aggregation_memory,
+    secure_aggregation_memory,
+    site_memory,
+)
+from florist.privacy import noise_to_signal, planned_epsilon, planned_noise_multiplier
 from florist.planning.shapes import ModelShape
 
 
@@ -34,6 +49,30 @@ class SitePlan:
 
 
 @dataclass(frozen=True)
+class PrivacyPlan:
+    """Client-level DP's numbers before a run (privacy.dp): the noise every round adds, what the run
+    spends, and the noise-to-signal of round 1's mean sketch (`privacy.noise_to_signal`)."""
+
+    noise_multiplier: float
+    epsilon: float
+    delta: float
+    sampling_rate: float
+    sites: int
+    """The sites a round samples (federation.sample_size)."""
+    sketch_values: int
+    """One site's round-1 sketch, in values."""
+
+    @property
+    def noise_to_signal(self) -> float:
+        return noise_to_signal(self.noise_multiplier, self.sketch_values, self.sites)
+
+    @property
+    def sites_for_ratio_one(self) -> int:
+        """The sites a round would need for a noise-to-signal of 1 at this noise multiplier and sketch."""
+        return math.ceil(self.noise_multiplier * math.sqrt(self.sketch_values))
+
+
+@dataclass(frozen=True)
 class Plan:
     model: str
     shape: ModelShape
@@ -42,6 +81,9 @@ class Plan:
     server_model_bytes: int
     """The float32 model the server evaluates and saves, with the pristine copy of every adapted weight."""
     aggregation: ServerMemory
+    first_sketch_bytes: int | None = None
+    """florist-secure: one site's round-1 upload (later rounds size their sketches from the ranks kept)."""
+    privacy: PrivacyPlan | None = None
 
     @property
     def server_peak(self) -> int:
@@ -91,6 +133,30 @@ def payload_bytes(modules: dict[str, tuple[int, int]], ranks: dict[str, int], de
     return cost.fixed_bytes + sum(per_component[name] * ranks[name] for name in modules)
 
 
+def sketch_bytes(modules: Mapping[str, tuple[int, int]], module_widths: Mapping[str, int]) -> int:
+    """What `sketch_round.put_upload` counts for one site's florist-secure upload at these widths:
+    each module's two float32 sketches (m l + l' n values), its weight and cut flag (float64 scalars)."""
+    total = sum(ARRAY_HEADER_BYTES + FLOAT64 + len(key) for key in (WEIGHT, CUT))
+    for name, (m, n) in modules.items():
+        sketch, co_sketch = widths((m, n), module_widths[name])
+        keys = len(sketch_key(name, RANGE)) + len(sketch_key(name, CORANGE))
+        total += (m * sketch + co_sketch * n) * FLOAT32 + 2 * ARRAY_HEADER_BYTES + keys
+    return total
+
+
+def privacy_plan(config: RunConfig, modules: Mapping[str, tuple[int, int]], first_widths: Mapping[str, int]) -> PrivacyPlan:
+    privacy, federation = config.privacy, config.federation
+    rate = federation.sample_size / federation.num_clients
+    return PrivacyPlan(
+        noise_multiplier=planned_noise_multiplier(privacy, federation.rounds, rate),
+        epsilon=planned_epsilon(privacy, federation.rounds, rate),
+        delta=privacy.delta,
+        sampling_rate=rate,
+        sites=federation.sample_size,
+        sketch_values=sketch_entries(modules, first_widths),
+    )
+
+
 def plan_run(config: RunConfig, model: PretrainedConfig | None = None, device: torch.device | None = None) -> Plan:
     """The plan of `config` on `device` (default: this machine's best), from `model` (default: model.name's configuration)."""
     model = model if model is not None else model_config(config.model.name)
@@ -107,10 +173,16 @@ def plan_run(config: RunConfig, model: PretrainedConfig | None = None, device: t
     stacked = sum(sampled)
     cap = config.aggregation.max_rank or stacked
     budget = config.aggregation.download_budget_mb
+    secure = method == "florist-secure"
+    if secure:  # the widest sketches any round sends (a kept rank of min(m, n) everywhere), and round 1's
+        caps = upload_caps(modules, config)
+        widest = round_widths(modules, config, {name: min(size) for name, size in modules.items()}, caps)
+        first = round_widths(modules, config, None, caps)
 
     def download(rank: int) -> int:
-        if method == "florist":
-            full = payload_bytes(modules, {name: min(stacked, cap, *size) for name, size in modules.items()}, dense, wire.download)
+        if method in ("florist", "florist-secure"):
+            kept = {name: min(stacked, cap, *size, *([widest[name]] if secure else [])) for name, size in modules.items()}
+            full = payload_bytes(modules, kept, dense, wire.download)
             return full if budget is None else min(full, int(budget * MIB))
         if method == "flora":
             return payload_bytes(modules, dict.fromkeys(modules, stacked), dense, wire.download)
@@ -121,13 +193,21 @@ def plan_run(config: RunConfig, model: PretrainedConfig | None = None, device: t
     sites = []
     for partition, rank in enumerate(ranks):
         training = site_training(config, rank, dense_values, precision.autocast)
-        upload = payload_bytes(modules, dict.fromkeys(modules, rank), dense, wire.upload, "B" if method == "ffa" else "AB")
+        if secure:
+            upload = sketch_bytes(modules, widest)
+        else:
+            upload = payload_bytes(modules, dict.fromkeys(modules, rank), dense, wire.upload, "B" if method == "ffa" else "AB")
         sites.append(SitePlan(partition, rank, site_memory(shape, training), upload, download(rank)))
     largest = max(layer.values(), key=sum)
     chunk = min(shape.layers * list(layer.values()).count(largest), chunk_size(largest, stacked, torch.float32))
-    aggregation = aggregation_memory(method, modules, sampled, chunk, int(config.aggregation.memory_budget_mb * MIB))
+    if secure:
+        aggregation = secure_aggregation_memory(modules, {name: widths(size, widest[name]) for name, size in modules.items()})
+    else:
+        aggregation = aggregation_memory(method, modules, sampled, chunk, int(config.aggregation.memory_budget_mb * MIB))
     adapted_weights = shape.layers * sum(m * n for m, n in layer.values()) + dense_values
     server_model = (shape.parameters + adapted_weights) * FLOAT32
-    return Plan(config.model.name, shape, precision.dtype, sites, server_model, aggregation)
+    privacy = privacy_plan(config, modules, first) if config.privacy.dp else None
+    first_sketch = sketch_bytes(modules, first) if secure else None
+    return Plan(config.model.name, shape, precision.dtype, sites, server_model, aggregation, first_sketch, privacy)
 
 
