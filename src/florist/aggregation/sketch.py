@@ -25,10 +25,10 @@ and ||Psi dW||_F <= ||dW||_F: what client-level differential privacy's sensitivi
 from __future__ import annotations
 
 import math
+import threading
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -94,11 +94,37 @@ def widest_within(shape: tuple[int, int], values: float) -> int:
     return max((width for width in range(1, min(m, n) + 1) if m * width + widths(shape, width)[1] * n <= values), default=0)
 
 
-@lru_cache(maxsize=1024)
+class _RoundMatrices:
+    """The test matrices of one round's seed, drawn once per module and shared by every site in the
+    process (the inline engine runs them all) and the server. A new seed drops the last round's: a
+    round's matrices are up to 8 (n l + l' m) bytes a module (190 MiB for the embedded model at its
+    widest), which kept for every round would grow by that each round."""
+
+    def __init__(self):
+        self.seed: int | None = None
+        self.matrices: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, seed: int, key: tuple, draw: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        with self.lock:
+            if seed != self.seed:
+                self.seed, self.matrices = seed, {}
+            if key not in self.matrices:
+                self.matrices[key] = draw()
+            return self.matrices[key]
+
+
+_ROUND_MATRICES = _RoundMatrices()
+
+
 def sketching_matrices(seed: int, name: str, shape: tuple[int, int], sides: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """(Omega, Psi) of module `name` for the round's `seed` and its sketch's (l, l') `sides`: float64,
     the same in every process (torch.Generator on the CPU), Omega n x l with orthonormal columns, Psi
     l' x m with orthonormal rows. Omega is drawn first, so l' does not change it."""
+    return _ROUND_MATRICES.get(seed, (name, tuple(shape), tuple(sides)), lambda: _draw_matrices(seed, name, shape, sides))
+
+
+def _draw_matrices(seed: int, name: str, shape: tuple[int, int], sides: tuple[int, int]) -> tuple[Tensor, Tensor]:
     m, n = shape
     sketch, co_sketch = sides
     if not (1 <= sketch <= min(m, n) and sketch <= co_sketch <= m):

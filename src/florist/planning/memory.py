@@ -187,17 +187,20 @@ class ServerMemory:
 def secure_aggregation_memory(modules: Mapping[str, tuple[int, int]], sides: Mapping[str, tuple[int, int]]) -> ServerMemory:
     """florist-secure's round at sketch sides {name: (l, l')}: the running float64 sum of the sketches
     (m l + l' n values a module), whatever the number of sites; as work the larger of adding one
-    upload (float32, its float64 copy and the new sum: aggregation/sketch.py's SketchSum.add) and the
-    largest module's reconstruction in float64 (Omega n x l, Psi l' x m, Q m x l, Psi Q, X l x n and
-    its SVD's l x l and l x n factors); the float32 factors at rank at most l as its result."""
+    upload (float32, its float64 copy and the new sum: aggregation/sketch.py's SketchSum.add) and
+    the reconstruction: the round's test matrices (Omega n x l and Psi l' x m of every module,
+    float64, drawn as it goes and kept for the round) and the largest module's working tensors in
+    float64 (Q m x l, Psi Q, X l x n and its SVD's l x l and l x n factors); the float32 factors at
+    rank at most l as its result. benchmarks/secure_server_memory.py measures it (BENCHMARKS.md)."""
     values = sum(m * sides[name][0] + sides[name][1] * n for name, (m, n) in modules.items())
+    matrices = sum(n * sides[name][0] + sides[name][1] * m for name, (m, n) in modules.items()) * FLOAT64
 
     def reconstruction(name: str) -> int:
         (m, n), (l, l2) = modules[name], sides[name]
-        return (n * l + l2 * m + m * l + l2 * l + 2 * l * n + l * l) * FLOAT64
+        return (m * l + l2 * l + 2 * l * n + l * l) * FLOAT64
 
     received = values * FLOAT64
-    work = max(values * (FLOAT32 + 2 * FLOAT64), max(map(reconstruction, modules)))
+    work = max(values * (FLOAT32 + 2 * FLOAT64), matrices + max(map(reconstruction, modules)))
     result = sum((m + n) * sides[name][0] for name, (m, n) in modules.items()) * FLOAT32
     return ServerMemory(received, work, result)
 
