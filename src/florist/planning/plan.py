@@ -34,8 +34,8 @@ from florist.planning.memory import (
     secure_aggregation_memory,
     site_memory,
 )
-from florist.privacy import noise_to_signal, planned_epsilon, planned_noise_multiplier
 from florist.planning.shapes import ModelShape
+from florist.privacy import noise_to_signal, planned_epsilon, planned_noise_multiplier
 
 
 @dataclass(frozen=True)
