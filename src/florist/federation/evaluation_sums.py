@@ -47,7 +47,6 @@ from florist.evaluation import LossResult
 from florist.federation.messages import Malformed, Reply
 from florist.federation.secure_sum import Layout, ProtocolRefused
 from florist.federation.secure_sum.quantization import exact_names, exact_parts, joined
-from florist.federation.secure_sum.quantization import exact_names, exact_parts, joined
 
 SPLITS = ("test", "val")
 """The splits whose loss is combined over their tokens: `test`, held-out; `val`, validation."""
