@@ -33,15 +33,14 @@ def measure(width: int, sites: int) -> dict:
 
     import torch
 
-    from florist.aggregation.sketch import SecureFLoRIST, sketch_key, widths
+    from florist.aggregation.sketch import SecureFLoRIST, sketch_key, sketch_shapes
     from florist.federation.resources import proc_status_kib, reset_peak_rss, set_mmap_threshold
 
     set_mmap_threshold(64 * 2**10)
     generator = torch.Generator().manual_seed(0)
     uploads_shapes = {}
-    for name, (m, n) in SHAPES.items():
-        sketch, co_sketch = widths((m, n), width)
-        uploads_shapes[sketch_key(name, "range")], uploads_shapes[sketch_key(name, "corange")] = (m, sketch), (co_sketch, n)
+    for name, shape in SHAPES.items():
+        uploads_shapes[sketch_key(name, "range")], uploads_shapes[sketch_key(name, "corange")] = sketch_shapes(shape, width)
     baseline = proc_status_kib("VmRSS")
     if not reset_peak_rss():
         raise OSError("/proc/self/clear_refs cannot be written: no peak to measure")

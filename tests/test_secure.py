@@ -617,9 +617,29 @@ def test_the_widest_width_within_a_count_of_values_is_found_across_the_co_range_
     from florist.aggregation.sketch import widest_within
 
     assert widest_within((576, 576), 3 * 19 * 1152) == 38  # q_proj of the embedded model at 3x a rank-19 client
-    assert widest_within((192, 576), 3 * 19 * 768) == 32  # v_proj: l' = 2l up to 192, then l' = 192
-    assert widest_within((192, 576), 192 * 192 + 192 * 576) == 192  # the exact sketch
+    assert widest_within((192, 576), 3 * 19 * 768) == 45  # v_proj, sketched as dW^T: 576 l + 2l 192 = 960 l
+    assert widest_within((192, 576), 576 * 192 + 384 * 192) == 192  # the exact sketch
+    for shape in ((100, 80), (80, 100)):  # l' = 2l up to 100 (l = 50: 13,000 values), then l' = 100
+        assert widest_within(shape, 13_000) == 50
+        assert widest_within(shape, 100 * 60 + 100 * 80) == 60
     assert widest_within((20, 12), 20 + 2 * 12 - 1) == 0
+
+
+def test_a_module_with_fewer_rows_than_columns_uploads_the_sketches_of_its_transpose():
+    """A 12 x 40 module (a GQA v_proj's proportions): its co-range sketch, 2l wide, multiplies the
+    12-long side, 40 l + 2l 12 values where dW's own orientation would take 12 l + 2l 40; the
+    server's aggregate is dW's, not its transpose's."""
+    generator = torch.Generator().manual_seed(3)
+    clients = [ClientAdapter(modules={"v": LoraFactors(A=torch.randn(r, 40, generator=generator, dtype=torch.float64),
+                                                       B=torch.randn(12, r, generator=generator, dtype=torch.float64), scale=0.5)}, weight=w)
+               for r, w in ((2, 3.0), (3, 1.0))]
+    upload = client_sketch(clients[0].modules, 3.0, 7, {"v": widths((12, 40), 5)}, torch.float64)
+    assert (upload["v:range"].shape, upload["v:corange"].shape) == ((40, 5), (10, 12))
+    assert expected_shapes({"v": (12, 40)}, {"v": 5})["v:range"] == (40, 5)
+    assert sketch_entries({"v": (12, 40)}, {"v": 5}) == 40 * 5 + 10 * 12
+    module = make_aggregator("florist-secure", tau=1.0, sketch_width=5).aggregate(clients, seed=7).modules["v"]
+    assert (module.B.shape, module.A.shape) == ((12, 5), (5, 40))
+    assert relative_error(module.delta(), dense_update(clients, "v")) <= 1e-9
 
 
 def test_an_upload_cap_that_leaves_a_module_no_sketch_is_refused_in_one_line(server_task):

@@ -237,7 +237,7 @@ class AggregationConfig(Section):
     sketch_upload: float | None = Field(None, gt=0)
     """florist-secure: the most a site uploads a round, as a multiple of a mean client's adapter
     (the mean of federation.ranks, r (m + n) values a module): each module's width is capped at the
-    widest whose sketch (m l + l' n) holds at most this multiple of that module's share. None: no cap.
+    widest whose sketch (`aggregation/sketch.sketch_entries`) holds at most this multiple of that module's share. None: no cap.
     The automatic width uploads 5-7x on the embedded model (BENCHMARKS.md, issue 21)."""
 
     @model_validator(mode="after")

@@ -3,7 +3,9 @@
 A single-pass randomized low-rank approximation (Tropp, Yurtsever, Udell and Cevher 2017). Every
 client and the server draw the same test matrices per module from the round's seed: Omega (n x l)
 with orthonormal columns and Psi (l' x m) with orthonormal rows, l' = 2l (`widths`; both capped by
-the module's sides). Client k uploads, per module,
+the module's sides). A module with fewer rows than columns (m < n: a GQA model's k/v projections,
+an MLP's down projection) is sketched as dW^T (`oriented`), so that the wider co-range sketch
+multiplies its shorter side. Client k uploads, per module of the sketched matrix's shape m x n,
 
     Y_k = w_k s_k B_k (A_k Omega)   (m x l)      W_k = w_k s_k (Psi B_k) A_k   (l' x n)
 
@@ -52,24 +54,37 @@ def sketch_key(name: str, part: str) -> str:
     return f"{name}:{part}"
 
 
+def oriented(shape: tuple[int, int]) -> tuple[int, int]:
+    """The shape of the matrix a module's sketches are taken of: dW's (m, n) when m >= n, else
+    dW^T's (n, m). The co-range sketch is l' = 2l wide along the rows and the range sketch l along
+    the columns, so a module uploads rows l + 2l cols values: on a 192 x 576 v_proj, 960 l where
+    dW's own orientation would upload 1,344 l."""
+    m, n = shape
+    return (m, n) if m >= n else (n, m)
+
+
 def widths(shape: tuple[int, int], width: int) -> tuple[int, int]:
     """(l, l') for a module of this shape: `width` and twice it, each at most what orthonormal test
-    matrices of its sides allow (l <= min(m, n), l' <= m). At l = min(m, n) the sketch is exact.
-    l' = 2l, not l + a fixed oversampling: on real client adapters, whose spectra have a heavy tail,
+    matrices of the sketched matrix's sides allow (l <= min(m, n), l' <= max(m, n)). At l = min(m, n)
+    the sketch is exact. l' = 2l, not l + a fixed oversampling: on real client adapters, whose spectra have a heavy tail,
     l = k + 16, l' = l + 16 made the reconstruction's error 2.5-2.8x tau 0.9's own (BENCHMARKS.md, "Secure FLoRIST's
     sketch width on real client adapters")."""
-    m, n = shape
-    sketch = min(width, m, n)
-    return sketch, min(2 * sketch, m)
+    rows, cols = oriented(shape)
+    sketch = min(width, cols)
+    return sketch, min(2 * sketch, rows)
+
+
+def sketch_shapes(shape: tuple[int, int], width: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The shapes of a module's two sketches at this width: the range sketch (rows x l) and the
+    co-range sketch (l' x cols) of the `oriented` matrix."""
+    rows, cols = oriented(shape)
+    sketch, co_sketch = widths(shape, width)
+    return (rows, sketch), (co_sketch, cols)
 
 
 def sketch_entries(shapes: Mapping[str, tuple[int, int]], module_widths: Mapping[str, int]) -> int:
-    """How many values one site's sketch holds: m l + l' n a module."""
-    total = 0
-    for name, (m, n) in shapes.items():
-        sketch, co_sketch = widths((m, n), module_widths[name])
-        total += m * sketch + co_sketch * n
-    return total
+    """How many values one site's sketch holds: rows l + l' cols a module (`sketch_shapes`)."""
+    return sum(math.prod(part) for name, shape in shapes.items() for part in sketch_shapes(shape, module_widths[name]))
 
 
 def _module_seed(seed: int, name: str) -> int:
@@ -89,9 +104,8 @@ def automatic_widths(shapes: Mapping[str, tuple[int, int]], kept: Mapping[str, i
 
 
 def widest_within(shape: tuple[int, int], values: float) -> int:
-    """The widest l whose sketch (m l + l' n, `widths`) holds at most `values` values; 0 if none does."""
-    m, n = shape
-    return max((width for width in range(1, min(m, n) + 1) if m * width + widths(shape, width)[1] * n <= values), default=0)
+    """The widest l whose sketch (`sketch_entries`) holds at most `values` values; 0 if none does."""
+    return max((width for width in range(1, min(shape) + 1) if sketch_entries({"": shape}, {"": width}) <= values), default=0)
 
 
 class _RoundMatrices:
@@ -120,7 +134,7 @@ _ROUND_MATRICES = _RoundMatrices()
 def sketching_matrices(seed: int, name: str, shape: tuple[int, int], sides: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """(Omega, Psi) of module `name` for the round's `seed` and its sketch's (l, l') `sides`: float64,
     the same in every process (torch.Generator on the CPU), Omega n x l with orthonormal columns, Psi
-    l' x m with orthonormal rows. Omega is drawn first, so l' does not change it."""
+    l' x m with orthonormal rows, (m, n) the `oriented` shape. Omega is drawn first, so l' does not change it."""
     return _ROUND_MATRICES.get(seed, (name, tuple(shape), tuple(sides)), lambda: _draw_matrices(seed, name, shape, sides))
 
 
@@ -140,13 +154,17 @@ def client_sketch(
 ) -> dict[str, Tensor]:
     """What client k uploads: w_k s_k B_k (A_k Omega) and w_k s_k (Psi B_k) A_k per module, each
     module's sketches `widths[name]` = (l, l') wide, and w_k, computed in float64 from its factors
-    and returned in `dtype`. The server only adds uploads up."""
+    and returned in `dtype`; of B_k A_k's transpose where the module is `oriented` so. The server
+    only adds uploads up."""
     if not (math.isfinite(weight) and weight > 0):
         raise AggregationError(f"a sketch's weight must be a positive number, got {weight}")
     upload = {WEIGHT: torch.tensor(float(weight), dtype=torch.float64)}
     for name, factors in modules.items():
-        omega, psi = sketching_matrices(seed, name, factors.shape, widths[name])
+        shape = oriented(factors.shape)
+        omega, psi = sketching_matrices(seed, name, shape, widths[name])
         b, a = factors.B.double(), factors.A.double() * (weight * factors.scale)
+        if shape != factors.shape:
+            b, a = a.mT, b.mT
         upload[sketch_key(name, RANGE)] = (b @ (a @ omega)).to(dtype)
         upload[sketch_key(name, CORANGE)] = ((psi @ b) @ a).to(dtype)
     return upload
@@ -258,8 +276,10 @@ class SecureFLoRIST(FLoRIST):
         modules = {}
         for name, shape in shapes.items():
             y, w = sums[sketch_key(name, RANGE)] / total, sums[sketch_key(name, CORANGE)] / total
-            _, psi = sketching_matrices(seed, name, shape, (y.shape[1], w.shape[0]))
+            _, psi = sketching_matrices(seed, name, oriented(shape), (y.shape[1], w.shape[0]))
             left, right, s, missed = _low_rank(y, w, psi, resolution)
+            if oriented(shape) != shape:  # the sketches were of dW^T = left S right
+                left, right = right.mT, left.mT
             # tau's share is of dW's whole energy: the sketch's spectrum plus an estimate of what it missed.
             rank = min(int(self.rank_rule(shape)(torch.cat([s, missed.sqrt()[None]])[None])[0]), len(s))
             s_kept = s[:rank]

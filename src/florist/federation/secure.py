@@ -39,7 +39,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from florist.aggregation import Aggregate, AggregationError
-from florist.aggregation.sketch import CORANGE, RANGE, WEIGHT, SecureFLoRIST, automatic_widths, sketch_entries, sketch_key, widest_within, widths
+from florist.aggregation.sketch import CORANGE, RANGE, WEIGHT, SecureFLoRIST, automatic_widths, sketch_entries, sketch_key, sketch_shapes, widest_within
 from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.messages import ADAPTER, SECURE_SUM, Reply
@@ -114,9 +114,8 @@ def check_keys_reply(message: Message, reply: Reply, limits: Limits) -> tuple[Cl
 
 def expected_shapes(shapes: Mapping[str, tuple[int, int]], module_widths: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
     expected: dict[str, tuple[int, ...]] = {WEIGHT: (), CUT: ()}
-    for name, (m, n) in shapes.items():
-        sketch, co_sketch = widths((m, n), module_widths[name])
-        expected[sketch_key(name, RANGE)], expected[sketch_key(name, CORANGE)] = (m, sketch), (co_sketch, n)
+    for name, shape in shapes.items():
+        expected[sketch_key(name, RANGE)], expected[sketch_key(name, CORANGE)] = sketch_shapes(shape, module_widths[name])
     return expected
 
 
@@ -213,8 +212,7 @@ def upload_caps(shapes: Mapping[str, tuple[int, int]], config: RunConfig) -> dic
     caps = {name: widest_within((m, n), multiple * mean_rank * (m + n)) for name, (m, n) in shapes.items()}
     for name, cap in caps.items():
         if cap == 0:
-            m, n = shapes[name]
-            narrowest = (m + widths((m, n), 1)[1] * n) / (mean_rank * (m + n))
+            narrowest = sketch_entries({name: shapes[name]}, {name: 1}) / (mean_rank * sum(shapes[name]))
             raise ValueError(
                 f"aggregation.sketch_upload={multiple:g} leaves module {name} no sketch: its narrowest (l = 1) uploads "
                 f"{narrowest:.3g}x a mean client's adapter (ranks {config.federation.ranks})"

@@ -26,6 +26,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
+from florist.aggregation.sketch import oriented
 from florist.planning.shapes import ModelShape
 
 GIB = 2**30
@@ -186,12 +187,13 @@ class ServerMemory:
 
 def secure_aggregation_memory(modules: Mapping[str, tuple[int, int]], sides: Mapping[str, tuple[int, int]]) -> ServerMemory:
     """florist-secure's round at sketch sides {name: (l, l')}: the running float64 sum of the sketches
-    (m l + l' n values a module), whatever the number of sites; as work the larger of adding one
+    (m l + l' n values a module, (m, n) its `oriented` shape), whatever the number of sites; as work the larger of adding one
     upload (float32, its float64 copy and the new sum: aggregation/sketch.py's SketchSum.add) and
     the reconstruction: the round's test matrices (Omega n x l and Psi l' x m of every module,
     float64, drawn as it goes and kept for the round) and the largest module's working tensors in
     float64 (Q m x l, Psi Q, X l x n and its SVD's l x l and l x n factors); the float32 factors at
     rank at most l as its result. benchmarks/secure_server_memory.py measures it (BENCHMARKS.md)."""
+    modules = {name: oriented(shape) for name, shape in modules.items()}
     values = sum(m * sides[name][0] + sides[name][1] * n for name, (m, n) in modules.items())
     matrices = sum(n * sides[name][0] + sides[name][1] * m for name, (m, n) in modules.items()) * FLOAT64
 

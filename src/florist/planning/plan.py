@@ -135,13 +135,12 @@ def payload_bytes(modules: dict[str, tuple[int, int]], ranks: dict[str, int], de
 
 def sketch_bytes(modules: Mapping[str, tuple[int, int]], module_widths: Mapping[str, int]) -> int:
     """What `sketch_round.put_upload` counts for one site's florist-secure upload at these widths:
-    each module's two float32 sketches (m l + l' n values), its weight and cut flag (float64 scalars)."""
+    each module's two float32 sketches (`sketch_entries`), its weight and cut flag (float64 scalars)."""
     total = sum(ARRAY_HEADER_BYTES + FLOAT64 + len(key) for key in (WEIGHT, CUT))
-    for name, (m, n) in modules.items():
-        sketch, co_sketch = widths((m, n), module_widths[name])
+    for name in modules:
         keys = len(sketch_key(name, RANGE)) + len(sketch_key(name, CORANGE))
-        total += (m * sketch + co_sketch * n) * FLOAT32 + 2 * ARRAY_HEADER_BYTES + keys
-    return total
+        total += 2 * ARRAY_HEADER_BYTES + keys
+    return total + sketch_entries(modules, module_widths) * FLOAT32
 
 
 def privacy_plan(config: RunConfig, modules: Mapping[str, tuple[int, int]], first_widths: Mapping[str, int]) -> PrivacyPlan:
