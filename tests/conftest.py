@@ -106,3 +106,12 @@ def simulated(tiny_model_dir, site_data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("simulation") / "run"
     given = [f"data.source={json.dumps(str(site_data))}", 'data.partition="given"']
     return run_federation(federation_config(tiny_model_dir, run_dir, "florist", *given))
+
+
+LONGEST_FILES = ("test_deployment_faults.py", "test_deployment.py", "test_secure_deployment.py", "test_control_proxy.py", "test_resume.py")
+"""Collected first, longest first (the slowest 30 durations `make test` prints): its xdist workers each
+take whole files in collection order, and a deployment file started last would run alone at the end."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: LONGEST_FILES.index(item.path.name) if item.path.name in LONGEST_FILES else len(LONGEST_FILES))
