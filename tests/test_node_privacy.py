@@ -4,6 +4,9 @@ node-config key, by a SuperNode's ClientApp before it reads any file."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 from flwr.app import Message, RecordDict
@@ -15,8 +18,9 @@ from florist.federation.identity import settings_fingerprint
 from florist.federation.messages import IDENTITY, TRAINED, Instruction, instruction_content
 from florist.federation.node_config import Refused
 from florist.federation.node_policy import NodePolicy
+from florist.federation.node_privacy import fewest_sites_multiplier
 from florist.federation.sketch_round import SKETCH, SketchRound, site_upload
-from florist.privacy import epsilon, noise_for_epsilon, planned_epsilon
+from florist.privacy import epsilon, noise_for_epsilon, planned_epsilon, planned_noise_multiplier
 
 from deployment import federation_keys
 from federations import federation_config
@@ -165,3 +169,118 @@ def test_a_sketch_record_without_positive_rounds_and_sites_is_refused(rounds, si
         record["rounds"] = rounds
     with pytest.raises(Refused, match="^the server's sketch record states .* rounds and .* sites, not positive integers$"):
         SketchRound.read(Message(RecordDict({SKETCH: record}), dst_node_id=1, message_type="train"))
+
+
+# -- the site's own ledger -----------------------------------------------------------------------------
+
+
+def ledger_site(site: dict, ledger, max_epsilon: float) -> NodePolicy:
+    return NodePolicy.from_node_config(site | {"max-epsilon": max_epsilon, "privacy-ledger": str(ledger)})
+
+
+def test_a_sites_ledger_counts_its_uploads_over_runs_at_no_amplification_and_refuses_the_one_beyond_its_epsilon(site, tiny_model_dir, tmp_path):
+    """Runs of 5 rounds that each plan epsilon 4 over 2 of the 4 clients a round (sampling amplifies
+    the server's count): the site composes its own uploads at a sampling rate of 1 and at the
+    fewest sites a sum may hold, across runs, and refuses the 8th upload where its cap allows 7."""
+    config = run(tiny_model_dir, tmp_path, *private(4))
+    record = sketch_round(rounds=5, sites=2, multiplier=noise_for_epsilon(4, 1e-5, 5, 0.5))
+    per_upload = fewest_sites_multiplier(config, record)
+    assert per_upload == pytest.approx(record.noise_multiplier)  # 2 sites: the threshold is both
+    cap = epsilon([(per_upload, 1.0)] * 7, 1e-5)
+    assert cap > epsilon([(per_upload, 1.0)] * 5, 1e-5) > planned_epsilon(config.privacy, 5, 0.5)  # no amplification: more than the plan
+    ledger = tmp_path / "ledger.json"
+    accepted = []
+    with pytest.raises(Refused) as refused:
+        for run_id in (11, 12):
+            for server_round in range(1, 6):
+                policy = ledger_site(site, ledger, cap)  # a new ClientApp process for each message
+                policy.admit(config)
+                policy.privacy.check_round(config, record, server_round)
+                policy.privacy.spend(config, record, run_id, server_round)
+                accepted.append((run_id, server_round))
+    assert accepted == [(11, r) for r in range(1, 6)] + [(12, 1), (12, 2)]
+    spent = epsilon([(per_upload, 1.0)] * 8, 1e-5)
+    assert str(refused.value) == (
+        f"node config privacy-ledger: this round would bring this site's epsilon to {spent:.4g} over the 8 private uploads "
+        f"in its ledger (at a sampling rate of 1), above max-epsilon={cap:g} at max-delta=1e-05"
+    )
+    entries = json.loads(ledger.read_text())
+    assert [(e["run"], e["round"]) for e in entries] == accepted
+    assert all(e["noise_multiplier"] == pytest.approx(per_upload) for e in entries)
+
+
+def test_the_ledger_counts_a_round_at_the_fewest_sites_its_sum_may_hold(site, tiny_model_dir, tmp_path):
+    """10 sites a round, a threshold of 6 (privacy.secure_threshold 0.6): sites that drop out take
+    their noise with them, so a site counts sigma sqrt(6 / 10), not the sigma of all 10."""
+    config = run(tiny_model_dir, tmp_path, *private(4, "privacy.secure_threshold=0.6", "federation.num_clients=10", "federation.ranks=[4]"))
+    record = sketch_round(rounds=5, sites=10, multiplier=2.0)
+    assert fewest_sites_multiplier(config, record) == pytest.approx(2.0 * (6 / 10) ** 0.5)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ("[{]", "node config privacy-ledger: the file is not a ledger florist wrote (JSONDecodeError); it is left as it is"),
+        ('{"uploads": []}', "node config privacy-ledger: the file is not a ledger florist wrote (not a list of uploads); it is left as it is"),
+        ('[{"run": 1, "round": 1, "noise_multiplier": -1}]', "node config privacy-ledger: the file is not a ledger florist wrote (not a list of uploads); it is left as it is"),
+        ('[{"run": 1, "round": 1}]', "node config privacy-ledger: the file is not a ledger florist wrote (not a list of uploads); it is left as it is"),
+    ],
+)
+def test_a_tampered_ledger_is_refused_in_one_line_and_left_as_it_is(site, tmp_path, content, reason):
+    ledger = tmp_path / "ledger.json"
+    ledger.write_text(content)
+    with pytest.raises(Refused) as refused:
+        ledger_site(site, ledger, 4.0)
+    assert str(refused.value) == reason
+    assert ledger.read_text() == content
+
+
+@pytest.mark.parametrize(
+    ("entry", "reason"),
+    [
+        ({"privacy-ledger": "ledger.json"}, "node config privacy-ledger without max-epsilon: a ledger bounds nothing without its epsilon"),
+        ({"max-epsilon": 4, "privacy-ledger": "."}, "node config privacy-ledger: not a file in an existing directory"),
+        ({"max-epsilon": 4, "privacy-ledger": "no-such-directory/ledger.json"}, "node config privacy-ledger: not a file in an existing directory"),
+    ],
+)
+def test_a_bad_ledger_setting_is_refused_in_one_line_naming_the_key(site, entry, reason, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Refused) as refused:
+        NodePolicy.from_node_config(site | entry)
+    assert str(refused.value) == reason
+
+
+def test_sites_with_ledgers_record_each_private_upload_of_a_run_and_refuse_the_next_run_their_epsilon_cannot_cover(tiny_model_dir, tmp_path, capsys):
+    """A private secure-sum federation of three sites, each with a ledger and max-epsilon: the run's
+    two rounds are recorded in every ledger, with the run's id; a second run, whose first upload
+    would take a site past its cap, is refused by every site before it trains, and fails below its
+    quorum with their one-line reason, leaving the ledgers as they were."""
+    from florist.federation.server_app import serve
+    from florist.reporting.run_directory import read_rounds
+
+    from local_grid import LocalGrid
+
+    settings = ["federation.rounds=2", "federation.round_retries=0", "federation.round_timeout=10", "evaluation.base=false", "evaluation.server=false"]
+    config = federation_config(tiny_model_dir, tmp_path / "first", "florist-secure", *settings, *private(8)[1:])
+    record = SketchRound.of(1, {"x": 8}, 3, planned_noise_multiplier(config.privacy, 2, 1.0), math.inf, 2)
+    per_upload = fewest_sites_multiplier(config, record)
+    cap = epsilon([(per_upload, 1.0)] * 2, 1e-5)  # room for the first run's 2 uploads, not one more
+    assert cap >= planned_epsilon(config.privacy, 2, 1.0)  # the run's own plan is within it
+    ledgers = {node: tmp_path / f"ledger-{node}.json" for node in (101, 202, 303)}
+    nodes = {node: {"partition-id": k, "max-epsilon": cap, "privacy-ledger": str(ledgers[node])} for k, node in enumerate(ledgers)}
+    serve(config, LocalGrid(build_client_app(config), nodes))
+    for ledger in ledgers.values():
+        entries = json.loads(ledger.read_text())
+        assert [entry["round"] for entry in entries] == [1, 2] and len({entry["run"] for entry in entries}) == 1
+        assert all(entry["noise_multiplier"] == pytest.approx(per_upload) for entry in entries)
+    before = {node: ledger.read_text() for node, ledger in ledgers.items()}
+    capsys.readouterr()
+    second = federation_config(tiny_model_dir, tmp_path / "second", "florist-secure", *settings, *private(8)[1:])
+    with pytest.raises(Exception, match="below the quorum"):
+        serve(second, LocalGrid(build_client_app(second), nodes))
+    assert {node: ledger.read_text() for node, ledger in ledgers.items()} == before
+    assert [record["round"] for record in read_rounds(tmp_path / "second")] == [0]  # round 1 was not aggregated
+    printed = capsys.readouterr().err
+    spent = epsilon([(per_upload, 1.0)] * 3, 1e-5)
+    for node in ledgers:
+        assert f"round 1: node {node} failed: node config privacy-ledger: this round would bring this site's epsilon to {spent:.4g} over the 3" in printed

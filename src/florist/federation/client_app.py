@@ -272,6 +272,8 @@ def _train(config: RunConfig, policy: NodePolicy, node: NodeSettings, instructio
         factors = {name: truncate_update(f, config.wire.client_tau) for name, f in factors.items()}
     if config.aggregation.secure:
         sketch, privacy = site_upload(config, sketch_round, factors, len(features))
+        if config.privacy.dp:  # recorded once the noise is drawn, before anything of it leaves
+            policy.privacy.spend(config, sketch_round, msg.metadata.run_id, instruction.round)
         if config.privacy.secure_aggregation:
             clipped = privacy.get("dp-clip-factor", 1.0) < 1
             summed = with_totals(sketch, len(features), result.tokens, result.loss, clipped)

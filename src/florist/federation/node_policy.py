@@ -110,6 +110,7 @@ NODE_KEYS = {
     "require-secure-sum": "true: it trains only for runs whose server reads nothing but sums (florist-secure with privacy.secure_aggregation)",
     "max-epsilon": "it trains only for runs with client-level DP, summed securely, planning at most this epsilon (default: no demand)",
     "max-delta": f"with max-epsilon, the largest privacy.delta (default {DEFAULT_MAX_DELTA:g})",
+    "privacy-ledger": "with max-epsilon, a JSON file of this site's own: every private upload it makes, over all runs, is recorded there, and one that would bring their epsilon (at a sampling rate of 1) above max-epsilon is refused",
     "secure-sum-key": "this site's own node private key (OpenSSH EC, as --auth-supernode-private-key): it signs its secure-sum keys",
     "secure-sum-peers": "a file of the federation's node public keys (OpenSSH, one a line, this site's among them): the only signers of secure-sum keys it accepts",
     "worker-socket": "the Unix socket of this site's resident worker (`florist site-worker --socket PATH`), which then answers every message",

@@ -16,22 +16,102 @@ trains for a server that reads its update in the clear. Two node-config keys let
 Each private site also adds at least the noise the run's settings need, whatever the server asks
 (federation/sketch_round.py). What a site cannot check: the accountant's sampling rate is the
 round's sampled sites over federation.num_clients as the server states them; the rounds are the
-server's count; and a new run (a new run id) starts a new budget, so a site that must cap its
-spending over runs keeps its own count.
+server's count; and a new run (a new run id) starts a new budget. A third key counts for the site
+itself instead:
+
+- `privacy-ledger = FILE` (with max-epsilon): the site's own record of every private upload it has
+  made, over all runs, in a JSON file it names (`SiteLedger`). Before it adds its noise it composes
+  every recorded upload and this one at a sampling rate of 1 (no amplification: the sampling is
+  the server's) and at the fewest sites a sum may hold (the secure sum's threshold: sites that drop
+  out take their noise with them), and refuses the round if that epsilon at max-delta is above
+  max-epsilon; else it records the upload, atomically, before it is made. A retried round is a new
+  release and is counted again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import fcntl
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from florist.config import RunConfig
 from florist.federation import node_config as read
 from florist.federation.node_config import Refused
+from florist.federation.secure_sum.server import threshold_for
 from florist.federation.sketch_round import SketchRound
-from florist.privacy import planned_epsilon
+from florist.files import write_atomically
+from florist.privacy import epsilon, planned_epsilon
 
 DEFAULT_MAX_DELTA = 1e-5
+
+
+@dataclass(frozen=True)
+class SiteLedger:
+    """A site's private uploads over all runs, one JSON list in the file `path`: per upload its run id,
+    round, the noise multiplier the sum carries at the fewest sites it may hold, and when. The file
+    is the site's; a refusal about it names the node-config key, never the path (it goes to the server)."""
+
+    path: Path
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, object]) -> SiteLedger | None:
+        if "privacy-ledger" not in node_config:
+            return None
+        if "max-epsilon" not in node_config:
+            raise Refused("node config privacy-ledger without max-epsilon: a ledger bounds nothing without its epsilon")
+        path = Path(read.text(node_config, "privacy-ledger")).expanduser()
+        if path.is_dir() or not path.parent.is_dir():
+            raise Refused("node config privacy-ledger: not a file in an existing directory")
+        ledger = cls(path)
+        ledger.uploads()  # a file the site cannot read is refused with the node config, not mid-run
+        return ledger
+
+    def uploads(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        try:
+            entries = json.loads(self.path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise Refused(f"node config privacy-ledger: the file is not a ledger florist wrote ({type(error).__name__}); it is left as it is") from None
+        if not isinstance(entries, list) or not all(_is_upload(entry) for entry in entries):
+            raise Refused("node config privacy-ledger: the file is not a ledger florist wrote (not a list of uploads); it is left as it is")
+        return entries
+
+    def epsilon_with(self, noise_multiplier: float | None, delta: float) -> float:
+        """The epsilon at `delta` of every recorded upload, and one more at `noise_multiplier` if given, at a sampling rate of 1."""
+        multipliers = [entry["noise_multiplier"] for entry in self.uploads()] + ([noise_multiplier] if noise_multiplier else [])
+        return epsilon([(multiplier, 1.0) for multiplier in multipliers], delta) if multipliers else 0.0
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Held while an upload is checked and recorded: two runs' messages on one site are two processes."""
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def record(self, run: int, server_round: int, noise_multiplier: float) -> None:
+        entry = {"run": run, "round": server_round, "noise_multiplier": noise_multiplier, "unix_time": time.time()}
+        write_atomically(self.path, json.dumps([*self.uploads(), entry], indent=1) + "\n")
+
+
+def _is_upload(entry: object) -> bool:
+    if not isinstance(entry, dict) or not {"run", "round", "noise_multiplier"} <= entry.keys():
+        return False
+    multiplier = entry["noise_multiplier"]
+    return isinstance(multiplier, (int, float)) and not isinstance(multiplier, bool) and math.isfinite(multiplier) and multiplier > 0
+
+
+def fewest_sites_multiplier(config: RunConfig, sketch: SketchRound) -> float:
+    """The noise multiplier of a round's sum when it holds the fewest sites the secure sum unmasks,
+    each adding its share sigma S / sqrt(K): sigma sqrt(threshold / K)."""
+    privacy = config.privacy
+    fewest = threshold_for(sketch.sites, privacy.secure_threshold, config.federation.min_sites)
+    return sketch.noise_multiplier * math.sqrt(fewest / sketch.sites)
 
 
 @dataclass(frozen=True)
@@ -39,6 +119,7 @@ class PrivacyDemands:
     secure_sum: bool = False
     max_epsilon: float | None = None
     max_delta: float = DEFAULT_MAX_DELTA
+    ledger: SiteLedger | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object]) -> PrivacyDemands:
@@ -51,6 +132,7 @@ class PrivacyDemands:
             secure_sum=read.boolean(node_config, "require-secure-sum"),
             max_epsilon=read.number(node_config, "max-epsilon") if "max-epsilon" in node_config else None,
             max_delta=max_delta,
+            ledger=SiteLedger.from_node_config(node_config),
         )
 
     def check(self, config: RunConfig) -> None:
@@ -78,7 +160,8 @@ class PrivacyDemands:
 
     def check_round(self, config: RunConfig, sketch: SketchRound, server_round: int) -> None:
         """Refuse a private round whose run plans more than max-epsilon, by the rounds and the share of
-        the clients the server states in the round's sketch record, or a round beyond those rounds."""
+        the clients the server states in the round's sketch record, or a round beyond those rounds;
+        with a ledger, also one whose upload would bring the site's own count above it."""
         if self.max_epsilon is None:
             return
         if server_round > sketch.rounds:
@@ -89,3 +172,26 @@ class PrivacyDemands:
                 f"node config max-epsilon={self.max_epsilon:g}: the run plans epsilon {spent:.4g} over its "
                 f"{sketch.rounds} rounds at privacy.delta {config.privacy.delta:g}"
             )
+        self._check_ledger(config, sketch)
+
+    def _check_ledger(self, config: RunConfig, sketch: SketchRound) -> float | None:
+        """This round's multiplier at the fewest sites, if the site's ledger has room for it; else refused."""
+        if self.ledger is None:
+            return None
+        multiplier = fewest_sites_multiplier(config, sketch)
+        spent = self.ledger.epsilon_with(multiplier, self.max_delta)
+        if spent > self.max_epsilon * (1 + 1e-9):
+            count = len(self.ledger.uploads()) + 1
+            raise Refused(
+                f"node config privacy-ledger: this round would bring this site's epsilon to {spent:.4g} over the {count} private "
+                f"uploads in its ledger (at a sampling rate of 1), above max-epsilon={self.max_epsilon:g} at max-delta={self.max_delta:g}"
+            )
+        return multiplier
+
+    def spend(self, config: RunConfig, sketch: SketchRound, run: int, server_round: int) -> None:
+        """Record this round's private upload in the site's ledger, checked again under its lock, before it is made."""
+        if self.ledger is None:
+            return
+        with self.ledger.locked():
+            multiplier = self._check_ledger(config, sketch)
+            self.ledger.record(run, server_round, multiplier)
