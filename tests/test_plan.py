@@ -194,8 +194,8 @@ def secure_config(tiny_model_dir, *extra: str):
 
 @pytest.mark.parametrize("extra", [[], ["aggregation.sketch_width=3"], ["aggregation.sketch_upload=2"]])
 def test_a_secure_sites_planned_upload_is_the_bytes_its_widest_and_its_first_sketches_carry(tiny_model_dir, extra, server_task):
-    """Round 1's sketches and the widest any round sends (the widths of a kept rank min(m, n), or
-    round 1's where a budget scaled both), as the site's own upload code counts them."""
+    """Round 1's sketches and the widest any round sends (the widths of a kept rank min(m, n)), as
+    the site's own upload code counts them."""
     from florist.federation.secure import SecureRounds
     from florist.federation.sketch_round import SketchRound, put_upload, site_upload
 
@@ -210,21 +210,21 @@ def test_a_secure_sites_planned_upload_is_the_bytes_its_widest_and_its_first_ske
         upload, _ = site_upload(config, sketch, factors, 10)
         return put_upload(RecordDict(), upload)
 
-    first = sent(rounds.widths())
-    assert plan.first_sketch_bytes == first
+    assert plan.first_sketch_bytes == sent(rounds.widths())
     rounds.kept_ranks = {name: min(shape) for name, shape in modules.items()}
-    assert {site.upload_bytes for site in plan.sites} == {max(first, sent(rounds.widths()))}
+    assert {site.upload_bytes for site in plan.sites} == {sent(rounds.widths())}
+    assert plan.first_sketch_bytes <= plan.sites[0].upload_bytes
 
 
 def test_a_private_plan_gives_the_runs_noise_its_epsilon_and_round_ones_noise_to_signal(tiny_model_dir):
     from florist.aggregation.sketch import sketch_entries
-    from florist.federation.secure import round_widths, upload_budget
+    from florist.federation.secure import round_widths, upload_caps
     from florist.privacy import noise_for_epsilon
 
     config = secure_config(tiny_model_dir, "privacy.dp=true", "privacy.clip_norm=1", "privacy.target_epsilon=4", "federation.rounds=3")
     privacy = plan_run(config, device=torch.device("cpu")).privacy
     modules = ModelShape.from_config(AutoConfig.from_pretrained(tiny_model_dir)).module_paths(QV)
-    values = sketch_entries(modules, round_widths(modules, config, None, upload_budget(modules, config)))
+    values = sketch_entries(modules, round_widths(modules, config, None, upload_caps(modules, config)))
     sigma = noise_for_epsilon(4, 1e-5, 3, 1.0)
     assert (privacy.noise_multiplier, privacy.sites, privacy.sketch_values) == (pytest.approx(sigma), 2, values)
     assert privacy.epsilon == pytest.approx(4, rel=1e-3) and privacy.noise_to_signal == pytest.approx(sigma * math.sqrt(values) / 2)

@@ -594,39 +594,35 @@ def test_the_widths_follow_ranks_per_module_and_cap_at_the_modules_sides():
 
 
 @pytest.mark.parametrize("multiple", [0.5, 1.0, 3.0])
-def test_an_upload_budget_keeps_each_sites_sketches_within_its_multiple_of_a_mean_clients_adapter(multiple, server_task):
-    """The sketches of all modules together at most `multiple` times a mean client's adapter (ranks
-    4, 8, 8: mean 6.67); where the automatic widths did not fit, one factor scaled them all: every
-    width below its automatic one by about the same ratio, and the budget nearly filled."""
+def test_an_upload_cap_keeps_each_sites_sketch_within_its_multiple_of_a_mean_clients_adapter(multiple, server_task):
+    """Every module's sketch at most `multiple` times a mean client's share of it (ranks 4, 8, 8:
+    mean 6.67), and one width wider would break the cap where the automatic width was cut."""
     from florist.aggregation.sketch import sketch_entries
 
+    _, uncapped = width_rounds()
     config, rounds = width_rounds(f"aggregation.sketch_upload={multiple}")
-    budget = multiple * (4 + 8 + 8) / 3 * sum(m + n for m, n in WIDTH_SHAPES.values())
-    for server_round in (1, 2):
-        _, uncapped = width_rounds()
-        uncapped.kept_ranks = rounds.kept_ranks
-        widths, wanted = rounds.widths(), uncapped.widths()
-        assert sketch_entries(WIDTH_SHAPES, widths) <= budget
-        if widths != wanted:
-            ratios = [widths[name] / wanted[name] for name in WIDTH_SHAPES if widths[name] > 1]
-            assert max(ratios) - min(ratios) <= max(1 / wanted[name] for name in WIDTH_SHAPES)  # one factor, up to the floor
-            one_wider = {name: min(width + 1, *WIDTH_SHAPES[name]) for name, width in widths.items()}
-            assert sketch_entries(WIDTH_SHAPES, one_wider) > budget  # not far from full
-        record = run_width_round(config, rounds, server_round)
-        assert record["secure"]["sketch_width"] == max(widths.values())
+    mean_rank = (4 + 8 + 8) / 3
+    for name, (m, n) in WIDTH_SHAPES.items():
+        share = multiple * mean_rank * (m + n)
+        width = rounds.widths()[name]
+        assert sketch_entries({name: (m, n)}, {name: width}) <= share
+        if width < uncapped.widths()[name]:
+            assert sketch_entries({name: (m, n)}, {name: width + 1}) > share
+    first = rounds.widths()
+    assert run_width_round(config, rounds, 1)["secure"]["sketch_width"] == max(first.values())
+    assert all(width <= rounds.caps[name] for name, width in rounds.widths().items())  # round 2's widths too
 
 
-def test_one_factor_scales_the_widths_into_the_budget_and_a_module_that_kept_few_ranks_frees_values_for_one_that_kept_many():
-    from florist.aggregation.sketch import sketch_entries
-    from florist.federation.secure import within_budget
+def test_the_widest_width_within_a_count_of_values_is_found_across_the_co_range_cap():
+    from florist.aggregation.sketch import widest_within
 
-    shapes = {"q": (576, 576), "v": (192, 576)}  # the embedded model's, one layer
-    adapter = 19 * (1152 + 768)  # a mean rank-19 client's values
-    widths = within_budget(shapes, {"q": 128, "v": 26}, 3 * adapter)  # round 2's widest q beside its narrowest v
-    assert sketch_entries(shapes, widths) <= 3 * adapter < sketch_entries(shapes, {"q": 128, "v": 26})
-    assert widths == {"q": 57, "v": 11}  # q 1,728 l + v 960 l; a cap per module at 3x its share would leave q at 38
-    assert within_budget(shapes, {"q": 64, "v": 64}, 10**9) == {"q": 64, "v": 64}  # within the budget: unchanged
-    assert within_budget(shapes, {"q": 64, "v": 64}, 1728 + 960) == {"q": 1, "v": 1}  # the narrowest
+    assert widest_within((576, 576), 3 * 19 * 1152) == 38  # q_proj of the embedded model at 3x a rank-19 client
+    assert widest_within((192, 576), 3 * 19 * 768) == 45  # v_proj, sketched as dW^T: 576 l + 2l 192 = 960 l
+    assert widest_within((192, 576), 576 * 192 + 384 * 192) == 192  # the exact sketch
+    for shape in ((100, 80), (80, 100)):  # l' = 2l up to 100 (l = 50: 13,000 values), then l' = 100
+        assert widest_within(shape, 13_000) == 50
+        assert widest_within(shape, 100 * 60 + 100 * 80) == 60
+    assert widest_within((20, 12), 20 + 2 * 12 - 1) == 0
 
 
 def test_a_module_with_fewer_rows_than_columns_uploads_the_sketches_of_its_transpose():
@@ -646,8 +642,8 @@ def test_a_module_with_fewer_rows_than_columns_uploads_the_sketches_of_its_trans
     assert relative_error(module.delta(), dense_update(clients, "v")) <= 1e-9
 
 
-def test_an_upload_budget_that_leaves_the_sketches_no_width_is_refused_in_one_line(server_task):
-    with pytest.raises(ValueError, match=r"^aggregation.sketch_upload=0.001 leaves the sketches no width: the narrowest \(l = 1 in every module\) uploads 0.\d+x a mean client's adapter \(ranks \[4, 8, 8\]\)$"):
+def test_an_upload_cap_that_leaves_a_module_no_sketch_is_refused_in_one_line(server_task):
+    with pytest.raises(ValueError, match=r"^aggregation.sketch_upload=0.001 leaves module high no sketch: its narrowest \(l = 1\) uploads 0.\d+x"):
         width_rounds("aggregation.sketch_upload=0.001")
     with pytest.raises(ValueError, match="aggregation.sketch_upload sizes florist-secure's sketches; method 'florist' has none"):
         load_config(None, ["aggregation.sketch_upload=3"])

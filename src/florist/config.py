@@ -236,10 +236,9 @@ class AggregationConfig(Section):
     what tau keeps with room for its error."""
     sketch_upload: float | None = Field(None, gt=0)
     """florist-secure: the most a site uploads a round, as a multiple of a mean client's adapter
-    (the mean of federation.ranks, r (m + n) values a module, summed over the modules): when the
-    round's widths would upload more, every module's width is scaled by one factor until the sketches
-    fit (federation/secure.py, `within_budget`). None: no budget. The automatic width uploads 5-7x
-    on the embedded model (BENCHMARKS.md, issue 21)."""
+    (the mean of federation.ranks, r (m + n) values a module): each module's width is capped at the
+    widest whose sketch (`aggregation/sketch.sketch_entries`) holds at most this multiple of that module's share. None: no cap.
+    The automatic width uploads 5-7x on the embedded model (BENCHMARKS.md, issue 21)."""
 
     @model_validator(mode="after")
     def _known_names(self) -> AggregationConfig:

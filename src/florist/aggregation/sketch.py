@@ -103,6 +103,11 @@ def automatic_widths(shapes: Mapping[str, tuple[int, int]], kept: Mapping[str, i
     }
 
 
+def widest_within(shape: tuple[int, int], values: float) -> int:
+    """The widest l whose sketch (`sketch_entries`) holds at most `values` values; 0 if none does."""
+    return max((width for width in range(1, min(shape) + 1) if sketch_entries({"": shape}, {"": width}) <= values), default=0)
+
+
 class _RoundMatrices:
     """The test matrices of one round's seed, drawn once per module and shared by every site in the
     process (the inline engine runs them all) and the server. A new seed drops the last round's: a

@@ -39,7 +39,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from florist.aggregation import Aggregate, AggregationError
-from florist.aggregation.sketch import CORANGE, RANGE, WEIGHT, SecureFLoRIST, automatic_widths, sketch_entries, sketch_key, sketch_shapes
+from florist.aggregation.sketch import CORANGE, RANGE, WEIGHT, SecureFLoRIST, automatic_widths, sketch_entries, sketch_key, sketch_shapes, widest_within
 from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.messages import ADAPTER, SECURE_SUM, Reply
@@ -201,54 +201,38 @@ class SumNormCheck:
         self.norms.append(norm)
 
 
-def upload_budget(shapes: Mapping[str, tuple[int, int]], config: RunConfig) -> int | None:
-    """The most values one site's sketches may hold a round: aggregation.sketch_upload times a mean
-    client's adapter, r (m + n) values a module at the mean of federation.ranks, summed over the
-    modules; None without the setting. A budget that leaves the sketches no width (l = 1 in every
-    module uploads more) is refused in one line."""
+def upload_caps(shapes: Mapping[str, tuple[int, int]], config: RunConfig) -> dict[str, int]:
+    """Each module's widest sketch width whose upload is at most aggregation.sketch_upload times a
+    mean client's share of it, r (m + n) values at the mean of federation.ranks; min(m, n) without
+    the setting. A multiple that leaves a module no width (l = 1 uploads more) is refused in one line."""
     multiple = config.aggregation.sketch_upload
     if multiple is None:
-        return None
-    adapter = statistics.mean(config.federation.ranks) * sum(m + n for m, n in shapes.values())
-    budget = math.floor(multiple * adapter)
-    narrowest = sketch_entries(shapes, dict.fromkeys(shapes, 1))
-    if narrowest > budget:
-        raise ValueError(
-            f"aggregation.sketch_upload={multiple:g} leaves the sketches no width: the narrowest (l = 1 in every module) "
-            f"uploads {narrowest / adapter:.3g}x a mean client's adapter (ranks {config.federation.ranks})"
-        )
-    return budget
+        return {name: min(shape) for name, shape in shapes.items()}
+    mean_rank = statistics.mean(config.federation.ranks)
+    caps = {name: widest_within((m, n), multiple * mean_rank * (m + n)) for name, (m, n) in shapes.items()}
+    for name, cap in caps.items():
+        if cap == 0:
+            narrowest = sketch_entries({name: shapes[name]}, {name: 1}) / (mean_rank * sum(shapes[name]))
+            raise ValueError(
+                f"aggregation.sketch_upload={multiple:g} leaves module {name} no sketch: its narrowest (l = 1) uploads "
+                f"{narrowest:.3g}x a mean client's adapter (ranks {config.federation.ranks})"
+            )
+    return caps
 
 
-def within_budget(shapes: Mapping[str, tuple[int, int]], wanted: Mapping[str, int], budget: int) -> dict[str, int]:
-    """`wanted` scaled by the one factor f <= 1 that fills `budget` values: each module's width
-    max(1, floor(f x its wanted width)), the largest such f (to 1e-6). One factor for all, not a cap
-    per module: a module that kept a high rank keeps a wide sketch where one that kept a low rank
-    frees values it would not use, and every module keeps its wanted ratio of width to kept rank."""
-
-    def scaled(factor: float) -> dict[str, int]:
-        return {name: max(1, math.floor(factor * width)) for name, width in wanted.items()}
-
-    if sketch_entries(shapes, wanted) <= budget:
-        return dict(wanted)
-    low, high = 0.0, 1.0
-    while high - low > 1e-6:
-        middle = (low + high) / 2
-        low, high = (middle, high) if sketch_entries(shapes, scaled(middle)) <= budget else (low, middle)
-    return scaled(low)
-
-
-def round_widths(shapes: Mapping[str, tuple[int, int]], config: RunConfig, kept: Mapping[str, int] | None, budget: int | None) -> dict[str, int]:
+def round_widths(
+    shapes: Mapping[str, tuple[int, int]], config: RunConfig, kept: Mapping[str, int] | None, caps: Mapping[str, int]
+) -> dict[str, int]:
     """Each module's sketch width: aggregation.sketch_width for all (at most min(m, n)), else twice
     the rank that module kept last round (`kept`), at least MIN_SKETCH_WIDTH (round 1, `kept` None:
     the largest client rank, at least MIN_SKETCH_WIDTH; the stacked rank, where round 1 is exact, is
-    larger); either scaled into the site's upload budget (`upload_budget`, `within_budget`)."""
+    larger); either at most the module's cap (`upload_caps`)."""
     fixed = config.aggregation.sketch_width
     if fixed is not None:
         wanted = {name: min(fixed, *shape) for name, shape in shapes.items()}
     else:
         wanted = automatic_widths(shapes, kept, max(config.federation.ranks))
-    return wanted if budget is None else within_budget(shapes, wanted, budget)
+    return {name: min(width, caps[name]) for name, width in wanted.items()}
 
 
 class SecureRounds:
@@ -268,12 +252,12 @@ class SecureRounds:
         self.protocol = privacy.secure_aggregation
         """The sketches are summed by the secure-sum protocol (federation/secure_round.py), not in the clear."""
         self.round: SecureTrainRound | None = None
-        self.budget = upload_budget(self.shapes, config)
-        """The most values a site's sketches may hold a round (aggregation.sketch_upload), or None."""
+        self.caps = upload_caps(self.shapes, config)
+        """Each module's widest width within aggregation.sketch_upload (min(m, n) without one)."""
 
     def widths(self) -> dict[str, int]:
         """Each module's sketch width this round (`round_widths`)."""
-        return round_widths(self.shapes, self.config, self.kept_ranks, self.budget)
+        return round_widths(self.shapes, self.config, self.kept_ranks, self.caps)
 
     def train_round(self, server_round: int, report: RoundReport) -> SecureTrainRound:
         seed = (self.config.training.seed * 1_000_003 + server_round) % 2**63

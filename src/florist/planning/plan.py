@@ -19,7 +19,7 @@ from florist.aggregation.base import chunk_size
 from florist.aggregation.sketch import CORANGE, RANGE, WEIGHT, sketch_entries, sketch_key, widths
 from florist.config import RunConfig
 from florist.federation.payload import ARRAY_HEADER_BYTES, update_cost
-from florist.federation.secure import round_widths, upload_budget
+from florist.federation.secure import round_widths, upload_caps
 from florist.federation.sketch_round import CUT
 from florist.lora.model import trained_in_full_shapes, weightless_model
 from florist.models import best_device, hardware_precision, resolve_model
@@ -173,12 +173,10 @@ def plan_run(config: RunConfig, model: PretrainedConfig | None = None, device: t
     cap = config.aggregation.max_rank or stacked
     budget = config.aggregation.download_budget_mb
     secure = method == "florist-secure"
-    # florist-secure: the widest sketches any round sends (a kept rank of min(m, n) everywhere; under
-    # aggregation.sketch_upload round 1's may be a few values wider, each scaled into the budget), and round 1's.
-    if secure:
-        sketch_budget = upload_budget(modules, config)
-        widest = round_widths(modules, config, {name: min(size) for name, size in modules.items()}, sketch_budget)
-        first = round_widths(modules, config, None, sketch_budget)
+    if secure:  # the widest sketches any round sends (a kept rank of min(m, n) everywhere), and round 1's
+        caps = upload_caps(modules, config)
+        widest = round_widths(modules, config, {name: min(size) for name, size in modules.items()}, caps)
+        first = round_widths(modules, config, None, caps)
 
     def download(rank: int) -> int:
         if method in ("florist", "florist-secure"):
@@ -195,7 +193,7 @@ def plan_run(config: RunConfig, model: PretrainedConfig | None = None, device: t
     for partition, rank in enumerate(ranks):
         training = site_training(config, rank, dense_values, precision.autocast)
         if secure:
-            upload = max(sketch_bytes(modules, widest), sketch_bytes(modules, first))
+            upload = sketch_bytes(modules, widest)
         else:
             upload = payload_bytes(modules, dict.fromkeys(modules, rank), dense, wire.upload, "B" if method == "ffa" else "AB")
         sites.append(SitePlan(partition, rank, site_memory(shape, training), upload, download(rank)))

@@ -256,7 +256,7 @@ def private(epsilon: float) -> Row:
 
 
 UPLOAD_CAP = 3.0
-"""aggregation.sketch_upload of the budgeted secure row: the issue's target, a site's upload at most 3x
+"""aggregation.sketch_upload of the capped secure row: the issue's target, a site's upload at most 3x
 a mean client's adapter (the automatic width alone uploads 5-7x here)."""
 SECURE_ROWS = (
     SECURE_ROW,
