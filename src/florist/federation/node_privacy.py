@@ -45,7 +45,7 @@ from florist.federation.node_config import Refused
 from florist.federation.secure_sum.server import threshold_for
 from florist.federation.sketch_round import SketchRound
 from florist.files import write_atomically
-from florist.privacy import epsilon, planned_epsilon
+from florist.privacy import effective_multiplier, epsilon, planned_epsilon
 
 DEFAULT_MAX_DELTA = 1e-5
 
@@ -82,11 +82,6 @@ class SiteLedger:
             raise Refused("node config privacy-ledger: the file is not a ledger florist wrote (not a list of uploads); it is left as it is")
         return entries
 
-    def epsilon_with(self, noise_multiplier: float | None, delta: float) -> float:
-        """The epsilon at `delta` of every recorded upload, and one more at `noise_multiplier` if given, at a sampling rate of 1."""
-        multipliers = [entry["noise_multiplier"] for entry in self.uploads()] + ([noise_multiplier] if noise_multiplier else [])
-        return epsilon([(multiplier, 1.0) for multiplier in multipliers], delta) if multipliers else 0.0
-
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Held while an upload is checked and recorded: two runs' messages on one site are two processes."""
@@ -94,9 +89,10 @@ class SiteLedger:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def record(self, run: int, server_round: int, noise_multiplier: float) -> None:
+    def record(self, uploads: list[dict], run: int, server_round: int, noise_multiplier: float) -> None:
+        """`uploads` (the file's, as read under the lock) and this one, written whole."""
         entry = {"run": run, "round": server_round, "noise_multiplier": noise_multiplier, "unix_time": time.time()}
-        write_atomically(self.path, json.dumps([*self.uploads(), entry], indent=1) + "\n")
+        write_atomically(self.path, json.dumps([*uploads, entry], indent=1) + "\n")
 
 
 def _is_upload(entry: object) -> bool:
@@ -109,9 +105,8 @@ def _is_upload(entry: object) -> bool:
 def fewest_sites_multiplier(config: RunConfig, sketch: SketchRound) -> float:
     """The noise multiplier of a round's sum when it holds the fewest sites the secure sum unmasks,
     each adding its share sigma S / sqrt(K): sigma sqrt(threshold / K)."""
-    privacy = config.privacy
-    fewest = threshold_for(sketch.sites, privacy.secure_threshold, config.federation.min_sites)
-    return sketch.noise_multiplier * math.sqrt(fewest / sketch.sites)
+    fewest = threshold_for(sketch.sites, config.privacy.secure_threshold, config.federation.min_sites)
+    return effective_multiplier(sketch.noise_multiplier, fewest, sketch.sites)
 
 
 @dataclass(frozen=True)
@@ -172,26 +167,26 @@ class PrivacyDemands:
                 f"node config max-epsilon={self.max_epsilon:g}: the run plans epsilon {spent:.4g} over its "
                 f"{sketch.rounds} rounds at privacy.delta {config.privacy.delta:g}"
             )
-        self._check_ledger(config, sketch)
+        if self.ledger is not None:
+            self._check_ledger(config, sketch)
 
-    def _check_ledger(self, config: RunConfig, sketch: SketchRound) -> float | None:
-        """This round's multiplier at the fewest sites, if the site's ledger has room for it; else refused."""
-        if self.ledger is None:
-            return None
+    def _check_ledger(self, config: RunConfig, sketch: SketchRound) -> tuple[list[dict], float]:
+        """The ledger's uploads and this round's multiplier at the fewest sites, if their epsilon at
+        a sampling rate of 1 is within max-epsilon; else refused."""
+        uploads = self.ledger.uploads()
         multiplier = fewest_sites_multiplier(config, sketch)
-        spent = self.ledger.epsilon_with(multiplier, self.max_delta)
+        spent = epsilon([(entry["noise_multiplier"], 1.0) for entry in uploads] + [(multiplier, 1.0)], self.max_delta)
         if spent > self.max_epsilon * (1 + 1e-9):
-            count = len(self.ledger.uploads()) + 1
             raise Refused(
-                f"node config privacy-ledger: this round would bring this site's epsilon to {spent:.4g} over the {count} private "
+                f"node config privacy-ledger: this round would bring this site's epsilon to {spent:.4g} over the {len(uploads) + 1} private "
                 f"uploads in its ledger (at a sampling rate of 1), above max-epsilon={self.max_epsilon:g} at max-delta={self.max_delta:g}"
             )
-        return multiplier
+        return uploads, multiplier
 
     def spend(self, config: RunConfig, sketch: SketchRound, run: int, server_round: int) -> None:
         """Record this round's private upload in the site's ledger, checked again under its lock, before it is made."""
         if self.ledger is None:
             return
         with self.ledger.locked():
-            multiplier = self._check_ledger(config, sketch)
-            self.ledger.record(run, server_round, multiplier)
+            uploads, multiplier = self._check_ledger(config, sketch)
+            self.ledger.record(uploads, run, server_round, multiplier)
