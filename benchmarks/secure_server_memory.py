@@ -38,9 +38,7 @@ def measure(width: int, sites: int) -> dict:
 
     set_mmap_threshold(64 * 2**10)
     generator = torch.Generator().manual_seed(0)
-    uploads_shapes = {}
-    for name, shape in SHAPES.items():
-        uploads_shapes[sketch_key(name, "range")], uploads_shapes[sketch_key(name, "corange")] = sketch_shapes(shape, width)
+    uploads_shapes = {sketch_key(name, part): part_shape for name, shape in SHAPES.items() for part, part_shape in sketch_shapes(shape, width).items()}
     baseline = proc_status_kib("VmRSS")
     if not reset_peak_rss():
         raise OSError("/proc/self/clear_refs cannot be written: no peak to measure")
@@ -58,10 +56,9 @@ def measure(width: int, sites: int) -> dict:
 
 
 def planned(width: int) -> dict:
-    from florist.aggregation.sketch import widths
     from florist.planning.memory import secure_aggregation_memory
 
-    memory = secure_aggregation_memory(SHAPES, {name: widths(shape, width) for name, shape in SHAPES.items()})
+    memory = secure_aggregation_memory(SHAPES, dict.fromkeys(SHAPES, width))
     return {"planned_bytes": memory.peak, "planned_parts": memory.parts()}
 
 

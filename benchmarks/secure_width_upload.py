@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from pathlib import Path
 
-from florist.aggregation.sketch import CORANGE, RANGE, automatic_widths, sketch_key
-from florist.federation.secure import expected_shapes
+from florist.aggregation.sketch import automatic_widths, sketch_entries
 
 HIDDEN, KV = 576, 192
 """SmolLM2-135M's hidden size and its key/value width: q_proj is HIDDEN x HIDDEN, v_proj KV x HIDDEN."""
@@ -42,8 +40,7 @@ def module_shape(name: str) -> tuple[int, int]:
 
 def upload_bytes(shapes: dict[str, tuple[int, int]], widths: dict[str, int]) -> int:
     """A client's float32 sketches (the weight and cut scalars aside)."""
-    expected = expected_shapes(shapes, widths)
-    return sum(FLOAT32 * math.prod(expected[sketch_key(name, part)]) for name in shapes for part in (RANGE, CORANGE))
+    return FLOAT32 * sketch_entries(shapes, widths)
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from florist.aggregation.sketch import (
     clip_to_norm,
     sketch_entries,
     sketch_sensitivity,
+    sketch_shapes,
     sketching_matrices,
     widths,
 )
@@ -275,11 +276,11 @@ def test_the_sum_of_the_sites_noise_has_the_standard_deviation_sigma_times_the_s
 
 @pytest.mark.parametrize("sites", [3, 8, 40])
 def test_the_stated_noise_to_signal_is_the_measured_noise_in_the_mean_sketch_over_the_sensitivity(sites):
-    """Each of K sites adds its share of noise to a 64 x 24 + 48 x 32 sketch (the widths of
+    """Each of K sites adds its share of noise to a 64 x 8 + 16 x 32 sketch (the widths of
     `sketch_entries`); the mean's noise norm over S is noise_to_signal within 3%."""
     sigma, clip = 0.8, 2.0
-    shapes, module_widths = {"q": (64, 32)}, {"q": 24}
-    (m, n), (l, l2) = shapes["q"], widths(shapes["q"], 24)
+    shapes, module_widths = {"q": (64, 32)}, {"q": 8}
+    (m, n), (l, l2) = shapes["q"], widths(shapes["q"], 8)
     assert sketch_entries(shapes, module_widths) == m * l + l2 * n
     zero = {WEIGHT: torch.tensor(1.0, dtype=torch.float64), "q:range": torch.zeros(m, l), "q:corange": torch.zeros(l2, n)}
     std = site_noise_std(sigma, sketch_sensitivity(clip), sites)
@@ -618,11 +619,59 @@ def test_the_widest_width_within_a_count_of_values_is_found_across_the_co_range_
 
     assert widest_within((576, 576), 3 * 19 * 1152) == 38  # q_proj of the embedded model at 3x a rank-19 client
     assert widest_within((192, 576), 3 * 19 * 768) == 45  # v_proj, sketched as dW^T: 576 l + 2l 192 = 960 l
-    assert widest_within((192, 576), 576 * 192 + 384 * 192) == 192  # the exact sketch
-    for shape in ((100, 80), (80, 100)):  # l' = 2l up to 100 (l = 50: 13,000 values), then l' = 100
-        assert widest_within(shape, 13_000) == 50
-        assert widest_within(shape, 100 * 60 + 100 * 80) == 60
+    assert widest_within((192, 576), 192 * 576 - 1) == 115  # from l = 116 dW itself (110,592 values) is sent
+    assert widest_within((192, 576), 192 * 576) == 192  # ... exact: every width's upload fits
+    for shape in ((100, 80), (80, 100)):  # 100 l + 2l 80 values up to l = 30, dW's 8,000 from l = 31
+        assert widest_within(shape, 260 * 30) == 30
+        assert widest_within(shape, 7_999) == 30
+        assert widest_within(shape, 8_000) == 80
     assert widest_within((20, 12), 20 + 2 * 12 - 1) == 0
+
+
+def test_no_width_uploads_more_than_the_update_itself_or_than_the_other_orientations_sketch():
+    """Every shape up to 40 x 40 at every width: the upload is the smallest of dW itself and the
+    sketches of dW and of dW^T (rows l + min(2l, rows) cols values each): the orientation
+    `oriented` picks loses to the other only where dW itself is smaller than both."""
+    for m in range(1, 41):
+        for n in range(1, 41):
+            for width in range(1, min(m, n) + 1):
+                either = [rows * width + min(2 * width, rows) * cols for rows, cols in ((m, n), (n, m))]
+                assert sketch_entries({"x": (m, n)}, {"x": width}) == min(m * n, *either), (m, n, width)
+
+
+def test_a_module_whose_sketches_would_outgrow_it_uploads_its_update_and_comes_back_as_florists():
+    """Past the crossover (l >= 116 on a 192 x 576 v_proj: 576 l + 2l 192 >= 110,592) a site uploads
+    w s B A itself, and the server's SVD of the sum is exact: dW to float64 precision at tau 1 (plain
+    FLoRIST's rank floor leaves more out), and plain FLoRIST's rank and update at tau 0.9, on
+    clients whose norms span 1.5 decades, with spectra decaying and unequal weights and scales."""
+    assert sketch_shapes((192, 576), 115) == {"range": (576, 115), "corange": (230, 192)}
+    assert sketch_shapes((192, 576), 116) == {"dense": (192, 576)}
+    generator = torch.Generator().manual_seed(11)
+    clients = [
+        spectral_client(generator, 192, 576, 10 ** (-k / 2) * 0.95 ** torch.arange(r, dtype=torch.float64), 2 / r, 10.0 + 7 * k, torch.float64)
+        for k, r in enumerate([4, 16, 32, 64])
+    ]
+    upload = client_sketch(clients[0].modules, 3.0, 7, {"x": widths((192, 576), 150)}, torch.float64)
+    assert set(upload) == {"weight", "x:dense"} and upload["x:dense"].shape == (192, 576)
+    exact = make_aggregator("florist-secure", tau=1.0, sketch_width=150).aggregate(clients, seed=7).modules["x"]
+    assert relative_error(exact.delta(), dense_update(clients, "x")) <= 1e-12
+    plain = make_aggregator("florist", tau=0.9).aggregate(clients).modules["x"]
+    secure = make_aggregator("florist-secure", tau=0.9, sketch_width=150).aggregate(clients, seed=7).modules["x"]
+    assert secure.rank == plain.rank > 4
+    assert relative_error(secure.delta(), plain.delta()) <= 1e-9
+
+
+def test_a_sum_refuses_an_upload_that_sends_a_module_in_the_other_form_than_the_rounds_first():
+    """The round's first upload fixes each module's form (dW itself, or its two sketches): an upload
+    of the other form names the first key that differs, and the sum is left as it was."""
+    generator = torch.Generator().manual_seed(2)
+    client = spectral_client(generator, 20, 10, 0.5 ** torch.arange(4, dtype=torch.float64), 1.0, 1.0, torch.float64)
+    total = SketchSum(make_aggregator("florist-secure"), 0, {"x": (20, 10)})
+    total.add(client_sketch(client.modules, 1.0, 0, {"x": (2, 4)}, torch.float64))
+    before = {key: value.clone() for key, value in total.sums.items()}
+    with pytest.raises(AggregationError, match=r"^a sketch upload's keys differ from the round's modules at 'x:corange'$"):
+        total.add(client_sketch(client.modules, 1.0, 0, {"x": (8, 16)}, torch.float64))
+    assert all(torch.equal(before[key], total.sums[key]) for key in before)
 
 
 def test_a_module_with_fewer_rows_than_columns_uploads_the_sketches_of_its_transpose():

@@ -227,7 +227,7 @@ def test_the_server_receives_no_sites_sketch_and_records_every_protocol_byte(tin
     assert len(masked) == 3
     for node, vector in masked.items():
         upload = recorded.uploads[node]
-        sketch_shapes = {key: tuple(value.shape) for key, value in upload.items() if key.endswith((":range", ":corange"))}
+        sketch_shapes = {key: tuple(value.shape) for key, value in upload.items() if key.endswith((":range", ":corange", ":dense"))}
         encoded = summed_layout(sketch_shapes).encode(upload, QUANTIZER, len(NODES)).astype(np.float64)
         correlation = np.corrcoef(vector.astype(np.float64), encoded)[0, 1]
         # Uniform masks: the correlation of independent vectors, within 5 standard errors of 0.

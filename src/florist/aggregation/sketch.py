@@ -19,6 +19,10 @@ and Psi Q has full column rank (l' >= l, Psi of orthonormal rows in general posi
 the result is dW's SVD, FLoRIST's at tau = 1, up to the rounding of the uploads. Below, dW's
 leading spectrum is approximated (BENCHMARKS.md, "Secure FLoRIST from summed sketches").
 
+Where a module's two sketches would hold as many values as dW or more (l >= 116 on a 192 x 576
+v_proj, l >= 192 on a 576 x 576 q_proj), the client uploads w_k s_k B_k A_k itself (`DENSE`): the
+sum is then N dW, exact and no larger than the sketch it replaces, and the server takes its SVD.
+
 Orthonormal test matrices keep every sketch's norm at most the update's, ||dW Omega||_F <= ||dW||_F
 and ||Psi dW||_F <= ||dW||_F: what client-level differential privacy's sensitivity is stated by
 (`sketch_sensitivity`). The server computes in float64 whatever the uploads' dtype.
@@ -41,8 +45,9 @@ from florist.aggregation.types import Aggregate, AggregationError, ClientAdapter
 
 WEIGHT = "weight"
 """The upload's key for the client's weight w_k (its examples), summed beside the sketches."""
-RANGE, CORANGE = "range", "corange"
-"""Suffixes of a module's two sketches in an upload: `name:range` is Y_k, `name:corange` W_k."""
+RANGE, CORANGE, DENSE = "range", "corange", "dense"
+"""Suffixes of a module's parts in an upload: `name:range` is Y_k and `name:corange` W_k, or
+`name:dense` is w_k s_k B_k A_k where that holds no more values than the two sketches (`upload_parts`)."""
 MIN_SKETCH_WIDTH = 8
 """The narrowest automatic sketch: twice the rank a module kept last round, at least this (and in
 round 1, before any rank was kept, the widest client rank, at least this: `automatic_widths`).
@@ -74,17 +79,27 @@ def widths(shape: tuple[int, int], width: int) -> tuple[int, int]:
     return sketch, min(2 * sketch, rows)
 
 
-def sketch_shapes(shape: tuple[int, int], width: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The shapes of a module's two sketches at this width: the range sketch (rows x l) and the
-    co-range sketch (l' x cols) of the `oriented` matrix."""
+def upload_parts(shape: tuple[int, int], sides: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """The parts a module of this shape uploads at sketch sides (l, l'), {suffix: shape}: the range
+    sketch (rows x l) and the co-range sketch (l' x cols) of the `oriented` matrix, or, where those
+    would hold as many values as dW or more, dW itself ({DENSE: shape}): exact and no larger. The
+    other orientation never uploads less than both: past the width where it would undercut the
+    oriented sketch, l > mn/(m+n), it holds l min(m, n) + m n values, more than dW."""
     rows, cols = oriented(shape)
-    sketch, co_sketch = widths(shape, width)
-    return (rows, sketch), (co_sketch, cols)
+    sketch, co_sketch = sides
+    if rows * sketch + co_sketch * cols >= rows * cols:
+        return {DENSE: tuple(shape)}
+    return {RANGE: (rows, sketch), CORANGE: (co_sketch, cols)}
+
+
+def sketch_shapes(shape: tuple[int, int], width: int) -> dict[str, tuple[int, int]]:
+    """The shapes of a module's upload at this width (`upload_parts` of its `widths`)."""
+    return upload_parts(shape, widths(shape, width))
 
 
 def sketch_entries(shapes: Mapping[str, tuple[int, int]], module_widths: Mapping[str, int]) -> int:
-    """How many values one site's sketch holds: rows l + l' cols a module (`sketch_shapes`)."""
-    return sum(math.prod(part) for name, shape in shapes.items() for part in sketch_shapes(shape, module_widths[name]))
+    """How many values one site's sketch holds: rows l + l' cols a module, or m n where dW is sent (`sketch_shapes`)."""
+    return sum(math.prod(part) for name, shape in shapes.items() for part in sketch_shapes(shape, module_widths[name]).values())
 
 
 def _module_seed(seed: int, name: str) -> int:
@@ -154,15 +169,19 @@ def client_sketch(
 ) -> dict[str, Tensor]:
     """What client k uploads: w_k s_k B_k (A_k Omega) and w_k s_k (Psi B_k) A_k per module, each
     module's sketches `widths[name]` = (l, l') wide, and w_k, computed in float64 from its factors
-    and returned in `dtype`; of B_k A_k's transpose where the module is `oriented` so. The server
-    only adds uploads up."""
+    and returned in `dtype`; of B_k A_k's transpose where the module is `oriented` so, and w_k s_k
+    B_k A_k itself where the sketches would be as large (`upload_parts`). The server only adds
+    uploads up."""
     if not (math.isfinite(weight) and weight > 0):
         raise AggregationError(f"a sketch's weight must be a positive number, got {weight}")
     upload = {WEIGHT: torch.tensor(float(weight), dtype=torch.float64)}
     for name, factors in modules.items():
+        b, a = factors.B.double(), factors.A.double() * (weight * factors.scale)
+        if DENSE in upload_parts(factors.shape, widths[name]):
+            upload[sketch_key(name, DENSE)] = (b @ a).to(dtype)
+            continue
         shape = oriented(factors.shape)
         omega, psi = sketching_matrices(seed, name, shape, widths[name])
-        b, a = factors.B.double(), factors.A.double() * (weight * factors.scale)
         if shape != factors.shape:
             b, a = a.mT, b.mT
         upload[sketch_key(name, RANGE)] = (b @ (a @ omega)).to(dtype)
@@ -208,7 +227,10 @@ class SketchSum:
         self.count = 0
 
     def add(self, upload: Mapping[str, Tensor]) -> None:
-        expected = {WEIGHT} | {sketch_key(name, part) for name in self.shapes for part in (RANGE, CORANGE)}
+        # Each module as dW itself or as its two sketches; which one, the round's first upload fixes.
+        expected = set(self.sums) if self.sums is not None else {WEIGHT} | {
+            sketch_key(name, part) for name in self.shapes for part in ((DENSE,) if sketch_key(name, DENSE) in upload else (RANGE, CORANGE))
+        }
         if set(upload) != expected:
             odd = sorted(set(upload) ^ expected)[0]
             raise AggregationError(f"a sketch upload's keys differ from the round's modules at {odd!r}")
@@ -275,11 +297,7 @@ class SecureFLoRIST(FLoRIST):
         dtype = torch.float64 if resolution <= torch.finfo(torch.float64).eps else torch.float32
         modules = {}
         for name, shape in shapes.items():
-            y, w = sums[sketch_key(name, RANGE)] / total, sums[sketch_key(name, CORANGE)] / total
-            _, psi = sketching_matrices(seed, name, oriented(shape), (y.shape[1], w.shape[0]))
-            left, right, s, missed = _low_rank(y, w, psi, resolution)
-            if oriented(shape) != shape:  # the sketches were of dW^T = left S right
-                left, right = right.mT, left.mT
+            left, right, s, missed = _module_low_rank({part: sums[sketch_key(name, part)] / total for part in (RANGE, CORANGE, DENSE) if sketch_key(name, part) in sums}, seed, name, shape, resolution)
             # tau's share is of dW's whole energy: the sketch's spectrum plus an estimate of what it missed.
             rank = min(int(self.rank_rule(shape)(torch.cat([s, missed.sqrt()[None]])[None])[0]), len(s))
             s_kept = s[:rank]
@@ -298,11 +316,32 @@ def client_dtype(client: ClientAdapter) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def _module_low_rank(parts: Mapping[str, Tensor], seed: int, name: str, shape: tuple[int, int], resolution: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(left, right, S, missed) with left diag(S) right ~ dW of module `name` from its summed upload
+    `parts` divided by the weight: dW itself (its SVD), or its sketches, of dW^T where `oriented` so."""
+    if DENSE in parts:
+        u, s, vh = _svd_above(parts[DENSE], resolution)
+        return u, vh, s, torch.zeros((), dtype=s.dtype)
+    y, w = parts[RANGE], parts[CORANGE]
+    _, psi = sketching_matrices(seed, name, oriented(shape), (y.shape[1], w.shape[0]))
+    left, right, s, missed = _low_rank(y, w, psi, resolution)
+    if oriented(shape) != shape:  # the sketches were of dW^T = left S right
+        left, right = right.mT, left.mT
+    return left, right, s, missed
+
+
+def _svd_above(x: Tensor, resolution: float) -> tuple[Tensor, Tensor, Tensor]:
+    """x's thin SVD, a singular value below the uploads' resolution (eps of the largest) set to zero:
+    a direction that is rounding, not dW. One eps, not l eps: at l = R = 152 (fp32, BENCHMARKS.md)
+    l eps cut 114 components to 92 and left 1.6e-5 of dW; eps keeps 119 and leaves 2.9e-7, below
+    plain FLoRIST's 4.0e-7."""
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    floor = resolution * (s[:1] if len(s) else s)
+    return u, torch.where(s > floor, s, torch.zeros_like(s)), vh
+
+
 def _low_rank(y: Tensor, w: Tensor, psi: Tensor, resolution: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(Q U, V^T, S, missed) with Q U S V^T ~ dW from Y = dW Omega, W = Psi dW. A singular value below
-    the uploads' resolution (eps of the largest) is zero: a direction of Y that is rounding, not dW.
-    One eps, not l eps: at l = R = 152 (fp32, BENCHMARKS.md) l eps cut 114 components to 92 and left
-    1.6e-5 of dW; eps keeps 119 and leaves 2.9e-7, below plain FLoRIST's 4.0e-7.
+    """(Q U, V^T, S, missed) with Q U S V^T ~ dW from Y = dW Omega, W = Psi dW (`_svd_above`).
 
     `missed` estimates ||(I - Q Q^T) dW||_F^2, the energy outside the sketch's range: Psi sees
     l'/m of any fixed matrix's energy in expectation, and W - (Psi Q) X = Psi (I - Q Q^T) dW up to
@@ -310,9 +349,8 @@ def _low_rank(y: Tensor, w: Tensor, psi: Tensor, resolution: float) -> tuple[Ten
     q = torch.linalg.qr(y)[0]
     projected = psi @ q
     x = torch.linalg.lstsq(projected, w).solution
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    floor = resolution * (s[:1] if len(s) else s)
-    s = torch.where(s > floor, s, torch.zeros_like(s))
+    u, s, vh = _svd_above(x, resolution)
+    floor = resolution * s[:1]
     residual = (w - projected @ x).square().sum()
     missed = torch.where(residual > floor.square().sum() * w.shape[0], residual * psi.shape[1] / psi.shape[0], torch.zeros_like(residual))
     return q @ u, vh, s, missed

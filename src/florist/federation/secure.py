@@ -39,7 +39,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from florist.aggregation import Aggregate, AggregationError
-from florist.aggregation.sketch import CORANGE, RANGE, WEIGHT, SecureFLoRIST, automatic_widths, sketch_entries, sketch_key, sketch_shapes, widest_within
+from florist.aggregation.sketch import WEIGHT, SecureFLoRIST, automatic_widths, sketch_entries, sketch_key, sketch_shapes, widest_within
 from florist.config import RunConfig
 from florist.federation import payload
 from florist.federation.messages import ADAPTER, SECURE_SUM, Reply
@@ -115,7 +115,7 @@ def check_keys_reply(message: Message, reply: Reply, limits: Limits) -> tuple[Cl
 def expected_shapes(shapes: Mapping[str, tuple[int, int]], module_widths: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
     expected: dict[str, tuple[int, ...]] = {WEIGHT: (), CUT: ()}
     for name, shape in shapes.items():
-        expected[sketch_key(name, RANGE)], expected[sketch_key(name, CORANGE)] = sketch_shapes(shape, module_widths[name])
+        expected |= {sketch_key(name, part): part_shape for part, part_shape in sketch_shapes(shape, module_widths[name]).items()}
     return expected
 
 

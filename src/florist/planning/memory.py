@@ -26,7 +26,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
-from florist.aggregation.sketch import oriented
+from florist.aggregation.sketch import DENSE, oriented, sketch_shapes, widths
 from florist.planning.shapes import ModelShape
 
 GIB = 2**30
@@ -185,25 +185,31 @@ class ServerMemory:
         return {field.name: getattr(self, field.name) for field in fields(self)}
 
 
-def secure_aggregation_memory(modules: Mapping[str, tuple[int, int]], sides: Mapping[str, tuple[int, int]]) -> ServerMemory:
-    """florist-secure's round at sketch sides {name: (l, l')}: the running float64 sum of the sketches
-    (m l + l' n values a module, (m, n) its `oriented` shape), whatever the number of sites; as work the larger of adding one
-    upload (float32, its float64 copy and the new sum: aggregation/sketch.py's SketchSum.add) and
-    the reconstruction: the round's test matrices (Omega n x l and Psi l' x m of every module,
-    float64, drawn as it goes and kept for the round) and the largest module's working tensors in
-    float64 (Q m x l, Psi Q, X l x n and its SVD's l x l and l x n factors); the float32 factors at
-    rank at most l as its result. benchmarks/secure_server_memory.py measures it (BENCHMARKS.md)."""
-    modules = {name: oriented(shape) for name, shape in modules.items()}
-    values = sum(m * sides[name][0] + sides[name][1] * n for name, (m, n) in modules.items())
-    matrices = sum(n * sides[name][0] + sides[name][1] * m for name, (m, n) in modules.items()) * FLOAT64
+def secure_aggregation_memory(modules: Mapping[str, tuple[int, int]], module_widths: Mapping[str, int]) -> ServerMemory:
+    """florist-secure's round at these sketch widths: the running float64 sum of the uploads (a module's
+    m l + l' n values, (m, n) its `oriented` shape, or its m n where dW itself is sent: aggregation/sketch.py's
+    `sketch_shapes`), whatever the number of sites; as work the larger of adding one upload (float32,
+    its float64 copy and the new sum: SketchSum.add) and the reconstruction: the round's test matrices
+    (Omega n x l and Psi l' x m of every sketched module, float64, drawn as it goes and kept for the
+    round) and the largest module's working tensors in float64 (a sketch's Q m x l, Psi Q, X l x n and
+    its SVD's l x l and l x n factors; a dense module's quotient, LAPACK's copy and its SVD's factors);
+    the float32 factors at rank at most l (min(m, n) dense) as its result.
+    benchmarks/secure_server_memory.py measures it (BENCHMARKS.md)."""
+    sketched = {name: (oriented(shape), widths(shape, module_widths[name])) for name, shape in modules.items() if DENSE not in sketch_shapes(shape, module_widths[name])}
+    dense = {name: shape for name, shape in modules.items() if name not in sketched}
+    values = sum(m * l + l2 * n for (m, n), (l, l2) in sketched.values()) + sum(m * n for m, n in dense.values())
+    matrices = sum(n * l + l2 * m for (m, n), (l, l2) in sketched.values()) * FLOAT64
 
     def reconstruction(name: str) -> int:
-        (m, n), (l, l2) = modules[name], sides[name]
+        if name in dense:
+            (m, n), k = dense[name], min(dense[name])
+            return (2 * m * n + k * (m + n + 1)) * FLOAT64
+        (m, n), (l, l2) = sketched[name]
         return (m * l + l2 * l + 2 * l * n + l * l) * FLOAT64
 
     received = values * FLOAT64
     work = max(values * (FLOAT32 + 2 * FLOAT64), matrices + max(map(reconstruction, modules)))
-    result = sum((m + n) * sides[name][0] for name, (m, n) in modules.items()) * FLOAT32
+    result = (sum((m + n) * l for (m, n), (l, _) in sketched.values()) + sum((m + n) * min(m, n) for m, n in dense.values())) * FLOAT32
     return ServerMemory(received, work, result)
 
 

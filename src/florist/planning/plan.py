@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from florist.aggregation.base import chunk_size
-from florist.aggregation.sketch import CORANGE, RANGE, WEIGHT, sketch_entries, sketch_key, widths
+from florist.aggregation.sketch import WEIGHT, sketch_entries, sketch_key, sketch_shapes
 from florist.config import RunConfig
 from florist.federation.payload import ARRAY_HEADER_BYTES, update_cost
 from florist.federation.secure import round_widths, upload_caps
@@ -135,11 +135,11 @@ def payload_bytes(modules: dict[str, tuple[int, int]], ranks: dict[str, int], de
 
 def sketch_bytes(modules: Mapping[str, tuple[int, int]], module_widths: Mapping[str, int]) -> int:
     """What `sketch_round.put_upload` counts for one site's florist-secure upload at these widths:
-    each module's two float32 sketches (`sketch_entries`), its weight and cut flag (float64 scalars)."""
+    each module's two float32 sketches or its dense update (`sketch_entries`), its weight and cut flag
+    (float64 scalars)."""
     total = sum(ARRAY_HEADER_BYTES + FLOAT64 + len(key) for key in (WEIGHT, CUT))
-    for name in modules:
-        keys = len(sketch_key(name, RANGE)) + len(sketch_key(name, CORANGE))
-        total += 2 * ARRAY_HEADER_BYTES + keys
+    for name, shape in modules.items():
+        total += sum(ARRAY_HEADER_BYTES + len(sketch_key(name, part)) for part in sketch_shapes(shape, module_widths[name]))
     return total + sketch_entries(modules, module_widths) * FLOAT32
 
 
@@ -200,7 +200,7 @@ def plan_run(config: RunConfig, model: PretrainedConfig | None = None, device: t
     largest = max(layer.values(), key=sum)
     chunk = min(shape.layers * list(layer.values()).count(largest), chunk_size(largest, stacked, torch.float32))
     if secure:
-        aggregation = secure_aggregation_memory(modules, {name: widths(size, widest[name]) for name, size in modules.items()})
+        aggregation = secure_aggregation_memory(modules, widest)
     else:
         aggregation = aggregation_memory(method, modules, sampled, chunk, int(config.aggregation.memory_budget_mb * MIB))
     adapted_weights = shape.layers * sum(m * n for m, n in layer.values()) + dense_values
