@@ -456,6 +456,8 @@ def test_a_secure_run_at_a_width_of_the_stacked_rank_is_the_plain_florist_run(ti
 
 
 def test_a_private_run_reports_the_epsilon_dp_accounting_gives_and_meets_its_target(tiny_model_dir, tmp_path, capsys):
+    """The sum's epsilon meets the target; without the secure sum the run also reports the server's,
+    which reads each site's upload and its share of the noise."""
     rounds, summary = _run(
         tiny_model_dir, tmp_path / "dp", "florist-secure", "privacy.dp=true", "privacy.clip_norm=0.5", "privacy.target_epsilon=8"
     )
@@ -466,8 +468,16 @@ def test_a_private_run_reports_the_epsilon_dp_accounting_gives_and_meets_its_tar
     assert summary["privacy"]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
     assert summary["privacy"]["epsilon"] <= 8 * 1.001 and summary["privacy"]["delta"] == 1e-5
     assert all(c.get("dp-clip-factor", None) is None for r in rounds[1:] for c in r["clients"])  # the clip stays with the site
+    # The sums in the clear: the server reads each upload, one site's share of the noise, sigma / sqrt(K).
+    sites = rounds[1]["secure"]["sites_sampled"]
+    assert sites > 1 and all(r["secure"]["sites_sampled"] == sites for r in rounds[1:])
+    per_upload = rdp.RdpAccountant().compose(dp_accounting.GaussianDpEvent(sigma / sites**0.5), len(spent)).get_epsilon(1e-5)
+    assert summary["privacy"]["server_epsilon"] == spent[-1]["server_epsilon"] == pytest.approx(per_upload, rel=1e-9)
+    assert summary["privacy"]["server_epsilon"] > 1.5 * summary["privacy"]["epsilon"]
+    err = capsys.readouterr().err
     ratio = rounds[-1]["secure"]["noise_to_signal"]
-    assert ratio > 0 and f"the noise in the mean sketch is {ratio:.3g}x the largest mean update's norm" in capsys.readouterr().err
+    assert ratio > 0 and f"the noise in the mean sketch is {ratio:.3g}x the largest mean update's norm" in err
+    assert f"epsilon {spent[-1]['server_epsilon']:.4g} against it for the run so far" in err
 
 
 def test_at_the_default_weight_cap_a_secure_run_weighs_its_sites_as_plain_florist_once_the_level_settles(tiny_model_dir, tmp_path):
@@ -516,9 +526,9 @@ def test_a_resume_that_changes_the_rounds_a_target_epsilon_is_spread_over_is_ref
     private = ['aggregation.method="florist-secure"', "federation.num_clients=3", "federation.ranks=[2, 4, 8]", "privacy.dp=true",
                "privacy.clip_norm=0.5", "privacy.target_epsilon=8"]
     stored = load_config(None, [*private, "federation.rounds=3"])
-    ledger = PrivacyLedger(1e-5)
-    sigma = noise_for_epsilon(8, 1e-5, 3, 1.0)
-    secure = {"sketch_width": 16, "sites_sampled": 3, "sites_summed": 3, "update_norm": 1.0, "privacy": ledger.spend(sigma, 1.0)}
+    spent = SecureRounds(stored, make_aggregator("florist-secure"), {"q": (8, 8)}).spend(3, 3)
+    assert spent["noise_multiplier"] == noise_for_epsilon(8, 1e-5, 3, 1.0)
+    secure = {"sketch_width": 16, "sites_sampled": 3, "sites_summed": 3, "update_norm": 1.0, "privacy": spent}
     metrics = [{"round": 0}, {"round": 1, "clients": [{}] * 3, "secure": secure}]
     SecureRounds(stored, make_aggregator("florist-secure"), {"q": (8, 8)}).restore(metrics)
     longer = load_config(None, [*private, "federation.rounds=5"])

@@ -300,6 +300,7 @@ def test_under_dp_the_server_reads_how_many_sites_were_clipped_and_no_sites_clip
     )
     assert sorted(factor < 1 for factor in factors.values()) == [False, True, True]
     assert record["totals"]["sites_clipped"] == 2
+    assert "server_epsilon" not in record["secure"]["privacy"]  # the server reads only the sum
     for reply in grid.received:
         assert "dp-clip-factor" not in reply.content.get(METRICS, {})
 

@@ -61,6 +61,11 @@ def show_round(record: dict) -> None:
             f"this round, {privacy['run_epsilon']:.4g} for the run so far (delta {privacy['delta']:g}); "
             f"the noise in the mean sketch is {record['secure']['noise_to_signal']:.3g}x the largest mean update's norm"
         )
+        if "server_epsilon" in privacy:
+            console.print(
+                f"round {record['round']} privacy: without privacy.secure_aggregation the server reads each site's upload, "
+                f"which carries 1/sqrt(sites) of the noise: epsilon {privacy['server_epsilon']:.4g} against it for the run so far"
+            )
     selection = record.get("tau_selection")
     if selection:
         losses = ", ".join(f"{tau}: {loss:.4f}" for tau, loss in zip(selection["candidates"], selection["validation_loss"]))

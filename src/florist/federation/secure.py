@@ -244,6 +244,9 @@ class SecureRounds:
         self.sampling_rate = config.federation.sample_size / config.federation.num_clients
         self.noise_multiplier = planned_noise_multiplier(privacy, config.federation.rounds, self.sampling_rate) if privacy.dp else 0.0
         self.ledger = PrivacyLedger(privacy.delta) if privacy.dp else None
+        self.upload_ledger = PrivacyLedger(privacy.delta) if privacy.dp and not privacy.secure_aggregation else None
+        """Without the secure sum the server reads each site's upload, which carries 1/sqrt(K) of the
+        noise: its own epsilon, composed beside the sum's (`spend`)."""
         self.norm_check = SumNormCheck(config.validation.norm_factor)
         self.weight_level = None if privacy.dp else WeightLevel(config.validation.max_weight_share)
         self.kept_ranks: dict[str, int] | None = None
@@ -306,10 +309,20 @@ class SecureRounds:
             self.weight_level.observe(self.sketch.sites, level, weight, self.round.cut)
         if self.ledger is not None:
             multiplier = effective_multiplier(self.noise_multiplier, summed, self.sketch.sites)
-            report.secure["privacy"] = self.ledger.spend(multiplier, self.sampling_rate)
+            report.secure["privacy"] = self.spend(summed, self.sketch.sites)
             entries = sketch_entries(self.shapes, self.sketch.module_widths(self.shapes))
             report.secure["noise_to_signal"] = noise_to_signal(multiplier, entries, summed)
         self.kept_ranks = {name: module.rank for name, module in aggregate.modules.items()}
+
+    def spend(self, summed: int, sampled: int) -> dict:
+        """The round's privacy record: the epsilon of the sum, at the multiplier its `summed` sites'
+        noise gives it, and without the secure sum `server_epsilon`, the run's against the server,
+        which reads each upload: one site's noise, sigma / sqrt(`sampled`)."""
+        record = self.ledger.spend(effective_multiplier(self.noise_multiplier, summed, sampled), self.sampling_rate)
+        if self.upload_ledger is None:
+            return record
+        one_site = self.upload_ledger.spend(effective_multiplier(self.noise_multiplier, 1, sampled), self.sampling_rate)
+        return record | {"server_epsilon": one_site["run_epsilon"]}
 
     def restore(self, metrics: list[dict]) -> None:
         """A resumed run's privacy spent, weight level, norms and kept ranks, replayed from its stored
@@ -345,7 +358,7 @@ class SecureRounds:
             self.weight_level.observe(sites, level, float(secure["summed_weight"]), float(secure["sites_cut"]))
         if self.ledger is not None:
             stored = secure.get("privacy")
-            replayed = self.ledger.spend(effective_multiplier(self.noise_multiplier, summed, sites), self.sampling_rate)
+            replayed = self.spend(summed, sites)
             for key, value in replayed.items():
                 if stored is None or stored.get(key) != value:
                     raise refuse(f"privacy.{key}", None if stored is None else stored.get(key), value)
@@ -354,6 +367,9 @@ class SecureRounds:
 def privacy_summary(rounds: list[dict]) -> dict | None:
     """The run's (epsilon, delta) for summary.json: the last round's running total."""
     spent = [r["secure"]["privacy"] for r in rounds if "privacy" in r.get("secure", {})]
-    return None if not spent else {"epsilon": spent[-1]["run_epsilon"], "delta": spent[-1]["delta"], "rounds": len(spent)}
+    if not spent:
+        return None
+    summary = {"epsilon": spent[-1]["run_epsilon"], "delta": spent[-1]["delta"], "rounds": len(spent)}
+    return summary | ({"server_epsilon": spent[-1]["server_epsilon"]} if "server_epsilon" in spent[-1] else {})
 
 
