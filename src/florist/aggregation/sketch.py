@@ -9,7 +9,7 @@ multiplies its shorter side. Client k uploads, per module of the sketched matrix
 
     Y_k = w_k s_k B_k (A_k Omega)   (m x l)      W_k = w_k s_k (Psi B_k) A_k   (l' x n)
 
-computed from its factors (never m x n), and its weight w_k (its examples). The server only SUMS
+computed from its factors (never m x n but where dW itself is sent, below), and its weight w_k (its examples). The server only SUMS
 uploads: Y = sum_k Y_k = N dW Omega and W = N Psi dW with N = sum_k w_k, dW = sum_k p_k s_k B_k A_k.
 From the sums: Q = orth(Y), X = (Psi Q)^+ W, and the SVD of X (l x n) gives Q U S V^T ~ dW, whose
 rank tau or the download budget picks as FLoRIST's does.
@@ -297,7 +297,8 @@ class SecureFLoRIST(FLoRIST):
         dtype = torch.float64 if resolution <= torch.finfo(torch.float64).eps else torch.float32
         modules = {}
         for name, shape in shapes.items():
-            left, right, s, missed = _module_low_rank({part: sums[sketch_key(name, part)] / total for part in (RANGE, CORANGE, DENSE) if sketch_key(name, part) in sums}, seed, name, shape, resolution)
+            parts = {part: sums[key] / total for part in (RANGE, CORANGE, DENSE) if (key := sketch_key(name, part)) in sums}
+            left, right, s, missed = _module_low_rank(parts, seed, name, shape, resolution)
             # tau's share is of dW's whole energy: the sketch's spectrum plus an estimate of what it missed.
             rank = min(int(self.rank_rule(shape)(torch.cat([s, missed.sqrt()[None]])[None])[0]), len(s))
             s_kept = s[:rank]
