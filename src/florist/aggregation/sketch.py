@@ -200,7 +200,8 @@ def clip_to_norm(modules: Mapping[str, LoraFactors], clip_norm: float) -> tuple[
 def sketch_sensitivity(clip_norm: float) -> float:
     """The L2 norm one client's sketches can have, at weight 1, when its update's norm is at most
     `clip_norm`: sqrt(||D Omega||^2 + ||Psi D||^2) <= sqrt(2) ||D||_F for test matrices of
-    orthonormal columns and rows, summed over modules."""
+    orthonormal columns and rows, summed over modules; a module sent whole (`DENSE`) adds ||D||_F^2,
+    less, so the bound holds for any mix."""
     return math.sqrt(2) * clip_norm
 
 
